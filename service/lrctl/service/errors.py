@@ -1,0 +1,45 @@
+"""Domain errors. The servicer maps each class to one gRPC status code, in one place."""
+
+from __future__ import annotations
+
+
+class InvalidArgumentError(ValueError):
+    """A request field breaks a rule. Worded the way Keras words its errors.
+
+    `field` is relative to the object that was validated (e.g. ``decay_steps``);
+    the servicer prefixes it with the request path (``schedule.exponential_decay.``).
+    """
+
+    def __init__(self, field: str, rule: str, received: object) -> None:
+        self.field = field
+        self.rule = rule
+        self.received = received
+        super().__init__(f"Argument `{field}` {rule}. Received: {field}={received}")
+
+    def with_prefix(self, prefix: str) -> InvalidArgumentError:
+        """The same error with its field moved under `prefix` (e.g. ``schedule.cosine_decay.``)."""
+        return InvalidArgumentError(prefix + self.field, self.rule, self.received)
+
+
+class VersionConflictError(Exception):
+    """`expected_version` did not match the state version (optimistic concurrency)."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        self.expected = expected
+        self.current = current
+        super().__init__(
+            f"expected_version={expected} does not match the current version {current}; "
+            "read the state again and retry"
+        )
+
+
+class FailedPreconditionError(Exception):
+    """The request is well-formed but the run is not in a state that allows it."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class WaitTimeoutError(TimeoutError):
+    """Waiting for a change ran out of time. The change stays pending."""

@@ -1,0 +1,208 @@
+"""The Keras layer: puts a ControllableSchedule on an optimizer and calls the controller at
+step boundaries, from `model.fit` (a callback) or from a custom training loop.
+
+This is the only module where the controller meets TensorFlow, and it runs on the training
+thread alone: it applies queued changes before a step and publishes a snapshot after one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lrctl.service import specs
+from lrctl.service.controller import Change, Controller, Phase
+from lrctl.service.engine import ControllableSchedule
+from lrctl.service.specs import ActiveSchedule
+
+
+def attach(optimizer: keras.optimizers.Optimizer) -> ControllableSchedule:
+    """Give `optimizer` a ControllableSchedule that starts where its learning rate is now.
+
+    Works for a float learning rate or any Keras built-in schedule, before the optimizer has
+    taken its first step. Its variables join the optimizer's, so any checkpoint of the
+    optimizer (`tf.train.Checkpoint`, `model.save_weights`, BackupAndRestore) carries them.
+    """
+    current = optimizer._learning_rate
+    if isinstance(current, ControllableSchedule):
+        schedule = current
+    else:
+        if optimizer.built:
+            raise ValueError(
+                f"Cannot attach lrctl to optimizer '{optimizer.name}': it has already been built, so "
+                "a compiled train step may hold its current learning rate and would ignore a new "
+                "one. Attach before the first step (after compile() and before fit() is fine), or "
+                "build the optimizer with lrctl.service.build_optimizer()."
+            )
+        if isinstance(current, keras.Variable):
+            initial: Any = float(np.asarray(current.numpy()))
+        elif isinstance(current, keras.optimizers.schedules.LearningRateSchedule):
+            try:
+                initial = specs.as_spec(current)
+            except ValueError as e:
+                raise ValueError(
+                    f"Cannot attach lrctl to optimizer '{optimizer.name}': its learning rate is a "
+                    f"custom schedule ({type(current).__name__}) that lrctl cannot express. Use a "
+                    "Keras built-in schedule or lrctl's PiecewiseLinear."
+                ) from e
+        else:
+            raise ValueError(
+                f"Cannot attach lrctl to optimizer '{optimizer.name}': its learning rate is a "
+                f"callable ({current!r}), which lrctl cannot read. Pass a float or a schedule."
+            )
+        # The schedule's variables must live where the optimizer's do (same strategy).
+        strategy = getattr(optimizer, "_distribution_strategy", None) or tf.distribute.get_strategy()
+        with strategy.scope():
+            schedule = ControllableSchedule(initial)
+        # Not the `learning_rate` setter: it untracks the float LR variable, and deleting from
+        # the optimizer's append-only variable list makes tf.train.Checkpoint refuse to save.
+        optimizer._learning_rate = schedule
+    tracked = {id(v) for v in optimizer.variables}
+    for variable in schedule.variables:
+        if id(variable) not in tracked:
+            optimizer._track_variable(variable)
+    return schedule
+
+
+def build_optimizer(optimizer: str | type = "adam", learning_rate: object = 0.001,
+                    **kwargs: Any) -> keras.optimizers.Optimizer:
+    """An optimizer (a Keras name such as "adam", or a class) whose learning rate is a
+    ControllableSchedule starting at `learning_rate` (a float or a Keras built-in schedule).
+
+    Create it inside `strategy.scope()` when training under tf.distribute.
+    """
+    cls = type(keras.optimizers.get(optimizer)) if isinstance(optimizer, str) else optimizer
+    instance = cls(learning_rate=ControllableSchedule(learning_rate), **kwargs)
+    attach(instance)
+    return instance
+
+
+class _EngineTarget:
+    """The controller's view of the engine. Runs on the training thread only."""
+
+    def __init__(self, schedule: ControllableSchedule) -> None:
+        self._schedule = schedule
+        # One compiled graph for "LR at step": eager evaluation would cost ~80 eager ops.
+        self._lr_at = tf.function(
+            lambda step: schedule(step), input_signature=[tf.TensorSpec([], tf.int64)]
+        )
+
+    def load(self, state: ActiveSchedule, version: int) -> None:
+        self._schedule.load(state, version)
+
+    def read(self) -> tuple[ActiveSchedule, int]:
+        return self._schedule.read()
+
+    def learning_rate(self, step: int) -> float:
+        return float(self._lr_at(tf.constant(step, tf.int64)))
+
+
+def _to_floats(logs: Mapping[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in (logs or {}).items():
+        try:
+            out[key] = float(np.asarray(value))
+        except (TypeError, ValueError):
+            continue  # non-scalar logs (e.g. per-class metrics) are not published
+    return out
+
+
+class TrainingControl:
+    """What a trainer embeds: the optimizer's schedule, the controller, and the step boundary.
+
+    With `model.fit`, pass `control.callback` in `callbacks`. In a custom loop, call
+    `control.step_boundary(logs)` between steps inside `with control.training():`.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, *, run_id: str | None = None,
+                 history_size: int = 100, publish_interval: float = 0.1) -> None:
+        self.optimizer = optimizer
+        self.schedule = attach(optimizer)
+        self._target = _EngineTarget(self.schedule)
+        self.controller = Controller(self._target, run_id=run_id,
+                                     optimizer=type(optimizer).__name__, history_size=history_size)
+        self._publish_interval = publish_interval
+        self._last_publish = -float("inf")
+        self._epoch = 0
+        self.callback = _ControlCallback(self)
+
+    @property
+    def step(self) -> int:
+        """Completed optimizer steps. Reads a variable: training thread only."""
+        return int(np.asarray(self.optimizer.iterations.numpy()))
+
+    def step_boundary(self, logs: Mapping[str, Any] | None = None) -> list[Change]:
+        """Between two steps: publish the last step's logs (throttled) and apply due changes."""
+        if logs is not None:
+            self.publish(logs)
+        return self.apply_pending()
+
+    def apply_pending(self) -> list[Change]:
+        if not self.controller.has_pending:
+            return []
+        applied = self.controller.apply_due(self.step)
+        if applied:
+            self._last_publish = time.monotonic()
+        return applied
+
+    def publish(self, logs: Mapping[str, Any] | None = None, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_publish < self._publish_interval:
+            return
+        self._last_publish = now
+        step = self.step
+        self.controller.publish(step=step, learning_rate=self._target.learning_rate(step),
+                                metrics=_to_floats(logs) if logs is not None else None, epoch=self._epoch)
+
+    def begin(self) -> None:
+        """Training starts (or resumes after a restore): sync with the engine's variables."""
+        self.controller.resync()
+        self.controller.set_phase(Phase.TRAINING)
+        self.publish(force=True)
+
+    def end(self, failed: bool = False) -> None:
+        self.publish(force=True)
+        self.controller.set_phase(Phase.FAILED if failed else Phase.FINISHED)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[TrainingControl]:
+        """Brackets a custom training loop: TRAINING inside, FINISHED or FAILED after."""
+        self.begin()
+        try:
+            yield self
+        except BaseException:
+            self.end(failed=True)
+            raise
+        self.end()
+
+
+class _ControlCallback(keras.callbacks.Callback):
+    """Applies pending changes before each train batch; publishes after it."""
+
+    def __init__(self, control: TrainingControl) -> None:
+        super().__init__()
+        self._control = control
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._control.begin()
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._control.set_epoch(epoch)
+
+    def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._control.apply_pending()
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._control.publish(logs)
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._control.end()
