@@ -1,0 +1,254 @@
+"""The gRPC servicer: translates protobuf to the domain and back, and domain errors to codes.
+
+It runs on gRPC's thread pool and only validates, enqueues and reads the controller's
+snapshot. It never touches TensorFlow: the training thread applies every change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from lrctl.service import specs
+from lrctl.service.controller import (
+    Action,
+    Change,
+    ChangeRequest,
+    ChangeStatus,
+    Controller,
+    Phase,
+    PinLearningRate,
+    ScaleLearningRate,
+    Snapshot,
+    SwapSchedule,
+)
+from lrctl.service.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    VersionConflictError,
+    WaitTimeoutError,
+)
+from lrctl.v1 import training_control_pb2 as pb
+from lrctl.v1 import training_control_pb2_grpc as pb_grpc
+
+# The Schedule oneof's field for each spec type, e.g. ExponentialDecay -> "exponential_decay".
+_FIELD_BY_TYPE: dict[type, str] = {
+    specs.Constant: "constant",
+    specs.ExponentialDecay: "exponential_decay",
+    specs.PiecewiseConstantDecay: "piecewise_constant_decay",
+    specs.PolynomialDecay: "polynomial_decay",
+    specs.InverseTimeDecay: "inverse_time_decay",
+    specs.CosineDecay: "cosine_decay",
+    specs.CosineDecayRestarts: "cosine_decay_restarts",
+    specs.PiecewiseLinear: "piecewise_linear",
+}
+_TYPE_BY_FIELD = {name: t for t, name in _FIELD_BY_TYPE.items()}
+_ORIGIN_FROM_PB = {
+    pb.STEP_ORIGIN_UNSPECIFIED: specs.Origin.RESTART,
+    pb.STEP_ORIGIN_RESTART: specs.Origin.RESTART,
+    pb.STEP_ORIGIN_GLOBAL: specs.Origin.GLOBAL,
+}
+_ORIGIN_TO_PB = {specs.Origin.RESTART: pb.STEP_ORIGIN_RESTART, specs.Origin.GLOBAL: pb.STEP_ORIGIN_GLOBAL}
+_PHASE_TO_PB = {phase: pb.Phase.Value(f"PHASE_{phase.name}") for phase in Phase}
+_STATUS_TO_PB = {status: pb.ChangeStatus.Value(f"CHANGE_STATUS_{status.name}") for status in ChangeStatus}
+DEFAULT_WATCH_INTERVAL = 1.0  # seconds, when WatchStateRequest.min_interval is unset or zero
+_WAIT_MARGIN = 0.05  # answer DEADLINE_EXCEEDED ourselves, with a message, just before the deadline
+
+
+# -- protobuf -> domain ------------------------------------------------------------------------
+def spec_from_proto(schedule: pb.Schedule, path: str = "schedule") -> specs.ScheduleSpec:
+    """Build a validated spec; errors name the field by its full request path."""
+    kind = schedule.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgumentError(path, f"must set one of {sorted(_TYPE_BY_FIELD)}", "nothing")
+    message = getattr(schedule, kind)
+    spec_type = _TYPE_BY_FIELD[kind]
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(spec_type):
+        descriptor = message.DESCRIPTOR.fields_by_name[f.name]
+        value = getattr(message, f.name)
+        if f.name == "knots":
+            kwargs[f.name] = tuple((k.step, k.learning_rate) for k in value)
+        elif descriptor.is_repeated:
+            kwargs[f.name] = tuple(value)
+        elif not descriptor.has_presence or message.HasField(f.name):
+            kwargs[f.name] = value  # an unset `optional` field keeps Keras's default
+    try:
+        return spec_type(**kwargs)
+    except InvalidArgumentError as e:
+        raise e.with_prefix(f"{path}.{kind}.") from None
+
+
+def _change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
+                    action: Action) -> ChangeRequest:
+    return ChangeRequest(
+        action=action,
+        request_id=request.request_id,
+        expected_version=request.expected_version if request.HasField("expected_version") else None,
+        apply_at_step=request.apply_at_step if request.HasField("apply_at_step") else None,
+        reason=request.reason,
+    )
+
+
+# -- domain -> protobuf ------------------------------------------------------------------------
+def spec_to_proto(spec: specs.ScheduleSpec) -> pb.Schedule:
+    schedule = pb.Schedule()
+    message = getattr(schedule, _FIELD_BY_TYPE[type(spec)])
+    message.SetInParent()
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if f.name == "knots":
+            message.knots.extend(pb.Knot(step=s, learning_rate=lr) for s, lr in value)
+        elif isinstance(value, tuple):
+            getattr(message, f.name).extend(value)
+        elif value is not None:
+            setattr(message, f.name, value)
+    return schedule
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def change_to_proto(change: Change) -> pb.Change:
+    request, action = change.request, change.request.action
+    message = pb.Change(
+        version=change.version, status=_STATUS_TO_PB[change.status], request_id=request.request_id,
+        reason=request.reason, requested_step=change.requested_step,
+        apply_at_step=request.apply_at_step, applied_step=change.applied_step,
+        learning_rate_after=change.learning_rate_after, requested_time=_timestamp(change.requested_time),
+        applied_time=_timestamp(change.applied_time), description=change.description,
+    )
+    if isinstance(action, PinLearningRate):
+        message.set_learning_rate = action.learning_rate
+    elif isinstance(action, ScaleLearningRate):
+        message.scale = action.factor
+    else:
+        message.swap_schedule.CopyFrom(spec_to_proto(action.schedule))
+        message.origin = _ORIGIN_TO_PB[action.origin]
+    if change.schedule_after is not None:
+        message.schedule.CopyFrom(spec_to_proto(change.schedule_after.spec))
+        message.scale_after = change.schedule_after.scale
+    return message
+
+
+def state_to_proto(snap: Snapshot) -> pb.TrainingState:
+    return pb.TrainingState(
+        run_id=snap.run_id, phase=_PHASE_TO_PB[snap.phase], step=snap.step, epoch=snap.epoch,
+        learning_rate=snap.learning_rate, schedule=spec_to_proto(snap.schedule.spec),
+        schedule_origin_step=snap.schedule.origin_step, scale=snap.schedule.scale,
+        version=snap.version, metrics=dict(snap.metrics), optimizer=snap.optimizer,
+        pending_changes=[change_to_proto(c) for c in snap.pending],
+        recent_changes=[change_to_proto(c) for c in snap.recent],
+        updated_time=_timestamp(snap.updated_time),
+    )
+
+
+# -- errors -> status codes (the one place) -----------------------------------------------------
+def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
+    detail = any_pb2.Any()
+    if isinstance(error, InvalidArgumentError):
+        code = code_pb2.INVALID_ARGUMENT
+        rule = f"{error.rule}. Received: {error.received}"
+        message = f"{error.field} {rule}"
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=error.field, description=rule)]))
+    elif isinstance(error, VersionConflictError):
+        code, message = code_pb2.ABORTED, str(error)
+        detail.Pack(error_details_pb2.ErrorInfo(
+            reason="VERSION_CONFLICT", domain="lrctl",
+            metadata={"expected_version": str(error.expected), "current_version": str(error.current)}))
+    elif isinstance(error, FailedPreconditionError):
+        code, message = code_pb2.FAILED_PRECONDITION, str(error)
+        detail.Pack(error_details_pb2.PreconditionFailure(violations=[
+            error_details_pb2.PreconditionFailure.Violation(
+                type="STEP" if error.field else "PHASE", subject=error.field, description=message)]))
+    elif isinstance(error, WaitTimeoutError):
+        code, message = code_pb2.DEADLINE_EXCEEDED, str(error)
+        detail.Pack(error_details_pb2.ErrorInfo(reason="NOT_YET_APPLIED", domain="lrctl"))
+    else:
+        raise error
+    context.abort_with_status(rpc_status.to_status(
+        status_pb2.Status(code=code, message=message, details=[detail])))
+    raise AssertionError("abort_with_status returns only by raising")
+
+
+_DOMAIN_ERRORS = (InvalidArgumentError, VersionConflictError, FailedPreconditionError, WaitTimeoutError)
+
+
+class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
+    """lrctl.v1.TrainingControlService backed by one Controller."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+
+    def SetLearningRate(self, request: pb.SetLearningRateRequest,
+                        context: grpc.ServicerContext) -> pb.SetLearningRateResponse:
+        try:
+            which = request.WhichOneof("change")
+            if which is None:
+                raise InvalidArgumentError("learning_rate", "or `scale` must be set", "neither")
+            action: Action = (PinLearningRate(request.learning_rate) if which == "learning_rate"
+                              else ScaleLearningRate(request.scale))
+            change = self._submit(_change_request(request, action), request, context)
+        except _DOMAIN_ERRORS as e:
+            _abort(context, e)
+        return pb.SetLearningRateResponse(change=change)
+
+    def SwapSchedule(self, request: pb.SwapScheduleRequest,
+                     context: grpc.ServicerContext) -> pb.SwapScheduleResponse:
+        try:
+            if not request.HasField("schedule"):
+                raise InvalidArgumentError("schedule", "must be set", "nothing")
+            if request.origin not in _ORIGIN_FROM_PB:
+                raise InvalidArgumentError("origin", "must be a known StepOrigin", request.origin)
+            action = SwapSchedule(spec_from_proto(request.schedule), _ORIGIN_FROM_PB[request.origin])
+            change = self._submit(_change_request(request, action), request, context)
+        except _DOMAIN_ERRORS as e:
+            _abort(context, e)
+        return pb.SwapScheduleResponse(change=change)
+
+    def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
+        return pb.GetStateResponse(state=state_to_proto(self._controller.snapshot()))
+
+    def WatchState(self, request: pb.WatchStateRequest,
+                   context: grpc.ServicerContext) -> Iterator[pb.WatchStateResponse]:
+        interval = request.min_interval.ToTimedelta().total_seconds()
+        if interval < 0:
+            _abort(context, InvalidArgumentError("min_interval", "must be >= 0", f"{interval}s"))
+        for snap in self._controller.updates(interval or DEFAULT_WATCH_INTERVAL, context.is_active):
+            yield pb.WatchStateResponse(state=state_to_proto(snap))
+
+    def _submit(self, change_request: ChangeRequest,
+                request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
+                context: grpc.ServicerContext) -> pb.Change:
+        change = self._controller.submit(change_request, validate_only=request.validate_only)
+        if request.wait_until_applied and change.status is ChangeStatus.PENDING:
+            change = self._wait(change, context)
+        if change.status is ChangeStatus.ABORTED:
+            raise VersionConflictError(change_request.expected_version or 0, change.current_version or 0)
+        if change.status is ChangeStatus.CANCELLED:
+            raise FailedPreconditionError("the run ended before the change was applied; nothing changed")
+        return change_to_proto(change)
+
+    def _wait(self, change: Change, context: grpc.ServicerContext) -> Change:
+        # Wait in slices so that a caller who hangs up (no deadline) frees this thread.
+        while True:
+            remaining = context.time_remaining()
+            budget = 1.0 if remaining is None else min(1.0, remaining - _WAIT_MARGIN)
+            try:
+                return self._controller.wait(change, max(budget, 0.0))
+            except WaitTimeoutError:
+                if not context.is_active() or (remaining is not None and remaining - budget <= _WAIT_MARGIN):
+                    raise
