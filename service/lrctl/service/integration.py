@@ -8,6 +8,7 @@ thread alone: it applies queued changes before a step and publishes a snapshot a
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -17,9 +18,11 @@ import numpy as np
 import tensorflow as tf
 
 from lrctl.service import specs
-from lrctl.service.controller import Change, Controller, Phase
+from lrctl.service.controller import Change, ChangeStatus, Controller, Phase
 from lrctl.service.engine import ControllableSchedule
 from lrctl.service.specs import ActiveSchedule
+
+logger = logging.getLogger("lrctl")
 
 
 def attach(optimizer: keras.optimizers.Optimizer) -> ControllableSchedule:
@@ -131,6 +134,7 @@ class TrainingControl:
         self._last_publish = -float("inf")
         self._epoch = 0
         self.callback = _ControlCallback(self)
+        self.publish(force=True)  # readers see the starting LR before the first step
 
     @property
     def step(self) -> int:
@@ -146,7 +150,16 @@ class TrainingControl:
     def apply_pending(self) -> list[Change]:
         if not self.controller.has_pending:
             return []
+        lr = self.controller.snapshot().learning_rate
         applied = self.controller.apply_due(self.step)
+        for change in applied:
+            reason = f" ({change.request.reason})" if change.request.reason else ""
+            if change.status is ChangeStatus.APPLIED:
+                logger.info("v%d step %d: lr %.6g -> %.6g  %s%s", change.version, change.applied_step,
+                            lr, change.learning_rate_after, change.description, reason)
+                lr = change.learning_rate_after or lr
+            else:
+                logger.warning("not applied (%s): %s%s", change.status.value, change.description, reason)
         if applied:
             self._last_publish = time.monotonic()
         return applied
