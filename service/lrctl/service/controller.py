@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 from lrctl.service.errors import (
     FailedPreconditionError,
@@ -76,7 +76,7 @@ class SwapSchedule:
         return f"swap {self.schedule.describe()} origin={self.origin.value}"
 
 
-Action = Union[PinLearningRate, ScaleLearningRate, SwapSchedule]
+Action = PinLearningRate | ScaleLearningRate | SwapSchedule
 
 
 @dataclass(frozen=True)

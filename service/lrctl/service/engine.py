@@ -69,7 +69,7 @@ class _Encoded:
 def _decode(kind: int, params: np.ndarray, steps: np.ndarray, values: np.ndarray, count: int) -> ScheduleSpec:
     spec_type = specs.SPEC_TYPES[kind]
     p = [float(x) for x in params]
-    step = [int(round(x)) for x in p]  # integral params are stored exactly in float64
+    step = [round(x) for x in p]  # integral params are stored exactly in float64
     if spec_type is specs.Constant:
         return specs.Constant(p[0])
     if spec_type in (specs.ExponentialDecay, specs.InverseTimeDecay):

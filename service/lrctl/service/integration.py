@@ -55,7 +55,7 @@ def attach(optimizer: keras.optimizers.Optimizer) -> ControllableSchedule:
                     "Keras built-in schedule or lrctl's PiecewiseLinear."
                 ) from e
         else:
-            raise ValueError(
+            raise TypeError(
                 f"Cannot attach lrctl to optimizer '{optimizer.name}': its learning rate is a "
                 f"callable ({current!r}), which lrctl cannot read. Pass a float or a schedule."
             )

@@ -8,11 +8,12 @@ validates schedule parameters. No TensorFlow here: gRPC threads build specs free
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping
-from enum import Enum
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from enum import Enum
+from typing import Any, ClassVar
 
 from lrctl.service.errors import InvalidArgumentError
 
@@ -55,7 +56,7 @@ def _step(field: str, value: object, *, minimum: int) -> int:
 
 
 def _strictly_increasing(field: str, steps: list[int]) -> None:
-    for a, b in zip(steps, steps[1:]):
+    for a, b in itertools.pairwise(steps):
         if b <= a:
             raise InvalidArgumentError(field, "must be strictly increasing", steps)
 
@@ -233,16 +234,16 @@ def _fraction(field: str, value: object) -> float:
     return number
 
 
-ScheduleSpec = Union[
-    Constant,
-    ExponentialDecay,
-    PiecewiseConstantDecay,
-    PolynomialDecay,
-    InverseTimeDecay,
-    CosineDecay,
-    CosineDecayRestarts,
-    PiecewiseLinear,
-]
+ScheduleSpec = (
+    Constant
+    | ExponentialDecay
+    | PiecewiseConstantDecay
+    | PolynomialDecay
+    | InverseTimeDecay
+    | CosineDecay
+    | CosineDecayRestarts
+    | PiecewiseLinear
+)
 
 SPEC_TYPES: tuple[type[ScheduleSpec], ...] = (
     Constant,
