@@ -1,0 +1,40 @@
+"""lrctl client: change the learning rate of a running Keras job over gRPC.
+
+Imports no TensorFlow or Keras, so it can run anywhere (orchestrators, laptops).
+"""
+
+from lrctl.client import schedules
+from lrctl.client.client import DEFAULT_TARGET, Origin, TrainingControlClient
+from lrctl.client.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    LrctlError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    VersionConflict,
+)
+from lrctl.client.schedules import from_keras_config, to_keras_config, to_schedule
+from lrctl.v1 import training_control_pb2 as pb
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "LrctlError",
+    "NotFound",
+    "Origin",
+    "PermissionDenied",
+    "TrainingControlClient",
+    "Unauthenticated",
+    "Unavailable",
+    "VersionConflict",
+    "from_keras_config",
+    "pb",
+    "schedules",
+    "to_keras_config",
+    "to_schedule",
+]

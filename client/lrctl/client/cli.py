@@ -1,0 +1,588 @@
+"""`lrctl`: change the learning rate of a running training job from the command line.
+
+Exit codes:
+  0  ok
+  1  any other error
+  2  usage error (bad command line)
+  3  invalid argument (the server rejected a value)
+  4  version conflict (--expected-version did not match; the change was aborted)
+  5  failed precondition (e.g. --at-step in the past, training finished, change cancelled)
+  6  deadline exceeded (--timeout passed; a waited-for change stays pending)
+  7  unavailable (server unreachable)
+  8  not serving (`lrctl health`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from lrctl.client import errors, schedules
+from lrctl.client.client import DEFAULT_TARGET, TrainingControlClient
+from lrctl.v1 import training_control_pb2 as pb
+
+__all__ = ["EXIT_CODES", "SWAP_KINDS", "build_parser", "main"]
+
+log = logging.getLogger("lrctl")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INVALID_ARGUMENT = 3
+EXIT_VERSION_CONFLICT = 4
+EXIT_FAILED_PRECONDITION = 5
+EXIT_DEADLINE_EXCEEDED = 6
+EXIT_UNAVAILABLE = 7
+EXIT_NOT_SERVING = 8
+
+EXIT_CODES: dict[type[errors.LrctlError], int] = {
+    errors.InvalidArgument: EXIT_INVALID_ARGUMENT,
+    errors.VersionConflict: EXIT_VERSION_CONFLICT,
+    errors.FailedPrecondition: EXIT_FAILED_PRECONDITION,
+    errors.DeadlineExceeded: EXIT_DEADLINE_EXCEEDED,
+    errors.Unavailable: EXIT_UNAVAILABLE,
+}
+
+_EPILOG = """\
+exit codes:
+  0 ok, 1 other error, 2 usage, 3 invalid argument, 4 version conflict,
+  5 failed precondition, 6 deadline exceeded, 7 unavailable (server unreachable),
+  8 not serving (health)
+
+examples:
+  lrctl state
+  lrctl scale 0.5 --reason "loss plateau"
+  lrctl set 0.01 --at-step 5000 --no-wait
+  lrctl swap exponential-decay --initial-learning-rate 0.005 --decay-steps 5 \\
+      --decay-rate 0.8 --staircase
+  lrctl swap piecewise-linear --knots 0:0.0,100:0.1,1000:0.001 --origin global
+  lrctl watch --min-interval 0.5 --json
+"""
+
+
+class _Usage(Exception):
+    """A command-line value that argparse could not check (exit code 2)."""
+
+
+# --- value parsers for argparse ---
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, e.g. 100,200; got {text!r}"
+        ) from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, e.g. 0.1,0.01; got {text!r}"
+        ) from None
+
+
+def _knots(text: str) -> list[tuple[int, float]]:
+    knots: list[tuple[int, float]] = []
+    for item in (v for v in text.split(",") if v.strip()):
+        step, sep, lr = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError(item)
+            knots.append((int(step), float(lr)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected STEP:LR pairs, e.g. 0:0.0,100:0.1; got {item!r}"
+            ) from None
+    return knots
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+# --- the swap kinds: one table drives the parsers and the request mapping ---
+
+
+@dataclass(frozen=True)
+class _Arg:
+    name: str  # the Keras argument name; the flag is its kebab-case form
+    type: Callable[[str], Any]
+    help: str
+    required: bool = False
+    flag_only: bool = False  # a boolean switch (--staircase)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class _SwapKind:
+    builder: Callable[..., pb.Schedule]
+    help: str
+    args: tuple[_Arg, ...]
+
+
+_ILR = _Arg("initial_learning_rate", float, "learning rate at the schedule's step 0", True)
+
+#: `lrctl swap KIND`: the builder (from lrctl.client.schedules) and its flags.
+#: Flags left out fall back to the builder's (Keras) defaults.
+SWAP_KINDS: dict[str, _SwapKind] = {
+    "constant": _SwapKind(
+        schedules.Constant,
+        "a constant learning rate",
+        (_Arg("learning_rate", float, "the learning rate", True),),
+    ),
+    "exponential-decay": _SwapKind(
+        schedules.ExponentialDecay,
+        "initial_learning_rate * decay_rate ** (step / decay_steps)",
+        (
+            _ILR,
+            _Arg("decay_steps", int, "steps per decay period", True),
+            _Arg("decay_rate", float, "decay factor per period", True),
+            _Arg("staircase", bool, "decay in discrete intervals", flag_only=True),
+        ),
+    ),
+    "piecewise-constant-decay": _SwapKind(
+        schedules.PiecewiseConstantDecay,
+        "a step function: values[i] up to boundaries[i]",
+        (
+            _Arg("boundaries", _int_list, "comma-separated steps, e.g. 100,200", True),
+            _Arg("values", _float_list, "comma-separated LRs, one more than boundaries", True),
+        ),
+    ),
+    "polynomial-decay": _SwapKind(
+        schedules.PolynomialDecay,
+        "polynomial decay to end_learning_rate over decay_steps",
+        (
+            _ILR,
+            _Arg("decay_steps", int, "steps to decay over", True),
+            _Arg("end_learning_rate", float, "final learning rate (default 0.0001)"),
+            _Arg("power", float, "polynomial power (default 1.0)"),
+            _Arg("cycle", bool, "restart the decay after decay_steps", flag_only=True),
+        ),
+    ),
+    "inverse-time-decay": _SwapKind(
+        schedules.InverseTimeDecay,
+        "initial_learning_rate / (1 + decay_rate * step / decay_steps)",
+        (
+            _ILR,
+            _Arg("decay_steps", int, "how often to apply decay", True),
+            _Arg("decay_rate", float, "decay rate", True),
+            _Arg("staircase", bool, "decay in discrete intervals", flag_only=True),
+        ),
+    ),
+    "cosine-decay": _SwapKind(
+        schedules.CosineDecay,
+        "cosine decay with optional linear warmup",
+        (
+            _ILR,
+            _Arg("decay_steps", int, "steps to decay over (after warmup)", True),
+            _Arg("alpha", float, "minimum LR as a fraction of the peak (default 0.0)"),
+            _Arg("warmup_target", float, "LR reached at the end of warmup (default: none)"),
+            _Arg("warmup_steps", int, "number of warmup steps (default 0)"),
+        ),
+    ),
+    "cosine-decay-restarts": _SwapKind(
+        schedules.CosineDecayRestarts,
+        "cosine decay with warm restarts (SGDR)",
+        (
+            _ILR,
+            _Arg("first_decay_steps", int, "steps in the first period", True),
+            _Arg("t_mul", float, "period length multiplier (default 2.0)"),
+            _Arg("m_mul", float, "initial LR multiplier per period (default 1.0)"),
+            _Arg("alpha", float, "minimum LR as a fraction of the initial (default 0.0)"),
+        ),
+    ),
+    "piecewise-linear": _SwapKind(
+        schedules.PiecewiseLinear,
+        "linear interpolation between STEP:LR knots (warmup, WSD, 1cycle)",
+        (_Arg("knots", _knots, "comma-separated STEP:LR pairs, e.g. 0:0.0,100:0.1", True),),
+    ),
+}
+
+
+def schedule_from_args(args: argparse.Namespace) -> pb.Schedule:
+    """Build the Schedule for `lrctl swap KIND` from parsed arguments."""
+    kind = SWAP_KINDS[args.kind]
+    kwargs: dict[str, Any] = {}
+    for arg in kind.args:
+        value = getattr(args, arg.name)
+        if value is not None:
+            kwargs[arg.name] = value
+    return kind.builder(**kwargs)
+
+
+# --- parser ---
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    # The same flags are accepted before and after the subcommand. In subcommand
+    # parsers the default is SUPPRESS, so a flag given only before the subcommand
+    # is not overwritten by the subparser's default.
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if in_subcommand else value
+
+    group = parser.add_argument_group("global options")
+    group.add_argument(
+        "--target",
+        default=default(os.environ.get("LRCTL_TARGET", DEFAULT_TARGET)),
+        help=f"server address host:port (default: $LRCTL_TARGET or {DEFAULT_TARGET})",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print messages as JSON (one object per line)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=_non_negative_float,
+        default=default(10.0),
+        help="RPC deadline in seconds (default 10); also bounds waiting for a change",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="log debug information to stderr",
+    )
+
+
+def _add_change_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("change options")
+    group.add_argument(
+        "--at-step",
+        type=int,
+        metavar="N",
+        help="apply at the first step boundary with step >= N (implies --no-wait)",
+    )
+    group.add_argument(
+        "--expected-version",
+        type=int,
+        metavar="V",
+        help="apply only if the state version is still V (else exit 4)",
+    )
+    group.add_argument("--reason", default="", metavar="TEXT", help="recorded in the history")
+    group.add_argument(
+        "--dry-run", action="store_true", help="validate only; change nothing (validate_only)"
+    )
+    group.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the change is queued (default: wait until applied)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lrctl",
+        description="Change the learning rate of a running TensorFlow/Keras training job.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_global_flags(parser, in_subcommand=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_global_flags(sub, in_subcommand=True)
+        return sub
+
+    command("state", "show the training state")
+
+    p = command("set", "pin the learning rate to a constant (resets the scale to 1)")
+    p.add_argument("learning_rate", type=float, metavar="LR", help="the new learning rate")
+    _add_change_flags(p)
+
+    p = command("scale", "multiply the active schedule by a factor (cumulative)")
+    p.add_argument("factor", type=float, help="e.g. 0.5 halves the learning rate")
+    _add_change_flags(p)
+
+    swap = command("swap", "replace the learning-rate schedule")
+    kinds = swap.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for name, kind in SWAP_KINDS.items():
+        k = kinds.add_parser(name, help=kind.help, description=kind.help)
+        _add_global_flags(k, in_subcommand=True)
+        group = k.add_argument_group(f"{name} arguments (Keras names)")
+        for arg in kind.args:
+            if arg.flag_only:
+                group.add_argument(arg.flag, dest=arg.name, action="store_true", help=arg.help)
+            else:
+                group.add_argument(
+                    arg.flag,
+                    dest=arg.name,
+                    type=arg.type,
+                    required=arg.required,
+                    metavar=arg.name.upper(),
+                    help=arg.help,
+                )
+        k.add_argument(
+            "--origin",
+            choices=("restart", "global"),
+            default="restart",
+            help="restart: the schedule starts at its own step 0 when applied (default); "
+            "global: evaluated at the optimizer's iteration count, as Keras does",
+        )
+        _add_change_flags(k)
+
+    p = command("watch", "stream training state updates (Ctrl-C to stop)")
+    p.add_argument(
+        "--min-interval",
+        type=_non_negative_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="at most one update per interval while training advances (default 1.0)",
+    )
+    p.add_argument("--count", type=int, metavar="N", help="exit after N updates")
+
+    p = command("health", "check server health; exit 0 only if SERVING")
+    p.add_argument(
+        "--service", default="", help='service name (default "": the server as a whole)'
+    )
+    return parser
+
+
+# --- output ---
+
+
+def _to_json(message: Message) -> str:
+    return json.dumps(
+        json_format.MessageToDict(message, always_print_fields_with_no_presence=True),
+        separators=(",", ":"),
+    )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _action(change: pb.Change) -> str:
+    if change.description:
+        return change.description
+    which = change.WhichOneof("action")
+    if which == "set_learning_rate":
+        return f"set lr {_fmt(change.set_learning_rate)}"
+    if which == "scale":
+        return f"scale x{_fmt(change.scale)}"
+    if which == "swap_schedule":
+        return "swap " + schedules.describe_schedule(change.swap_schedule)
+    return "(no action)"
+
+
+def describe_change(change: pb.Change) -> str:
+    """One line for a Change, e.g. `applied v3 at step 120: scale x0.5 -> lr 0.005`."""
+    reason = f" ({change.reason})" if change.reason else ""
+    status = change.status
+    if status == pb.CHANGE_STATUS_APPLIED:
+        lr = _fmt(change.learning_rate_after) if change.HasField("learning_rate_after") else "?"
+        return (
+            f"applied v{change.version} at step {change.applied_step}: "
+            f"{_action(change)} -> lr {lr}{reason}"
+        )
+    if status == pb.CHANGE_STATUS_PENDING:
+        when = (
+            f"apply at step {change.apply_at_step}"
+            if change.HasField("apply_at_step")
+            else "apply at the next step boundary"
+        )
+        return f"pending ({when}): {_action(change)}{reason}"
+    if status == pb.CHANGE_STATUS_VALIDATED:
+        return f"valid (dry run): {_action(change)}"
+    if status == pb.CHANGE_STATUS_ABORTED:
+        return f"aborted: the state version changed before the step boundary; nothing changed{reason}"
+    if status == pb.CHANGE_STATUS_CANCELLED:
+        return f"cancelled: the run ended before the change was due{reason}"
+    return f"{pb.ChangeStatus.Name(status)}: {_action(change)}{reason}"
+
+
+def describe_state(state: pb.TrainingState) -> str:
+    """A multi-line human summary of a TrainingState."""
+    lines = [
+        f"run_id:    {state.run_id or '-'}",
+        f"phase:     {pb.Phase.Name(state.phase).removeprefix('PHASE_')}",
+        f"step:      {state.step}",
+        f"epoch:     {state.epoch}",
+        f"lr:        {_fmt(state.learning_rate)}",
+        f"schedule:  {schedules.describe_schedule(state.schedule)}"
+        + (f" from step {state.schedule_origin_step}" if state.schedule_origin_step else ""),
+        f"scale:     {_fmt(state.scale)}",
+        f"version:   {state.version}",
+        f"optimizer: {state.optimizer or '-'}",
+        "metrics:   "
+        + (", ".join(f"{k}={_fmt(v)}" for k, v in sorted(state.metrics.items())) or "-"),
+    ]
+    lines.append(f"pending:   {len(state.pending_changes) or '-'}")
+    lines.extend(f"  {describe_change(c)}" for c in state.pending_changes)
+    lines.append(f"recent:    {len(state.recent_changes) or '-'}")
+    lines.extend(f"  {describe_change(c)}" for c in state.recent_changes)
+    return "\n".join(lines)
+
+
+def describe_update(state: pb.TrainingState) -> str:
+    """One line per watch update."""
+    loss = state.metrics.get("loss")
+    return (
+        f"step {state.step} epoch {state.epoch} lr {_fmt(state.learning_rate)} "
+        f"loss {_fmt(loss) if loss is not None else '-'} v{state.version} "
+        f"{pb.Phase.Name(state.phase).removeprefix('PHASE_')}"
+    )
+
+
+# --- commands ---
+
+
+def _change_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    # Waiting is the default for a human at a terminal, but --at-step usually
+    # targets a future step, so it returns as soon as the change is queued.
+    wait = not (args.no_wait or args.at_step is not None or args.dry_run)
+    return {
+        "apply_at_step": args.at_step,
+        "expected_version": args.expected_version,
+        "wait": wait,
+        "validate_only": args.dry_run,
+        "reason": args.reason,
+    }
+
+
+def _change_exit_code(change: pb.Change) -> int:
+    if change.status == pb.CHANGE_STATUS_ABORTED:
+        return EXIT_VERSION_CONFLICT
+    if change.status == pb.CHANGE_STATUS_CANCELLED:
+        return EXIT_FAILED_PRECONDITION
+    return EXIT_OK
+
+
+def build_change_call(
+    args: argparse.Namespace,
+) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """Map `set`/`scale`/`swap` arguments to `(client method name, args, kwargs)`."""
+    kwargs = _change_kwargs(args)
+    if args.command == "set":
+        return "set_learning_rate", (args.learning_rate,), kwargs
+    if args.command == "scale":
+        return "scale_learning_rate", (args.factor,), kwargs
+    if args.command == "swap":
+        return "swap_schedule", (schedule_from_args(args),), {**kwargs, "origin": args.origin}
+    raise AssertionError(args.command)
+
+
+def _print(out: TextIO, args: argparse.Namespace, message: Message, text: str) -> None:
+    print(_to_json(message) if args.json else text, file=out, flush=True)
+
+
+def _run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "state":
+        state = client.get_state()
+        _print(out, args, state, describe_state(state))
+        return EXIT_OK
+    if args.command in ("set", "scale", "swap"):
+        method, call_args, kwargs = build_change_call(args)
+        log.debug("%s%r %r", method, call_args, kwargs)
+        try:
+            change: pb.Change = getattr(client, method)(*call_args, **kwargs)
+        except errors.DeadlineExceeded as exc:
+            if kwargs["wait"] and "pending" not in exc.message:
+                exc.message += " (the change stays pending; see `lrctl state`)"
+            raise
+        _print(out, args, change, describe_change(change))
+        return _change_exit_code(change)
+    if args.command == "watch":
+        return _watch(client, args, out)
+    if args.command == "health":
+        status = client.health(args.service)
+        text = status if not args.json else json.dumps({"status": status})
+        print(text, file=out, flush=True)
+        return EXIT_OK if status == "SERVING" else EXIT_NOT_SERVING
+    raise AssertionError(args.command)
+
+
+def _watch(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    updates: Iterator[pb.TrainingState] = client.watch(args.min_interval)
+    seen = 0
+    try:
+        for state in updates:
+            _print(out, args, state, describe_update(state))
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        close = getattr(updates, "close", None)
+        if close is not None:
+            close()  # cancels the RPC
+    return EXIT_OK
+
+
+def _report(exc: errors.LrctlError, target: str) -> None:
+    message = exc.message or exc.code.name
+    if isinstance(exc, errors.Unavailable):
+        where = "" if target in message else f" at {target}"
+        message = f"server unavailable{where}: {message}"
+    elif isinstance(exc, errors.DeadlineExceeded):
+        message = f"deadline exceeded: {message}"
+    print(f"lrctl: error: {message}", file=sys.stderr)
+    for field, description in exc.field_violations:
+        print(f"  {field}: {description}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="lrctl: %(levelname)s: %(message)s",
+    )
+    out = out if out is not None else sys.stdout
+    timeout = args.timeout if args.timeout > 0 else None
+    log.debug("target %s, timeout %s", args.target, timeout)
+    try:
+        with TrainingControlClient(args.target, timeout=timeout) as client:
+            return _run(client, args, out)
+    except errors.LrctlError as exc:
+        _report(exc, args.target)
+        return EXIT_CODES.get(type(exc), EXIT_ERROR)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`lrctl watch | head`): not an error. Point stdout at
+        # devnull so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except (TypeError, ValueError) as exc:
+        # Only schedule conversion raises these; argparse has checked the rest.
+        print(f"lrctl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
