@@ -287,7 +287,13 @@ def as_spec(value: object) -> ScheduleSpec:
         return spec_from_config(str(value.get("class_name")), value.get("config", {}))
     get_config = getattr(value, "get_config", None)
     if callable(get_config):
-        return spec_from_config(type(value).__name__, get_config())
+        try:
+            config = get_config()
+        except NotImplementedError as e:  # a custom Keras schedule without get_config()
+            raise InvalidArgumentError(
+                "schedule", "must be a float, a Keras schedule or a schedule spec", value
+            ) from e
+        return spec_from_config(type(value).__name__, config)
     raise InvalidArgumentError("schedule", "must be a float, a Keras schedule or a schedule spec", value)
 
 

@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(data, tuple):
         fit_args.update(x=data[0], y=data[1])
     else:
-        fit_args["x"] = data
+        fit_args.update(x=data, shuffle=False)  # a dataset shuffles itself; Keras warns otherwise
         if isinstance(data, tf.data.Dataset) and data.cardinality() == tf.data.INFINITE_CARDINALITY:
             fit_args["steps_per_epoch"] = demo.STEPS_PER_EPOCH
 
