@@ -162,62 +162,74 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     # -- in the graph ---------------------------------------------------------------------
     def __call__(self, step: Any) -> Any:
         local = ops.maximum(ops.cast(step, "int64") - self._origin_step, 0)
+        kinds = [self._constant, self._exponential, self._piecewise_constant, self._polynomial,
+                 self._inverse_time, self._cosine, self._cosine_restarts, self._piecewise_linear]
+        # Only the active kind's few ops run: a switch on a variable, so still no retrace.
+        return ops.switch(self._kind, kinds, local) * ops.cast(self._scale, "float32")
+
+    def _p(self) -> list[Any]:
+        return list(ops.unstack(ops.cast(self._params, "float32"), _NUM_PARAMS))
+
+    def _constant(self, local: Any) -> Any:
+        return self._p()[0]
+
+    def _decay_exponent(self, local: Any) -> tuple[list[Any], Any]:
+        p = self._p()
+        q = ops.cast(local, "float32") / p[1]
+        return p, ops.where(p[3] > 0.5, ops.floor(q), q)
+
+    def _exponential(self, local: Any) -> Any:
+        p, q = self._decay_exponent(local)
+        return p[0] * ops.power(p[2], q)
+
+    def _inverse_time(self, local: Any) -> Any:
+        p, q = self._decay_exponent(local)
+        return p[0] / (1.0 + p[2] * q)
+
+    def _polynomial(self, local: Any) -> Any:
+        init, decay_steps, end, power, cycle = self._p()[:5]
         s = ops.cast(local, "float32")
-        p0, p1, p2, p3, p4, _, _, _ = ops.unstack(ops.cast(self._params, "float32"), _NUM_PARAMS)
-        one = ops.cast(1.0, "float32")
-        pi = ops.cast(math.pi, "float32")
+        cycled_steps = decay_steps * ops.where(ops.equal(s, 0.0), 1.0, ops.ceil(s / decay_steps))
+        cycling = cycle > 0.5
+        steps = ops.where(cycling, cycled_steps, decay_steps)
+        s = ops.where(cycling, s, ops.minimum(s, decay_steps))
+        return (init - end) * ops.power(1.0 - s / steps, power) + end
 
-        # ExponentialDecay and InverseTimeDecay: (initial, decay_steps, decay_rate, staircase).
-        q = s / p1
-        q = ops.where(p3 > 0.5, ops.floor(q), q)
-        exponential = p0 * ops.power(p2, q)
-        inverse_time = p0 / (one + p2 * q)
+    def _cosine(self, local: Any) -> Any:
+        init, decay_steps, alpha, target, warmup_steps = self._p()[:5]
+        s = ops.minimum(ops.cast(local, "float32"), decay_steps + warmup_steps)
+        warmup = (target - init) * (s / warmup_steps) + init
+        cosine = 0.5 * (1.0 + ops.cos(math.pi * ((s - warmup_steps) / decay_steps)))
+        return ops.where(s < warmup_steps, warmup, target * ((1.0 - alpha) * cosine + alpha))
 
-        # PolynomialDecay: (initial, decay_steps, end, power, cycle).
-        cycle = p4 > 0.5
-        cycled_steps = p1 * ops.where(ops.equal(s, 0.0), one, ops.ceil(s / p1))
-        poly_steps = ops.where(cycle, cycled_steps, p1)
-        poly_s = ops.where(cycle, s, ops.minimum(s, p1))
-        polynomial = (p0 - p2) * ops.power(one - poly_s / poly_steps, p3) + p2
+    def _cosine_restarts(self, local: Any) -> Any:
+        init, first_decay_steps, t_mul, m_mul, alpha = self._p()[:5]
+        fraction = ops.cast(local, "float32") / first_decay_steps
+        i_geometric = ops.floor(ops.log(1.0 - fraction * (1.0 - t_mul)) / ops.log(t_mul))
+        sum_r = (1.0 - ops.power(t_mul, i_geometric)) / (1.0 - t_mul)
+        f_geometric = (fraction - sum_r) / ops.power(t_mul, i_geometric)
+        linear = ops.equal(t_mul, 1.0)
+        i_restart = ops.where(linear, ops.floor(fraction), i_geometric)
+        f_restart = ops.where(linear, fraction - ops.floor(fraction), f_geometric)
+        cosine = 0.5 * ops.power(m_mul, i_restart) * (1.0 + ops.cos(math.pi * f_restart))
+        return init * ((1.0 - alpha) * cosine + alpha)
 
-        # CosineDecay: (initial, decay_steps, alpha, warmup_target, warmup_steps).
-        cs = ops.minimum(s, p1 + p4)
-        warmup = (p3 - p0) * (cs / p4) + p0
-        decayed = (one - p2) * (0.5 * (one + ops.cos(pi * ((cs - p4) / p1)))) + p2
-        cosine = ops.where(cs < p4, warmup, p3 * decayed)
+    def _piecewise_constant(self, local: Any) -> Any:
+        # values[i] for boundaries[i-1] < step <= boundaries[i]; padding never counts.
+        index = ops.sum(ops.cast(ops.greater(local, self._steps), "int32"))
+        return ops.cast(ops.take(self._values, index), "float32")
 
-        # CosineDecayRestarts: (initial, first_decay_steps, t_mul, m_mul, alpha).
-        fraction = s / p1
-        i_geometric = ops.floor(ops.log(one - fraction * (one - p2)) / ops.log(p2))
-        sum_r = (one - ops.power(p2, i_geometric)) / (one - p2)
-        f_geometric = (fraction - sum_r) / ops.power(p2, i_geometric)
-        i_linear = ops.floor(fraction)
-        linear = ops.equal(p2, 1.0)
-        i_restart = ops.where(linear, i_linear, i_geometric)
-        f_restart = ops.where(linear, fraction - i_linear, f_geometric)
-        restart_peak = 0.5 * ops.power(p3, i_restart) * (one + ops.cos(pi * f_restart))
-        restarts = p0 * ((one - p4) * restart_peak + p4)
-
-        # PiecewiseConstantDecay: values[i] for boundaries[i-1] < step <= boundaries[i].
-        values = ops.cast(self._values, "float32")
-        piecewise_constant = ops.take(values, ops.sum(ops.cast(local > self._steps, "int32")))
-
-        # PiecewiseLinear: interpolate between the knots around the step; flat outside.
-        at_or_before = ops.sum(ops.cast(self._steps <= local, "int32"))
+    def _piecewise_linear(self, local: Any) -> Any:
+        # Interpolate between the knots around the step; flat outside them.
+        at_or_before = ops.sum(ops.cast(ops.less_equal(self._steps, local), "int32"))
         lo = ops.maximum(at_or_before - 1, 0)
         hi = ops.minimum(at_or_before, self._count - 1)
         t_lo, t_hi = ops.take(self._steps, lo), ops.take(self._steps, hi)
-        v_lo, v_hi = ops.take(values, lo), ops.take(values, hi)
+        v_lo = ops.cast(ops.take(self._values, lo), "float32")
+        v_hi = ops.cast(ops.take(self._values, hi), "float32")
         span = ops.cast(ops.maximum(t_hi - t_lo, 1), "float32")
         frac = ops.clip(ops.cast(local - t_lo, "float32") / span, 0.0, 1.0)
-        piecewise_linear = v_lo + (v_hi - v_lo) * frac
-
-        # Same order as specs.SPEC_TYPES. Values of inactive kinds may be NaN; take() drops them.
-        candidates = ops.stack([
-            p0, exponential, piecewise_constant, polynomial, inverse_time, cosine, restarts,
-            piecewise_linear,
-        ])
-        return ops.take(candidates, self._kind) * ops.cast(self._scale, "float32")
+        return v_lo + (v_hi - v_lo) * frac
 
     def get_config(self) -> dict[str, Any]:
         state, _ = self.read()

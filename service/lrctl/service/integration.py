@@ -179,8 +179,8 @@ class TrainingControl:
         self.controller.set_phase(Phase.TRAINING)
         self.publish(force=True)
 
-    def end(self, failed: bool = False) -> None:
-        self.publish(force=True)
+    def end(self, failed: bool = False, logs: Mapping[str, Any] | None = None) -> None:
+        self.publish(logs, force=True)
         self.controller.set_phase(Phase.FAILED if failed else Phase.FINISHED)
 
     def set_epoch(self, epoch: int) -> None:
@@ -199,11 +199,20 @@ class TrainingControl:
 
 
 class _ControlCallback(keras.callbacks.Callback):
-    """Applies pending changes before each train batch; publishes after it."""
+    """Applies pending changes and publishes the state before each train batch.
+
+    Keras runs the batch-end hooks of async-safe callbacks on a helper thread, so `fit` is
+    not forced to sync and convert its logs every batch. Ours only keeps the logs there; all
+    TensorFlow work (applying changes, reading the step and LR) happens on the training
+    thread, in `on_train_batch_begin`.
+    """
+
+    async_safe = True
 
     def __init__(self, control: TrainingControl) -> None:
         super().__init__()
         self._control = control
+        self._last_logs: Mapping[str, Any] | None = None
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         self._control.begin()
@@ -213,9 +222,10 @@ class _ControlCallback(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._control.apply_pending()
+        self._control.publish(self._last_logs)
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        self._control.publish(logs)
+        self._last_logs = logs  # one reference swap: safe from Keras's helper thread
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
-        self._control.end()
+        self._control.end(logs=self._last_logs)
