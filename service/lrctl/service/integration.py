@@ -133,6 +133,7 @@ class TrainingControl:
         self._publish_interval = publish_interval
         self._last_publish = -float("inf")
         self._epoch = 0
+        self._run_open = False  # inside training(): the run outlives a single fit()
         self.callback = _ControlCallback(self)
         self.publish(force=True)  # readers see the starting LR before the first step
 
@@ -188,13 +189,20 @@ class TrainingControl:
 
     @contextlib.contextmanager
     def training(self) -> Iterator[TrainingControl]:
-        """Brackets a custom training loop: TRAINING inside, FINISHED or FAILED after."""
+        """Brackets a whole run: TRAINING inside, FINISHED or FAILED after.
+
+        Use it around a custom loop, or around several `fit` calls: inside it, the end of
+        one `fit` does not end the run, so pending changes carry over to the next `fit`.
+        """
+        self._run_open = True
         self.begin()
         try:
             yield self
         except BaseException:
             self.end(failed=True)
             raise
+        finally:
+            self._run_open = False
         self.end()
 
 
@@ -228,4 +236,7 @@ class _ControlCallback(keras.callbacks.Callback):
         self._last_logs = logs  # one reference swap: safe from Keras's helper thread
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
-        self._control.end(logs=self._last_logs)
+        if self._control._run_open:
+            self._control.publish(self._last_logs, force=True)
+        else:
+            self._control.end(logs=self._last_logs)
