@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from lrctl.client import TrainingControlClient
+from lrctl.client import LrctlError, TrainingControlClient
 from lrctl.service import TrainingControl
 from lrctl.service.server import serve
 
@@ -77,7 +77,8 @@ class Variant:
         self.fit(epochs=1)  # warm-up: trace and compile outside the timed region
 
     def _change_every_50_steps(self, port: int) -> None:
-        with TrainingControlClient(f"127.0.0.1:{port}") as client:
+        with TrainingControlClient(f"127.0.0.1:{port}") as client, \
+                contextlib.suppress(LrctlError):  # the server going away at close() ends this
             while not self._stop.is_set():
                 step = client.get_state().step
                 # This model trains only during its own rounds: wait as long as it takes.

@@ -93,7 +93,7 @@ def test_bad_input_is_rejected_and_changes_nothing(control, build, message):
     assert not control.controller.has_pending
     assert control.apply_pending() == []
     assert control.schedule.read() == engine_before
-    assert engine_before == (ActiveSchedule(Constant(float(np.float32(0.1)))), 0)
+    assert engine_before == (ActiveSchedule(Constant(0.1)), 0)  # as typed, not float32-rounded
 
 
 def test_version_conflict_and_past_step_are_refused(control):
@@ -217,7 +217,7 @@ def test_attach_keeps_a_float_learning_rate():
     optimizer = keras.optimizers.SGD(learning_rate=0.05)
     schedule = attach(optimizer)
     assert isinstance(optimizer._learning_rate, ControllableSchedule)
-    assert schedule.read() == (ActiveSchedule(Constant(float(np.float32(0.05)))), 0)
+    assert schedule.read() == (ActiveSchedule(Constant(0.05)), 0)  # as typed, not float32-rounded
     assert float(np.asarray(optimizer.learning_rate)) == np.float32(0.05)
     assert attach(optimizer) is schedule  # idempotent
     tracked = {id(v) for v in optimizer.variables}

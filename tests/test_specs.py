@@ -21,7 +21,7 @@ INVALID = [
     (lambda: specs.ExponentialDecay(0.1, 10, 0.0), "decay_rate", "must be finite and > 0", "0.0"),
     (lambda: specs.InverseTimeDecay(0.1, -3, 0.5), "decay_steps", "must be > 0", "-3"),
     (lambda: specs.PolynomialDecay(0.1, 0), "decay_steps", "must be > 0", "0"),
-    (lambda: specs.PolynomialDecay(0.1, 10, power=-1.0), "power", "must be finite and >= 0", "-1.0"),
+    (lambda: specs.PolynomialDecay(0.1, 10, power=0.0), "power", "must be finite and > 0", "0.0"),
     (lambda: specs.CosineDecay(0.1, 100, alpha=1.5), "alpha", "must be in [0, 1]", "1.5"),
     (lambda: specs.CosineDecay(0.1, 100, warmup_target=0.2, warmup_steps=-1), "warmup_steps",
      "must be >= 0", "-1"),

@@ -163,6 +163,7 @@ class Controller:
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._pending: dict[int, Change] = {}
+        self._next_due: int | None = None  # derived from _pending by _republish
         self._finished: collections.OrderedDict[int, Change] = collections.OrderedDict()
         self._finished_limit = max(history_size, 1024)
         self._by_request_id: collections.OrderedDict[str, int] = collections.OrderedDict()
@@ -181,8 +182,13 @@ class Controller:
 
     @property
     def has_pending(self) -> bool:
-        """Cheap check for the training thread's hot path (a dict read needs no lock)."""
-        return bool(self._pending)
+        return self._next_due is not None
+
+    @property
+    def next_due_step(self) -> int | None:
+        """The earliest step at which a pending change is due (0: at once); None if nothing is
+        pending. For the training thread's hot path: one attribute read, no lock."""
+        return self._next_due
 
     def submit(self, request: ChangeRequest, *, validate_only: bool = False) -> Change:
         """Validate `request` now and queue it for the next due step boundary.
@@ -270,7 +276,7 @@ class Controller:
         Called by the training thread at a step boundary: `step` steps have completed and
         none is running, so the engine's variables can be assigned safely.
         """
-        if not self._pending:
+        if self._next_due is None:
             return []
         applied: list[Change] = []
         with self._cond:
@@ -360,6 +366,7 @@ class Controller:
         self._history.append(change)
 
     def _republish(self) -> None:
+        self._next_due = min((c.request.apply_at_step or 0 for c in self._pending.values()), default=None)
         self._snapshot = dataclasses.replace(
             self._snapshot, pending=tuple(self._pending.values()), recent=tuple(self._history),
             seq=self._snapshot.seq + 1,

@@ -31,6 +31,8 @@ def attach(optimizer: keras.optimizers.Optimizer) -> ControllableSchedule:
     Works for a float learning rate or any Keras built-in schedule, before the optimizer has
     taken its first step. Its variables join the optimizer's, so any checkpoint of the
     optimizer (`tf.train.Checkpoint`, `model.save_weights`, BackupAndRestore) carries them.
+    To restore, attach first, then restore: Keras's `load_weights` skips (with a warning)
+    the state of an optimizer that is not built yet, so build it before `load_weights`.
     """
     current = optimizer._learning_rate
     if isinstance(current, ControllableSchedule):
@@ -44,7 +46,9 @@ def attach(optimizer: keras.optimizers.Optimizer) -> ControllableSchedule:
                 "build the optimizer with lrctl.service.build_optimizer()."
             )
         if isinstance(current, keras.Variable):
-            initial: Any = float(np.asarray(current.numpy()))
+            # The shortest decimal that is this float32, i.e. what the user typed (0.1, not
+            # 0.10000000149011612), so reports show the value as it was asked for.
+            initial: Any = float(str(np.asarray(current.numpy()).astype(np.float32)))
         elif isinstance(current, keras.optimizers.schedules.LearningRateSchedule):
             try:
                 initial = specs.as_spec(current)
@@ -134,13 +138,16 @@ class TrainingControl:
         self._last_publish = -float("inf")
         self._epoch = 0
         self._run_open = False  # inside training(): the run outlives a single fit()
+        self._step_ceiling = 0  # at most this many steps have completed; see apply_pending
         self.callback = _ControlCallback(self)
         self.publish(force=True)  # readers see the starting LR before the first step
 
     @property
     def step(self) -> int:
-        """Completed optimizer steps. Reads a variable: training thread only."""
-        return int(np.asarray(self.optimizer.iterations.numpy()))
+        """Completed optimizer steps. Reads a variable (a device sync): training thread only."""
+        step = int(np.asarray(self.optimizer.iterations.numpy()))
+        self._step_ceiling = step
+        return step
 
     def step_boundary(self, logs: Mapping[str, Any] | None = None) -> list[Change]:
         """Between two steps: publish the last step's logs (throttled) and apply due changes."""
@@ -148,8 +155,19 @@ class TrainingControl:
             self.publish(logs)
         return self.apply_pending()
 
-    def apply_pending(self) -> list[Change]:
-        if not self.controller.has_pending:
+    def apply_pending(self, steps_since_last_call: int | None = None) -> list[Change]:
+        """Apply the changes that are due now.
+
+        `steps_since_last_call` is an upper bound on the steps run since the previous call
+        (`fit` knows it: steps_per_execution). With it, the step is not read (a device sync)
+        while the earliest pending change cannot be due yet. None: always read.
+        """
+        due = self.controller.next_due_step
+        if steps_since_last_call is not None:
+            self._step_ceiling += steps_since_last_call
+            if due is not None and due > self._step_ceiling:
+                return []
+        if due is None:
             return []
         lr = self.controller.snapshot().learning_rate
         applied = self.controller.apply_due(self.step)
@@ -221,15 +239,18 @@ class _ControlCallback(keras.callbacks.Callback):
         super().__init__()
         self._control = control
         self._last_logs: Mapping[str, Any] | None = None
+        self._steps_per_batch: int | None = None  # steps one train batch call may run
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        spe = getattr(self.model, "steps_per_execution", 1)
+        self._steps_per_batch = spe if isinstance(spe, int) and spe > 0 else None
         self._control.begin()
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._control.set_epoch(epoch)
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        self._control.apply_pending()
+        self._control.apply_pending(self._steps_per_batch)
         self._control.publish(self._last_logs)
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:

@@ -149,7 +149,7 @@ class PolynomialDecay(_Spec):
         self._set("initial_learning_rate", _learning_rate("initial_learning_rate", self.initial_learning_rate))
         self._set("decay_steps", _step("decay_steps", self.decay_steps, minimum=1))
         self._set("end_learning_rate", _learning_rate("end_learning_rate", self.end_learning_rate))
-        self._set("power", _number("power", self.power, minimum=0))
+        self._set("power", _number("power", self.power, minimum=0, inclusive=False))
         self._set("cycle", bool(self.cycle))
 
 
@@ -205,7 +205,7 @@ class CosineDecayRestarts(_Spec):
         self._set("initial_learning_rate", _learning_rate("initial_learning_rate", self.initial_learning_rate))
         self._set("first_decay_steps", _step("first_decay_steps", self.first_decay_steps, minimum=1))
         self._set("t_mul", _number("t_mul", self.t_mul, minimum=0, inclusive=False))
-        self._set("m_mul", _number("m_mul", self.m_mul, minimum=0))
+        self._set("m_mul", _number("m_mul", self.m_mul, minimum=0, inclusive=False))
         self._set("alpha", _fraction("alpha", self.alpha))
 
 
