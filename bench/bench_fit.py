@@ -7,7 +7,8 @@ Variants (all in this process, interleaved round by round so drift hits each ali
   plain            Adam(learning_rate=0.001)                       -- the baseline
   keras_schedule   Adam(ExponentialDecay(...)): Keras's own in-graph schedule
   lrctl_idle       lrctl attached, server up, no changes
-  lrctl_changes    lrctl attached, a client scales the LR every 50 steps over gRPC
+  lrctl_changes    lrctl attached, an orchestrator process (bench/orchestrator.py) scales
+                   the LR every 50 steps over gRPC; it shares the machine's cores
   assign_per_batch a callback assigning optimizer.learning_rate every batch (the naive way)
 Reports median steps/s per variant and its speed ratio to `plain` (1.00 = as fast): the
 median of per-round ratios with their interquartile range, and the ratio of best rounds. Memory: the
@@ -23,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -32,7 +32,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from lrctl.client import LrctlError, TrainingControlClient
 from lrctl.service import TrainingControl
 from lrctl.service.server import serve
 
@@ -63,8 +62,7 @@ class Variant:
                            steps_per_execution=args.steps_per_execution)
         self.callbacks: list[keras.callbacks.Callback] = []
         self._stack = contextlib.ExitStack()
-        self.changes = 0
-        self._stop = threading.Event()
+        self.controller: Any = None
         if name == "assign_per_batch":
             self.callbacks.append(_AssignEveryBatch())
         if name.startswith("lrctl"):
@@ -73,17 +71,12 @@ class Variant:
             self._stack.enter_context(control.training())  # one run across many fit() calls
             _, port = self._stack.enter_context(serve(control.controller, "127.0.0.1:0"))
             if name == "lrctl_changes":
-                threading.Thread(target=self._change_every_50_steps, args=(port,), daemon=True).start()
+                orchestrator = subprocess.Popen(
+                    [sys.executable, os.path.join(os.path.dirname(__file__), "orchestrator.py"), str(port)])
+                self._stack.callback(orchestrator.wait)
+                self._stack.callback(orchestrator.terminate)
+            self.controller = control.controller
         self.fit(epochs=1)  # warm-up: trace and compile outside the timed region
-
-    def _change_every_50_steps(self, port: int) -> None:
-        with TrainingControlClient(f"127.0.0.1:{port}") as client, \
-                contextlib.suppress(LrctlError):  # the server going away at close() ends this
-            while not self._stop.is_set():
-                step = client.get_state().step
-                # This model trains only during its own rounds: wait as long as it takes.
-                client.scale_learning_rate(1.0, apply_at_step=step + 50, wait=True, timeout=3600)
-                self.changes += 1
 
     def fit(self, epochs: int) -> float:
         start = time.perf_counter()
@@ -91,8 +84,11 @@ class Variant:
                        shuffle=False, callbacks=self.callbacks)
         return time.perf_counter() - start
 
+    @property
+    def changes(self) -> int:
+        return self.controller.snapshot().version if self.controller else 0
+
     def close(self) -> None:
-        self._stop.set()
         self._stack.close()
 
 

@@ -7,7 +7,8 @@ snapshot. It never touches TensorFlow: the training thread applies every change.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
@@ -143,14 +144,15 @@ def change_to_proto(change: Change) -> pb.Change:
     return message
 
 
-def state_to_proto(snap: Snapshot) -> pb.TrainingState:
+def state_to_proto(snap: Snapshot,
+                   convert_change: Callable[[Change], pb.Change] = change_to_proto) -> pb.TrainingState:
     return pb.TrainingState(
         run_id=snap.run_id, phase=_PHASE_TO_PB[snap.phase], step=snap.step, epoch=snap.epoch,
         learning_rate=snap.learning_rate, schedule=spec_to_proto(snap.schedule.spec),
         schedule_origin_step=snap.schedule.origin_step, scale=snap.schedule.scale,
         version=snap.version, metrics=dict(snap.metrics), optimizer=snap.optimizer,
-        pending_changes=[change_to_proto(c) for c in snap.pending],
-        recent_changes=[change_to_proto(c) for c in snap.recent],
+        pending_changes=[convert_change(c) for c in snap.pending],
+        recent_changes=[convert_change(c) for c in snap.recent],
         updated_time=_timestamp(snap.updated_time),
     )
 
@@ -192,6 +194,25 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
 
     def __init__(self, controller: Controller) -> None:
         self._controller = controller
+        # Snapshots and change records are immutable, so each is converted to protobuf once:
+        # a state holds up to a hundred changes, and watchers and pollers ask for it often.
+        self._lock = threading.Lock()
+        self._changes: dict[tuple[int, ChangeStatus], pb.Change] = {}
+        self._state: tuple[int, pb.TrainingState] | None = None
+
+    def _state_proto(self, snap: Snapshot) -> pb.TrainingState:
+        with self._lock:
+            if self._state is None or self._state[0] != snap.seq:
+                if len(self._changes) > 4096:
+                    self._changes.clear()
+                self._state = (snap.seq, state_to_proto(snap, self._change_proto))
+            return self._state[1]
+
+    def _change_proto(self, change: Change) -> pb.Change:
+        key = (change.id, change.status)
+        if key not in self._changes:
+            self._changes[key] = change_to_proto(change)
+        return self._changes[key]
 
     def SetLearningRate(self, request: pb.SetLearningRateRequest,
                         context: grpc.ServicerContext) -> pb.SetLearningRateResponse:
@@ -220,7 +241,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         return pb.SwapScheduleResponse(change=change)
 
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
-        return pb.GetStateResponse(state=state_to_proto(self._controller.snapshot()))
+        return pb.GetStateResponse(state=self._state_proto(self._controller.snapshot()))
 
     def WatchState(self, request: pb.WatchStateRequest,
                    context: grpc.ServicerContext) -> Iterator[pb.WatchStateResponse]:
@@ -228,7 +249,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         if interval < 0:
             _abort(context, InvalidArgumentError("min_interval", "must be >= 0", f"{interval}s"))
         for snap in self._controller.updates(interval or DEFAULT_WATCH_INTERVAL, context.is_active):
-            yield pb.WatchStateResponse(state=state_to_proto(snap))
+            yield pb.WatchStateResponse(state=self._state_proto(snap))
 
     def _submit(self, change_request: ChangeRequest,
                 request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
