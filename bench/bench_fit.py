@@ -3,8 +3,10 @@
     python bench/bench_fit.py [--rounds 7] [--steps 300] [--jit] [--steps-per-execution N]
 
 Model: the seed article's (Dense 784->10 relu, Dense 10 softmax), Adam, batch 32, CPU.
-Variants (all in this process, interleaved round by round so drift hits each alike):
+Variants (all in this process, interleaved round by round in a shuffled order, so drift and
+ordering effects hit each alike):
   plain            Adam(learning_rate=0.001)                       -- the baseline
+  plain_twin       an identical second copy of plain: its ratio shows the noise floor
   keras_schedule   Adam(ExponentialDecay(...)): Keras's own in-graph schedule
   lrctl_idle       lrctl attached, server up, no changes
   lrctl_changes    lrctl attached, an orchestrator process (bench/orchestrator.py) scales
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -35,7 +38,7 @@ import numpy as np
 from lrctl.service import TrainingControl
 from lrctl.service.server import serve
 
-VARIANTS = ("plain", "keras_schedule", "lrctl_idle", "lrctl_changes", "assign_per_batch")
+VARIANTS = ("plain", "plain_twin", "keras_schedule", "lrctl_idle", "lrctl_changes", "assign_per_batch")
 BATCH = 32
 
 
@@ -95,9 +98,12 @@ class Variant:
 def measure_speed(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     variants = {name: Variant(name, args) for name in args.variants}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    rng = random.Random(0)
     for _ in range(args.rounds):
-        for name, variant in variants.items():
-            seconds[name].append(variant.fit(epochs=1))
+        rng.shuffle(order)  # no variant always runs right after another
+        for name in order:
+            seconds[name].append(variants[name].fit(epochs=1))
     for variant in variants.values():
         variant.close()
     # The machines are noisy (2x swings between rounds): ratios are taken round by round
