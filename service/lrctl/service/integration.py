@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -138,7 +139,9 @@ class TrainingControl:
         self._last_publish = -float("inf")
         self._epoch = 0
         self._run_open = False  # inside training(): the run outlives a single fit()
-        self._step_ceiling = 0  # at most this many steps have completed; see apply_pending
+        # At most this many steps have completed (until the next boundary): lets the hot path
+        # skip reading the step, a device sync. Exact right after any read of `step`.
+        self._step_ceiling: float = 0
         self.callback = _ControlCallback(self)
         self.publish(force=True)  # readers see the starting LR before the first step
 
@@ -149,25 +152,33 @@ class TrainingControl:
         self._step_ceiling = step
         return step
 
-    def step_boundary(self, logs: Mapping[str, Any] | None = None) -> list[Change]:
-        """Between two steps: publish the last step's logs (throttled) and apply due changes."""
-        if logs is not None:
-            self.publish(logs)
-        return self.apply_pending()
+    def reached(self, step: int) -> bool:
+        """Whether `step` steps have completed. Reads the step only when it may have."""
+        return self._step_ceiling >= step and self.step >= step
 
-    def apply_pending(self, steps_since_last_call: int | None = None) -> list[Change]:
+    def step_boundary(self, logs: Mapping[str, Any] | None = None) -> list[Change]:
+        """Between two steps of a custom loop: apply due changes, publish the last step's
+        logs (throttled)."""
+        applied = self.apply_pending()
+        self.publish(logs)
+        self._step_ceiling = math.inf  # the loop may run any number of steps before the next call
+        return applied
+
+    def before_batch(self, steps: int | None, logs: Mapping[str, Any] | None = None) -> None:
+        """At a step boundary in `fit`: apply due changes and publish. `steps` bounds how many
+        steps the coming batch runs (steps_per_execution); None if unknown."""
+        self.apply_pending(bounded=True)
+        self.publish(logs)
+        self._step_ceiling += steps if steps is not None else math.inf
+
+    def apply_pending(self, *, bounded: bool = False) -> list[Change]:
         """Apply the changes that are due now.
 
-        `steps_since_last_call` is an upper bound on the steps run since the previous call
-        (`fit` knows it: steps_per_execution). With it, the step is not read (a device sync)
-        while the earliest pending change cannot be due yet. None: always read.
+        With `bounded`, the step (a device sync) is not read while the earliest pending
+        change cannot be due yet by the step bound that `before_batch` maintains.
         """
         due = self.controller.next_due_step
-        if steps_since_last_call is not None:
-            self._step_ceiling += steps_since_last_call
-            if due is not None and due > self._step_ceiling:
-                return []
-        if due is None:
+        if due is None or (bounded and due > self._step_ceiling):
             return []
         lr = self.controller.snapshot().learning_rate
         applied = self.controller.apply_due(self.step)
@@ -250,8 +261,7 @@ class _ControlCallback(keras.callbacks.Callback):
         self._control.set_epoch(epoch)
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        self._control.apply_pending(self._steps_per_batch)
-        self._control.publish(self._last_logs)
+        self._control.before_batch(self._steps_per_batch, self._last_logs)
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._last_logs = logs  # one reference swap: safe from Keras's helper thread

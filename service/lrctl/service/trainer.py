@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -59,22 +60,34 @@ def _load(target: str) -> tuple[keras.Model, Any]:
     module_name, _, function_name = target.partition(":")
     if not function_name:
         raise SystemExit(f"lrctl-trainer: error: --model must be MODULE:FUNCTION. Received: {target}")
+    sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory resolve
     built = getattr(importlib.import_module(module_name), function_name)()
     return built[0], built[1]
 
 
-class _StopWhen(keras.callbacks.Callback):
-    """Ends `fit` after `steps` optimizer steps or once a stop signal arrived."""
+class _StopOnSignal(keras.callbacks.Callback):
+    """Ends `fit` at the next step boundary once SIGINT/SIGTERM arrived (the running batch
+    finishes first). A batch-begin hook only, so `fit` keeps its asynchronous batch ends."""
 
-    def __init__(self, control: TrainingControl, stop: threading.Event, steps: int | None) -> None:
+    def __init__(self, control: TrainingControl, stop: threading.Event) -> None:
         super().__init__()
-        self._control, self._stop, self._steps = control, stop, steps
+        self._control, self._stop = control, stop
 
-    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        if self._stop.is_set():
+    def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self._stop.is_set() and not self.model.stop_training:
             self._control.controller.set_phase(Phase.STOPPING)
             self.model.stop_training = True
-        elif self._steps is not None and self._control.step >= self._steps:
+
+
+class _StopAtStep(keras.callbacks.Callback):
+    """Ends `fit` once `steps` optimizer steps have completed (`--steps`)."""
+
+    def __init__(self, control: TrainingControl, steps: int) -> None:
+        super().__init__()
+        self._control, self._steps = control, steps
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self._control.reached(self._steps):
             self.model.stop_training = True
 
 
@@ -96,8 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
 
+    callbacks = [control.callback, _StopOnSignal(control, stop)]
+    if args.steps is not None:
+        callbacks.append(_StopAtStep(control, args.steps))
     fit_args: dict[str, Any] = {"epochs": args.epochs or UNTIL_STOPPED_EPOCHS, "verbose": args.verbose,
-                                "callbacks": [control.callback, _StopWhen(control, stop, args.steps)]}
+                                "callbacks": callbacks}
     if isinstance(data, tuple):
         fit_args.update(x=data[0], y=data[1])
     else:
