@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TextIO
 
 from google.protobuf import json_format
@@ -119,116 +118,43 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-# --- the swap kinds: one table drives the parsers and the request mapping ---
+# --- the swap kinds: schedules' table drives the parsers and the request mapping ---
 
-
-@dataclass(frozen=True)
-class _Arg:
-    name: str  # the Keras argument name; the flag is its kebab-case form
-    type: Callable[[str], Any]
-    help: str
-    required: bool = False
-    flag_only: bool = False  # a boolean switch (--staircase)
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-@dataclass(frozen=True)
-class _SwapKind:
-    builder: Callable[..., pb.Schedule]
-    help: str
-    args: tuple[_Arg, ...]
-
-
-_ILR = _Arg("initial_learning_rate", float, "learning rate at the schedule's step 0", True)
-
-#: `lrctl swap KIND`: the builder (from lrctl.client.schedules) and its flags.
-#: Flags left out fall back to the builder's (Keras) defaults.
-SWAP_KINDS: dict[str, _SwapKind] = {
-    "constant": _SwapKind(
-        schedules.Constant,
-        "a constant learning rate",
-        (_Arg("learning_rate", float, "the learning rate", True),),
-    ),
-    "exponential-decay": _SwapKind(
-        schedules.ExponentialDecay,
-        "initial_learning_rate * decay_rate ** (step / decay_steps)",
-        (
-            _ILR,
-            _Arg("decay_steps", int, "steps per decay period", True),
-            _Arg("decay_rate", float, "decay factor per period", True),
-            _Arg("staircase", bool, "decay in discrete intervals", flag_only=True),
-        ),
-    ),
-    "piecewise-constant-decay": _SwapKind(
-        schedules.PiecewiseConstantDecay,
-        "a step function: values[i] up to boundaries[i]",
-        (
-            _Arg("boundaries", _int_list, "comma-separated steps, e.g. 100,200", True),
-            _Arg("values", _float_list, "comma-separated LRs, one more than boundaries", True),
-        ),
-    ),
-    "polynomial-decay": _SwapKind(
-        schedules.PolynomialDecay,
-        "polynomial decay to end_learning_rate over decay_steps",
-        (
-            _ILR,
-            _Arg("decay_steps", int, "steps to decay over", True),
-            _Arg("end_learning_rate", float, "final learning rate (default 0.0001)"),
-            _Arg("power", float, "polynomial power (default 1.0)"),
-            _Arg("cycle", bool, "restart the decay after decay_steps", flag_only=True),
-        ),
-    ),
-    "inverse-time-decay": _SwapKind(
-        schedules.InverseTimeDecay,
-        "initial_learning_rate / (1 + decay_rate * step / decay_steps)",
-        (
-            _ILR,
-            _Arg("decay_steps", int, "how often to apply decay", True),
-            _Arg("decay_rate", float, "decay rate", True),
-            _Arg("staircase", bool, "decay in discrete intervals", flag_only=True),
-        ),
-    ),
-    "cosine-decay": _SwapKind(
-        schedules.CosineDecay,
-        "cosine decay with optional linear warmup",
-        (
-            _ILR,
-            _Arg("decay_steps", int, "steps to decay over (after warmup)", True),
-            _Arg("alpha", float, "minimum LR as a fraction of the peak (default 0.0)"),
-            _Arg("warmup_target", float, "LR reached at the end of warmup (default: none)"),
-            _Arg("warmup_steps", int, "number of warmup steps (default 0)"),
-        ),
-    ),
-    "cosine-decay-restarts": _SwapKind(
-        schedules.CosineDecayRestarts,
-        "cosine decay with warm restarts (SGDR)",
-        (
-            _ILR,
-            _Arg("first_decay_steps", int, "steps in the first period", True),
-            _Arg("t_mul", float, "period length multiplier (default 2.0)"),
-            _Arg("m_mul", float, "initial LR multiplier per period (default 1.0)"),
-            _Arg("alpha", float, "minimum LR as a fraction of the initial (default 0.0)"),
-        ),
-    ),
-    "piecewise-linear": _SwapKind(
-        schedules.PiecewiseLinear,
-        "linear interpolation between STEP:LR knots (warmup, WSD, 1cycle)",
-        (_Arg("knots", _knots, "comma-separated STEP:LR pairs, e.g. 0:0.0,100:0.1", True),),
-    ),
+#: `lrctl swap KIND`: one subcommand per schedule kind, named after its field in
+#: `Schedule.kind` (kebab case); its flags are the builder's arguments. Flags left
+#: out fall back to the builder's (Keras) defaults.
+SWAP_KINDS: dict[str, schedules._Kind] = {
+    kind.oneof_field.replace("_", "-"): kind for kind in schedules._KINDS
 }
+
+# How a flag's text becomes the builder's argument, by `_Field.kind`. "bool"
+# arguments are switches (--staircase) and take no text.
+_FROM_TEXT: dict[str, Callable[[str], Any]] = {
+    "float": float,
+    "int": int,
+    "ints": _int_list,
+    "floats": _float_list,
+    "knots": _knots,
+}
+
+
+def _flag_help(field: schedules._Field) -> str:
+    # The table holds each default once; the help shows it where a flag may be left out.
+    if field.required or field.kind == "bool":
+        return field.help
+    if field.default is None:
+        return f"{field.help} (default: none)"
+    return f"{field.help} (default {field.default})"
 
 
 def schedule_from_args(args: argparse.Namespace) -> pb.Schedule:
     """Build the Schedule for `lrctl swap KIND` from parsed arguments."""
     kind = SWAP_KINDS[args.kind]
     kwargs: dict[str, Any] = {}
-    for arg in kind.args:
-        value = getattr(args, arg.name)
+    for field in kind.args:
+        value = getattr(args, field.name)
         if value is not None:
-            kwargs[arg.name] = value
+            kwargs[field.name] = value
     return kind.builder(**kwargs)
 
 
@@ -331,17 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
         k = kinds.add_parser(name, help=kind.help, description=kind.help)
         _add_global_flags(k, in_subcommand=True)
         group = k.add_argument_group(f"{name} arguments (Keras names)")
-        for arg in kind.args:
-            if arg.flag_only:
-                group.add_argument(arg.flag, dest=arg.name, action="store_true", help=arg.help)
+        for field in kind.args:
+            flag = "--" + field.name.replace("_", "-")
+            if field.kind == "bool":
+                group.add_argument(flag, dest=field.name, action="store_true", help=field.help)
             else:
                 group.add_argument(
-                    arg.flag,
-                    dest=arg.name,
-                    type=arg.type,
-                    required=arg.required,
-                    metavar=arg.name.upper(),
-                    help=arg.help,
+                    flag,
+                    dest=field.name,
+                    type=_FROM_TEXT[field.kind],
+                    required=field.required,
+                    metavar=field.name.upper(),
+                    help=_flag_help(field),
                 )
         k.add_argument(
             "--origin",

@@ -73,6 +73,26 @@ def _origin(origin: Origin) -> pb.StepOrigin.ValueType:
     return pb.StepOrigin.ValueType(origin)
 
 
+def _options(
+    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
+    apply_at_step: int | None,
+    expected_version: int | None,
+    wait: bool,
+    validate_only: bool,
+    reason: str,
+    request_id: str | None,
+) -> None:
+    """Fill the options SetLearningRateRequest and SwapScheduleRequest share."""
+    request.request_id = request_id if request_id is not None else uuid.uuid4().hex
+    if apply_at_step is not None:
+        request.apply_at_step = apply_at_step
+    if expected_version is not None:
+        request.expected_version = expected_version
+    request.wait_until_applied = wait
+    request.validate_only = validate_only
+    request.reason = reason
+
+
 class TrainingControlClient:
     """Client for `lrctl.v1.TrainingControlService`.
 
@@ -209,9 +229,8 @@ class TrainingControlClient:
             The `Change` (status PENDING, APPLIED, ABORTED, CANCELLED or VALIDATED).
         """
         request = pb.SetLearningRateRequest(learning_rate=value)
-        return self._set(
-            request, apply_at_step, expected_version, wait, validate_only, reason, request_id, timeout
-        )
+        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id)
+        return self._set(request, timeout)
 
     def scale_learning_rate(
         self,
@@ -230,29 +249,10 @@ class TrainingControlClient:
         Arguments and result as for `set_learning_rate`.
         """
         request = pb.SetLearningRateRequest(scale=factor)
-        return self._set(
-            request, apply_at_step, expected_version, wait, validate_only, reason, request_id, timeout
-        )
+        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id)
+        return self._set(request, timeout)
 
-    def _set(
-        self,
-        request: pb.SetLearningRateRequest,
-        apply_at_step: int | None,
-        expected_version: int | None,
-        wait: bool,
-        validate_only: bool,
-        reason: str,
-        request_id: str | None,
-        timeout: float | None,
-    ) -> pb.Change:
-        request.request_id = request_id if request_id is not None else uuid.uuid4().hex
-        if apply_at_step is not None:
-            request.apply_at_step = apply_at_step
-        if expected_version is not None:
-            request.expected_version = expected_version
-        request.wait_until_applied = wait
-        request.validate_only = validate_only
-        request.reason = reason
+    def _set(self, request: pb.SetLearningRateRequest, timeout: float | None) -> pb.Change:
         response = self._call(
             lambda: self._stub.SetLearningRate(request, timeout=self._timeout(timeout))
         )
@@ -286,14 +286,7 @@ class TrainingControlClient:
             The `Change`.
         """
         request = pb.SwapScheduleRequest(schedule=to_schedule(schedule), origin=_origin(origin))
-        request.request_id = request_id if request_id is not None else uuid.uuid4().hex
-        if apply_at_step is not None:
-            request.apply_at_step = apply_at_step
-        if expected_version is not None:
-            request.expected_version = expected_version
-        request.wait_until_applied = wait
-        request.validate_only = validate_only
-        request.reason = reason
+        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id)
         response = self._call(
             lambda: self._stub.SwapSchedule(request, timeout=self._timeout(timeout))
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,7 @@ _LRCTL_MODULE = "lrctl.client.schedules"
 class _Field:
     name: str
     kind: str  # "float" | "int" | "bool" | "ints" | "floats" | "knots"
+    help: str  # `lrctl swap KIND --help` text; the CLI appends the default
     required: bool = False
     # Keras default; also what an unset `optional` proto field means.
     default: Any = None
@@ -77,23 +78,32 @@ class _Kind:
     class_name: str  # the Keras class name (or ours for Constant/PiecewiseLinear)
     oneof_field: str  # field name in Schedule.kind
     message: type[Message]
-    fields: tuple[_Field, ...]
+    args: tuple[_Field, ...]  # the builder's arguments, in signature order
     keras_name: str | None  # default `name` Keras puts in get_config(); None if not Keras
+    help: str  # one line for `lrctl swap --help`
 
     @property
     def module(self) -> str:
         return _KERAS_MODULE if self.keras_name is not None else _LRCTL_MODULE
 
+    @property
+    def builder(self) -> Callable[..., pb.Schedule]:
+        # The builders below are named after class_name; they are defined after
+        # the table (they use it), so look them up when asked.
+        builder: Callable[..., pb.Schedule] = globals()[self.class_name]
+        return builder
 
-_ILR = _Field("initial_learning_rate", "float", required=True)
+
+_ILR = _Field("initial_learning_rate", "float", "learning rate at the schedule's step 0", True)
 
 _KINDS: tuple[_Kind, ...] = (
     _Kind(
         "Constant",
         "constant",
         pb.Constant,
-        (_Field("learning_rate", "float", required=True),),
+        (_Field("learning_rate", "float", "the learning rate", True),),
         None,
+        "a constant learning rate",
     ),
     _Kind(
         "ExponentialDecay",
@@ -101,21 +111,23 @@ _KINDS: tuple[_Kind, ...] = (
         pb.ExponentialDecay,
         (
             _ILR,
-            _Field("decay_steps", "int", required=True),
-            _Field("decay_rate", "float", required=True),
-            _Field("staircase", "bool", default=False),
+            _Field("decay_steps", "int", "steps per decay period", True),
+            _Field("decay_rate", "float", "decay factor per period", True),
+            _Field("staircase", "bool", "decay in discrete intervals", default=False),
         ),
         "ExponentialDecay",
+        "initial_learning_rate * decay_rate ** (step / decay_steps)",
     ),
     _Kind(
         "PiecewiseConstantDecay",
         "piecewise_constant_decay",
         pb.PiecewiseConstantDecay,
         (
-            _Field("boundaries", "ints", required=True),
-            _Field("values", "floats", required=True),
+            _Field("boundaries", "ints", "comma-separated steps, e.g. 100,200", True),
+            _Field("values", "floats", "comma-separated LRs, one more than boundaries", True),
         ),
         "PiecewiseConstant",
+        "a step function: values[i] up to boundaries[i]",
     ),
     _Kind(
         "PolynomialDecay",
@@ -123,12 +135,15 @@ _KINDS: tuple[_Kind, ...] = (
         pb.PolynomialDecay,
         (
             _ILR,
-            _Field("decay_steps", "int", required=True),
-            _Field("end_learning_rate", "float", default=0.0001, presence=True),
-            _Field("power", "float", default=1.0, presence=True),
-            _Field("cycle", "bool", default=False),
+            _Field("decay_steps", "int", "steps to decay over", True),
+            _Field(
+                "end_learning_rate", "float", "final learning rate", default=0.0001, presence=True
+            ),
+            _Field("power", "float", "polynomial power", default=1.0, presence=True),
+            _Field("cycle", "bool", "restart the decay after decay_steps", default=False),
         ),
         "PolynomialDecay",
+        "polynomial decay to end_learning_rate over decay_steps",
     ),
     _Kind(
         "InverseTimeDecay",
@@ -136,11 +151,12 @@ _KINDS: tuple[_Kind, ...] = (
         pb.InverseTimeDecay,
         (
             _ILR,
-            _Field("decay_steps", "int", required=True),
-            _Field("decay_rate", "float", required=True),
-            _Field("staircase", "bool", default=False),
+            _Field("decay_steps", "int", "how often to apply decay", True),
+            _Field("decay_rate", "float", "decay rate", True),
+            _Field("staircase", "bool", "decay in discrete intervals", default=False),
         ),
         "InverseTimeDecay",
+        "initial_learning_rate / (1 + decay_rate * step / decay_steps)",
     ),
     _Kind(
         "CosineDecay",
@@ -148,12 +164,13 @@ _KINDS: tuple[_Kind, ...] = (
         pb.CosineDecay,
         (
             _ILR,
-            _Field("decay_steps", "int", required=True),
-            _Field("alpha", "float", default=0.0),
-            _Field("warmup_target", "float", default=None, presence=True),
-            _Field("warmup_steps", "int", default=0),
+            _Field("decay_steps", "int", "steps to decay over (after warmup)", True),
+            _Field("alpha", "float", "minimum LR as a fraction of the peak", default=0.0),
+            _Field("warmup_target", "float", "LR reached at the end of warmup", presence=True),
+            _Field("warmup_steps", "int", "number of warmup steps", default=0),
         ),
         "CosineDecay",
+        "cosine decay with optional linear warmup",
     ),
     _Kind(
         "CosineDecayRestarts",
@@ -161,19 +178,23 @@ _KINDS: tuple[_Kind, ...] = (
         pb.CosineDecayRestarts,
         (
             _ILR,
-            _Field("first_decay_steps", "int", required=True),
-            _Field("t_mul", "float", default=2.0, presence=True),
-            _Field("m_mul", "float", default=1.0, presence=True),
-            _Field("alpha", "float", default=0.0),
+            _Field("first_decay_steps", "int", "steps in the first period", True),
+            _Field("t_mul", "float", "period length multiplier", default=2.0, presence=True),
+            _Field(
+                "m_mul", "float", "initial LR multiplier per period", default=1.0, presence=True
+            ),
+            _Field("alpha", "float", "minimum LR as a fraction of the initial", default=0.0),
         ),
         "SGDRDecay",
+        "cosine decay with warm restarts (SGDR)",
     ),
     _Kind(
         "PiecewiseLinear",
         "piecewise_linear",
         pb.PiecewiseLinear,
-        (_Field("knots", "knots", required=True),),
+        (_Field("knots", "knots", "comma-separated STEP:LR pairs, e.g. 0:0.0,100:0.1", True),),
         None,
+        "linear interpolation between STEP:LR knots (warmup, WSD, 1cycle)",
     ),
 )
 
@@ -276,7 +297,7 @@ def _get_field(message: Message, field: _Field) -> Any:
 
 def _build(kind: _Kind, values: Mapping[str, Any]) -> pb.Schedule:
     message = kind.message()
-    for field in kind.fields:
+    for field in kind.args:
         value = values.get(field.name)
         # None means "not given": Keras uses None for an unset warmup_target.
         if value is None:
@@ -472,12 +493,12 @@ def from_keras_config(config: Mapping[str, Any]) -> pb.Schedule:
     args = config.get("config", {})
     if not isinstance(args, Mapping):
         raise TypeError(f"{class_name}: `config` must be a dict. Received: config={args!r}")
-    known = {f.name for f in kind.fields}
+    known = {f.name for f in kind.args}
     unknown = sorted(set(args) - known - {"name"})
     if unknown:
         raise ValueError(
             f"{class_name}: unknown argument(s) {', '.join(unknown)}. "
-            f"Expected: {', '.join(f.name for f in kind.fields)}"
+            f"Expected: {', '.join(f.name for f in kind.args)}"
         )
     return _build(kind, args)
 
@@ -498,7 +519,7 @@ def to_keras_config(schedule: pb.Schedule) -> dict[str, Any]:
     """
     kind = _kind_of(schedule)
     message = getattr(schedule, kind.oneof_field)
-    args: dict[str, Any] = {f.name: _get_field(message, f) for f in kind.fields}
+    args: dict[str, Any] = {f.name: _get_field(message, f) for f in kind.args}
     if kind.keras_name is not None:
         args["name"] = kind.keras_name
     return {
