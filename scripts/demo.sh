@@ -14,7 +14,9 @@ fi
 export PATH="$PWD/.venv/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2 PYTHONWARNINGS=ignore
 
 echo "== starting the demo trainer (SGD at lr 0.001) with its control server on $LRCTL_TARGET"
-lrctl-trainer --demo --listen "$LRCTL_TARGET" --verbose 0 &
+# TensorFlow's start-up chatter (CPU features, no CUDA) is filtered out; lrctl's lines stay.
+lrctl-trainer --demo --listen "$LRCTL_TARGET" --verbose 0 \
+  2> >(grep --line-buffered -v -E '^(I0000|E0000|W0000|WARNING: All log messages)|rebuild TensorFlow' >&2) &
 trainer=$!
 watcher=""
 trap 'kill $watcher $trainer 2>/dev/null || true' EXIT
