@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,3 +22,20 @@ def test_pip_install_without_extras_does_not_install_tensorflow(tmp_path: Path) 
     names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     assert {"lrctl", "grpcio", "protobuf"} <= names
     assert not {n for n in names if n.startswith(("tensorflow", "keras", "tf-", "jax"))}, names
+
+
+def test_the_wheel_installs_only_under_the_lrctl_namespace(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(REPO)],
+        check=False, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("lrctl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {n.split("/")[0] for n in names}
+    assert "lrctl" in top_level
+    assert all(t == "lrctl" or (t.startswith("lrctl-") and t.endswith(".dist-info")) for t in top_level)
+    for module in ("lrctl/v1/training_control_pb2.pyi", "lrctl/client/cli.py", "lrctl/service/engine.py",
+                   "lrctl/client/py.typed", "lrctl/service/py.typed"):
+        assert module in names
+    assert "lrctl/__init__.py" not in names  # a namespace package: client and service merge
