@@ -75,3 +75,16 @@ def test_probe_detects_keras(subprocess_env: dict[str, str]) -> None:
     heavy = result["heavy"]
     assert isinstance(heavy, list)
     assert "keras" in heavy
+
+
+def test_the_controller_and_servicer_are_pure_python(subprocess_env: dict[str, str]) -> None:
+    # The logic that validates, queues and translates requests needs no TensorFlow: only the
+    # engine and the Keras layer do, and `import lrctl.service` loads them lazily.
+    imports = """
+import lrctl.service
+import lrctl.service.controller
+import lrctl.service.servicer
+import lrctl.service.server
+import lrctl.service.specs
+"""
+    assert _probe(imports, subprocess_env)["heavy"] == []

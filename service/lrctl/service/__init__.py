@@ -1,11 +1,30 @@
 """lrctl's trainer side: the schedule engine, the controller, the Keras integration and the
-embedded gRPC server. Importing it imports TensorFlow; the client side never does."""
+embedded gRPC server.
 
-from lrctl.service.controller import Controller, Phase
-from lrctl.service.engine import ControllableSchedule
-from lrctl.service.integration import TrainingControl, attach, build_optimizer
-from lrctl.service.specs import Origin
+The controller, specs and servicer are pure Python; only the engine and the Keras layer
+import TensorFlow, and they load on first use of the names below.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lrctl.service.controller import Controller, Phase
+    from lrctl.service.engine import ControllableSchedule
+    from lrctl.service.integration import TrainingControl, attach, build_optimizer
+    from lrctl.service.specs import Origin
+
+_HOMES = {
+    "Controller": "controller",
+    "Phase": "controller",
+    "ControllableSchedule": "engine",
+    "TrainingControl": "integration",
+    "attach": "integration",
+    "build_optimizer": "integration",
+    "Origin": "specs",
+}
 __all__ = [
     "ControllableSchedule",
     "Controller",
@@ -15,3 +34,9 @@ __all__ = [
     "attach",
     "build_optimizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lrctl.service' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lrctl.service.{_HOMES[name]}"), name)
