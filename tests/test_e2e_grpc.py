@@ -239,3 +239,9 @@ def test_a_finished_run_refuses_changes_and_stops_serving() -> None:
             client.set_learning_rate(0.1)
         cancelled = [c for c in client.get_state().recent_changes if c.request_id == pending.request_id]
         assert [c.status for c in cancelled] == [pb.CHANGE_STATUS_CANCELLED]
+
+
+def test_watch_rejects_a_negative_interval(client: TrainingControlClient) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        next(client.watch(min_interval=-1.0))
+    assert [f for f, _ in info.value.field_violations] == ["min_interval"]
