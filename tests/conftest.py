@@ -3,13 +3,16 @@
 TensorFlow is configured here, before anything initialises its devices: the one physical CPU is
 split into two logical devices so that MirroredStrategy has two replicas on any machine. Tests
 that never import TensorFlow (the client side) are unaffected: TensorFlow is imported only if it
-is installed, and nothing here touches lrctl.
+is installed, and nothing here imports lrctl.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -25,3 +28,18 @@ if importlib.util.find_spec("tensorflow") is not None:
         except RuntimeError:  # devices were initialised already (e.g. by a plugin)
             pass
 
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def subprocess_env() -> dict[str, str]:
+    """Environment for `python -c/-m` subprocesses: this checkout's source roots first."""
+    env = dict(os.environ)
+    paths = [str(ROOT / "client"), str(ROOT / "service")]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.pop("LRCTL_TARGET", None)
+    return env

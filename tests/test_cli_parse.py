@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +13,6 @@ from lrctl.client import cli, schedules
 from lrctl.v1 import training_control_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def subprocess_env() -> dict[str, str]:
-    """Environment for `python -c/-m` subprocesses: this checkout's source roots first."""
-    env = dict(os.environ)
-    paths = [str(ROOT / "client"), str(ROOT / "service")]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.pop("LRCTL_TARGET", None)
-    return env
 
 
 def parse(*argv: str) -> object:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def subprocess_env() -> dict[str, str]:
-    """Environment for `python -c/-m` subprocesses: this checkout's source roots first."""
-    env = dict(os.environ)
-    paths = [str(ROOT / "client"), str(ROOT / "service")]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.pop("LRCTL_TARGET", None)
-    return env
 
 # Prints the TensorFlow/Keras modules loaded after running {imports}.
 _PROBE = """
