@@ -26,7 +26,7 @@ from lrctl.service.errors import (
     VersionConflictError,
     WaitTimeoutError,
 )
-from lrctl.service.specs import ActiveSchedule, Constant, Origin, ScheduleSpec
+from lrctl.service.specs import ActiveSchedule, Constant, Origin, ScheduleSpec, check_number
 
 
 class Phase(enum.Enum):
@@ -134,14 +134,6 @@ class ScheduleTarget(Protocol):
     def load(self, state: ActiveSchedule, version: int) -> None: ...
     def read(self) -> tuple[ActiveSchedule, int]: ...
     def learning_rate(self, step: int) -> float: ...
-
-
-def _check_finite(field_name: str, value: float, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgumentError(field_name, "must be a number", value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise InvalidArgumentError(field_name, "must be finite and " + ("> 0" if positive else ">= 0"), value)
-    return float(value)
 
 
 class Controller:
@@ -342,9 +334,9 @@ class Controller:
     @staticmethod
     def _validate_action(action: Action) -> None:
         if isinstance(action, PinLearningRate):
-            _check_finite("learning_rate", action.learning_rate, positive=False)
+            check_number("learning_rate", action.learning_rate, minimum=0)
         elif isinstance(action, ScaleLearningRate):
-            _check_finite("scale", action.factor, positive=True)
+            check_number("scale", action.factor, minimum=0, inclusive=False)
         # A SwapSchedule's spec validated itself when it was built.
 
     @staticmethod

@@ -25,14 +25,11 @@ MAX_STEP = 2**53
 
 
 def _learning_rate(field: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgumentError(field, "must be a number", value)
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgumentError(field, "must be finite and >= 0", value)
-    return float(value)
+    return check_number(field, value, minimum=0)
 
 
-def _number(field: str, value: object, *, minimum: float, inclusive: bool = True) -> float:
+def check_number(field: str, value: object, *, minimum: float, inclusive: bool = True) -> float:
+    """A finite number >= `minimum` (> with `inclusive=False`), or an InvalidArgumentError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgumentError(field, "must be a number", value)
     ok = value >= minimum if inclusive else value > minimum
@@ -104,7 +101,7 @@ class ExponentialDecay(_Spec):
     def __post_init__(self) -> None:
         self._set("initial_learning_rate", _learning_rate("initial_learning_rate", self.initial_learning_rate))
         self._set("decay_steps", _step("decay_steps", self.decay_steps, minimum=1))
-        self._set("decay_rate", _number("decay_rate", self.decay_rate, minimum=0, inclusive=False))
+        self._set("decay_rate", check_number("decay_rate", self.decay_rate, minimum=0, inclusive=False))
         self._set("staircase", bool(self.staircase))
 
 
@@ -149,7 +146,7 @@ class PolynomialDecay(_Spec):
         self._set("initial_learning_rate", _learning_rate("initial_learning_rate", self.initial_learning_rate))
         self._set("decay_steps", _step("decay_steps", self.decay_steps, minimum=1))
         self._set("end_learning_rate", _learning_rate("end_learning_rate", self.end_learning_rate))
-        self._set("power", _number("power", self.power, minimum=0, inclusive=False))
+        self._set("power", check_number("power", self.power, minimum=0, inclusive=False))
         self._set("cycle", bool(self.cycle))
 
 
@@ -166,7 +163,7 @@ class InverseTimeDecay(_Spec):
     def __post_init__(self) -> None:
         self._set("initial_learning_rate", _learning_rate("initial_learning_rate", self.initial_learning_rate))
         self._set("decay_steps", _step("decay_steps", self.decay_steps, minimum=1))
-        self._set("decay_rate", _number("decay_rate", self.decay_rate, minimum=0))
+        self._set("decay_rate", check_number("decay_rate", self.decay_rate, minimum=0))
         self._set("staircase", bool(self.staircase))
 
 
@@ -204,8 +201,8 @@ class CosineDecayRestarts(_Spec):
     def __post_init__(self) -> None:
         self._set("initial_learning_rate", _learning_rate("initial_learning_rate", self.initial_learning_rate))
         self._set("first_decay_steps", _step("first_decay_steps", self.first_decay_steps, minimum=1))
-        self._set("t_mul", _number("t_mul", self.t_mul, minimum=0, inclusive=False))
-        self._set("m_mul", _number("m_mul", self.m_mul, minimum=0, inclusive=False))
+        self._set("t_mul", check_number("t_mul", self.t_mul, minimum=0, inclusive=False))
+        self._set("m_mul", check_number("m_mul", self.m_mul, minimum=0, inclusive=False))
         self._set("alpha", _fraction("alpha", self.alpha))
 
 
@@ -228,7 +225,7 @@ class PiecewiseLinear(_Spec):
 
 
 def _fraction(field: str, value: object) -> float:
-    number = _number(field, value, minimum=0)
+    number = check_number(field, value, minimum=0)
     if number > 1:
         raise InvalidArgumentError(field, "must be in [0, 1]", value)
     return number
