@@ -102,10 +102,14 @@ def test_version_conflict_and_past_step_are_refused(control):
     with pytest.raises(VersionConflictError) as info:
         controller.submit(ChangeRequest(PinLearningRate(0.01), expected_version=1))
     assert (info.value.expected, info.value.current) == (1, 0)
-    with pytest.raises(FailedPreconditionError, match="apply_at_step=9 is in the past") as info:
-        controller.submit(ChangeRequest(PinLearningRate(0.01), apply_at_step=9))
-    assert info.value.field == "apply_at_step"
-    assert controller.snapshot() is before
+    # A step that has passed: recorded as not applied, with the reason; nothing else changes.
+    missed = controller.submit(ChangeRequest(PinLearningRate(0.01), apply_at_step=9))
+    assert missed.status is ChangeStatus.FAILED
+    assert isinstance(missed.error, FailedPreconditionError) and missed.error.field == "apply_at_step"
+    assert "apply_at_step=9 may already have passed" in str(missed.error)
+    after = controller.snapshot()
+    assert after.recent == (missed,) and not controller.has_pending
+    assert (after.version, after.schedule) == (before.version, before.schedule)
     # The current version and the current step are fine.
     change = controller.submit(ChangeRequest(PinLearningRate(0.01), expected_version=0, apply_at_step=10))
     (applied,) = control.apply_pending()

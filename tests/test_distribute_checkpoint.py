@@ -99,7 +99,7 @@ def _assert_same_state(a_model, a_control, b_model, b_control):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     # The controller learns the restored state when training (re)starts.
     assert b_control.controller.snapshot().version == 0
-    b_control.controller.resync()
+    b_control.resync()
     snapshot = b_control.controller.snapshot()
     assert (snapshot.schedule, snapshot.version) == a_control.schedule.read()
     # Continuing both runs the same way gives the same weights: LR, momentum and step restored.

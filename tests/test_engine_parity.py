@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from keras.optimizers import schedules as ks
 
-from lrctl.service import specs
+from lrctl.service import evaluate, specs
 from lrctl.service.engine import ControllableSchedule
 from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.specs import CAPACITY, ActiveSchedule, Origin
@@ -208,3 +208,39 @@ def test_restart_at_a_large_origin_is_exact(engine):
     pl = specs.PiecewiseLinear(((0, 1.0), (1, 0.5), (3, 0.25)))
     got = engine(pl, origin=Origin.RESTART, origin_step=origin, steps=origin + np.arange(5))
     np.testing.assert_array_equal(got, [1.0, 0.5, 0.375, 0.25, 0.25])
+
+
+HOST_STEPS = np.concatenate([np.arange(0, 3000, 7), np.arange(10**6 - 8, 10**6 + 9)]).astype(np.int64)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "PiecewiseLinear"])
+def test_the_host_evaluator_matches_the_graph(engine, kind):
+    """`evaluate.learning_rate` (no TensorFlow: learning_rate_after, the float32 checks)
+    computes what the engine computes, origin and scale included."""
+    if kind == "PiecewiseLinear":
+        rng = np.random.default_rng(99)
+        cases = [specs.PiecewiseLinear(tuple(zip(sorted(int(s) for s in rng.choice(4000, n, replace=False)),
+                                                 (_lr(rng) for _ in range(n)), strict=True)))
+                 for n in rng.integers(1, CAPACITY + 1, size=N_RANDOM)]
+    else:
+        cases = [specs.as_spec(s) for s in _random_schedules(kind, seed=KINDS.index(kind))]
+    for index, spec in enumerate(cases):
+        state = ActiveSchedule(spec, Origin.RESTART, origin_step=index * 13, scale=0.5 + index / 7)
+        got = np.array([evaluate.learning_rate(state, int(s)) for s in HOST_STEPS], np.float32)
+        expected = engine(spec, Origin.RESTART, state.origin_step, state.scale, steps=HOST_STEPS)
+        keep = _off_restart_boundaries(spec, HOST_STEPS - state.origin_step)
+        assert keep.mean() > 0.95
+        assert_matches(got[keep], expected[keep], f"{kind} #{index}: {spec}")
+
+
+def _off_restart_boundaries(spec, local: np.ndarray) -> np.ndarray:
+    """Steps not within a hair of a CosineDecayRestarts period boundary: there the float32
+    log that picks the period may round either way, on the host as in Keras's own graph,
+    and both values (the end of one period, the start of the next) are the schedule's."""
+    if not isinstance(spec, specs.CosineDecayRestarts) or spec.t_mul == 1.0:
+        return np.ones(local.shape, bool)
+    fraction = np.maximum(local, 0) / spec.first_decay_steps
+    period = np.floor(np.log1p(fraction * (spec.t_mul - 1.0)) / np.log(spec.t_mul))
+    start = (1.0 - spec.t_mul**period) / (1.0 - spec.t_mul)
+    within = (fraction - start) / spec.t_mul**period
+    return (np.minimum(within, 1.0 - within) > 1e-4) | (local <= 0)

@@ -42,7 +42,7 @@ def test_cli_swaps_the_seed_article_schedule(trainer: LiveTrainer) -> None:
     (("swap", "exponential-decay", "--initial-learning-rate", "0.1", "--decay-steps", "0",
       "--decay-rate", "0.5"), 3, "schedule.exponential_decay.decay_steps must be > 0"),
     (("set", "0.1", "--expected-version", "999"), 4, "expected_version=999"),
-    (("set", "0.1", "--at-step", "0"), 5, "apply_at_step=0 is in the past"),
+    (("set", "0.1", "--at-step", "0"), 5, "apply_at_step=0 may already have passed"),
 ])
 def test_cli_errors_have_distinct_exit_codes(trainer: LiveTrainer, args: tuple[str, ...], code: int,
                                              message: str) -> None:

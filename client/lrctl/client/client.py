@@ -323,6 +323,53 @@ class TrainingControlClient:
             # cancelling a finished call is a no-op.
             call.cancel()
 
+    def cancel_change(
+        self,
+        *,
+        request_id: str | None = None,
+        version: int | None = None,
+        reason: str = "",
+        timeout: float | None = None,
+    ) -> pb.Change:
+        """Cancel a pending change, named by the `request_id` it was sent with (every change
+        this client sends has one: `Change.request_id`). Returns the CANCELLED `Change`.
+
+        Raises `NotFound` for an unknown change and `FailedPrecondition` for one that has
+        already been applied, aborted or failed. Give exactly one of `request_id`, `version`.
+        """
+        if (request_id is None) == (version is None):
+            raise ValueError("Give exactly one of `request_id` and `version`.")
+        request = pb.CancelChangeRequest(reason=reason)
+        if request_id is not None:
+            request.request_id = request_id
+        else:
+            request.version = version or 0
+        response = self._call(
+            lambda: self._stub.CancelChange(request, timeout=self._timeout(timeout))
+        )
+        return response.change
+
+    def list_changes(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> pb.ListChangesResponse:
+        """One page of changes, newest first (pending and the last 10,000 finished ones).
+
+        `page_size` 0 asks for the server's default (50); pass the response's
+        `next_page_token` as `page_token` for the next page (empty: the last page).
+        """
+        request = pb.ListChangesRequest(page_size=page_size, page_token=page_token)
+        return self._call(lambda: self._stub.ListChanges(request, timeout=self._timeout(timeout)))
+
+    def iter_changes(self, *, page_size: int = 0, timeout: float | None = None) -> Iterator[pb.Change]:
+        """Every change `list_changes` pages through, newest first."""
+        token = ""
+        while True:
+            page = self.list_changes(page_size=page_size, page_token=token, timeout=timeout)
+            yield from page.changes
+            token = page.next_page_token
+            if not token:
+                return
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Return the standard gRPC health status name, e.g. "SERVING" or "NOT_SERVING".
 

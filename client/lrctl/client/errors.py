@@ -14,10 +14,12 @@ from grpc_status import rpc_status
 __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
+    "Internal",
     "InvalidArgument",
     "LrctlError",
     "NotFound",
     "PermissionDenied",
+    "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
@@ -84,7 +86,8 @@ class VersionConflict(LrctlError):
 
 
 class FailedPrecondition(LrctlError):
-    """FAILED_PRECONDITION: e.g. `apply_at_step` is in the past, or training has ended."""
+    """FAILED_PRECONDITION: e.g. `apply_at_step` may already have passed, the change was
+    cancelled, or training has ended."""
 
 
 class DeadlineExceeded(LrctlError):
@@ -96,7 +99,16 @@ class Unavailable(LrctlError):
 
 
 class NotFound(LrctlError):
-    """NOT_FOUND: e.g. an unknown service name in a health check."""
+    """NOT_FOUND: e.g. an unknown change to cancel, or an unknown service in a health check."""
+
+
+class ResourceExhausted(LrctlError):
+    """RESOURCE_EXHAUSTED: a server bound was reached (pending changes, waiting calls,
+    open streams); retry later, or without `wait`."""
+
+
+class Internal(LrctlError):
+    """INTERNAL: the trainer failed to apply a change; nothing changed."""
 
 
 class PermissionDenied(LrctlError):
@@ -114,6 +126,8 @@ _BY_CODE: dict[grpc.StatusCode, type[LrctlError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.INTERNAL: Internal,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }

@@ -111,7 +111,15 @@ class _ChangeStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeSt
     CHANGE_STATUS_ABORTED: _ChangeStatus.ValueType  # 4
     """expected_version no longer matched at the step boundary; nothing changed."""
     CHANGE_STATUS_CANCELLED: _ChangeStatus.ValueType  # 5
-    """The run ended before the change was due; nothing changed."""
+    """Cancelled by CancelChange, or the run ended before the change was due;
+    nothing changed.
+    """
+    CHANGE_STATUS_FAILED: _ChangeStatus.ValueType  # 6
+    """Not applied, and never will be; `error` says why: its apply_at_step had
+    already passed when it arrived, the learning rate it gives on the state it
+    met was not finite in float32, or the trainer failed to load it. Nothing
+    changed.
+    """
 
 class ChangeStatus(_ChangeStatus, metaclass=_ChangeStatusEnumTypeWrapper):
     """The lifecycle status of a change."""
@@ -133,7 +141,15 @@ changed.
 CHANGE_STATUS_ABORTED: ChangeStatus.ValueType  # 4
 """expected_version no longer matched at the step boundary; nothing changed."""
 CHANGE_STATUS_CANCELLED: ChangeStatus.ValueType  # 5
-"""The run ended before the change was due; nothing changed."""
+"""Cancelled by CancelChange, or the run ended before the change was due;
+nothing changed.
+"""
+CHANGE_STATUS_FAILED: ChangeStatus.ValueType  # 6
+"""Not applied, and never will be; `error` says why: its apply_at_step had
+already passed when it arrived, the learning rate it gives on the state it
+met was not finite in float32, or the trainer failed to load it. Nothing
+changed.
+"""
 Global___ChangeStatus: _TypeAlias = ChangeStatus  # noqa: Y015
 
 class _Phase:
@@ -204,10 +220,13 @@ class SetLearningRateRequest(_message.Message):
     is the old scale times this factor. Must be finite and > 0.
     """
     request_id: _builtins.str
-    """Idempotency key. A retry carrying the same request_id returns the result
-    of the first request and never applies the change twice. Clients should
-    send a fresh random id (e.g. a UUID4) per logical change. Empty: no
-    deduplication.
+    """Idempotency key, at most 128 bytes. A retry carrying the same request_id
+    and the same payload returns the record of the first request and never
+    applies the change twice; the same request_id with a different payload
+    fails with INVALID_ARGUMENT (ErrorInfo reason REQUEST_ID_REUSED). The
+    server remembers the ids of every pending change and of the last 10,000
+    finished ones. Clients should send a fresh random id (e.g. a UUID4) per
+    logical change. Empty: no deduplication.
     """
     expected_version: _builtins.int
     """Optimistic concurrency control: apply the change only if the state
@@ -223,9 +242,13 @@ class SetLearningRateRequest(_message.Message):
     change is queued.
     """
     apply_at_step: _builtins.int
-    """Apply the change at the first step boundary where step >= apply_at_step.
-    Must be >= the current step, otherwise the RPC fails with
-    FAILED_PRECONDITION. Unset: apply at the next step boundary.
+    """Apply the change at the first step boundary where step >= apply_at_step:
+    with steps_per_execution=1 exactly at that step, never later. If a step
+    boundary at or past apply_at_step may already have passed when the request
+    arrives, the change is not applied: the RPC fails with FAILED_PRECONDITION
+    and the change is recorded as CHANGE_STATUS_FAILED with the reason. At
+    most 1,000,000,000 steps ahead of the current step, else INVALID_ARGUMENT.
+    Unset: apply at the next step boundary.
     """
     wait_until_applied: _builtins.bool
     """If true, the RPC blocks until the change is applied (or aborted, or
@@ -234,7 +257,9 @@ class SetLearningRateRequest(_message.Message):
     return at once with status CHANGE_STATUS_PENDING.
     """
     reason: _builtins.str
-    """Free-text reason, recorded in the change history. Empty: no reason given."""
+    """Free-text reason, recorded in the change history; at most 1 KiB of UTF-8.
+    Empty: no reason given.
+    """
     def __init__(
         self,
         *,
@@ -440,7 +465,7 @@ class WatchStateRequest(_message.Message):
         """The minimum time between two updates while training advances. An update
         is also sent at once after every applied change. A slow watcher receives
         the latest state, not a backlog of intermediate states. Unset or zero:
-        1 second. Negative: INVALID_ARGUMENT.
+        1 second. Must be in [0, 1 h], otherwise INVALID_ARGUMENT.
         """
 
     def __init__(
@@ -455,6 +480,127 @@ class WatchStateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchStateRequest: _TypeAlias = WatchStateRequest  # noqa: Y015
+
+@_typing.final
+class CancelChangeRequest(_message.Message):
+    """Request to cancel a pending change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request_id the change was submitted with."""
+    version: _builtins.int
+    """The state version an applied change produced. Applied changes cannot be
+    cancelled, so this always fails with FAILED_PRECONDITION (or NOT_FOUND);
+    it exists so that a client holding only a version gets a clear answer.
+    """
+    reason: _builtins.str
+    """Free-text reason, logged by the trainer; at most 1 KiB of UTF-8. Empty:
+    no reason given.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "reason", b"reason", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["request_id", "version"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___CancelChangeRequest: _TypeAlias = CancelChangeRequest  # noqa: Y015
+
+@_typing.final
+class CancelChangeResponse(_message.Message):
+    """Response to CancelChange."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___Change:
+        """The cancelled change, with status CHANGE_STATUS_CANCELLED."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___Change | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelChangeResponse: _TypeAlias = CancelChangeResponse  # noqa: Y015
+
+@_typing.final
+class ListChangesRequest(_message.Message):
+    """Request to list changes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The maximum number of changes to return; the server may return fewer.
+    Zero or unset: 50. Values above 100 are treated as 100. Negative:
+    INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """A next_page_token from a previous ListChanges response of the same run,
+    to get the following page. Empty: the first page. A token that is not
+    one the server issued for this run fails with INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChangesRequest: _TypeAlias = ListChangesRequest  # noqa: Y015
+
+@_typing.final
+class ListChangesResponse(_message.Message):
+    """Response to ListChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page. Empty: this is the last page."""
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Change]:
+        """Changes, newest (by submission) first: pending and finished ones."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___Change] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChangesResponse: _TypeAlias = ListChangesResponse  # noqa: Y015
 
 @_typing.final
 class WatchStateResponse(_message.Message):
@@ -922,6 +1068,7 @@ class Change(_message.Message):
     REQUESTED_TIME_FIELD_NUMBER: _builtins.int
     APPLIED_TIME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The state version this change produced. 0 unless status is
     CHANGE_STATUS_APPLIED.
@@ -961,6 +1108,10 @@ class Change(_message.Message):
     description: _builtins.str
     """A one-line human summary of the change, e.g. "scale x0.5" or
     "swap ExponentialDecay(initial_learning_rate=0.01, ...)".
+    """
+    error: _builtins.str
+    """Why the change was not applied. Empty unless status is
+    CHANGE_STATUS_FAILED.
     """
     @_builtins.property
     def swap_schedule(self) -> Global___Schedule:
@@ -1002,10 +1153,11 @@ class Change(_message.Message):
         requested_time: _timestamp_pb2.Timestamp | None = ...,
         applied_time: _timestamp_pb2.Timestamp | None = ...,
         description: _builtins.str = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_at_step", b"apply_at_step", "learning_rate_after", b"learning_rate_after", "requested_time", b"requested_time", "scale", b"scale", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "swap_schedule", b"swap_schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_at_step", b"apply_at_step", "description", b"description", "learning_rate_after", b"learning_rate_after", "origin", b"origin", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "origin", b"origin", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__applied_step: _TypeAlias = _typing.Literal["applied_step"]  # noqa: Y015
     _WhichOneofArgType__applied_step: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step"]  # noqa: Y015
@@ -1066,6 +1218,7 @@ class TrainingState(_message.Message):
     PENDING_CHANGES_FIELD_NUMBER: _builtins.int
     RECENT_CHANGES_FIELD_NUMBER: _builtins.int
     UPDATED_TIME_FIELD_NUMBER: _builtins.int
+    PENDING_COUNT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifier of the training run, chosen by the trainer. Empty: not
     configured.
@@ -1094,6 +1247,8 @@ class TrainingState(_message.Message):
     """The number of applied changes. 0 before any change."""
     optimizer: _builtins.str
     """The optimizer's class name, e.g. "Adam". Empty: not known yet."""
+    pending_count: _builtins.int
+    """The number of pending changes (at most 1,000). 0: none."""
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The active schedule, without the scale applied."""
@@ -1106,12 +1261,17 @@ class TrainingState(_message.Message):
 
     @_builtins.property
     def pending_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Change]:
-        """Changes accepted but not yet applied, in submission order. Empty: none."""
+        """Changes accepted but not yet applied, in submission order: the oldest 100
+        at most (pending_count says how many there are; ListChanges lists them
+        all). Empty: none.
+        """
 
     @_builtins.property
     def recent_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Change]:
-        """A bounded history of finished changes (applied, aborted, cancelled),
-        oldest first. Empty: none yet.
+        """The last 100 finished changes at most (applied, aborted, cancelled,
+        failed), oldest first; ListChanges goes further back. With pending_changes
+        this keeps every state far below gRPC's 4 MB default message limit.
+        Empty: none yet.
         """
 
     @_builtins.property
@@ -1135,10 +1295,11 @@ class TrainingState(_message.Message):
         pending_changes: _abc.Iterable[Global___Change] | None = ...,
         recent_changes: _abc.Iterable[Global___Change] | None = ...,
         updated_time: _timestamp_pb2.Timestamp | None = ...,
+        pending_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "learning_rate", b"learning_rate", "metrics", b"metrics", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "updated_time", b"updated_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "learning_rate", b"learning_rate", "metrics", b"metrics", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "updated_time", b"updated_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,6 +55,16 @@ class TrainingControlServiceStub:
                 request_serializer=lrctl_dot_v1_dot_training__control__pb2.WatchStateRequest.SerializeToString,
                 response_deserializer=lrctl_dot_v1_dot_training__control__pb2.WatchStateResponse.FromString,
                 _registered_method=True)
+        self.CancelChange = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/CancelChange',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.CancelChangeRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.CancelChangeResponse.FromString,
+                _registered_method=True)
+        self.ListChanges = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/ListChanges',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.ListChangesRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.ListChangesResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingControlServiceServicer:
@@ -63,11 +73,18 @@ class TrainingControlServiceServicer:
 
     def SetLearningRate(self, request, context):
         """Pins the learning rate to a constant, or multiplies the active schedule by
-        a factor. Errors: INVALID_ARGUMENT for a value that is out of range,
-        ABORTED when `expected_version` does not match the current version,
-        FAILED_PRECONDITION when `apply_at_step` is in the past or training has
-        finished, DEADLINE_EXCEEDED when `wait_until_applied` is set and the change
-        was not applied before the RPC deadline (the change stays pending).
+        a factor. Errors: INVALID_ARGUMENT for a value that is out of range (every
+        number must be finite in float32, and so must the learning rate the change
+        gives), for a `reason` over 1 KiB, a `request_id` over 128 bytes, or a
+        `request_id` reused with a different payload (ErrorInfo reason
+        REQUEST_ID_REUSED); ABORTED when `expected_version` does not match the
+        current version; FAILED_PRECONDITION when `apply_at_step` may already have
+        passed (the change is recorded as CHANGE_STATUS_FAILED, never applied late)
+        or training has ended; RESOURCE_EXHAUSTED when 1,000 changes are pending
+        already, or too many calls are waiting (`wait_until_applied`);
+        DEADLINE_EXCEEDED when `wait_until_applied` is set and the change was not
+        applied before the RPC deadline (the change stays pending); INTERNAL when
+        the trainer could not apply the change (nothing changed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,7 +108,29 @@ class TrainingControlServiceServicer:
     def WatchState(self, request, context):
         """Streams the training state: first the current state at once, then further
         updates while training advances and after every applied change. The stream
-        ends when training finishes or fails (after sending the final state).
+        ends when training finishes or fails (after sending the final state). The
+        server bounds how many streams may be open at once; beyond that a new
+        stream fails with RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelChange(self, request, context):
+        """Cancels a pending change: it ends CHANGE_STATUS_CANCELLED, is recorded,
+        and is never applied. Cancelling a cancelled change returns it again.
+        Errors: NOT_FOUND for a change the server does not remember (it remembers
+        the last 10,000 finished changes and every pending one),
+        FAILED_PRECONDITION for a change that already ended otherwise (applied,
+        aborted, failed) or is being applied at this very step boundary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListChanges(self, request, context):
+        """Lists pending and remembered finished changes (the last 10,000), newest
+        (by submission) first, in pages (AIP-158).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,6 +158,16 @@ def add_TrainingControlServiceServicer_to_server(servicer, server):
                     servicer.WatchState,
                     request_deserializer=lrctl_dot_v1_dot_training__control__pb2.WatchStateRequest.FromString,
                     response_serializer=lrctl_dot_v1_dot_training__control__pb2.WatchStateResponse.SerializeToString,
+            ),
+            'CancelChange': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelChange,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.CancelChangeRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.CancelChangeResponse.SerializeToString,
+            ),
+            'ListChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChanges,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.ListChangesRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.ListChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +279,60 @@ class TrainingControlService:
             '/lrctl.v1.TrainingControlService/WatchState',
             lrctl_dot_v1_dot_training__control__pb2.WatchStateRequest.SerializeToString,
             lrctl_dot_v1_dot_training__control__pb2.WatchStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelChange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/CancelChange',
+            lrctl_dot_v1_dot_training__control__pb2.CancelChangeRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.CancelChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/ListChanges',
+            lrctl_dot_v1_dot_training__control__pb2.ListChangesRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.ListChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

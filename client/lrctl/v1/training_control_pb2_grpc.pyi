@@ -64,11 +64,18 @@ class TrainingControlServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TrainingControlServiceAsyncStub: ...
     SetLearningRate: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.SetLearningRateRequest, _training_control_pb2.SetLearningRateResponse]
     """Pins the learning rate to a constant, or multiplies the active schedule by
-    a factor. Errors: INVALID_ARGUMENT for a value that is out of range,
-    ABORTED when `expected_version` does not match the current version,
-    FAILED_PRECONDITION when `apply_at_step` is in the past or training has
-    finished, DEADLINE_EXCEEDED when `wait_until_applied` is set and the change
-    was not applied before the RPC deadline (the change stays pending).
+    a factor. Errors: INVALID_ARGUMENT for a value that is out of range (every
+    number must be finite in float32, and so must the learning rate the change
+    gives), for a `reason` over 1 KiB, a `request_id` over 128 bytes, or a
+    `request_id` reused with a different payload (ErrorInfo reason
+    REQUEST_ID_REUSED); ABORTED when `expected_version` does not match the
+    current version; FAILED_PRECONDITION when `apply_at_step` may already have
+    passed (the change is recorded as CHANGE_STATUS_FAILED, never applied late)
+    or training has ended; RESOURCE_EXHAUSTED when 1,000 changes are pending
+    already, or too many calls are waiting (`wait_until_applied`);
+    DEADLINE_EXCEEDED when `wait_until_applied` is set and the change was not
+    applied before the RPC deadline (the change stays pending); INTERNAL when
+    the trainer could not apply the change (nothing changed).
     """
     SwapSchedule: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.SwapScheduleRequest, _training_control_pb2.SwapScheduleResponse]
     """Replaces the active learning-rate schedule. Errors are as for
@@ -79,7 +86,21 @@ class TrainingControlServiceStub:
     WatchState: _grpc.UnaryStreamMultiCallable[_training_control_pb2.WatchStateRequest, _training_control_pb2.WatchStateResponse]
     """Streams the training state: first the current state at once, then further
     updates while training advances and after every applied change. The stream
-    ends when training finishes or fails (after sending the final state).
+    ends when training finishes or fails (after sending the final state). The
+    server bounds how many streams may be open at once; beyond that a new
+    stream fails with RESOURCE_EXHAUSTED.
+    """
+    CancelChange: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.CancelChangeRequest, _training_control_pb2.CancelChangeResponse]
+    """Cancels a pending change: it ends CHANGE_STATUS_CANCELLED, is recorded,
+    and is never applied. Cancelling a cancelled change returns it again.
+    Errors: NOT_FOUND for a change the server does not remember (it remembers
+    the last 10,000 finished changes and every pending one),
+    FAILED_PRECONDITION for a change that already ended otherwise (applied,
+    aborted, failed) or is being applied at this very step boundary.
+    """
+    ListChanges: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.ListChangesRequest, _training_control_pb2.ListChangesResponse]
+    """Lists pending and remembered finished changes (the last 10,000), newest
+    (by submission) first, in pages (AIP-158).
     """
 
 @_typing.type_check_only
@@ -89,11 +110,18 @@ class TrainingControlServiceAsyncStub(TrainingControlServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SetLearningRate: _aio.UnaryUnaryMultiCallable[_training_control_pb2.SetLearningRateRequest, _training_control_pb2.SetLearningRateResponse]  # type: ignore[assignment]
     """Pins the learning rate to a constant, or multiplies the active schedule by
-    a factor. Errors: INVALID_ARGUMENT for a value that is out of range,
-    ABORTED when `expected_version` does not match the current version,
-    FAILED_PRECONDITION when `apply_at_step` is in the past or training has
-    finished, DEADLINE_EXCEEDED when `wait_until_applied` is set and the change
-    was not applied before the RPC deadline (the change stays pending).
+    a factor. Errors: INVALID_ARGUMENT for a value that is out of range (every
+    number must be finite in float32, and so must the learning rate the change
+    gives), for a `reason` over 1 KiB, a `request_id` over 128 bytes, or a
+    `request_id` reused with a different payload (ErrorInfo reason
+    REQUEST_ID_REUSED); ABORTED when `expected_version` does not match the
+    current version; FAILED_PRECONDITION when `apply_at_step` may already have
+    passed (the change is recorded as CHANGE_STATUS_FAILED, never applied late)
+    or training has ended; RESOURCE_EXHAUSTED when 1,000 changes are pending
+    already, or too many calls are waiting (`wait_until_applied`);
+    DEADLINE_EXCEEDED when `wait_until_applied` is set and the change was not
+    applied before the RPC deadline (the change stays pending); INTERNAL when
+    the trainer could not apply the change (nothing changed).
     """
     SwapSchedule: _aio.UnaryUnaryMultiCallable[_training_control_pb2.SwapScheduleRequest, _training_control_pb2.SwapScheduleResponse]  # type: ignore[assignment]
     """Replaces the active learning-rate schedule. Errors are as for
@@ -104,7 +132,21 @@ class TrainingControlServiceAsyncStub(TrainingControlServiceStub):
     WatchState: _aio.UnaryStreamMultiCallable[_training_control_pb2.WatchStateRequest, _training_control_pb2.WatchStateResponse]  # type: ignore[assignment]
     """Streams the training state: first the current state at once, then further
     updates while training advances and after every applied change. The stream
-    ends when training finishes or fails (after sending the final state).
+    ends when training finishes or fails (after sending the final state). The
+    server bounds how many streams may be open at once; beyond that a new
+    stream fails with RESOURCE_EXHAUSTED.
+    """
+    CancelChange: _aio.UnaryUnaryMultiCallable[_training_control_pb2.CancelChangeRequest, _training_control_pb2.CancelChangeResponse]  # type: ignore[assignment]
+    """Cancels a pending change: it ends CHANGE_STATUS_CANCELLED, is recorded,
+    and is never applied. Cancelling a cancelled change returns it again.
+    Errors: NOT_FOUND for a change the server does not remember (it remembers
+    the last 10,000 finished changes and every pending one),
+    FAILED_PRECONDITION for a change that already ended otherwise (applied,
+    aborted, failed) or is being applied at this very step boundary.
+    """
+    ListChanges: _aio.UnaryUnaryMultiCallable[_training_control_pb2.ListChangesRequest, _training_control_pb2.ListChangesResponse]  # type: ignore[assignment]
+    """Lists pending and remembered finished changes (the last 10,000), newest
+    (by submission) first, in pages (AIP-158).
     """
 
 class TrainingControlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -117,11 +159,18 @@ class TrainingControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_control_pb2.SetLearningRateResponse, _abc.Awaitable[_training_control_pb2.SetLearningRateResponse]]:
         """Pins the learning rate to a constant, or multiplies the active schedule by
-        a factor. Errors: INVALID_ARGUMENT for a value that is out of range,
-        ABORTED when `expected_version` does not match the current version,
-        FAILED_PRECONDITION when `apply_at_step` is in the past or training has
-        finished, DEADLINE_EXCEEDED when `wait_until_applied` is set and the change
-        was not applied before the RPC deadline (the change stays pending).
+        a factor. Errors: INVALID_ARGUMENT for a value that is out of range (every
+        number must be finite in float32, and so must the learning rate the change
+        gives), for a `reason` over 1 KiB, a `request_id` over 128 bytes, or a
+        `request_id` reused with a different payload (ErrorInfo reason
+        REQUEST_ID_REUSED); ABORTED when `expected_version` does not match the
+        current version; FAILED_PRECONDITION when `apply_at_step` may already have
+        passed (the change is recorded as CHANGE_STATUS_FAILED, never applied late)
+        or training has ended; RESOURCE_EXHAUSTED when 1,000 changes are pending
+        already, or too many calls are waiting (`wait_until_applied`);
+        DEADLINE_EXCEEDED when `wait_until_applied` is set and the change was not
+        applied before the RPC deadline (the change stays pending); INTERNAL when
+        the trainer could not apply the change (nothing changed).
         """
 
     @_abc_1.abstractmethod
@@ -150,7 +199,33 @@ class TrainingControlServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_training_control_pb2.WatchStateResponse], _abc.AsyncIterator[_training_control_pb2.WatchStateResponse]]:
         """Streams the training state: first the current state at once, then further
         updates while training advances and after every applied change. The stream
-        ends when training finishes or fails (after sending the final state).
+        ends when training finishes or fails (after sending the final state). The
+        server bounds how many streams may be open at once; beyond that a new
+        stream fails with RESOURCE_EXHAUSTED.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelChange(
+        self,
+        request: _training_control_pb2.CancelChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.CancelChangeResponse, _abc.Awaitable[_training_control_pb2.CancelChangeResponse]]:
+        """Cancels a pending change: it ends CHANGE_STATUS_CANCELLED, is recorded,
+        and is never applied. Cancelling a cancelled change returns it again.
+        Errors: NOT_FOUND for a change the server does not remember (it remembers
+        the last 10,000 finished changes and every pending one),
+        FAILED_PRECONDITION for a change that already ended otherwise (applied,
+        aborted, failed) or is being applied at this very step boundary.
+        """
+
+    @_abc_1.abstractmethod
+    def ListChanges(
+        self,
+        request: _training_control_pb2.ListChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.ListChangesResponse, _abc.Awaitable[_training_control_pb2.ListChangesResponse]]:
+        """Lists pending and remembered finished changes (the last 10,000), newest
+        (by submission) first, in pages (AIP-158).
         """
 
 def add_TrainingControlServiceServicer_to_server(servicer: TrainingControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from lrctl.service.controller import Controller, Phase
     from lrctl.service.engine import ControllableSchedule
     from lrctl.service.integration import TrainingControl, attach, build_optimizer
+    from lrctl.service.saving import load_model
     from lrctl.service.specs import Origin
 
 _HOMES = {
@@ -23,6 +24,7 @@ _HOMES = {
     "TrainingControl": "integration",
     "attach": "integration",
     "build_optimizer": "integration",
+    "load_model": "saving",
     "Origin": "specs",
 }
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "TrainingControl",
     "attach",
     "build_optimizer",
+    "load_model",
 ]
 
 

@@ -1,9 +1,9 @@
 """The controller: one place that validates, one queue, one place that applies, versioned history.
 
-Pure Python, no TensorFlow and no gRPC. Any thread may submit changes and read snapshots;
-only the training thread calls `apply_due` and `publish`, at step boundaries. The engine is
-reached through the small `ScheduleTarget` protocol, so TensorFlow is touched only by the
-thread that calls `apply_due`.
+Pure Python, no TensorFlow and no gRPC. Any thread may submit, cancel and list changes and
+read snapshots; only the training thread calls `at_boundary`, `apply_due`, `publish` and
+`restored`, at step boundaries. The engine is reached through the small `ScheduleTarget`
+protocol, and no lock is held while it runs: a device sync never blocks an RPC.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import heapq
 import itertools
 import math
 import threading
@@ -18,15 +19,43 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from lrctl.service import evaluate
 from lrctl.service.errors import (
+    ApplyError,
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
+    RequestIdReusedError,
+    ResourceExhaustedError,
     VersionConflictError,
     WaitTimeoutError,
 )
-from lrctl.service.specs import ActiveSchedule, Constant, Origin, ScheduleSpec, check_number
+from lrctl.service.specs import (
+    FLOAT32_MAX,
+    ActiveSchedule,
+    Constant,
+    Origin,
+    ScheduleSpec,
+    check_number,
+)
+
+#: Finished changes remembered, newest last: a retry of any of their request ids returns the
+#: record instead of applying again, and ListChanges pages through them. A record is a few
+#: hundred bytes (up to ~8 KB with a 64-knot schedule and a 1 KiB reason).
+DEDUP_WINDOW = 10_000
+#: Changes accepted but not yet applied, at most; beyond, RESOURCE_EXHAUSTED.
+MAX_PENDING = 1_000
+MAX_REASON_BYTES = 1024
+MAX_REQUEST_ID_BYTES = 128
+#: How far ahead of the current step `apply_at_step` may lie (a typo guard, not a policy).
+APPLY_HORIZON = 1_000_000_000
+#: Pending changes listed in a snapshot, oldest first; ListChanges lists them all. Keeps every
+#: GetState/WatchState response far below gRPC's 4 MB default limit.
+SNAPSHOT_PENDING = 100
+#: The smallest normal float32: a smaller cumulative scale could never be scaled back up.
+_MIN_SCALE = 1.1754944e-38
 
 
 class Phase(enum.Enum):
@@ -42,7 +71,8 @@ class ChangeStatus(enum.Enum):
     APPLIED = "applied"
     VALIDATED = "validated"  #: validate_only: checked, never queued
     ABORTED = "aborted"  #: expected_version no longer matched at the step boundary
-    CANCELLED = "cancelled"  #: the run ended before the change was due
+    CANCELLED = "cancelled"  #: cancelled by a client, or the run ended before it was due
+    FAILED = "failed"  #: not applied; `error` says why (a missed apply_at_step, an engine error)
 
 
 @dataclass(frozen=True)
@@ -90,9 +120,9 @@ class ChangeRequest:
 
 @dataclass(frozen=True)
 class Change:
-    """One change's record. Pending records are replaced by their final form when applied."""
+    """One change's record. Pending records are replaced by their final form when they end."""
 
-    id: int  #: internal identity, stable across the record's updates
+    id: int  #: internal identity in submission order, stable across the record's updates
     request: ChangeRequest
     status: ChangeStatus
     requested_step: int
@@ -101,8 +131,9 @@ class Change:
     applied_step: int | None = None
     learning_rate_after: float | None = None
     schedule_after: ActiveSchedule | None = None
-    applied_time: float | None = None
+    applied_time: float | None = None  #: when the change ended (applied, aborted, ...)
     current_version: int | None = None  #: for ABORTED: the version that did not match
+    error: Exception | None = None  #: for FAILED: why; a domain error the servicer maps to a code
 
     @property
     def description(self) -> str:
@@ -122,9 +153,10 @@ class Snapshot:
     version: int
     metrics: Mapping[str, float]
     optimizer: str
-    pending: tuple[Change, ...]
+    pending: tuple[Change, ...]  #: the oldest SNAPSHOT_PENDING pending changes
     recent: tuple[Change, ...]
     updated_time: float
+    pending_count: int = 0
     seq: int = 0  #: bumped on every publication; lets watchers skip unchanged states
 
 
@@ -133,7 +165,6 @@ class ScheduleTarget(Protocol):
 
     def load(self, state: ActiveSchedule, version: int) -> None: ...
     def read(self) -> tuple[ActiveSchedule, int]: ...
-    def learning_rate(self, step: int) -> float: ...
 
 
 class Controller:
@@ -151,19 +182,26 @@ class Controller:
         self._target = target
         self._clock = clock
         # One condition guards everything below. Submitters, readers and the training thread
-        # each hold it only briefly; waiters and watchers sleep on it.
+        # each hold it only briefly (never across engine work); waiters and watchers sleep on it.
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
-        self._pending: dict[int, Change] = {}
-        self._next_due: int | None = None  # derived from _pending by _republish
+        self._state, self._version = target.read()  # what the engine holds
+        self._pending: dict[int, Change] = {}  # in submission order
+        self._due: list[tuple[int, int]] = []  # heap of (due step, id); stale ids are skipped
+        self._next_due: int | None = None
+        self._applying: set[int] = set()  # taken by the training thread, being applied
         self._finished: collections.OrderedDict[int, Change] = collections.OrderedDict()
-        self._finished_limit = max(history_size, 1024)
-        self._by_request_id: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._by_request_id: dict[str, int] = {}
+        self._by_version: dict[int, int] = {}
         self._history: collections.deque[Change] = collections.deque(maxlen=history_size)
-        state, version = target.read()
+        self._waiters: collections.Counter[int] = collections.Counter()
+        self._results: dict[int, Change] = {}  # final records of waited-for changes
+        # An upper bound on the step at the latest step boundary (exact when the training
+        # thread read it). An apply_at_step at or below it may have been passed already.
+        self._boundary_step: float = -math.inf
         self._snapshot = Snapshot(
             run_id=run_id or uuid.uuid4().hex[:12], phase=Phase.STARTING, step=0, epoch=0,
-            learning_rate=math.nan, schedule=state, version=version, metrics={},
+            learning_rate=math.nan, schedule=self._state, version=self._version, metrics={},
             optimizer=optimizer, pending=(), recent=(), updated_time=clock(),
         )
 
@@ -179,33 +217,43 @@ class Controller:
     @property
     def next_due_step(self) -> int | None:
         """The earliest step at which a pending change is due (0: at once); None if nothing is
-        pending. For the training thread's hot path: one attribute read, no lock."""
+        pending. One attribute read, no lock."""
         return self._next_due
 
     def submit(self, request: ChangeRequest, *, validate_only: bool = False) -> Change:
-        """Validate `request` now and queue it for the next due step boundary.
+        """Validate `request` now and queue it for the first step boundary where it is due.
 
-        A retry with a known `request_id` returns the first request's current record.
-        Raises InvalidArgumentError, VersionConflictError or FailedPreconditionError.
+        Returns the record: PENDING (queued), VALIDATED (`validate_only`), or FAILED when its
+        `apply_at_step` may already have passed (recorded, never applied late). A retry with a
+        known `request_id` and the same payload returns the first request's current record.
+        Raises InvalidArgumentError, VersionConflictError, FailedPreconditionError,
+        RequestIdReusedError or ResourceExhaustedError; then nothing was queued.
         """
-        self._validate_action(request.action)
-        if request.apply_at_step is not None and request.apply_at_step < 0:
-            raise InvalidArgumentError("apply_at_step", "must be >= 0", request.apply_at_step)
+        _check_request(request)
         with self._cond:
             if request.request_id and not validate_only:
                 known = self._by_request_id.get(request.request_id)
                 if known is not None and (record := self._lookup(known)) is not None:
+                    if record.request != request:
+                        raise RequestIdReusedError(request.request_id)
                     return record
             snap = self._snapshot
             if snap.phase in (Phase.STOPPING, Phase.FINISHED, Phase.FAILED):
                 raise FailedPreconditionError(f"the run is {snap.phase.value}; it accepts no more changes")
-            if request.expected_version is not None and request.expected_version != snap.version:
-                raise VersionConflictError(request.expected_version, snap.version)
-            if request.apply_at_step is not None and request.apply_at_step < snap.step:
-                raise FailedPreconditionError(
-                    f"apply_at_step={request.apply_at_step} is in the past: the run is at step {snap.step}",
-                    field="apply_at_step",
-                )
+            if request.expected_version is not None and request.expected_version != self._version:
+                raise VersionConflictError(request.expected_version, self._version)
+            at = request.apply_at_step
+            if at is not None and at > snap.step + APPLY_HORIZON:
+                raise InvalidArgumentError(
+                    "apply_at_step", f"must be at most {APPLY_HORIZON} steps ahead of the current "
+                    f"step {snap.step}", at)
+            _check_outcome(request.action, self._state, max(snap.step, at or 0))
+            missed = at is not None and (at < snap.step or at <= self._boundary_step)
+            if at is not None and missed and validate_only:
+                raise self._missed_error(at, snap.step)
+            if not validate_only and not missed and len(self._pending) >= MAX_PENDING:
+                raise ResourceExhaustedError(
+                    f"{MAX_PENDING} changes are pending already; wait for some to apply or cancel them")
             change = Change(
                 id=next(self._ids), request=request,
                 status=ChangeStatus.VALIDATED if validate_only else ChangeStatus.PENDING,
@@ -213,13 +261,60 @@ class Controller:
             )
             if validate_only:
                 return change
-            self._pending[change.id] = change
             if request.request_id:
                 self._by_request_id[request.request_id] = change.id
-                while len(self._by_request_id) > self._finished_limit:
-                    self._by_request_id.popitem(last=False)
-            self._republish()
+            if at is not None and missed:
+                change = dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=change.requested_time,
+                                             error=self._missed_error(at, snap.step))
+                self._finish(change)
+                self._republish(history=True)
+                return change
+            self._pending[change.id] = change
+            heapq.heappush(self._due, (at or 0, change.id))
+            self._republish(pending=True)
             return change
+
+    def cancel(self, *, request_id: str = "", version: int | None = None) -> Change:
+        """Cancel a pending change, named by its request_id or (once applied) its version.
+
+        Returns the CANCELLED record (again, if it was cancelled already). Raises NotFoundError
+        for an unknown change and FailedPreconditionError for one that has ended otherwise or
+        is being applied at this very boundary.
+        """
+        with self._cond:
+            if request_id:
+                change_id = self._by_request_id.get(request_id)
+                name = f"request_id {request_id!r}"
+            else:
+                change_id = self._by_version.get(version or 0)
+                name = f"version {version}"
+            record = None if change_id is None else self._lookup(change_id)
+            if record is None:
+                raise NotFoundError(f"no change with {name} is known (the last {DEDUP_WINDOW} are)")
+            if record.status is ChangeStatus.CANCELLED:
+                return record
+            if record.status is not ChangeStatus.PENDING:
+                raise FailedPreconditionError(
+                    f"the change with {name} is already {record.status.value}; nothing to cancel")
+            if record.id in self._applying:
+                raise FailedPreconditionError(f"the change with {name} is being applied right now")
+            del self._pending[record.id]
+            final = dataclasses.replace(record, status=ChangeStatus.CANCELLED, applied_time=self._clock())
+            self._finish(final)
+            self._republish(pending=True, history=True)
+            return final
+
+    def list_changes(self, page_size: int, before_id: int | None = None) -> tuple[list[Change], int | None]:
+        """Pending and remembered finished changes, newest (by submission) first.
+
+        Returns one page and the id to continue before, or None on the last page.
+        """
+        with self._cond:
+            ids = sorted(itertools.chain(self._pending, self._finished), reverse=True)
+            if before_id is not None:
+                ids = [i for i in ids if i < before_id]
+            page = [r for i in ids[:page_size] if (r := self._lookup(i)) is not None]
+            return page, (ids[page_size - 1] if len(ids) > page_size else None)
 
     def wait(self, change: Change, timeout: float | None) -> Change:
         """Block until `change` leaves PENDING; return its final record.
@@ -228,16 +323,23 @@ class Controller:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while True:
-                record = self._lookup(change.id)
-                if record is None or record.status is not ChangeStatus.PENDING:
-                    return record or change
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise WaitTimeoutError(
-                        f"change {change.description!r} was not applied in time; it stays pending"
-                    )
-                self._cond.wait(remaining)
+            self._waiters[change.id] += 1
+            try:
+                while True:
+                    record = self._results.get(change.id) or self._lookup(change.id) or change
+                    if record.status is not ChangeStatus.PENDING:
+                        return record
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise WaitTimeoutError(
+                            f"change {change.description!r} was not applied in time; it stays pending"
+                        )
+                    self._cond.wait(remaining)
+            finally:
+                self._waiters[change.id] -= 1
+                if not self._waiters[change.id]:
+                    del self._waiters[change.id]
+                    self._results.pop(change.id, None)
 
     def updates(self, min_interval: float, is_active: Callable[[], bool],
                 poll: float = 0.5) -> Iterator[Snapshot]:
@@ -262,48 +364,67 @@ class Controller:
                 return
 
     # -- training thread -------------------------------------------------------------------
+    def at_boundary(self, step_bound: float) -> bool:
+        """A step boundary, where at most `step_bound` steps have completed (an upper bound
+        kept without reading the step). Returns whether a pending change may be due."""
+        with self._cond:
+            self._boundary_step = step_bound
+            return self._next_due is not None and self._next_due <= step_bound
+
     def apply_due(self, step: int) -> list[Change]:
         """Apply, in submission order, every pending change whose `apply_at_step` <= `step`.
 
         Called by the training thread at a step boundary: `step` steps have completed and
-        none is running, so the engine's variables can be assigned safely.
+        none is running, so the engine's variables can be assigned safely. The outcome of
+        each change is computed in pure Python; the engine is loaded once, outside the lock.
         """
-        if self._next_due is None:
-            return []
-        applied: list[Change] = []
         with self._cond:
-            due = [c for c in self._pending.values()
-                   if c.request.apply_at_step is None or c.request.apply_at_step <= step]
-            snap = self._snapshot
-            state, version, lr = snap.schedule, snap.version, snap.learning_rate
-            for change in due:
-                del self._pending[change.id]
-                expected = change.request.expected_version
-                if expected is not None and expected != version:
-                    final = dataclasses.replace(change, status=ChangeStatus.ABORTED, current_version=version,
-                                                applied_time=self._clock())
-                else:
-                    state = self._next_state(state, change.request.action, step)
-                    version += 1
-                    self._target.load(state, version)
-                    lr = self._target.learning_rate(step)
-                    final = dataclasses.replace(
-                        change, status=ChangeStatus.APPLIED, version=version, applied_step=step,
-                        learning_rate_after=lr, schedule_after=state, applied_time=self._clock(),
-                    )
+            self._boundary_step = step
+            due_ids = []
+            while self._due and self._due[0][0] <= step:
+                _, change_id = heapq.heappop(self._due)
+                if change_id in self._pending:
+                    due_ids.append(change_id)
+            if not due_ids:
+                return []
+            due = [self._pending[i] for i in sorted(due_ids)]
+            self._applying.update(due_ids)
+            base_state, base_version = self._state, self._version
+
+        finals, state, version = _outcomes(due, base_state, base_version, step, self._clock)
+        if version != base_version:
+            try:
+                self._target.load(state, version)
+            except Exception as e:  # noqa: BLE001 -- any engine failure fails the changes, not training
+                error = ApplyError(f"the engine could not load the new schedule: {e!r}; nothing changed")
+                finals = [dataclasses.replace(f, status=ChangeStatus.FAILED, version=0, applied_step=None,
+                                              learning_rate_after=None, schedule_after=None, error=error)
+                          if f.status is ChangeStatus.APPLIED else f for f in finals]
+                state, version = base_state, base_version
+
+        with self._cond:
+            self._state, self._version = state, version
+            for final in finals:
+                del self._pending[final.id]
+                self._applying.discard(final.id)
                 self._finish(final)
-                applied.append(final)
+            lr = self._snapshot.learning_rate
+            for final in finals:
+                lr = final.learning_rate_after if final.learning_rate_after is not None else lr
             self._snapshot = dataclasses.replace(
-                snap, step=step, schedule=state, version=version, learning_rate=lr,
+                self._snapshot, step=step, schedule=state, version=version, learning_rate=lr,
                 updated_time=self._clock(),
             )
-            self._republish()
-        return applied
+            self._republish(pending=True, history=True)
+        return finals
 
     def publish(self, *, step: int, learning_rate: float, metrics: Mapping[str, float] | None = None,
                 epoch: int | None = None) -> None:
-        """Record the training thread's view after a step, for readers and watchers."""
+        """Record the training thread's view at a step boundary, for readers and watchers."""
         with self._cond:
+            # An exact step tightens the bound left by `at_boundary` at this same boundary; it
+            # does not open a new one (a change for this step may still apply at the next).
+            self._boundary_step = min(self._boundary_step, step)
             snap = self._snapshot
             self._snapshot = dataclasses.replace(
                 snap, step=step, learning_rate=learning_rate,
@@ -312,61 +433,155 @@ class Controller:
             )
             self._republish()
 
-    def resync(self) -> None:
-        """Re-read the engine (e.g. after a checkpoint restore). Training thread only."""
-        state, version = self._target.read()
+    @property
+    def engine_state(self) -> tuple[ActiveSchedule, int]:
+        """What the controller last loaded into (or read from) the engine."""
+        return self._state, self._version
+
+    def restored(self, state: ActiveSchedule, version: int) -> int:
+        """The engine's variables were restored (from a checkpoint) to `state` at `version`.
+
+        Later changes build on `state`. The version never decreases: a restore to an older
+        version becomes a new version, which the caller writes back to the engine. Returns
+        the version now in force.
+        """
         with self._cond:
-            self._snapshot = dataclasses.replace(self._snapshot, schedule=state, version=version)
+            if version <= self._version and (state, version) != (self._state, self._version):
+                version = self._version + 1
+            self._state, self._version = state, max(version, self._version)
+            self._snapshot = dataclasses.replace(self._snapshot, schedule=state, version=self._version)
             self._republish()
+            return self._version
 
     def set_phase(self, phase: Phase) -> None:
         """Move the run to `phase`. Ending the run cancels every pending change."""
         with self._cond:
             if phase in (Phase.FINISHED, Phase.FAILED):
                 for change in list(self._pending.values()):
-                    del self._pending[change.id]
-                    self._finish(dataclasses.replace(change, status=ChangeStatus.CANCELLED,
-                                                     applied_time=self._clock()))
+                    if change.id not in self._applying:
+                        del self._pending[change.id]
+                        self._finish(dataclasses.replace(change, status=ChangeStatus.CANCELLED,
+                                                         applied_time=self._clock()))
             self._snapshot = dataclasses.replace(self._snapshot, phase=phase, updated_time=self._clock())
-            self._republish()
+            self._republish(pending=True, history=True)
 
     # -- internals (lock held) ---------------------------------------------------------------
     @staticmethod
-    def _validate_action(action: Action) -> None:
-        if isinstance(action, PinLearningRate):
-            check_number("learning_rate", action.learning_rate, minimum=0)
-        elif isinstance(action, ScaleLearningRate):
-            check_number("scale", action.factor, minimum=0, inclusive=False)
-        # A SwapSchedule's spec validated itself when it was built.
-
-    @staticmethod
-    def _next_state(state: ActiveSchedule, action: Action, step: int) -> ActiveSchedule:
-        if isinstance(action, PinLearningRate):
-            return ActiveSchedule(Constant(action.learning_rate), Origin.RESTART, step, 1.0)
-        if isinstance(action, ScaleLearningRate):
-            return dataclasses.replace(state, scale=state.scale * action.factor)
-        origin_step = step if action.origin is Origin.RESTART else 0
-        return ActiveSchedule(action.schedule, action.origin, origin_step, 1.0)
+    def _missed_error(apply_at_step: int, step: int) -> FailedPreconditionError:
+        return FailedPreconditionError(
+            f"apply_at_step={apply_at_step} may already have passed: the run is at step {step} "
+            "and changes apply only at step boundaries; the change was not applied",
+            field="apply_at_step",
+        )
 
     def _lookup(self, change_id: int) -> Change | None:
         return self._pending.get(change_id) or self._finished.get(change_id)
 
     def _finish(self, change: Change) -> None:
         self._finished[change.id] = change
-        while len(self._finished) > self._finished_limit:
-            self._finished.popitem(last=False)
+        if change.version:
+            self._by_version[change.version] = change.id
+        if change.id in self._waiters:
+            self._results[change.id] = change
+        while len(self._finished) > DEDUP_WINDOW:
+            _, old = self._finished.popitem(last=False)
+            if self._by_request_id.get(old.request.request_id) == old.id:
+                del self._by_request_id[old.request.request_id]
+            self._by_version.pop(old.version, None)
         self._history.append(change)
 
-    def _republish(self) -> None:
-        self._next_due = min((c.request.apply_at_step or 0 for c in self._pending.values()), default=None)
-        self._snapshot = dataclasses.replace(
-            self._snapshot, pending=tuple(self._pending.values()), recent=tuple(self._history),
-            seq=self._snapshot.seq + 1,
-        )
+    def _republish(self, *, pending: bool = False, history: bool = False) -> None:
+        changes: dict[str, Any] = {}
+        if pending:
+            while self._due and self._due[0][1] not in self._pending:
+                heapq.heappop(self._due)  # cancelled or finished: drop lazily
+            if len(self._due) > 2 * len(self._pending) + 64:
+                self._due = [(c.request.apply_at_step or 0, i) for i, c in self._pending.items()
+                             if i not in self._applying]
+                heapq.heapify(self._due)
+            self._next_due = self._due[0][0] if self._due else None
+            changes.update(pending=tuple(itertools.islice(self._pending.values(), SNAPSHOT_PENDING)),
+                           pending_count=len(self._pending))
+        if history:
+            changes["recent"] = tuple(self._history)
+        self._snapshot = dataclasses.replace(self._snapshot, seq=self._snapshot.seq + 1, **changes)
         self._cond.notify_all()
 
 
+def _check_request(request: ChangeRequest) -> None:
+    """Rules that need no state: values, sizes and step ranges."""
+    action = request.action
+    if isinstance(action, PinLearningRate):
+        check_number("learning_rate", action.learning_rate, minimum=0)
+    elif isinstance(action, ScaleLearningRate):
+        check_number("scale", action.factor, minimum=0, inclusive=False)
+    # A SwapSchedule's spec validated itself when it was built.
+    if len(request.reason.encode()) > MAX_REASON_BYTES:
+        raise InvalidArgumentError("reason", f"must be at most {MAX_REASON_BYTES} bytes",
+                                   f"{len(request.reason.encode())} bytes")
+    if len(request.request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidArgumentError("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes",
+                                   f"{len(request.request_id.encode())} bytes")
+    if request.apply_at_step is not None and request.apply_at_step < 0:
+        raise InvalidArgumentError("apply_at_step", "must be >= 0", request.apply_at_step)
+
+
+_ACTION_FIELD = {PinLearningRate: "learning_rate", ScaleLearningRate: "scale", SwapSchedule: "schedule"}
+
+
+def _next_state(state: ActiveSchedule, action: Action, step: int) -> ActiveSchedule:
+    if isinstance(action, PinLearningRate):
+        return ActiveSchedule(Constant(action.learning_rate), Origin.RESTART, step, 1.0)
+    if isinstance(action, ScaleLearningRate):
+        return dataclasses.replace(state, scale=state.scale * action.factor)
+    origin_step = step if action.origin is Origin.RESTART else 0
+    return ActiveSchedule(action.schedule, action.origin, origin_step, 1.0)
+
+
+def _check_outcome(action: Action, state: ActiveSchedule, step: int) -> float:
+    """The learning rate `action` gives at `step` from `state`; InvalidArgumentError naming the
+    request's field if it (or the cumulative scale) is not a usable float32."""
+    after = _next_state(state, action, step)
+    field = _ACTION_FIELD[type(action)]
+    if not _MIN_SCALE <= after.scale <= FLOAT32_MAX:
+        raise InvalidArgumentError(
+            field, f"would make the cumulative scale {after.scale:g}, outside float32's normal range",
+            getattr(action, "factor", None))
+    lr = evaluate.learning_rate(after, step)
+    if not evaluate.is_finite_float32(lr):
+        raise InvalidArgumentError(field, f"would make the learning rate {lr} at step {step} in "
+                                   "float32, the precision training uses", action.describe())
+    return lr
+
+
+def _outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
+              clock: Callable[[], float]) -> tuple[list[Change], ActiveSchedule, int]:
+    """Each due change's final record, applied one after the other from (`state`, `version`)."""
+    finals = []
+    now = clock()
+    for change in due:
+        expected = change.request.expected_version
+        if expected is not None and expected != version:
+            finals.append(dataclasses.replace(change, status=ChangeStatus.ABORTED, current_version=version,
+                                              applied_time=now))
+            continue
+        try:
+            lr = _check_outcome(change.request.action, state, step)
+        except InvalidArgumentError as e:  # fine on arrival, but not on the state it meets now
+            finals.append(dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=now,
+                                              error=FailedPreconditionError(str(e))))
+            continue
+        state = _next_state(state, change.request.action, step)
+        version += 1
+        finals.append(dataclasses.replace(
+            change, status=ChangeStatus.APPLIED, version=version, applied_step=step,
+            learning_rate_after=lr, schedule_after=state, applied_time=now,
+        ))
+    return finals, state, version
+
+
 __all__ = [
-    "Action", "Change", "ChangeRequest", "ChangeStatus", "Controller", "Phase", "PinLearningRate",
-    "ScaleLearningRate", "ScheduleTarget", "Snapshot", "SwapSchedule",
+    "APPLY_HORIZON", "DEDUP_WINDOW", "MAX_PENDING", "MAX_REASON_BYTES", "MAX_REQUEST_ID_BYTES",
+    "SNAPSHOT_PENDING", "Action", "Change", "ChangeRequest", "ChangeStatus", "Controller", "Phase",
+    "PinLearningRate", "ScaleLearningRate", "ScheduleTarget", "Snapshot", "SwapSchedule",
 ]

@@ -10,6 +10,7 @@ picked with a gather, so there is no data-dependent control flow for XLA or repl
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import keras
@@ -137,17 +138,32 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     # -- training thread only -------------------------------------------------------------
     def load(self, state: ActiveSchedule, version: int) -> None:
-        """Make `state` the schedule of every following step. Call between steps only."""
+        """Make `state` the schedule of every following step. Call between steps only.
+
+        All or nothing: every value is converted first (a value that does not fit raises
+        here), and if an assignment fails the previous values are put back, so no step ever
+        sees half of one schedule and half of another.
+        """
         enc = _Encoded(state.spec)
-        self._kind.assign(enc.kind)
-        self._origin_step.assign(state.origin_step)
-        self._scale.assign(state.scale)
-        self._params.assign(enc.params)
-        self._steps.assign(enc.steps)
-        self._values.assign(enc.values)
-        self._count.assign(enc.count)
+        new = [np.asarray(enc.kind, np.int32), np.asarray(state.origin_step, np.int64),
+               np.asarray(state.scale, np.float64), enc.params, enc.steps, enc.values,
+               np.asarray(enc.count, np.int32), np.asarray(version, np.int64),
+               np.asarray(state.origin is Origin.RESTART)]
+        old = [variable.numpy() for variable in self.variables]
+        try:
+            for variable, value in zip(self.variables, new, strict=True):
+                variable.assign(value)
+        except Exception:
+            for variable, value in zip(self.variables, old, strict=True):
+                variable.assign(value)
+            raise
+
+    def version(self) -> int:
+        """The version variable alone: a cheap way to notice a checkpoint restore."""
+        return int(self._version.numpy())
+
+    def set_version(self, version: int) -> None:
         self._version.assign(version)
-        self._restart.assign(state.origin is Origin.RESTART)
 
     def read(self) -> tuple[ActiveSchedule, int]:
         """Decode the variables (e.g. after a checkpoint restore) into the active schedule."""
@@ -231,11 +247,42 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
         frac = ops.clip(ops.cast(local - t_lo, "float32") / span, 0.0, 1.0)
         return v_lo + (v_hi - v_lo) * frac
 
+    # -- the `.keras` format (see lrctl.service.saving) ----------------------------------------
+    #: Set by `attach`: the optimizer that holds this schedule and tracks its variables.
+    optimizer_ref: weakref.ReferenceType[Any] | None = None
+    #: Set by `attach`: variables of that optimizer that hold no state (the float LR replaced).
+    retired: tuple[keras.Variable, ...] = ()
+    #: Set by `from_config`: where this schedule's variables and the retired ones sat in the
+    #: saved optimizer's variable list. keras.models.load_model cannot restore that list (its
+    #: count differs from the rebuilt optimizer's); lrctl.service.load_model can with this
+    #: layout, then clears it. While it is set, `attach` refuses the optimizer.
+    saved_optimizer_layout: dict[str, Any] | None = None
+
     def get_config(self) -> dict[str, Any]:
-        state, _ = self.read()
-        return {"name": self.name, "schedule": {"class_name": state.spec.keras_name,
-                                                "config": state.spec.to_config()}}
+        """The whole active state, so `from_config` resumes exactly, and the layout of a built
+        optimizer's variable list, so lrctl.service.load_model can restore the optimizer."""
+        state, version = self.read()
+        config: dict[str, Any] = {
+            "name": self.name,
+            "schedule": {"class_name": state.spec.keras_name, "config": state.spec.to_config()},
+            "origin": state.origin.value, "origin_step": state.origin_step, "scale": state.scale,
+            "version": version,
+        }
+        optimizer = self.optimizer_ref() if self.optimizer_ref is not None else None
+        if optimizer is not None and optimizer.built:  # unbuilt, it holds no state to restore
+            index = {id(v): i for i, v in enumerate(optimizer.variables)}
+            config["optimizer_layout"] = {
+                "count": len(index), "schedule": [index[id(v)] for v in self.variables],
+                "retired": [index[id(v)] for v in self.retired if id(v) in index],
+            }
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ControllableSchedule:
-        return cls(config["schedule"], name=config.get("name", "lrctl"))
+        # Configs saved before lrctl kept the state carry only "schedule": the defaults match.
+        state = ActiveSchedule(specs.as_spec(config["schedule"]), Origin(config.get("origin", "global")),
+                               int(config.get("origin_step", 0)), float(config.get("scale", 1.0)))
+        schedule = cls(state, name=config.get("name", "lrctl"))
+        schedule._version.assign(int(config.get("version", 0)))
+        schedule.saved_optimizer_layout = config.get("optimizer_layout")
+        return schedule

@@ -43,3 +43,27 @@ class FailedPreconditionError(Exception):
 
 class WaitTimeoutError(TimeoutError):
     """Waiting for a change ran out of time. The change stays pending."""
+
+
+class NotFoundError(LookupError):
+    """The request names a change the server does not know (or no longer remembers)."""
+
+
+class ResourceExhaustedError(Exception):
+    """A bound was reached (pending changes, waiting calls, streams); retry later."""
+
+
+class RequestIdReusedError(Exception):
+    """A request_id came back with a different payload: it is not a retry, and would be
+    silently answered with another change's result if it were treated as one."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        super().__init__(
+            f"request_id {request_id!r} was already used for a different change; "
+            "send a fresh request_id for each new change"
+        )
+
+
+class ApplyError(Exception):
+    """The training thread could not apply a change (the engine raised). Nothing changed."""

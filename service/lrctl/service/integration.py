@@ -10,7 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
+import threading
 import time
+import types
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -26,6 +30,14 @@ from lrctl.service.specs import ActiveSchedule
 logger = logging.getLogger("lrctl")
 
 
+def _lr_owner(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The optimizer whose learning rate moves the weights. A LossScaleOptimizer (what
+    compile() makes under mixed precision) only wraps one and never reads its own."""
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
 def attach(optimizer: keras.optimizers.Optimizer) -> ControllableSchedule:
     """Give `optimizer` a ControllableSchedule that starts where its learning rate is now.
 
@@ -34,12 +46,24 @@ def attach(optimizer: keras.optimizers.Optimizer) -> ControllableSchedule:
     optimizer (`tf.train.Checkpoint`, `model.save_weights`, BackupAndRestore) carries them.
     To restore, attach first, then restore: Keras's `load_weights` skips (with a warning)
     the state of an optimizer that is not built yet, so build it before `load_weights`.
+    A LossScaleOptimizer gets the schedule on its inner optimizer, which applies the updates.
+    Load a `.keras` file with lrctl.service.load_model, not keras.models.load_model.
     """
-    current = optimizer._learning_rate
+    owner = _lr_owner(optimizer)
+    current = owner._learning_rate
     if isinstance(current, ControllableSchedule):
         schedule = current
+        if schedule.saved_optimizer_layout is not None:
+            raise ValueError(
+                f"Cannot attach lrctl to optimizer '{optimizer.name}': it was rebuilt from a saved "
+                "config (keras.models.load_model does this) without its saved state, so its step "
+                "count and slots (e.g. Adam's moments) would restart from zero under lrctl's "
+                f"restored schedule (version {schedule.read()[1]}). Keras skips that state because "
+                "lrctl's variables change the optimizer's variable count. Load the file with "
+                "lrctl.service.load_model(path), which restores it."
+            )
     else:
-        if optimizer.built:
+        if owner.built:
             raise ValueError(
                 f"Cannot attach lrctl to optimizer '{optimizer.name}': it has already been built, so "
                 "a compiled train step may hold its current learning rate and would ignore a new "
@@ -65,16 +89,20 @@ def attach(optimizer: keras.optimizers.Optimizer) -> ControllableSchedule:
                 f"callable ({current!r}), which lrctl cannot read. Pass a float or a schedule."
             )
         # The schedule's variables must live where the optimizer's do (same strategy).
-        strategy = getattr(optimizer, "_distribution_strategy", None) or tf.distribute.get_strategy()
+        strategy = getattr(owner, "_distribution_strategy", None) or tf.distribute.get_strategy()
         with strategy.scope():
             schedule = ControllableSchedule(initial)
         # Not the `learning_rate` setter: it untracks the float LR variable, and deleting from
         # the optimizer's append-only variable list makes tf.train.Checkpoint refuse to save.
-        optimizer._learning_rate = schedule
-    tracked = {id(v) for v in optimizer.variables}
+        owner._learning_rate = schedule
+        if isinstance(current, keras.Variable):
+            schedule.retired = (current,)  # still tracked, but a .keras load need not restore it
+    # Tracked by the owner, so a wrapper's `variables` (its own + the owner's) hold them too.
+    tracked = {id(v) for v in owner.variables}
     for variable in schedule.variables:
         if id(variable) not in tracked:
-            optimizer._track_variable(variable)
+            owner._track_variable(variable)
+    schedule.optimizer_ref = weakref.ref(owner)  # get_config records where its variables sit
     return schedule
 
 
@@ -121,6 +149,11 @@ def _to_floats(logs: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """A client's free text cut for the log: a 1 KiB reason per line would flood it."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class TrainingControl:
     """What a trainer embeds: the optimizer's schedule, the controller, and the step boundary.
 
@@ -158,41 +191,59 @@ class TrainingControl:
 
     def step_boundary(self, logs: Mapping[str, Any] | None = None) -> list[Change]:
         """Between two steps of a custom loop: apply due changes, publish the last step's
-        logs (throttled)."""
-        applied = self.apply_pending()
+        logs (throttled). The step is read at every call (one scalar read): a custom loop may
+        run any number of steps between calls, and `apply_at_step` must never land late."""
+        step = self.step
+        applied = self._apply_due(step) if self.controller.at_boundary(step) else []
         self.publish(logs)
-        self._step_ceiling = math.inf  # the loop may run any number of steps before the next call
         return applied
 
     def before_batch(self, steps: int | None, logs: Mapping[str, Any] | None = None) -> None:
         """At a step boundary in `fit`: apply due changes and publish. `steps` bounds how many
-        steps the coming batch runs (steps_per_execution); None if unknown."""
-        self.apply_pending(bounded=True)
+        steps the coming batch runs (steps_per_execution); None if unknown.
+
+        The step is read only when a change may be due by the bound `_step_ceiling`, so an
+        idle boundary costs one lock and no device sync."""
+        if self.controller.at_boundary(self._step_ceiling):
+            self._apply_due(self.step)
         self.publish(logs)
         self._step_ceiling += steps if steps is not None else math.inf
 
-    def apply_pending(self, *, bounded: bool = False) -> list[Change]:
-        """Apply the changes that are due now.
+    def apply_pending(self) -> list[Change]:
+        """Apply the changes that are due now (at a step boundary)."""
+        return self._apply_due(self.step)
 
-        With `bounded`, the step (a device sync) is not read while the earliest pending
-        change cannot be due yet by the step bound that `before_batch` maintains.
-        """
-        due = self.controller.next_due_step
-        if due is None or (bounded and due > self._step_ceiling):
-            return []
+    def _apply_due(self, step: int) -> list[Change]:
+        self.resync()
         lr = self.controller.snapshot().learning_rate
-        applied = self.controller.apply_due(self.step)
-        for change in applied:
-            reason = f" ({change.request.reason})" if change.request.reason else ""
+        finished = self.controller.apply_due(step)
+        for change in finished:
+            reason = f" ({_short(change.request.reason)})" if change.request.reason else ""
             if change.status is ChangeStatus.APPLIED:
                 logger.info("v%d step %d: lr %.6g -> %.6g  %s%s", change.version, change.applied_step,
-                            lr, change.learning_rate_after, change.description, reason)
+                            lr, change.learning_rate_after, _short(change.description), reason)
                 lr = change.learning_rate_after or lr
             else:
-                logger.warning("not applied (%s): %s%s", change.status.value, change.description, reason)
-        if applied:
+                error = f": {change.error}" if change.error else ""
+                logger.warning("not applied (%s%s): %s%s", change.status.value, error,
+                               _short(change.description), reason)
+        if finished:
             self._last_publish = time.monotonic()
-        return applied
+        return finished
+
+    def resync(self) -> None:
+        """Notice a restore (BackupAndRestore, tf.train.Checkpoint, load_weights) that replaced
+        the engine's variables behind the controller's back, whatever the callback order, so
+        that the next change builds on the restored state and the version never goes back.
+        Training calls it before every change and at train begin; call it yourself after
+        restoring a checkpoint by hand if readers should see the restored state at once."""
+        state, version = self._target.read()
+        if (state, version) != self.controller.engine_state:
+            now = self.controller.restored(state, version)
+            if now != version:
+                self.schedule.set_version(now)
+            logger.info("v%d: the schedule was restored (checkpoint version %d): %s",
+                        now, version, _short(state.spec.describe()))
 
     def publish(self, logs: Mapping[str, Any] | None = None, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -200,12 +251,14 @@ class TrainingControl:
             return
         self._last_publish = now
         step = self.step
+        if self.schedule.version() != self.controller.engine_state[1]:
+            self.resync()
         self.controller.publish(step=step, learning_rate=self._target.learning_rate(step),
                                 metrics=_to_floats(logs) if logs is not None else None, epoch=self._epoch)
 
     def begin(self) -> None:
         """Training starts (or resumes after a restore): sync with the engine's variables."""
-        self.controller.resync()
+        self.resync()
         self.controller.set_phase(Phase.TRAINING)
         self.publish(force=True)
 
@@ -235,6 +288,44 @@ class TrainingControl:
         self.end()
 
 
+class _FitWatch:
+    """Ends the run as FAILED when `fit` exits without calling `on_train_end`, i.e. it raised.
+
+    Keras calls no callback when `fit` raises, and the run would stay TRAINING: waiters would
+    hang and readiness would stay SERVING. A daemon thread looks every `poll` seconds whether
+    the training thread's stack still holds `fit`'s frame. It touches no TensorFlow.
+    """
+
+    def __init__(self, controller: Controller, poll: float = 0.25) -> None:
+        self._controller = controller
+        self._poll = poll
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name != "fit":
+            frame = frame.f_back  # type: ignore[assignment]
+        if frame is not None:
+            threading.Thread(target=self._watch, args=(frame, threading.get_ident()),
+                             name="lrctl-fit-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self, fit_frame: types.FrameType, thread_id: int) -> None:
+        while not self._done.wait(self._poll):
+            frame = sys._current_frames().get(thread_id)
+            while frame is not None and frame is not fit_frame:
+                frame = frame.f_back
+            if frame is None:
+                del fit_frame  # let fit's locals go
+                if not self._done.is_set() and self._controller.snapshot().phase in (
+                        Phase.TRAINING, Phase.STOPPING):
+                    logger.error("fit() raised: the run ends as failed")
+                    self._controller.set_phase(Phase.FAILED)
+                return
+
+
 class _ControlCallback(keras.callbacks.Callback):
     """Applies pending changes and publishes the state before each train batch.
 
@@ -251,11 +342,15 @@ class _ControlCallback(keras.callbacks.Callback):
         self._control = control
         self._last_logs: Mapping[str, Any] | None = None
         self._steps_per_batch: int | None = None  # steps one train batch call may run
+        self._watch: _FitWatch | None = None
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         spe = getattr(self.model, "steps_per_execution", 1)
         self._steps_per_batch = spe if isinstance(spe, int) and spe > 0 else None
         self._control.begin()
+        if not self._control._run_open:  # inside training(), its own `except` ends the run
+            self._watch = _FitWatch(self._control.controller)
+            self._watch.start()
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._control.set_epoch(epoch)
@@ -267,6 +362,9 @@ class _ControlCallback(keras.callbacks.Callback):
         self._last_logs = logs  # one reference swap: safe from Keras's helper thread
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         if self._control._run_open:
             self._control.publish(self._last_logs, force=True)
         else:

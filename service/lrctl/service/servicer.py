@@ -6,7 +6,10 @@ snapshot. It never touches TensorFlow: the training thread applies every change.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
@@ -19,6 +22,7 @@ from grpc_status import rpc_status
 
 from lrctl.service import specs
 from lrctl.service.controller import (
+    MAX_REASON_BYTES,
     Action,
     Change,
     ChangeRequest,
@@ -31,13 +35,19 @@ from lrctl.service.controller import (
     SwapSchedule,
 )
 from lrctl.service.errors import (
+    ApplyError,
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
+    RequestIdReusedError,
+    ResourceExhaustedError,
     VersionConflictError,
     WaitTimeoutError,
 )
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("lrctl")
 
 # The Schedule oneof's field for each spec type, e.g. ExponentialDecay -> "exponential_decay".
 _FIELD_BY_TYPE: dict[type, str] = {
@@ -60,6 +70,10 @@ _ORIGIN_TO_PB = {specs.Origin.RESTART: pb.STEP_ORIGIN_RESTART, specs.Origin.GLOB
 _PHASE_TO_PB = {phase: pb.Phase.Value(f"PHASE_{phase.name}") for phase in Phase}
 _STATUS_TO_PB = {status: pb.ChangeStatus.Value(f"CHANGE_STATUS_{status.name}") for status in ChangeStatus}
 DEFAULT_WATCH_INTERVAL = 1.0  # seconds, when WatchStateRequest.min_interval is unset or zero
+MAX_WATCH_INTERVAL = 3600  # seconds
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 100  # ListChanges (AIP-158)
+#: Calls that may block in `wait_until_applied` at once, each holding a server thread.
+DEFAULT_MAX_WAITERS = 32
 _WAIT_MARGIN = 0.05  # answer DEADLINE_EXCEEDED ourselves, with a message, just before the deadline
 
 
@@ -129,7 +143,8 @@ def change_to_proto(change: Change) -> pb.Change:
         reason=request.reason, requested_step=change.requested_step,
         apply_at_step=request.apply_at_step, applied_step=change.applied_step,
         learning_rate_after=change.learning_rate_after, requested_time=_timestamp(change.requested_time),
-        applied_time=_timestamp(change.applied_time), description=change.description,
+        applied_time=_timestamp(change.applied_time) if change.status is ChangeStatus.APPLIED else None,
+        description=change.description, error=str(change.error) if change.error else "",
     )
     if isinstance(action, PinLearningRate):
         message.set_learning_rate = action.learning_rate
@@ -153,13 +168,20 @@ def state_to_proto(snap: Snapshot,
         version=snap.version, metrics=dict(snap.metrics), optimizer=snap.optimizer,
         pending_changes=[convert_change(c) for c in snap.pending],
         recent_changes=[convert_change(c) for c in snap.recent],
-        updated_time=_timestamp(snap.updated_time),
+        updated_time=_timestamp(snap.updated_time), pending_count=snap.pending_count,
     )
 
 
 # -- errors -> status codes (the one place) -----------------------------------------------------
+def _any(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
 def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
     detail = any_pb2.Any()
+    details: list[any_pb2.Any] = []
     if isinstance(error, InvalidArgumentError):
         code = code_pb2.INVALID_ARGUMENT
         rule = f"{error.rule}. Received: {error.received}"
@@ -179,21 +201,38 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
     elif isinstance(error, WaitTimeoutError):
         code, message = code_pb2.DEADLINE_EXCEEDED, str(error)
         detail.Pack(error_details_pb2.ErrorInfo(reason="NOT_YET_APPLIED", domain="lrctl"))
+    elif isinstance(error, RequestIdReusedError):
+        code, message = code_pb2.INVALID_ARGUMENT, str(error)
+        detail.Pack(error_details_pb2.ErrorInfo(reason="REQUEST_ID_REUSED", domain="lrctl",
+                                                metadata={"request_id": error.request_id}))
+        details.append(_any(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field="request_id", description=message)])))
+    elif isinstance(error, NotFoundError):
+        code, message = code_pb2.NOT_FOUND, str(error)
+        detail.Pack(error_details_pb2.ResourceInfo(resource_type="lrctl.v1.Change", description=message))
+    elif isinstance(error, ResourceExhaustedError):
+        code, message = code_pb2.RESOURCE_EXHAUSTED, str(error)
+        detail.Pack(error_details_pb2.ErrorInfo(reason="LIMIT_REACHED", domain="lrctl"))
+    elif isinstance(error, ApplyError):
+        code, message = code_pb2.INTERNAL, str(error)
+        detail.Pack(error_details_pb2.ErrorInfo(reason="APPLY_FAILED", domain="lrctl"))
     else:
         raise error
     context.abort_with_status(rpc_status.to_status(
-        status_pb2.Status(code=code, message=message, details=[detail])))
+        status_pb2.Status(code=code, message=message, details=[detail, *details])))
     raise AssertionError("abort_with_status returns only by raising")
 
 
-_DOMAIN_ERRORS = (InvalidArgumentError, VersionConflictError, FailedPreconditionError, WaitTimeoutError)
+_DOMAIN_ERRORS = (InvalidArgumentError, VersionConflictError, FailedPreconditionError, WaitTimeoutError,
+                  RequestIdReusedError, NotFoundError, ResourceExhaustedError, ApplyError)
 
 
 class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
     """lrctl.v1.TrainingControlService backed by one Controller."""
 
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, *, max_waiters: int = DEFAULT_MAX_WAITERS) -> None:
         self._controller = controller
+        self._waiters = threading.BoundedSemaphore(max_waiters)
         # Snapshots and change records are immutable, so each is converted to protobuf once:
         # a state holds up to a hundred changes, and watchers and pollers ask for it often.
         self._lock = threading.Lock()
@@ -245,22 +284,74 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
 
     def WatchState(self, request: pb.WatchStateRequest,
                    context: grpc.ServicerContext) -> Iterator[pb.WatchStateResponse]:
-        interval = request.min_interval.ToTimedelta().total_seconds()
-        if interval < 0:
-            _abort(context, InvalidArgumentError("min_interval", "must be >= 0", f"{interval}s"))
+        duration = request.min_interval
+        interval = duration.seconds + duration.nanos / 1e9
+        if not 0 <= interval <= MAX_WATCH_INTERVAL or not 0 <= duration.nanos < 1_000_000_000:
+            _abort(context, InvalidArgumentError(
+                "min_interval", f"must be in [0s, {MAX_WATCH_INTERVAL}s]",
+                f"{duration.seconds}s {duration.nanos}ns"))
         for snap in self._controller.updates(interval or DEFAULT_WATCH_INTERVAL, context.is_active):
             yield pb.WatchStateResponse(state=self._state_proto(snap))
+
+    def CancelChange(self, request: pb.CancelChangeRequest,
+                     context: grpc.ServicerContext) -> pb.CancelChangeResponse:
+        try:
+            which = request.WhichOneof("change")
+            if which is None:
+                raise InvalidArgumentError("request_id", "or `version` must be set", "neither")
+            if which == "request_id" and not request.request_id:
+                raise InvalidArgumentError("request_id", "must not be empty", "''")
+            if len(request.reason.encode()) > MAX_REASON_BYTES:
+                raise InvalidArgumentError("reason", f"must be at most {MAX_REASON_BYTES} "
+                                           "bytes", f"{len(request.reason.encode())} bytes")
+            change = self._controller.cancel(
+                request_id=request.request_id,
+                version=request.version if which == "version" else None,
+            )
+        except _DOMAIN_ERRORS as e:
+            _abort(context, e)
+        logger.info("cancelled: %s%s", change.description[:80],
+                    f" ({request.reason[:80]})" if request.reason else "")
+        return pb.CancelChangeResponse(change=change_to_proto(change))
+
+    def ListChanges(self, request: pb.ListChangesRequest,
+                    context: grpc.ServicerContext) -> pb.ListChangesResponse:
+        run_id = self._controller.snapshot().run_id
+        try:
+            if request.page_size < 0:
+                raise InvalidArgumentError("page_size", "must be >= 0", request.page_size)
+            before = _decode_page_token(request.page_token, run_id) if request.page_token else None
+            page, next_before = self._controller.list_changes(
+                min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), before)
+        except _DOMAIN_ERRORS as e:
+            _abort(context, e)
+        return pb.ListChangesResponse(
+            changes=[change_to_proto(c) for c in page],
+            next_page_token="" if next_before is None else _encode_page_token(next_before, run_id))
 
     def _submit(self, change_request: ChangeRequest,
                 request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
                 context: grpc.ServicerContext) -> pb.Change:
-        change = self._controller.submit(change_request, validate_only=request.validate_only)
-        if request.wait_until_applied and change.status is ChangeStatus.PENDING:
-            change = self._wait(change, context)
+        waits = request.wait_until_applied and not request.validate_only
+        # Each waiting call holds a server thread: bound them before anything is queued.
+        if waits and not self._waiters.acquire(blocking=False):
+            raise ResourceExhaustedError(
+                "too many calls are waiting for their change to apply; retry without "
+                "wait_until_applied and follow the change with WatchState or ListChanges")
+        try:
+            change = self._controller.submit(change_request, validate_only=request.validate_only)
+            if waits and change.status is ChangeStatus.PENDING:
+                change = self._wait(change, context)
+        finally:
+            if waits:
+                self._waiters.release()
         if change.status is ChangeStatus.ABORTED:
             raise VersionConflictError(change_request.expected_version or 0, change.current_version or 0)
         if change.status is ChangeStatus.CANCELLED:
-            raise FailedPreconditionError("the run ended before the change was applied; nothing changed")
+            raise FailedPreconditionError("the change was cancelled (by a client, or because the run "
+                                          "ended) before it was applied; nothing changed")
+        if change.status is ChangeStatus.FAILED and change.error is not None:
+            raise change.error
         return change_to_proto(change)
 
     def _wait(self, change: Change, context: grpc.ServicerContext) -> Change:
@@ -273,3 +364,18 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
             except WaitTimeoutError:
                 if not context.is_active() or (remaining is not None and remaining - budget <= _WAIT_MARGIN):
                     raise
+
+
+def _encode_page_token(before_id: int, run_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{run_id}:{before_id}".encode()).decode()
+
+
+def _decode_page_token(token: str, run_id: str) -> int:
+    """The change id a page token continues before; INVALID_ARGUMENT for a foreign token."""
+    try:
+        token_run, _, before = base64.urlsafe_b64decode(token.encode()).decode().rpartition(":")
+        if token_run == run_id and before.isdigit():
+            return int(before)
+    except (binascii.Error, UnicodeError, ValueError):
+        pass
+    raise InvalidArgumentError("page_token", "must be a next_page_token of this run", token[:64])

@@ -22,6 +22,8 @@ from lrctl.service.errors import InvalidArgumentError
 CAPACITY = 64
 #: Steps are stored exactly in int64 and float64 variables, so they stay below 2**53.
 MAX_STEP = 2**53
+#: The engine computes in float32: a larger magnitude is inf there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _learning_rate(field: str, value: object) -> float:
@@ -29,12 +31,15 @@ def _learning_rate(field: str, value: object) -> float:
 
 
 def check_number(field: str, value: object, *, minimum: float, inclusive: bool = True) -> float:
-    """A finite number >= `minimum` (> with `inclusive=False`), or an InvalidArgumentError."""
+    """A number >= `minimum` (> with `inclusive=False`) that is finite in float32, the
+    precision the engine computes in; otherwise an InvalidArgumentError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgumentError(field, "must be a number", value)
     ok = value >= minimum if inclusive else value > minimum
     if not math.isfinite(value) or not ok:
         raise InvalidArgumentError(field, f"must be finite and {'>=' if inclusive else '>'} {minimum:g}", value)
+    if abs(value) > FLOAT32_MAX:
+        raise InvalidArgumentError(field, f"must be finite in float32 (at most {FLOAT32_MAX:.8g})", value)
     return float(value)
 
 
