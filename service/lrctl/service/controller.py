@@ -42,8 +42,8 @@ from lrctl.service.specs import (
 )
 
 #: Finished changes remembered, newest last: a retry of any of their request ids returns the
-#: record instead of applying again, and ListChanges pages through them. A record is a few
-#: hundred bytes (up to ~8 KB with a 64-knot schedule and a 1 KiB reason).
+#: record instead of applying again, and ListChanges pages through them. Measured: ~0.9 KB a
+#: record (9 MB for the window); ~13 KB for a 64-knot swap with a 1 KiB reason.
 DEDUP_WINDOW = 10_000
 #: Changes accepted but not yet applied, at most; beyond, RESOURCE_EXHAUSTED.
 MAX_PENDING = 1_000
