@@ -94,3 +94,13 @@ class LiveTrainer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+def wait_for_health(client: Any, service: str, status: str, limit: float = 60.0) -> None:
+    """Poll `client.health(service)` until it reports `status`: health follows the run on a
+    thread of its own, so it lags a phase change a little (a safety limit, not a timing check)."""
+    deadline = time.monotonic() + limit
+    while client.health(service) != status:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"health of {service!r} never became {status}")
+        time.sleep(0.01)

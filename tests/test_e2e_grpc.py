@@ -16,7 +16,7 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from live import LiveTrainer
+from live import LiveTrainer, wait_for_health
 
 from lrctl.client import (
     DeadlineExceeded,
@@ -97,8 +97,14 @@ def test_swap_accepts_a_keras_serialized_dict(trainer: LiveTrainer, client: Trai
 
 def test_apply_at_step_lands_exactly_there(trainer: LiveTrainer, client: TrainingControlClient) -> None:
     client.set_learning_rate(0.01, wait=True)
-    target = client.get_state().step + 40
-    pending = client.set_learning_rate(0.05, apply_at_step=target)
+    margin = 40
+    while True:  # a fast machine may pass a near step before the request lands: never late
+        target = client.get_state().step + margin
+        try:
+            pending = client.set_learning_rate(0.05, apply_at_step=target)
+            break
+        except FailedPrecondition:
+            margin *= 4
     assert pending.status == pb.CHANGE_STATUS_PENDING
     assert any(c.request_id == pending.request_id for c in client.get_state().pending_changes)
     applied = client.set_learning_rate(0.05, apply_at_step=target, request_id=pending.request_id, wait=True)
@@ -234,7 +240,8 @@ def test_a_finished_run_refuses_changes_and_stops_serving() -> None:
         live.stop.set()
         states = list(client.watch(min_interval=0.05))  # the stream ends with the run
         assert states[-1].phase == pb.PHASE_FINISHED
-        assert client.health() == "NOT_SERVING"
+        wait_for_health(client, "lrctl.v1.TrainingControlService", "NOT_SERVING")  # readiness
+        assert client.health() == "SERVING"  # liveness: the server still serves
         with pytest.raises(FailedPrecondition):
             client.set_learning_rate(0.1)
         cancelled = [c for c in client.get_state().recent_changes if c.request_id == pending.request_id]

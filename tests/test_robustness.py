@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 from google.protobuf import duration_pb2
-from live import LiveTrainer
+from live import LiveTrainer, wait_for_health
 
 from lrctl.client import (
     FailedPrecondition,
@@ -211,7 +211,7 @@ def test_a_fit_that_raises_ends_the_run_and_tells_waiters() -> None:
         assert outcome and "cancelled" in str(outcome[0])
         states = list(client.watch(min_interval=0.05, timeout=60))  # ends once the run failed
         assert states[-1].phase == pb.PHASE_FAILED
-        assert client.health(SERVICE) == "NOT_SERVING"
+        wait_for_health(client, SERVICE, "NOT_SERVING")
         with pytest.raises(FailedPrecondition, match="failed"):
             client.set_learning_rate(0.1)
 

@@ -25,6 +25,7 @@ import tensorflow as tf
 from lrctl.service import specs
 from lrctl.service.controller import Change, ChangeStatus, Controller, Phase
 from lrctl.service.engine import ControllableSchedule
+from lrctl.service.limits import short
 from lrctl.service.specs import ActiveSchedule
 
 logger = logging.getLogger("lrctl")
@@ -149,11 +150,6 @@ def _to_floats(logs: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def _short(text: str, limit: int = 80) -> str:
-    """A client's free text cut for the log: a 1 KiB reason per line would flood it."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 class TrainingControl:
     """What a trainer embeds: the optimizer's schedule, the controller, and the step boundary.
 
@@ -218,15 +214,15 @@ class TrainingControl:
         lr = self.controller.snapshot().learning_rate
         finished = self.controller.apply_due(step)
         for change in finished:
-            reason = f" ({_short(change.request.reason)})" if change.request.reason else ""
+            reason = f" ({short(change.request.reason)})" if change.request.reason else ""
             if change.status is ChangeStatus.APPLIED:
                 logger.info("v%d step %d: lr %.6g -> %.6g  %s%s", change.version, change.applied_step,
-                            lr, change.learning_rate_after, _short(change.description), reason)
+                            lr, change.learning_rate_after, short(change.description), reason)
                 lr = change.learning_rate_after or lr
             else:
                 error = f": {change.error}" if change.error else ""
                 logger.warning("not applied (%s%s): %s%s", change.status.value, error,
-                               _short(change.description), reason)
+                               short(change.description), reason)
         if finished:
             self._last_publish = time.monotonic()
         return finished
@@ -243,7 +239,7 @@ class TrainingControl:
             if now != version:
                 self.schedule.set_version(now)
             logger.info("v%d: the schedule was restored (checkpoint version %d): %s",
-                        now, version, _short(state.spec.describe()))
+                        now, version, short(state.spec.describe()))
 
     def publish(self, logs: Mapping[str, Any] | None = None, *, force: bool = False) -> None:
         now = time.monotonic()

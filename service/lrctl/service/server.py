@@ -1,59 +1,144 @@
 """The embedded gRPC server: lrctl's service, standard health checking and reflection.
 
 `serve()` is a context manager yielding `(server, port)`; pass port 0 to let the OS choose.
-Health follows the run: SERVING while training, NOT_SERVING otherwise.
+Health: the overall service "" is SERVING for as long as the server runs (a liveness probe);
+"lrctl.v1.TrainingControlService" is SERVING only while training (a readiness probe).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lrctl.service.controller import Controller, Phase
+from lrctl.service.limits import StreamLimiter, rate_limit_logs
 from lrctl.service.servicer import TrainingControlServicer
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name
+# Every streaming call (WatchState, Health/Watch, reflection) and every waiting call
+# (`wait_until_applied`) holds a worker thread while it lasts. Both are capped, and the pool
+# has UNARY_RESERVE threads beyond the two caps, so unary calls and health checks always run.
+MAX_STREAMS = 64  # concurrent streaming calls, all services together; then RESOURCE_EXHAUSTED
+MAX_WAITERS = 32  # concurrent waiting SetLearningRate/SwapSchedule calls (the servicer's cap)
+UNARY_RESERVE = 16  # threads left for everything else
+LOG_INTERVAL = 60.0  # seconds: at most one record per gRPC logging call site in this window
 logger = logging.getLogger("lrctl.server")
 
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-def _follow_phase(controller: Controller, servicer: health.HealthServicer, stop: threading.Event) -> None:
-    """Keep health in step with the run's phase (a watcher like any other client's)."""
-    for snap in controller.updates(min_interval=3600.0, is_active=lambda: not stop.is_set()):
-        status = (health_pb2.HealthCheckResponse.SERVING if snap.phase is Phase.TRAINING
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for service in ("", SERVICE_NAME):
-            servicer.set(service, status)
+
+class BindError(RuntimeError):
+    """The server could not listen on its address."""
+
+    def __init__(self, address: str, message: str) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class AddressInUseError(BindError):
+    """Something (most likely another trainer) already listens on the address."""
+
+
+def _in_use(address: str) -> bool:
+    """Whether binding `address` fails with EADDRINUSE: gRPC reports every bind failure
+    alike, and only this one deserves the "another trainer" hint."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _bind(server: grpc.Server, address: str) -> int:
+    try:
+        port = server.add_insecure_port(address)  # grpcio >= 1.6x raises; older ones return 0
+    except RuntimeError:
+        port = 0
+    if port:
+        return port
+    if _in_use(address):
+        raise AddressInUseError(address, f"{address} is already in use: is another trainer running?")
+    raise BindError(address, f"cannot listen on {address}: check the host and port")
+
+
+def _set(servicer: health.HealthServicer, service: str, status: Any, sent: dict[str, Any]) -> None:
+    # Only on a change: every `set` sends one message to each Health/Watch stream.
+    if sent.get(service) != status:
+        servicer.set(service, status)
+        sent[service] = status
+
+
+def _follow_phase(controller: Controller, servicer: health.HealthServicer, stop: threading.Event,
+                  sent: dict[str, Any], poll: float = 0.5) -> None:
+    """Keep the training service's health in step with the run's phase (a watcher like any
+    other client's). The overall service "" is never touched: the process still serves while
+    it starts, compiles and after the run ends, and a liveness probe must not kill it then."""
+    while not stop.is_set():
+        for snap in controller.updates(min_interval=3600.0, is_active=lambda: not stop.is_set()):
+            _set(servicer, SERVICE_NAME, _SERVING if snap.phase is Phase.TRAINING else _NOT_SERVING,
+                 sent)
+        # The stream ends with each run; another `fit` on the same controller starts a new one.
+        stop.wait(poll)
 
 
 @contextlib.contextmanager
 def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
-          max_workers: int = 32) -> Iterator[tuple[grpc.Server, int]]:
+          max_streams: int = MAX_STREAMS, max_waiters: int = MAX_WAITERS,
+          unary_reserve: int = UNARY_RESERVE) -> Iterator[tuple[grpc.Server, int]]:
     """Run the server on a background thread pool for the duration of the `with` block.
 
-    Each WatchState stream and each `wait_until_applied` call holds one worker thread while
-    it lasts, hence a pool larger than gRPC's usual default.
+    Raises AddressInUseError if `address` is taken: SO_REUSEPORT is off, so a second trainer
+    on the same port fails to start instead of sharing the port's clients at random.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="lrctl-grpc"))
-    pb_grpc.add_TrainingControlServiceServicer_to_server(TrainingControlServicer(controller), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    rate_limit_logs(("grpc._server", "grpc._common"), LOG_INTERVAL)
+    pool = futures.ThreadPoolExecutor(max_streams + max_waiters + unary_reserve,
+                                      thread_name_prefix="lrctl-grpc")
+    server = grpc.server(pool, interceptors=[StreamLimiter(max_streams)],
+                         options=[("grpc.so_reuseport", 0)])
+    servicer = TrainingControlServicer(controller, max_waiters=max_waiters)
+    pb_grpc.add_TrainingControlServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = _bind(server, address)
+    except BindError:
+        server.stop(None)
+        pool.shutdown(wait=False)
+        raise
+    sent: dict[str, Any] = {}
+    _set(health_servicer, "", _SERVING, sent)
+    _set(health_servicer, SERVICE_NAME, _NOT_SERVING, sent)  # known, not ready, before any call
     server.start()
     stop = threading.Event()
-    follower = threading.Thread(target=_follow_phase, args=(controller, health_servicer, stop),
+    follower = threading.Thread(target=_follow_phase,
+                                args=(controller, health_servicer, stop, sent),
                                 name="lrctl-health", daemon=True)
     follower.start()
     logger.info("lrctl listening on %s (port %d)", address, port)

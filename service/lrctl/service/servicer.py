@@ -44,6 +44,7 @@ from lrctl.service.errors import (
     VersionConflictError,
     WaitTimeoutError,
 )
+from lrctl.service.limits import short
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
@@ -310,8 +311,8 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
             )
         except _DOMAIN_ERRORS as e:
             _abort(context, e)
-        logger.info("cancelled: %s%s", change.description[:80],
-                    f" ({request.reason[:80]})" if request.reason else "")
+        logger.info("cancelled: %s%s", short(change.description),
+                    f" ({short(request.reason)})" if request.reason else "")
         return pb.CancelChangeResponse(change=change_to_proto(change))
 
     def ListChanges(self, request: pb.ListChangesRequest,
