@@ -43,7 +43,7 @@ class _Recorder(keras.callbacks.Callback):
 
 
 class LiveTrainer:
-    def __init__(self, learning_rate: float = 0.01) -> None:
+    def __init__(self, learning_rate: float = 0.01, **control_options: Any) -> None:
         keras.utils.set_random_seed(0)
         self.model = keras.Sequential([
             keras.Input((1,)),
@@ -51,7 +51,7 @@ class LiveTrainer:
         ])
         self.model.compile(optimizer=keras.optimizers.SGD(learning_rate),
                            loss=lambda y_true, y_pred: ops.mean(y_pred))
-        self.control = TrainingControl(self.model.optimizer)
+        self.control = TrainingControl(self.model.optimizer, **control_options)
         self.weights: dict[int, float] = {}
         self.stop = threading.Event()
         self.error: BaseException | None = None

@@ -81,6 +81,8 @@ def _options(
     validate_only: bool,
     reason: str,
     request_id: str | None,
+    force: bool = False,
+    preview_steps: int = 0,
 ) -> None:
     """Fill the options SetLearningRateRequest and SwapScheduleRequest share."""
     request.request_id = request_id if request_id is not None else uuid.uuid4().hex
@@ -91,6 +93,8 @@ def _options(
     request.wait_until_applied = wait
     request.validate_only = validate_only
     request.reason = reason
+    request.force = force
+    request.preview_steps = preview_steps
 
 
 class TrainingControlClient:
@@ -207,6 +211,8 @@ class TrainingControlClient:
         validate_only: bool = False,
         reason: str = "",
         request_id: str | None = None,
+        force: bool = False,
+        preview_steps: int = 0,
         timeout: float | None = None,
     ) -> pb.Change:
         """Pin the learning rate to `value` (resets the scale to 1).
@@ -223,13 +229,17 @@ class TrainingControlClient:
             validate_only: validate only; returns status VALIDATED, changes nothing.
             reason: free text recorded in the history.
             request_id: idempotency key; `None` generates a UUID4, so retries are safe.
+            force: skip the trainer's max_change_factor guardrail (never its bounds).
+            preview_steps: with `validate_only`, the horizon of the returned preview
+                (`Change.preview`, `Change.preview_current`) and of the guardrail checks.
             timeout: RPC deadline in seconds; `None` uses the client default.
 
         Returns:
             The `Change` (status PENDING, APPLIED, ABORTED, CANCELLED or VALIDATED).
         """
         request = pb.SetLearningRateRequest(learning_rate=value)
-        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id)
+        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
+                 force, preview_steps)
         return self._set(request, timeout)
 
     def scale_learning_rate(
@@ -242,6 +252,8 @@ class TrainingControlClient:
         validate_only: bool = False,
         reason: str = "",
         request_id: str | None = None,
+        force: bool = False,
+        preview_steps: int = 0,
         timeout: float | None = None,
     ) -> pb.Change:
         """Multiply the active schedule by `factor` (cumulative with earlier scales).
@@ -249,7 +261,8 @@ class TrainingControlClient:
         Arguments and result as for `set_learning_rate`.
         """
         request = pb.SetLearningRateRequest(scale=factor)
-        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id)
+        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
+                 force, preview_steps)
         return self._set(request, timeout)
 
     def _set(self, request: pb.SetLearningRateRequest, timeout: float | None) -> pb.Change:
@@ -269,6 +282,8 @@ class TrainingControlClient:
         validate_only: bool = False,
         reason: str = "",
         request_id: str | None = None,
+        force: bool = False,
+        preview_steps: int = 0,
         timeout: float | None = None,
     ) -> pb.Change:
         """Replace the active schedule (resets the scale to 1).
@@ -286,7 +301,8 @@ class TrainingControlClient:
             The `Change`.
         """
         request = pb.SwapScheduleRequest(schedule=to_schedule(schedule), origin=_origin(origin))
-        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id)
+        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
+                 force, preview_steps)
         response = self._call(
             lambda: self._stub.SwapSchedule(request, timeout=self._timeout(timeout))
         )

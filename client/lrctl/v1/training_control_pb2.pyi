@@ -210,6 +210,8 @@ class SetLearningRateRequest(_message.Message):
     APPLY_AT_STEP_FIELD_NUMBER: _builtins.int
     WAIT_UNTIL_APPLIED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    PREVIEW_STEPS_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Pins a constant learning rate: the active schedule becomes
     Constant(learning_rate) and the scale is reset to 1. Must be finite and
@@ -260,6 +262,18 @@ class SetLearningRateRequest(_message.Message):
     """Free-text reason, recorded in the change history; at most 1 KiB of UTF-8.
     Empty: no reason given.
     """
+    force: _builtins.bool
+    """If true, the trainer's max_change_factor guardrail is not applied to this
+    change (its min/max learning-rate bounds always are). False: all
+    guardrails apply.
+    """
+    preview_steps: _builtins.int
+    """With validate_only: the number of steps over which the response previews
+    the learning rate (Change.preview and Change.preview_current, 33 points
+    from the step where the change would apply), and over which the
+    guardrails are checked. At most 1,000,000,000. Zero: no preview, and the
+    guardrails are checked over 10,000 steps. Ignored without validate_only.
+    """
     def __init__(
         self,
         *,
@@ -271,10 +285,12 @@ class SetLearningRateRequest(_message.Message):
         apply_at_step: _builtins.int | None = ...,
         wait_until_applied: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        preview_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "change", b"change", "expected_version", b"expected_version", "learning_rate", b"learning_rate", "scale", b"scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "change", b"change", "expected_version", b"expected_version", "learning_rate", b"learning_rate", "reason", b"reason", "request_id", b"request_id", "scale", b"scale", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "change", b"change", "expected_version", b"expected_version", "force", b"force", "learning_rate", b"learning_rate", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "scale", b"scale", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
     _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
@@ -329,6 +345,8 @@ class SwapScheduleRequest(_message.Message):
     APPLY_AT_STEP_FIELD_NUMBER: _builtins.int
     WAIT_UNTIL_APPLIED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    PREVIEW_STEPS_FIELD_NUMBER: _builtins.int
     origin: Global___StepOrigin.ValueType
     """Which step count the new schedule is evaluated at. Unset
     (STEP_ORIGIN_UNSPECIFIED) means STEP_ORIGIN_RESTART.
@@ -354,7 +372,17 @@ class SwapScheduleRequest(_message.Message):
     False: return at once.
     """
     reason: _builtins.str
-    """Free-text reason, recorded in the change history. Empty: no reason given."""
+    """Free-text reason, recorded in the change history; at most 1 KiB of UTF-8.
+    Empty: no reason given.
+    """
+    force: _builtins.bool
+    """Skip the max_change_factor guardrail; see SetLearningRateRequest.force.
+    False: all guardrails apply.
+    """
+    preview_steps: _builtins.int
+    """Preview horizon with validate_only; see
+    SetLearningRateRequest.preview_steps. Zero: no preview.
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The new schedule. Required: unset or with no kind set fails with
@@ -372,10 +400,12 @@ class SwapScheduleRequest(_message.Message):
         apply_at_step: _builtins.int | None = ...,
         wait_until_applied: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        preview_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version", "origin", b"origin", "reason", b"reason", "request_id", b"request_id", "schedule", b"schedule", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version", "force", b"force", "origin", b"origin", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "schedule", b"schedule", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
     _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
@@ -1069,6 +1099,8 @@ class Change(_message.Message):
     APPLIED_TIME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PREVIEW_FIELD_NUMBER: _builtins.int
+    PREVIEW_CURRENT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The state version this change produced. 0 unless status is
     CHANGE_STATUS_APPLIED.
@@ -1133,6 +1165,19 @@ class Change(_message.Message):
         CHANGE_STATUS_APPLIED.
         """
 
+    @_builtins.property
+    def preview(self) -> _containers.RepeatedCompositeFieldContainer[Global___LearningRatePoint]:
+        """For a CHANGE_STATUS_VALIDATED change with preview_steps: the learning rate
+        the change would give at 33 steps spread over the horizon, computed by the
+        code that computes learning_rate_after. Empty otherwise.
+        """
+
+    @_builtins.property
+    def preview_current(self) -> _containers.RepeatedCompositeFieldContainer[Global___LearningRatePoint]:
+        """The same steps under the current schedule, without the change, to draw
+        beside `preview`. Empty when `preview` is.
+        """
+
     def __init__(
         self,
         *,
@@ -1154,10 +1199,12 @@ class Change(_message.Message):
         applied_time: _timestamp_pb2.Timestamp | None = ...,
         description: _builtins.str = ...,
         error: _builtins.str = ...,
+        preview: _abc.Iterable[Global___LearningRatePoint] | None = ...,
+        preview_current: _abc.Iterable[Global___LearningRatePoint] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_at_step", b"apply_at_step", "learning_rate_after", b"learning_rate_after", "requested_time", b"requested_time", "scale", b"scale", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "swap_schedule", b"swap_schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "origin", b"origin", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "origin", b"origin", "preview", b"preview", "preview_current", b"preview_current", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__applied_step: _TypeAlias = _typing.Literal["applied_step"]  # noqa: Y015
     _WhichOneofArgType__applied_step: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step"]  # noqa: Y015
@@ -1177,6 +1224,95 @@ class Change(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
 Global___Change: _TypeAlias = Change  # noqa: Y015
+
+@_typing.final
+class LearningRatePoint(_message.Message):
+    """The learning rate at one step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The step count (optimizer.iterations)."""
+    learning_rate: _builtins.float
+    """The learning rate the optimizer step at `step` would use."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        learning_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["learning_rate", b"learning_rate", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LearningRatePoint: _TypeAlias = LearningRatePoint  # noqa: Y015
+
+@_typing.final
+class Guardrails(_message.Message):
+    """The trainer's limits on what a change may do. A change that breaks one
+    fails with FAILED_PRECONDITION (a PreconditionFailure violation of type
+    GUARDRAIL whose subject names the rule), or RESOURCE_EXHAUSTED (ErrorInfo
+    reason RATE_LIMITED) for the rate.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    MAX_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    MAX_CHANGE_FACTOR_FIELD_NUMBER: _builtins.int
+    MAX_CHANGES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    REVERT_ON_NAN_STEPS_FIELD_NUMBER: _builtins.int
+    min_learning_rate: _builtins.float
+    """The smallest learning rate a change may give. 0: no bound beyond >= 0."""
+    max_learning_rate: _builtins.float
+    """The largest learning rate a change may give, checked over the change's
+    horizon. Unset: no bound beyond float32.
+    """
+    max_change_factor: _builtins.float
+    """A change may not multiply or divide the learning rate at the step where
+    it applies by more than this, unless the request sets `force`. Unset: no
+    limit.
+    """
+    max_changes_per_minute: _builtins.float
+    """At most this many changes are accepted per minute (a token bucket holding
+    a minute's worth). Unset: no limit.
+    """
+    revert_on_nan_steps: _builtins.int
+    """The divergence guard: if the loss becomes NaN or Inf within this many
+    steps after a change, the trainer restores the weights and schedule from
+    before the change. 0: off.
+    """
+    def __init__(
+        self,
+        *,
+        min_learning_rate: _builtins.float = ...,
+        max_learning_rate: _builtins.float | None = ...,
+        max_change_factor: _builtins.float | None = ...,
+        max_changes_per_minute: _builtins.float | None = ...,
+        revert_on_nan_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor", "_max_changes_per_minute", b"_max_changes_per_minute", "_max_learning_rate", b"_max_learning_rate", "max_change_factor", b"max_change_factor", "max_changes_per_minute", b"max_changes_per_minute", "max_learning_rate", b"max_learning_rate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor", "_max_changes_per_minute", b"_max_changes_per_minute", "_max_learning_rate", b"_max_learning_rate", "max_change_factor", b"max_change_factor", "max_changes_per_minute", b"max_changes_per_minute", "max_learning_rate", b"max_learning_rate", "min_learning_rate", b"min_learning_rate", "revert_on_nan_steps", b"revert_on_nan_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_change_factor: _TypeAlias = _typing.Literal["max_change_factor"]  # noqa: Y015
+    _WhichOneofArgType__max_change_factor: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor"]  # noqa: Y015
+    _WhichOneofReturnType__max_changes_per_minute: _TypeAlias = _typing.Literal["max_changes_per_minute"]  # noqa: Y015
+    _WhichOneofArgType__max_changes_per_minute: _TypeAlias = _typing.Literal["_max_changes_per_minute", b"_max_changes_per_minute"]  # noqa: Y015
+    _WhichOneofReturnType__max_learning_rate: _TypeAlias = _typing.Literal["max_learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_learning_rate: _TypeAlias = _typing.Literal["_max_learning_rate", b"_max_learning_rate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_change_factor) -> _WhichOneofReturnType__max_change_factor | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_changes_per_minute) -> _WhichOneofReturnType__max_changes_per_minute | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_learning_rate) -> _WhichOneofReturnType__max_learning_rate | None: ...
+
+Global___Guardrails: _TypeAlias = Guardrails  # noqa: Y015
 
 @_typing.final
 class TrainingState(_message.Message):
@@ -1219,6 +1355,7 @@ class TrainingState(_message.Message):
     RECENT_CHANGES_FIELD_NUMBER: _builtins.int
     UPDATED_TIME_FIELD_NUMBER: _builtins.int
     PENDING_COUNT_FIELD_NUMBER: _builtins.int
+    GUARDRAILS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifier of the training run, chosen by the trainer. Empty: not
     configured.
@@ -1278,6 +1415,10 @@ class TrainingState(_message.Message):
     def updated_time(self) -> _timestamp_pb2.Timestamp:
         """When this snapshot was taken."""
 
+    @_builtins.property
+    def guardrails(self) -> Global___Guardrails:
+        """The trainer's guardrails. Unset fields: no such limit."""
+
     def __init__(
         self,
         *,
@@ -1296,10 +1437,11 @@ class TrainingState(_message.Message):
         recent_changes: _abc.Iterable[Global___Change] | None = ...,
         updated_time: _timestamp_pb2.Timestamp | None = ...,
         pending_count: _builtins.int = ...,
+        guardrails: Global___Guardrails | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "updated_time", b"updated_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["guardrails", b"guardrails", "schedule", b"schedule", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "learning_rate", b"learning_rate", "metrics", b"metrics", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "updated_time", b"updated_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "guardrails", b"guardrails", "learning_rate", b"learning_rate", "metrics", b"metrics", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "updated_time", b"updated_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lrctl.service import evaluate
+from lrctl.service import evaluate, guardrails
 from lrctl.service.errors import (
     ApplyError,
     FailedPreconditionError,
@@ -32,6 +32,7 @@ from lrctl.service.errors import (
     VersionConflictError,
     WaitTimeoutError,
 )
+from lrctl.service.guardrails import NO_GUARDRAILS, Guardrails, RateLimiter
 from lrctl.service.specs import (
     FLOAT32_MAX,
     ActiveSchedule,
@@ -116,6 +117,7 @@ class ChangeRequest:
     expected_version: int | None = None
     apply_at_step: int | None = None
     reason: str = ""
+    force: bool = False  #: skip the max_change_factor guardrail (never the bounds)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,9 @@ class Change:
     applied_time: float | None = None  #: when the change ended (applied, aborted, ...)
     current_version: int | None = None  #: for ABORTED: the version that did not match
     error: Exception | None = None  #: for FAILED: why; a domain error the servicer maps to a code
+    #: For VALIDATED with a preview horizon: (step, LR) after the change, and without it.
+    preview: tuple[tuple[int, float], ...] = ()
+    preview_current: tuple[tuple[int, float], ...] = ()
 
     @property
     def description(self) -> str:
@@ -157,6 +162,7 @@ class Snapshot:
     recent: tuple[Change, ...]
     updated_time: float
     pending_count: int = 0
+    guardrails: Guardrails = NO_GUARDRAILS
     seq: int = 0  #: bumped on every publication; lets watchers skip unchanged states
 
 
@@ -177,10 +183,13 @@ class Controller:
         run_id: str | None = None,
         optimizer: str = "",
         history_size: int = 100,
+        guardrails: Guardrails = NO_GUARDRAILS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._target = target
         self._clock = clock
+        self.guardrails = guardrails
+        self._rate = RateLimiter(guardrails.max_changes_per_minute)
         # One condition guards everything below. Submitters, readers and the training thread
         # each hold it only briefly (never across engine work); waiters and watchers sleep on it.
         self._cond = threading.Condition()
@@ -202,7 +211,7 @@ class Controller:
         self._snapshot = Snapshot(
             run_id=run_id or uuid.uuid4().hex[:12], phase=Phase.STARTING, step=0, epoch=0,
             learning_rate=math.nan, schedule=self._state, version=self._version, metrics={},
-            optimizer=optimizer, pending=(), recent=(), updated_time=clock(),
+            optimizer=optimizer, pending=(), recent=(), updated_time=clock(), guardrails=guardrails,
         )
 
     # -- any thread ------------------------------------------------------------------------
@@ -220,16 +229,20 @@ class Controller:
         pending. One attribute read, no lock."""
         return self._next_due
 
-    def submit(self, request: ChangeRequest, *, validate_only: bool = False) -> Change:
+    def submit(self, request: ChangeRequest, *, validate_only: bool = False,
+               preview_steps: int = 0) -> Change:
         """Validate `request` now and queue it for the first step boundary where it is due.
 
-        Returns the record: PENDING (queued), VALIDATED (`validate_only`), or FAILED when its
-        `apply_at_step` may already have passed (recorded, never applied late). A retry with a
-        known `request_id` and the same payload returns the first request's current record.
-        Raises InvalidArgumentError, VersionConflictError, FailedPreconditionError,
+        Returns the record: PENDING (queued), VALIDATED (`validate_only`, with the LR over
+        `preview_steps` steps if > 0), or FAILED when its `apply_at_step` may already have
+        passed (recorded, never applied late). A retry with a known `request_id` and the same
+        payload returns the first request's current record. Raises InvalidArgumentError,
+        VersionConflictError, FailedPreconditionError (a guardrail, the phase),
         RequestIdReusedError or ResourceExhaustedError; then nothing was queued.
         """
         _check_request(request)
+        if not 0 <= preview_steps <= APPLY_HORIZON:
+            raise InvalidArgumentError("preview_steps", f"must be in [0, {APPLY_HORIZON}]", preview_steps)
         with self._cond:
             if request.request_id and not validate_only:
                 known = self._by_request_id.get(request.request_id)
@@ -247,20 +260,24 @@ class Controller:
                 raise InvalidArgumentError(
                     "apply_at_step", f"must be at most {APPLY_HORIZON} steps ahead of the current "
                     f"step {snap.step}", at)
-            _check_outcome(request.action, self._state, max(snap.step, at or 0))
+            start = max(snap.step, at or 0)
+            preview, current = self._check_guardrails(request, start, preview_steps or guardrails.DEFAULT_HORIZON)
             missed = at is not None and (at < snap.step or at <= self._boundary_step)
             if at is not None and missed and validate_only:
                 raise self._missed_error(at, snap.step)
             if not validate_only and not missed and len(self._pending) >= MAX_PENDING:
                 raise ResourceExhaustedError(
                     f"{MAX_PENDING} changes are pending already; wait for some to apply or cancel them")
+            if not validate_only:
+                self._rate.take()
             change = Change(
                 id=next(self._ids), request=request,
                 status=ChangeStatus.VALIDATED if validate_only else ChangeStatus.PENDING,
                 requested_step=snap.step, requested_time=self._clock(),
             )
             if validate_only:
-                return change
+                return dataclasses.replace(change, preview=preview, preview_current=current) \
+                    if preview_steps else change
             if request.request_id:
                 self._by_request_id[request.request_id] = change.id
             if at is not None and missed:
@@ -391,7 +408,8 @@ class Controller:
             self._applying.update(due_ids)
             base_state, base_version = self._state, self._version
 
-        finals, state, version = _outcomes(due, base_state, base_version, step, self._clock)
+        finals, state, version = _outcomes(due, base_state, base_version, step, self._clock,
+                                           self.guardrails)
         if version != base_version:
             try:
                 self._target.load(state, version)
@@ -465,7 +483,46 @@ class Controller:
             self._snapshot = dataclasses.replace(self._snapshot, phase=phase, updated_time=self._clock())
             self._republish(pending=True, history=True)
 
+    def apply_automatic(self, state: ActiveSchedule, *, step: int, reason: str) -> Change:
+        """lrctl itself puts `state` in force at this step boundary (the divergence guard
+        undoing a change). It becomes a new version (never a lower one) and an APPLIED change,
+        a swap to `state`'s schedule with `reason`, so history, ListChanges, waiters and
+        watchers see it like a client's change. `state` is loaded exactly, origin step and
+        scale included. No guardrail or rate limit applies: it restores a schedule that was
+        in force. Raises what the engine raises; then nothing is recorded."""
+        with self._cond:
+            version = self._version + 1  # only the training thread moves it: no race below
+        lr = evaluate.learning_rate(state, step)
+        self._target.load(state, version)  # no lock across engine work
+        with self._cond:
+            now = self._clock()
+            change = Change(
+                id=next(self._ids), status=ChangeStatus.APPLIED, requested_step=step,
+                request=ChangeRequest(SwapSchedule(state.spec, state.origin), reason=reason),
+                requested_time=now, version=version, applied_step=step, learning_rate_after=lr,
+                schedule_after=state, applied_time=now,
+            )
+            self._state, self._version = state, version
+            self._finish(change)
+            self._snapshot = dataclasses.replace(self._snapshot, step=step, schedule=state,
+                                                 version=version, learning_rate=lr, updated_time=now)
+            self._republish(history=True)
+        return change
+
     # -- internals (lock held) ---------------------------------------------------------------
+    def _check_guardrails(self, request: ChangeRequest, start: int,
+                          horizon: int) -> tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+        """Check the change against float32 and the guardrails over `horizon` steps from
+        `start`; return the learning rates sampled with it and without it."""
+        lr_after = _check_outcome(request.action, self._state, start)
+        after = _next_state(self._state, request.action, start)
+        preview = guardrails.sample(after, start, horizon)
+        current = guardrails.sample(self._state, start, horizon)
+        self.guardrails.check_bounds(preview)
+        if not request.force:
+            self.guardrails.check_factor(current[0][1], lr_after, start)
+        return tuple(preview), tuple(current)
+
     @staticmethod
     def _missed_error(apply_at_step: int, step: int) -> FailedPreconditionError:
         return FailedPreconditionError(
@@ -555,7 +612,7 @@ def _check_outcome(action: Action, state: ActiveSchedule, step: int) -> float:
 
 
 def _outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
-              clock: Callable[[], float]) -> tuple[list[Change], ActiveSchedule, int]:
+              clock: Callable[[], float], limits: Guardrails) -> tuple[list[Change], ActiveSchedule, int]:
     """Each due change's final record, applied one after the other from (`state`, `version`)."""
     finals = []
     now = clock()
@@ -567,9 +624,11 @@ def _outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
             continue
         try:
             lr = _check_outcome(change.request.action, state, step)
-        except InvalidArgumentError as e:  # fine on arrival, but not on the state it meets now
+            limits.check_bounds([(step, lr)])
+        except (InvalidArgumentError, FailedPreconditionError) as e:  # fine on arrival, not now
+            error = e if isinstance(e, FailedPreconditionError) else FailedPreconditionError(str(e))
             finals.append(dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=now,
-                                              error=FailedPreconditionError(str(e))))
+                                              error=error))
             continue
         state = _next_state(state, change.request.action, step)
         version += 1

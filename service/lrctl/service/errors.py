@@ -34,10 +34,15 @@ class VersionConflictError(Exception):
 
 
 class FailedPreconditionError(Exception):
-    """The request is well-formed but the run is not in a state that allows it."""
+    """The request is well-formed but the run is not in a state that allows it.
 
-    def __init__(self, message: str, field: str = "") -> None:
+    `field` names what failed (a request field such as ``apply_at_step``, or a guardrail);
+    `kind` is the google.rpc.PreconditionFailure violation type: STEP, PHASE or GUARDRAIL.
+    """
+
+    def __init__(self, message: str, field: str = "", kind: str = "") -> None:
         self.field = field
+        self.kind = kind or ("STEP" if field else "PHASE")
         super().__init__(message)
 
 
@@ -50,7 +55,12 @@ class NotFoundError(LookupError):
 
 
 class ResourceExhaustedError(Exception):
-    """A bound was reached (pending changes, waiting calls, streams); retry later."""
+    """A bound was reached (pending changes, waiting calls, streams, the change rate); retry
+    later. `reason` is the google.rpc.ErrorInfo reason."""
+
+    def __init__(self, message: str, reason: str = "LIMIT_REACHED") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class RequestIdReusedError(Exception):

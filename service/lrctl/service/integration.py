@@ -15,7 +15,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -24,7 +24,9 @@ import tensorflow as tf
 
 from lrctl.service import specs
 from lrctl.service.controller import Change, ChangeStatus, Controller, Phase
+from lrctl.service.divergence import DivergenceGuard, Window
 from lrctl.service.engine import ControllableSchedule
+from lrctl.service.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.limits import short
 from lrctl.service.specs import ActiveSchedule
 
@@ -158,12 +160,38 @@ class TrainingControl:
     """
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, *, run_id: str | None = None,
-                 history_size: int = 100, publish_interval: float = 0.1) -> None:
+                 history_size: int = 100, publish_interval: float = 0.1,
+                 guardrails: Guardrails = NO_GUARDRAILS, revert_on_nan: int | None = None,
+                 model: keras.Model | None = None,
+                 variables: Sequence[keras.Variable] | None = None) -> None:
+        """`revert_on_nan=K` (opt-in; None or 0: off) undoes a change if the loss becomes NaN or
+        Inf within K steps after it: at the next step boundary, the weights and the optimizer's
+        slots go back to what they were just before the change's first step, the previous
+        schedule comes back as a new version, recorded as an applied change whose reason starts
+        with "auto-revert:" (in GetState/WatchState's recent changes and ListChanges), and the
+        run goes on at the old learning rate. The step counter keeps moving forward. Under
+        `fit` the callback knows the model; in a custom loop pass `model=` (or the weights as
+        `variables=`) and the loss as `logs["loss"]` to `step_boundary`.
+
+        Cost: outside the K steps after a change, nothing (one attribute read per boundary; no
+        device sync, no loss read). At a boundary where a change applies, one device-to-host
+        copy of the watched variables. Inside the window, every boundary reads the step and the
+        last batch's loss: a device sync each step, which stalls the input/compute overlap for
+        those K steps. Memory: while a window is open, one host (numpy) copy of the weights and
+        the optimizer's slots: ~2x the model's size for SGD with momentum, ~3x for Adam. For a
+        model too big for host memory, leave it off; issue #8's checkpoints will offer an
+        alternative (restore from a checkpoint instead of a host copy).
+
+        Under `fit` the loss read is Keras's loss tracker (the epoch's running mean, exact and
+        on the training thread); a revert resets the model's metrics, so the epoch's reported
+        metrics restart there instead of staying NaN. A change applied while the loss is
+        already non-finite is not watched (the snapshot would hold NaN weights): it is logged.
+        """
         self.optimizer = optimizer
         self.schedule = attach(optimizer)
         self._target = _EngineTarget(self.schedule)
-        self.controller = Controller(self._target, run_id=run_id,
-                                     optimizer=type(optimizer).__name__, history_size=history_size)
+        self.controller = Controller(self._target, run_id=run_id, optimizer=type(optimizer).__name__,
+                                     history_size=history_size, guardrails=guardrails)
         self._publish_interval = publish_interval
         self._last_publish = -float("inf")
         self._epoch = 0
@@ -171,6 +199,15 @@ class TrainingControl:
         # At most this many steps have completed (until the next boundary): lets the hot path
         # skip reading the step, a device sync. Exact right after any read of `step`.
         self._step_ceiling: float = 0
+        #: The divergence guard, None when off: then nothing is ever snapshotted.
+        self.divergence = DivergenceGuard(revert_on_nan, optimizer, self.schedule) if revert_on_nan else None
+        self._model = model
+        self._variables = list(variables) if variables is not None else None
+        # Where the guard reads the latest loss: fit's loss tracker while fit runs (set by the
+        # callback), else the logs given to step_boundary.
+        self._fit_loss: Callable[[], float | None] | None = None
+        self._boundary_logs: Mapping[str, Any] | None = None
+        self._warned_no_loss = False
         self.callback = _ControlCallback(self)
         self.publish(force=True)  # readers see the starting LR before the first step
 
@@ -188,8 +225,17 @@ class TrainingControl:
     def step_boundary(self, logs: Mapping[str, Any] | None = None) -> list[Change]:
         """Between two steps of a custom loop: apply due changes, publish the last step's
         logs (throttled). The step is read at every call (one scalar read): a custom loop may
-        run any number of steps between calls, and `apply_at_step` must never land late."""
+        run any number of steps between calls, and `apply_at_step` must never land late.
+
+        With `revert_on_nan`, pass the last step's loss as `logs["loss"]`: inside the K steps
+        after a change it is read (a device sync if it is a tensor) and a NaN or Inf reverts."""
+        if self.divergence is not None and self._model is None and self._variables is None:
+            raise ValueError("revert_on_nan in a custom loop needs the weights to snapshot: "
+                             "pass TrainingControl(..., model=model) or variables=[...]")
         step = self.step
+        self._boundary_logs = logs
+        if self.divergence is not None and self.divergence.watching:
+            self._watch(self._logged_loss(logs))
         applied = self._apply_due(step) if self.controller.at_boundary(step) else []
         self.publish(logs)
         return applied
@@ -199,7 +245,10 @@ class TrainingControl:
         steps the coming batch runs (steps_per_execution); None if unknown.
 
         The step is read only when a change may be due by the bound `_step_ceiling`, so an
-        idle boundary costs one lock and no device sync."""
+        idle boundary costs one lock and no device sync. Inside a `revert_on_nan` window, the
+        step and the loss are read at every boundary (a device sync each)."""
+        if self.divergence is not None and self.divergence.watching:
+            self._watch(self._current_loss())
         if self.controller.at_boundary(self._step_ceiling):
             self._apply_due(self.step)
         self.publish(logs)
@@ -212,6 +261,7 @@ class TrainingControl:
     def _apply_due(self, step: int) -> list[Change]:
         self.resync()
         lr = self.controller.snapshot().learning_rate
+        before = self.controller.engine_state
         finished = self.controller.apply_due(step)
         for change in finished:
             reason = f" ({short(change.request.reason)})" if change.request.reason else ""
@@ -225,21 +275,122 @@ class TrainingControl:
                                short(change.description), reason)
         if finished:
             self._last_publish = time.monotonic()
+        applied = [c.version for c in finished if c.status is ChangeStatus.APPLIED]
+        if applied and self.divergence is not None:
+            self._open_window(step, before, applied)
         return finished
 
-    def resync(self) -> None:
+    # -- the divergence guard (revert_on_nan), training thread only ----------------------------
+    def _open_window(self, step: int, before: tuple[ActiveSchedule, int], applied: list[int]) -> None:
+        """Changes `applied` were just loaded at this boundary: watch the next K steps."""
+        assert self.divergence is not None
+        weights = self._model.weights if self._model is not None else self._variables
+        if weights is None:  # apply_pending() before fit or step_boundary ever ran
+            logger.warning("revert_on_nan: no model known yet; v%d is not watched", applied[-1])
+            return
+        loss = self._current_loss()
+        if loss is not None and not math.isfinite(loss):
+            logger.warning("revert_on_nan: the loss is already %s at step %d; v%d is not watched "
+                           "(a snapshot now would hold the diverged weights)", loss, step, applied[-1])
+            return
+        window = self.divergence.open(step, weights, *before, applied)
+        logger.info("v%d step %d: watching the loss until step %d (revert_on_nan; host copy %.3g MB "
+                    "of the state at step %d)", applied[-1], step, window.until, window.nbytes / 1e6,
+                    window.taken_at)
+
+    def _watch(self, loss: float | None) -> None:
+        """A boundary inside the window: revert if the loss is not finite, else maybe close."""
+        assert self.divergence is not None
+        step = self.step
+        if loss is None and not self._warned_no_loss:
+            self._warned_no_loss = True
+            logger.warning("revert_on_nan: no loss to watch (fit's loss tracker, or logs['loss'] "
+                           "given to step_boundary); changes cannot be reverted")
+        window = self.divergence.check(step, loss)
+        if window is not None:
+            self._revert(window, step, loss)
+
+    def _revert(self, window: Window, step: int, loss: float | None) -> None:
+        if self.resync():  # a checkpoint was restored by hand since the change
+            logger.warning("revert_on_nan: loss %s at step %d, but a restore replaced the state "
+                           "since the change; not reverting", loss, step)
+            return
+        versions = "v" + ", v".join(str(v) for v in window.versions)
+        reason = (f"auto-revert: loss was {loss} at step {step}, within {self.divergence_steps} "
+                  f"steps of {versions}; weights and optimizer state restored from step "
+                  f"{window.taken_at}, schedule of v{window.version}")
+        # Weights first: if the engine load below fails, training still goes on from good weights.
+        DivergenceGuard.restore(window)
+        lr = self.controller.snapshot().learning_rate
+        try:
+            change = self.controller.apply_automatic(window.state, step=step, reason=reason)
+        except Exception:
+            logger.exception("revert_on_nan: weights restored but the old schedule could not be "
+                             "loaded: %s", reason)
+        else:
+            logger.warning("v%d step %d: lr %.6g -> %.6g  %s", change.version, step, lr,
+                           change.learning_rate_after, reason)
+        if self._fit_loss is not None and self._model is not None:
+            # Keras's loss tracker averages over the epoch: it would stay NaN until the epoch
+            # ends, hiding the recovery from readers and from the next window's checks.
+            self._model.reset_metrics()
+        self._last_publish = -math.inf  # readers see the revert at once
+
+    @property
+    def divergence_steps(self) -> int:
+        """K of revert_on_nan; 0 when off."""
+        return self.divergence.steps if self.divergence is not None else 0
+
+    def _current_loss(self) -> float | None:
+        if self._fit_loss is not None:
+            return self._fit_loss()
+        return self._logged_loss(self._boundary_logs)
+
+    @staticmethod
+    def _logged_loss(logs: Mapping[str, Any] | None) -> float | None:
+        value = (logs or {}).get("loss")
+        return None if value is None else float(np.asarray(value))  # a tensor: a device sync
+
+    def _fit_begins(self, model: keras.Model) -> None:
+        """fit starts: its model is the one to snapshot unless another was given, and its loss
+        tracker (Keras's running mean of the loss) is the loss to watch."""
+        if self.divergence is None:
+            return
+        if self._model is None and self._variables is None:
+            self._model = model
+        tracker = next((m for m in model.metrics if m.name == "loss"), None)
+        self._fit_loss = (lambda: float(np.asarray(tracker.result()))) if tracker is not None else None
+
+    def _fit_ends(self) -> None:
+        self._fit_loss = None
+
+    def epoch_end(self, logs: Mapping[str, Any] | None) -> None:
+        """At the end of a fit epoch: Keras resets its loss tracker before the next epoch's
+        first boundary, so the epoch's last steps are checked here, with the epoch's training
+        loss (validation, if any, has replaced the tracker's value by now)."""
+        if self.divergence is not None and self.divergence.watching:
+            self._watch(self._logged_loss(logs))
+
+    def resync(self) -> bool:
         """Notice a restore (BackupAndRestore, tf.train.Checkpoint, load_weights) that replaced
         the engine's variables behind the controller's back, whatever the callback order, so
         that the next change builds on the restored state and the version never goes back.
         Training calls it before every change and at train begin; call it yourself after
-        restoring a checkpoint by hand if readers should see the restored state at once."""
+        restoring a checkpoint by hand if readers should see the restored state at once.
+        Returns whether it noticed one."""
         state, version = self._target.read()
         if (state, version) != self.controller.engine_state:
+            if self.divergence is not None and self.divergence.watching:
+                # The snapshot belongs to the timeline the restore replaced: never put it back.
+                self.divergence.close()
+                logger.info("revert_on_nan: a restore replaced the state; the watch ends")
             now = self.controller.restored(state, version)
             if now != version:
                 self.schedule.set_version(now)
             logger.info("v%d: the schedule was restored (checkpoint version %d): %s",
                         now, version, short(state.spec.describe()))
+            return True
+        return False
 
     def publish(self, logs: Mapping[str, Any] | None = None, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -259,6 +410,8 @@ class TrainingControl:
         self.publish(force=True)
 
     def end(self, failed: bool = False, logs: Mapping[str, Any] | None = None) -> None:
+        if self.divergence is not None:
+            self.divergence.close()  # the run is over: free the host copy
         self.publish(logs, force=True)
         self.controller.set_phase(Phase.FAILED if failed else Phase.FINISHED)
 
@@ -328,7 +481,7 @@ class _ControlCallback(keras.callbacks.Callback):
     Keras runs the batch-end hooks of async-safe callbacks on a helper thread, so `fit` is
     not forced to sync and convert its logs every batch. Ours only keeps the logs there; all
     TensorFlow work (applying changes, reading the step and LR) happens on the training
-    thread, in `on_train_batch_begin`.
+    thread, in `on_train_batch_begin` (and `on_epoch_end`, for revert_on_nan).
     """
 
     async_safe = True
@@ -343,6 +496,7 @@ class _ControlCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         spe = getattr(self.model, "steps_per_execution", 1)
         self._steps_per_batch = spe if isinstance(spe, int) and spe > 0 else None
+        self._control._fit_begins(self.model)
         self._control.begin()
         if not self._control._run_open:  # inside training(), its own `except` ends the run
             self._watch = _FitWatch(self._control.controller)
@@ -350,6 +504,10 @@ class _ControlCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._control.set_epoch(epoch)
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        # On the training thread (Keras runs epoch hooks there, after the batch-end ones).
+        self._control.epoch_end(logs)
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._control.before_batch(self._steps_per_batch, self._last_logs)
@@ -361,6 +519,7 @@ class _ControlCallback(keras.callbacks.Callback):
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
+        self._control._fit_ends()
         if self._control._run_open:
             self._control.publish(self._last_logs, force=True)
         else:

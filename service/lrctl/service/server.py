@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lrctl.service.controller import Controller, Phase
+from lrctl.service.journal import Journal
 from lrctl.service.limits import StreamLimiter, rate_limit_logs
 from lrctl.service.servicer import TrainingControlServicer
 from lrctl.v1 import training_control_pb2 as pb
@@ -108,8 +109,11 @@ def _follow_phase(controller: Controller, servicer: health.HealthServicer, stop:
 @contextlib.contextmanager
 def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
           max_streams: int = MAX_STREAMS, max_waiters: int = MAX_WAITERS,
-          unary_reserve: int = UNARY_RESERVE) -> Iterator[tuple[grpc.Server, int]]:
+          unary_reserve: int = UNARY_RESERVE,
+          journal: Journal | None = None) -> Iterator[tuple[grpc.Server, int]]:
     """Run the server on a background thread pool for the duration of the `with` block.
+
+    `journal`: where every mutation attempt is recorded (see lrctl.service.journal).
 
     Raises AddressInUseError if `address` is taken: SO_REUSEPORT is off, so a second trainer
     on the same port fails to start instead of sharing the port's clients at random.
@@ -119,7 +123,7 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
                                       thread_name_prefix="lrctl-grpc")
     server = grpc.server(pool, interceptors=[StreamLimiter(max_streams)],
                          options=[("grpc.so_reuseport", 0)])
-    servicer = TrainingControlServicer(controller, max_waiters=max_waiters)
+    servicer = TrainingControlServicer(controller, max_waiters=max_waiters, journal=journal)
     pb_grpc.add_TrainingControlServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

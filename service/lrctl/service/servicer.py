@@ -10,12 +10,14 @@ import base64
 import binascii
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -44,6 +46,8 @@ from lrctl.service.errors import (
     VersionConflictError,
     WaitTimeoutError,
 )
+from lrctl.service.guardrails import Guardrails
+from lrctl.service.journal import Journal
 from lrctl.service.limits import short
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
@@ -110,6 +114,7 @@ def _change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
         expected_version=request.expected_version if request.HasField("expected_version") else None,
         apply_at_step=request.apply_at_step if request.HasField("apply_at_step") else None,
         reason=request.reason,
+        force=request.force,
     )
 
 
@@ -157,7 +162,21 @@ def change_to_proto(change: Change) -> pb.Change:
     if change.schedule_after is not None:
         message.schedule.CopyFrom(spec_to_proto(change.schedule_after.spec))
         message.scale_after = change.schedule_after.scale
+    message.preview.extend(pb.LearningRatePoint(step=s, learning_rate=lr) for s, lr in change.preview)
+    message.preview_current.extend(
+        pb.LearningRatePoint(step=s, learning_rate=lr) for s, lr in change.preview_current)
     return message
+
+
+def guardrails_to_proto(limits: Guardrails) -> pb.Guardrails:
+    def bound(value: float | None) -> float | None:
+        return value if value is not None and math.isfinite(value) else None
+
+    return pb.Guardrails(
+        min_learning_rate=limits.min_learning_rate, max_learning_rate=bound(limits.max_learning_rate),
+        max_change_factor=bound(limits.max_change_factor),
+        max_changes_per_minute=bound(limits.max_changes_per_minute),
+    )
 
 
 def state_to_proto(snap: Snapshot,
@@ -170,6 +189,7 @@ def state_to_proto(snap: Snapshot,
         pending_changes=[convert_change(c) for c in snap.pending],
         recent_changes=[convert_change(c) for c in snap.recent],
         updated_time=_timestamp(snap.updated_time), pending_count=snap.pending_count,
+        guardrails=guardrails_to_proto(snap.guardrails),
     )
 
 
@@ -181,6 +201,12 @@ def _any(message: Any) -> any_pb2.Any:
 
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
+    context.abort_with_status(rpc_status.to_status(status_of(error)))
+    raise AssertionError("abort_with_status returns only by raising")
+
+
+def status_of(error: Exception) -> status_pb2.Status:
+    """The google.rpc.Status for a domain error (re-raises anything else)."""
     detail = any_pb2.Any()
     details: list[any_pb2.Any] = []
     if isinstance(error, InvalidArgumentError):
@@ -198,7 +224,7 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
         code, message = code_pb2.FAILED_PRECONDITION, str(error)
         detail.Pack(error_details_pb2.PreconditionFailure(violations=[
             error_details_pb2.PreconditionFailure.Violation(
-                type="STEP" if error.field else "PHASE", subject=error.field, description=message)]))
+                type=error.kind, subject=error.field, description=message)]))
     elif isinstance(error, WaitTimeoutError):
         code, message = code_pb2.DEADLINE_EXCEEDED, str(error)
         detail.Pack(error_details_pb2.ErrorInfo(reason="NOT_YET_APPLIED", domain="lrctl"))
@@ -213,15 +239,13 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
         detail.Pack(error_details_pb2.ResourceInfo(resource_type="lrctl.v1.Change", description=message))
     elif isinstance(error, ResourceExhaustedError):
         code, message = code_pb2.RESOURCE_EXHAUSTED, str(error)
-        detail.Pack(error_details_pb2.ErrorInfo(reason="LIMIT_REACHED", domain="lrctl"))
+        detail.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain="lrctl"))
     elif isinstance(error, ApplyError):
         code, message = code_pb2.INTERNAL, str(error)
         detail.Pack(error_details_pb2.ErrorInfo(reason="APPLY_FAILED", domain="lrctl"))
     else:
         raise error
-    context.abort_with_status(rpc_status.to_status(
-        status_pb2.Status(code=code, message=message, details=[detail, *details])))
-    raise AssertionError("abort_with_status returns only by raising")
+    return status_pb2.Status(code=code, message=message, details=[detail, *details])
 
 
 _DOMAIN_ERRORS = (InvalidArgumentError, VersionConflictError, FailedPreconditionError, WaitTimeoutError,
@@ -231,8 +255,12 @@ _DOMAIN_ERRORS = (InvalidArgumentError, VersionConflictError, FailedPrecondition
 class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
     """lrctl.v1.TrainingControlService backed by one Controller."""
 
-    def __init__(self, controller: Controller, *, max_waiters: int = DEFAULT_MAX_WAITERS) -> None:
+    def __init__(self, controller: Controller, *, max_waiters: int = DEFAULT_MAX_WAITERS,
+                 journal: Journal | None = None,
+                 role_of: Callable[[grpc.ServicerContext], str] | None = None) -> None:
         self._controller = controller
+        self._journal = journal
+        self._role_of = role_of or (lambda context: "")
         self._waiters = threading.BoundedSemaphore(max_waiters)
         # Snapshots and change records are immutable, so each is converted to protobuf once:
         # a state holds up to a hundred changes, and watchers and pollers ask for it often.
@@ -256,29 +284,27 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
 
     def SetLearningRate(self, request: pb.SetLearningRateRequest,
                         context: grpc.ServicerContext) -> pb.SetLearningRateResponse:
-        try:
+        def run() -> pb.Change:
             which = request.WhichOneof("change")
             if which is None:
                 raise InvalidArgumentError("learning_rate", "or `scale` must be set", "neither")
             action: Action = (PinLearningRate(request.learning_rate) if which == "learning_rate"
                               else ScaleLearningRate(request.scale))
-            change = self._submit(_change_request(request, action), request, context)
-        except _DOMAIN_ERRORS as e:
-            _abort(context, e)
-        return pb.SetLearningRateResponse(change=change)
+            return self._submit(_change_request(request, action), request, context)
+
+        return pb.SetLearningRateResponse(change=self._mutate("SetLearningRate", request, context, run))
 
     def SwapSchedule(self, request: pb.SwapScheduleRequest,
                      context: grpc.ServicerContext) -> pb.SwapScheduleResponse:
-        try:
+        def run() -> pb.Change:
             if not request.HasField("schedule"):
                 raise InvalidArgumentError("schedule", "must be set", "nothing")
             if request.origin not in _ORIGIN_FROM_PB:
                 raise InvalidArgumentError("origin", "must be a known StepOrigin", request.origin)
             action = SwapSchedule(spec_from_proto(request.schedule), _ORIGIN_FROM_PB[request.origin])
-            change = self._submit(_change_request(request, action), request, context)
-        except _DOMAIN_ERRORS as e:
-            _abort(context, e)
-        return pb.SwapScheduleResponse(change=change)
+            return self._submit(_change_request(request, action), request, context)
+
+        return pb.SwapScheduleResponse(change=self._mutate("SwapSchedule", request, context, run))
 
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
         return pb.GetStateResponse(state=self._state_proto(self._controller.snapshot()))
@@ -296,24 +322,52 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
 
     def CancelChange(self, request: pb.CancelChangeRequest,
                      context: grpc.ServicerContext) -> pb.CancelChangeResponse:
-        try:
-            which = request.WhichOneof("change")
-            if which is None:
-                raise InvalidArgumentError("request_id", "or `version` must be set", "neither")
-            if which == "request_id" and not request.request_id:
-                raise InvalidArgumentError("request_id", "must not be empty", "''")
-            if len(request.reason.encode()) > MAX_REASON_BYTES:
-                raise InvalidArgumentError("reason", f"must be at most {MAX_REASON_BYTES} "
-                                           "bytes", f"{len(request.reason.encode())} bytes")
-            change = self._controller.cancel(
-                request_id=request.request_id,
-                version=request.version if which == "version" else None,
-            )
-        except _DOMAIN_ERRORS as e:
-            _abort(context, e)
+        return pb.CancelChangeResponse(change=self._mutate(
+            "CancelChange", request, context, lambda: self._cancel(request)))
+
+    def _cancel(self, request: pb.CancelChangeRequest) -> pb.Change:
+        which = request.WhichOneof("change")
+        if which is None:
+            raise InvalidArgumentError("request_id", "or `version` must be set", "neither")
+        if which == "request_id" and not request.request_id:
+            raise InvalidArgumentError("request_id", "must not be empty", "''")
+        if len(request.reason.encode()) > MAX_REASON_BYTES:
+            raise InvalidArgumentError("reason", f"must be at most {MAX_REASON_BYTES} "
+                                       "bytes", f"{len(request.reason.encode())} bytes")
+        change = self._controller.cancel(
+            request_id=request.request_id,
+            version=request.version if which == "version" else None,
+        )
         logger.info("cancelled: %s%s", short(change.description),
                     f" ({short(request.reason)})" if request.reason else "")
-        return pb.CancelChangeResponse(change=change_to_proto(change))
+        return change_to_proto(change)
+
+    def _mutate(self, method: str, request: Message, context: grpc.ServicerContext,
+                run: Callable[[], pb.Change]) -> pb.Change:
+        """Run a mutation, journal the attempt and its outcome, and map domain errors."""
+        try:
+            change = run()
+        except _DOMAIN_ERRORS as e:
+            if self._journal is not None:
+                status = status_of(e)
+                self._record(method, request, context, code_pb2.Code.Name(status.code), status.message)
+            _abort(context, e)
+        if self._journal is not None:
+            self._record(method, request, context, "OK", "", change)
+        return change
+
+    def _record(self, method: str, request: Message, context: grpc.ServicerContext, code: str,
+                message: str, change: pb.Change | None = None) -> None:
+        assert self._journal is not None
+        snap = self._controller.snapshot()
+        self._journal.record(
+            method=method, peer=context.peer(), role=self._role_of(context),
+            request=json_format.MessageToDict(request, preserving_proto_field_name=True),
+            code=code, error=message,
+            change_status=pb.ChangeStatus.Name(change.status) if change is not None else None,
+            change_version=change.version if change is not None else None,
+            version=snap.version, step=snap.step, run_id=snap.run_id,
+        )
 
     def ListChanges(self, request: pb.ListChangesRequest,
                     context: grpc.ServicerContext) -> pb.ListChangesResponse:
@@ -340,7 +394,8 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
                 "too many calls are waiting for their change to apply; retry without "
                 "wait_until_applied and follow the change with WatchState or ListChanges")
         try:
-            change = self._controller.submit(change_request, validate_only=request.validate_only)
+            change = self._controller.submit(change_request, validate_only=request.validate_only,
+                                             preview_steps=request.preview_steps)
             if waits and change.status is ChangeStatus.PENDING:
                 change = self._wait(change, context)
         finally:

@@ -1,0 +1,107 @@
+"""Guardrails: the trainer's own limits on what any client may ask for.
+
+Pure Python. The controller checks them when a change arrives (over a horizon of steps, with
+the host evaluator) and again at the step boundary where it applies, so that two changes
+that pass one by one cannot together leave the bounds. A refused change names its rule.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lrctl.service import evaluate
+from lrctl.service.errors import FailedPreconditionError, ResourceExhaustedError
+from lrctl.service.specs import ActiveSchedule, check_number
+
+#: Points at which a schedule is checked (and previewed) over a horizon.
+POINTS = 33
+#: Steps over which a change is checked when the request names no preview horizon.
+DEFAULT_HORIZON = 10_000
+
+
+@dataclass(frozen=True)
+class Guardrails:
+    """Limits on the learning rate a change may give, and on how often changes may come.
+
+    The defaults limit nothing (beyond float32), as a library should; `lrctl-trainer` sets
+    sane ones (see its --help).
+    """
+
+    min_learning_rate: float = 0.0
+    max_learning_rate: float = math.inf
+    #: Refuse a learning rate more than this many times (or less than 1/this of) the current
+    #: one at the step where the change applies, unless the request says `force`. None: off.
+    max_change_factor: float | None = None
+    #: Accepted changes per minute, as a token bucket holding a minute's worth. None: off.
+    max_changes_per_minute: float | None = None
+
+    def __post_init__(self) -> None:
+        check_number("min_learning_rate", self.min_learning_rate, minimum=0)
+        if not self.max_learning_rate >= self.min_learning_rate:
+            raise ValueError(f"max_learning_rate must be >= min_learning_rate ({self.min_learning_rate}). "
+                             f"Received: max_learning_rate={self.max_learning_rate}")
+        if self.max_change_factor is not None:
+            check_number("max_change_factor", self.max_change_factor, minimum=1)
+        if self.max_changes_per_minute is not None:
+            check_number("max_changes_per_minute", self.max_changes_per_minute, minimum=0, inclusive=False)
+
+    def check_bounds(self, points: Sequence[tuple[int, float]]) -> None:
+        """FailedPreconditionError naming the rule if any (step, lr) leaves [min, max]."""
+        for step, lr in points:
+            if lr > self.max_learning_rate:
+                raise _refused("max_learning_rate", f"the learning rate would be {lr:g} at step {step}, "
+                               f"above the trainer's max_learning_rate {self.max_learning_rate:g}")
+            if lr < self.min_learning_rate:
+                raise _refused("min_learning_rate", f"the learning rate would be {lr:g} at step {step}, "
+                               f"below the trainer's min_learning_rate {self.min_learning_rate:g}")
+
+    def check_factor(self, before: float, after: float, step: int) -> None:
+        factor = self.max_change_factor
+        if factor is None or after == before:
+            return
+        if before == 0 or not 1 / factor <= after / before <= factor:
+            raise _refused("max_change_factor", f"the learning rate would go from {before:g} to {after:g} "
+                           f"at step {step}, more than the trainer's max_change_factor {factor:g}; "
+                           "set force to do it anyway")
+
+
+NO_GUARDRAILS = Guardrails()
+
+
+def _refused(rule: str, message: str) -> FailedPreconditionError:
+    return FailedPreconditionError(f"guardrail {rule}: {message}", field=rule, kind="GUARDRAIL")
+
+
+def sample(state: ActiveSchedule, start: int, horizon: int) -> list[tuple[int, float]]:
+    """(step, learning rate) at POINTS steps spread evenly over [start, start + horizon]."""
+    steps = sorted({start + round(i * horizon / (POINTS - 1)) for i in range(POINTS)})
+    return [(step, evaluate.learning_rate(state, step)) for step in steps]
+
+
+class RateLimiter:
+    """A token bucket: `rate_per_minute` tokens a minute, holding at most a minute's worth."""
+
+    def __init__(self, rate_per_minute: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate_per_minute
+        self._clock = clock
+        self._tokens = rate_per_minute or 0.0
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        """Spend one token, or raise ResourceExhaustedError naming the rule."""
+        if self._rate is None:
+            return
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate / 60)
+            self._last = now
+            if self._tokens < 1:
+                raise ResourceExhaustedError(
+                    f"guardrail max_changes_per_minute: the trainer accepts at most {self._rate:g} "
+                    "changes a minute; retry later", reason="RATE_LIMITED")
+            self._tokens -= 1
