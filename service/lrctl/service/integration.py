@@ -284,8 +284,11 @@ class TrainingControl:
     def _open_window(self, step: int, before: tuple[ActiveSchedule, int], applied: list[int]) -> None:
         """Changes `applied` were just loaded at this boundary: watch the next K steps."""
         assert self.divergence is not None
-        weights = self._model.weights if self._model is not None else self._variables
-        if weights is None:  # apply_pending() before fit or step_boundary ever ran
+        if self._model is not None:
+            weights, trainable = self._model.weights, self._model.trainable_variables
+        elif self._variables is not None:
+            weights, trainable = self._variables, [v for v in self._variables if v.trainable]
+        else:  # apply_pending() before fit or step_boundary ever ran
             logger.warning("revert_on_nan: no model known yet; v%d is not watched", applied[-1])
             return
         loss = self._current_loss()
@@ -293,7 +296,7 @@ class TrainingControl:
             logger.warning("revert_on_nan: the loss is already %s at step %d; v%d is not watched "
                            "(a snapshot now would hold the diverged weights)", loss, step, applied[-1])
             return
-        window = self.divergence.open(step, weights, *before, applied)
+        window = self.divergence.open(step, weights, trainable, *before, applied)
         logger.info("v%d step %d: watching the loss until step %d (revert_on_nan; host copy %.3g MB "
                     "of the state at step %d)", applied[-1], step, window.until, window.nbytes / 1e6,
                     window.taken_at)
