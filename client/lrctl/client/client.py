@@ -24,7 +24,7 @@ from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 if TYPE_CHECKING:  # typing.Self is 3.11+; typing_extensions is only needed by type checkers.
     from typing_extensions import Self
 
-__all__ = ["DEFAULT_TARGET", "Origin", "TrainingControlClient"]
+__all__ = ["DEFAULT_TARGET", "Origin", "TrainingControlClient", "tls_credentials"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -97,6 +97,36 @@ def _options(
     request.preview_steps = preview_steps
 
 
+def tls_credentials(ca: str | None = None, cert: str | None = None,
+                    key: str | None = None) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: `ca` to verify the trainer (None: the system's
+    roots), `cert` and `key` to present a client certificate (mutual TLS)."""
+    def data(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(data(ca), data(key), data(cert))
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call. Works on plaintext channels too
+    (gRPC's call credentials require TLS), so a loopback trainer can still demand a token."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
 class TrainingControlClient:
     """Client for `lrctl.v1.TrainingControlService`.
 
@@ -110,9 +140,12 @@ class TrainingControlClient:
         target: the server address, `host:port`.
         timeout: default RPC deadline in seconds for unary calls; `None` for none.
             Methods take `timeout=` to override it per call.
-        credentials: channel credentials for TLS; `None` uses an insecure channel.
+        credentials: channel credentials for TLS (see `tls_credentials`); `None` uses an
+            insecure channel.
         channel_options: extra gRPC channel options, `(key, value)` pairs; they are
             appended after (and so override) the built-in retry configuration.
+        token: a bearer token sent with every call (`authorization` metadata), for a
+            trainer started with tokens; `None` sends none.
     """
 
     def __init__(
@@ -122,6 +155,7 @@ class TrainingControlClient:
         timeout: float | None = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -134,8 +168,11 @@ class TrainingControlClient:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = pb_grpc.TrainingControlServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        calls = self._channel
+        if token:
+            calls = grpc.intercept_channel(self._channel, _BearerToken(token))
+        self._stub = pb_grpc.TrainingControlServiceStub(calls)
+        self._health = health_pb2_grpc.HealthStub(calls)
         # Tracked so that a deadline that expires while retrying against an
         # unreachable server is reported as Unavailable, not DeadlineExceeded.
         # Written by gRPC's connectivity thread; a plain attribute store is atomic.

@@ -12,7 +12,13 @@ import datetime
 import json
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    from lrctl.service.controller import Snapshot
 
 
 class Journal:
@@ -33,6 +39,18 @@ class Journal:
             self._file.write(line + "\n")
             self._file.flush()
             os.fsync(self._file.fileno())
+
+    def record_call(self, *, method: str, peer: str, role: str, request: Message, code: str,
+                    error: str, snapshot: Snapshot, change: Message | None = None) -> None:
+        """One mutation attempt: who, what, and how it ended (`code`: a status code name)."""
+        self.record(
+            method=method, peer=peer, role=role,
+            request=json_format.MessageToDict(request, preserving_proto_field_name=True),
+            code=code, error=error,
+            change_status=json_format.MessageToDict(change).get("status") if change else None,
+            change_version=getattr(change, "version", None),
+            version=snapshot.version, step=snapshot.step, run_id=snapshot.run_id,
+        )
 
     def close(self) -> None:
         with self._lock:

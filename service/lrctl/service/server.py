@@ -12,7 +12,7 @@ import errno
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lrctl.service.auth import DeniedHook, TokenAuth
 from lrctl.service.controller import Controller, Phase
 from lrctl.service.journal import Journal
 from lrctl.service.limits import StreamLimiter, rate_limit_logs
@@ -37,6 +38,16 @@ MAX_WAITERS = 32  # concurrent waiting SetLearningRate/SwapSchedule calls (the s
 UNARY_RESERVE = 16  # threads left for everything else
 LOG_INTERVAL = 60.0  # seconds: at most one record per gRPC logging call site in this window
 logger = logging.getLogger("lrctl.server")
+
+#: SO_REUSEPORT off: one trainer per port. Keepalive pings find peers that vanished without
+#: closing (a killed controller, a cut network), so their streams end and free their slots.
+_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+]
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -74,9 +85,12 @@ def _in_use(address: str) -> bool:
     return False
 
 
-def _bind(server: grpc.Server, address: str) -> int:
-    try:
-        port = server.add_insecure_port(address)  # grpcio >= 1.6x raises; older ones return 0
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:  # grpcio >= 1.6x raises; older ones return 0
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if port:
@@ -110,10 +124,15 @@ def _follow_phase(controller: Controller, servicer: health.HealthServicer, stop:
 def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
           max_streams: int = MAX_STREAMS, max_waiters: int = MAX_WAITERS,
           unary_reserve: int = UNARY_RESERVE,
-          journal: Journal | None = None) -> Iterator[tuple[grpc.Server, int]]:
+          journal: Journal | None = None,
+          write_tokens: Sequence[str] = (), read_tokens: Sequence[str] = (),
+          credentials: grpc.ServerCredentials | None = None) -> Iterator[tuple[grpc.Server, int]]:
     """Run the server on a background thread pool for the duration of the `with` block.
 
     `journal`: where every mutation attempt is recorded (see lrctl.service.journal).
+    `write_tokens`/`read_tokens`: bearer tokens of each role (see lrctl.service.auth); none:
+    no authentication. `credentials`: TLS (lrctl.service.auth.server_credentials); None:
+    plaintext.
 
     Raises AddressInUseError if `address` is taken: SO_REUSEPORT is off, so a second trainer
     on the same port fails to start instead of sharing the port's clients at random.
@@ -121,9 +140,16 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
     rate_limit_logs(("grpc._server", "grpc._common"), LOG_INTERVAL)
     pool = futures.ThreadPoolExecutor(max_streams + max_waiters + unary_reserve,
                                       thread_name_prefix="lrctl-grpc")
-    server = grpc.server(pool, interceptors=[StreamLimiter(max_streams)],
-                         options=[("grpc.so_reuseport", 0)])
-    servicer = TrainingControlServicer(controller, max_waiters=max_waiters, journal=journal)
+    auth = TokenAuth(write_tokens, read_tokens) if write_tokens or read_tokens else None
+    if auth is not None and journal is not None:
+        auth.on_denied = _journal_denied(journal, controller, auth.role_name)
+    # Authentication runs first, so that a caller without a token never holds a stream slot.
+    interceptors: list[grpc.ServerInterceptor] = [StreamLimiter(max_streams)]
+    if auth is not None:
+        interceptors.insert(0, auth)
+    server = grpc.server(pool, interceptors=interceptors, options=_OPTIONS)
+    servicer = TrainingControlServicer(controller, max_waiters=max_waiters, journal=journal,
+                                       role_of=auth.role_name if auth else None)
     pb_grpc.add_TrainingControlServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -131,7 +157,7 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = _bind(server, address)
+        port = _bind(server, address, credentials)
     except BindError:
         server.stop(None)
         pool.shutdown(wait=False)
@@ -153,3 +179,13 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=1.0).wait()
         follower.join(timeout=2.0)
+
+
+def _journal_denied(journal: Journal, controller: Controller,
+                    role_of: Callable[[grpc.ServicerContext], str]) -> DeniedHook:
+    """Record a mutation refused for its credentials, as the servicer records the others."""
+    def record(method: str, request: Any, context: grpc.ServicerContext, code: grpc.StatusCode,
+               message: str) -> None:
+        journal.record_call(method=method, peer=context.peer(), role=role_of(context), request=request,
+                            code=code.name, error=message, snapshot=controller.snapshot())
+    return record

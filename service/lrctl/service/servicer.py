@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -359,15 +359,9 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
     def _record(self, method: str, request: Message, context: grpc.ServicerContext, code: str,
                 message: str, change: pb.Change | None = None) -> None:
         assert self._journal is not None
-        snap = self._controller.snapshot()
-        self._journal.record(
-            method=method, peer=context.peer(), role=self._role_of(context),
-            request=json_format.MessageToDict(request, preserving_proto_field_name=True),
-            code=code, error=message,
-            change_status=pb.ChangeStatus.Name(change.status) if change is not None else None,
-            change_version=change.version if change is not None else None,
-            version=snap.version, step=snap.step, run_id=snap.run_id,
-        )
+        self._journal.record_call(method=method, peer=context.peer(), role=self._role_of(context),
+                                  request=request, code=code, error=message,
+                                  snapshot=self._controller.snapshot(), change=change)
 
     def ListChanges(self, request: pb.ListChangesRequest,
                     context: grpc.ServicerContext) -> pb.ListChangesResponse:
