@@ -254,8 +254,10 @@ class SetLearningRateRequest(_message.Message):
     """
     wait_until_applied: _builtins.bool
     """If true, the RPC blocks until the change is applied (or aborted, or
-    cancelled) and returns its final status. If the RPC deadline passes first,
-    the RPC fails with DEADLINE_EXCEEDED and the change stays pending. False:
+    cancelled, or failed) and returns its final status. If the RPC deadline,
+    or the server's maximum wait of 600 s, passes first, the RPC fails with
+    DEADLINE_EXCEEDED and the change stays pending. At most 32 calls may wait
+    at once; beyond, RESOURCE_EXHAUSTED before anything is queued. False:
     return at once with status CHANGE_STATUS_PENDING.
     """
     reason: _builtins.str

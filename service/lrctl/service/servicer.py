@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -79,6 +80,8 @@ MAX_WATCH_INTERVAL = 3600  # seconds
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 100  # ListChanges (AIP-158)
 #: Calls that may block in `wait_until_applied` at once, each holding a server thread.
 DEFAULT_MAX_WAITERS = 32
+#: Seconds one call may wait for its change to apply; then DEADLINE_EXCEEDED (it stays pending).
+MAX_WAIT = 600.0
 _WAIT_MARGIN = 0.05  # answer DEADLINE_EXCEEDED ourselves, with a message, just before the deadline
 
 
@@ -405,14 +408,17 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         return change_to_proto(change)
 
     def _wait(self, change: Change, context: grpc.ServicerContext) -> Change:
-        # Wait in slices so that a caller who hangs up (no deadline) frees this thread.
+        # Wait in slices so that a caller who hangs up frees this thread, and never longer
+        # than MAX_WAIT, whatever deadline (or none) the caller set: a thread is a slot.
+        give_up = time.monotonic() + MAX_WAIT
         while True:
             remaining = context.time_remaining()
-            budget = 1.0 if remaining is None else min(1.0, remaining - _WAIT_MARGIN)
+            remaining = min(give_up - time.monotonic(), remaining if remaining is not None else math.inf)
+            budget = min(1.0, remaining - _WAIT_MARGIN)
             try:
                 return self._controller.wait(change, max(budget, 0.0))
             except WaitTimeoutError:
-                if not context.is_active() or (remaining is not None and remaining - budget <= _WAIT_MARGIN):
+                if not context.is_active() or remaining - budget <= _WAIT_MARGIN:
                     raise
 
 
