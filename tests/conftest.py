@@ -32,6 +32,20 @@ if importlib.util.find_spec("tensorflow") is not None:
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: Examples the request-message fuzz test runs (tests/test_fuzz.py); the raw-bytes test runs 1/4.
+DEFAULT_FUZZ_EXAMPLES = 2000
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-examples", type=int, default=DEFAULT_FUZZ_EXAMPLES,
+                     help=f"hypothesis examples for tests/test_fuzz.py (default {DEFAULT_FUZZ_EXAMPLES})")
+
+
+@pytest.fixture(scope="session")
+def fuzz_examples(pytestconfig: pytest.Config) -> int:
+    """The --fuzz-examples option: how many requests tests/test_fuzz.py sends."""
+    return pytestconfig.getoption("--fuzz-examples")
+
 
 @pytest.fixture
 def subprocess_env() -> dict[str, str]:

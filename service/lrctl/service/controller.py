@@ -298,6 +298,9 @@ class Controller:
         for an unknown change and FailedPreconditionError for one that has ended otherwise or
         is being applied at this very boundary.
         """
+        if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
+            raise InvalidArgumentError("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes",
+                                       f"{len(request_id.encode())} bytes")
         with self._cond:
             if request_id:
                 change_id = self._by_request_id.get(request_id)

@@ -46,9 +46,11 @@ class _Encoded:
                 has_warmup = spec.warmup_target is not None
                 # Without warmup Keras decays from the initial LR; target=initial, 0 warmup steps
                 # is the same function, so one formula serves both.
+                # Keras ignores warmup_steps without a warmup_target; the last slot keeps it only
+                # so that reading the variables back gives the spec that was loaded.
                 target = spec.warmup_target if spec.warmup_target is not None else spec.initial_learning_rate
                 self._set(spec.initial_learning_rate, spec.decay_steps, spec.alpha, target,
-                          spec.warmup_steps if has_warmup else 0, has_warmup)
+                          spec.warmup_steps if has_warmup else 0, has_warmup, spec.warmup_steps)
             case specs.CosineDecayRestarts():
                 self._set(spec.initial_learning_rate, spec.first_decay_steps, spec.t_mul, spec.m_mul,
                           spec.alpha)
@@ -79,7 +81,7 @@ def _decode(kind: int, params: np.ndarray, steps: np.ndarray, values: np.ndarray
         return specs.PolynomialDecay(p[0], step[1], p[2], p[3], bool(p[4]))
     if spec_type is specs.CosineDecay:
         warm = bool(p[5])
-        return specs.CosineDecay(p[0], step[1], p[2], p[3] if warm else None, step[4] if warm else 0)
+        return specs.CosineDecay(p[0], step[1], p[2], p[3] if warm else None, step[6])
     if spec_type is specs.CosineDecayRestarts:
         return specs.CosineDecayRestarts(p[0], step[1], p[2], p[3], p[4])
     if spec_type is specs.PiecewiseConstantDecay:
