@@ -2,7 +2,10 @@
 server on 127.0.0.1:0, built so that the LR applied at every step can be read off the weights.
 
 The model is `y = w * x` with x = 1 and loss = mean(y): the gradient is exactly 1, so with
-plain SGD each step moves `w` by exactly the learning rate that step used.
+plain SGD each step moves `w` by exactly the learning rate that step used. `w` is put back to
+1 after every step, so each LR is read at the float32 resolution of 1 whatever the step and
+whatever ran before: a drifting `w` loses digits (past a few thousand steps, an LR of 0.02
+no longer matched to 1e-4), which made tests depend on machine speed and on test order.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from lrctl.service.server import serve
 
 
 class _Recorder(keras.callbacks.Callback):
-    """Weight after each batch, keyed by the step count at that moment."""
+    """Weight after each batch, keyed by the step count at that moment; then `w` = 1 again."""
 
     def __init__(self, trainer: LiveTrainer) -> None:
         super().__init__()
@@ -38,6 +41,7 @@ class _Recorder(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._record()
+        self.model.layers[0].kernel.assign(np.ones((1, 1), "float32"))  # between steps
         if self._trainer.stop.is_set():
             self.model.stop_training = True
 
@@ -60,7 +64,7 @@ class LiveTrainer:
     def lr_at(self, step: int) -> float:
         """The learning rate the step that ran at `step` actually applied to the weights."""
         self.wait_for_step(step + 1)
-        return self.weights[step] - self.weights[step + 1]
+        return 1.0 - self.weights[step + 1]  # every step starts from w = 1
 
     def wait_for_step(self, step: int, limit: float = 120.0) -> None:
         """Block until training has completed `step` steps (a safety limit, not a timing check)."""

@@ -217,5 +217,63 @@ def test_unreachable_server_exits_7(subprocess_env: dict[str, str]) -> None:
         )  # fmt: skip
         assert result.returncode == 7, result.stderr
         assert result.stderr.startswith("lrctl: error: server unavailable"), result.stderr
+        assert result.stderr.count("lrctl: error:") == 1, result.stderr  # reported once
         assert "127.0.0.1:1" in result.stderr
         assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "target", ["localhost", "127.0.0.1", "[::1]", "::1", "h:", "h:0", "h:65536", "h:port"]
+)
+def test_target_without_a_valid_port_is_a_usage_error(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # gRPC would dial port 443 for a bare host and report only "unavailable".
+    with pytest.raises(SystemExit) as info:
+        parse("--target", target, "state")
+    assert info.value.code == 2
+    assert "argument --target:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["localhost:50051", "10.0.0.7:1", "[::1]:50051", "unix:/run/lrctl.sock",
+     "unix-abstract:lrctl", "dns:///trainer-0:50051", "ipv4:127.0.0.1:50051"],
+)  # fmt: skip
+def test_target_forms_that_grpc_dials_are_accepted(target: str) -> None:
+    assert parse("--target", target, "state").target == target
+    assert parse("state", "--target", target).target == target
+
+
+def test_bad_target_from_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LRCTL_TARGET", "trainer-0")
+    with pytest.raises(SystemExit):
+        parse("state")
+    assert "$LRCTL_TARGET" in capsys.readouterr().err
+    assert parse("--target", "trainer-0:50051", "state").target == "trainer-0:50051"
+
+
+def test_swap_help_shows_the_change_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse("swap", "--help")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--origin", "--at-step", "--dry-run", "--expected-version", "--no-wait"):
+        assert flag in out
+
+
+def test_swap_change_flags_before_or_after_the_kind() -> None:
+    before = parse("swap", "--origin", "global", "--at-step", "7", "--dry-run", "--reason", "r",
+                   "constant", "--learning-rate", "0.1")  # fmt: skip
+    after = parse("swap", "constant", "--learning-rate", "0.1", "--origin", "global",
+                  "--at-step", "7", "--dry-run", "--reason", "r")  # fmt: skip
+    expected = {"apply_at_step": 7, "expected_version": None, "wait": False,
+                "validate_only": True, "reason": "r", "origin": "global"}  # fmt: skip
+    assert cli.build_change_call(before)[2] == expected
+    assert cli.build_change_call(after)[2] == expected
+    # Left out everywhere, each flag keeps its default.
+    _, _, kwargs = cli.build_change_call(parse("swap", "constant", "--learning-rate", "0.1"))
+    assert kwargs == {"apply_at_step": None, "expected_version": None, "wait": True,
+                      "validate_only": False, "reason": "", "origin": "restart"}  # fmt: skip

@@ -34,7 +34,7 @@ from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TrainingControlService"]
 METHODS: list[MethodDescriptor] = list(SERVICE.methods)
-DEADLINE = 10.0  # seconds: a safety bound on every call, never a timing check
+DEADLINE = 60.0  # seconds: a safety bound on every call, never a timing check
 WAIT_DEADLINE = 1.0  # seconds: bounds `wait_until_applied`; the change may well stay pending
 SC = grpc.StatusCode
 #: Codes a client can act on. DEADLINE_EXCEEDED is allowed only for a call that waits.

@@ -108,6 +108,29 @@ def _knots(text: str) -> list[tuple[int, float]]:
     return knots
 
 
+#: gRPC name-resolver schemes: a target that starts with one goes to gRPC as it is.
+_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
+def _target(text: str) -> str:
+    """`--target`: HOST:PORT (an IPv6 host in brackets) or a gRPC target such as unix:PATH.
+    Without a port, gRPC would dial port 443 and report only "unavailable"."""
+    if text.startswith(_TARGET_SCHEMES):
+        return text
+    source = " (from $LRCTL_TARGET)" if text == os.environ.get("LRCTL_TARGET") else ""
+    host, _, port = text.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT with a port from 1 to 65535, e.g. localhost:50051, "
+            f"[::1]:50051 or unix:PATH; got {text!r}{source}"
+        )
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(
+            f"put an IPv6 host in brackets, e.g. [::1]:50051; got {text!r}{source}"
+        )
+    return text
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -171,6 +194,7 @@ def _add_global_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -
     group = parser.add_argument_group("global options")
     group.add_argument(
         "--target",
+        type=_target,
         default=default(os.environ.get("LRCTL_TARGET", DEFAULT_TARGET)),
         help=f"server address host:port (default: $LRCTL_TARGET or {DEFAULT_TARGET})",
     )
@@ -195,27 +219,51 @@ def _add_global_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -
     )
 
 
-def _add_change_flags(parser: argparse.ArgumentParser) -> None:
+def _add_change_flags(
+    parser: argparse.ArgumentParser, *, in_subcommand: bool = False, origin: bool = False
+) -> None:
+    # `swap` takes these flags before KIND (so `lrctl swap --help` lists them) and after it;
+    # as with the global flags, the KIND parsers' defaults are SUPPRESS so as not to
+    # overwrite a flag given before KIND.
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if in_subcommand else value
+
     group = parser.add_argument_group("change options")
+    if origin:
+        group.add_argument(
+            "--origin",
+            choices=("restart", "global"),
+            default=default("restart"),
+            help="restart: the schedule starts at its own step 0 when applied (default); "
+            "global: evaluated at the optimizer's iteration count, as Keras does",
+        )
     group.add_argument(
         "--at-step",
         type=int,
         metavar="N",
+        default=default(None),
         help="apply at the first step boundary with step >= N (implies --no-wait)",
     )
     group.add_argument(
         "--expected-version",
         type=int,
         metavar="V",
+        default=default(None),
         help="apply only if the state version is still V (else exit 4)",
     )
-    group.add_argument("--reason", default="", metavar="TEXT", help="recorded in the history")
     group.add_argument(
-        "--dry-run", action="store_true", help="validate only; change nothing (validate_only)"
+        "--reason", default=default(""), metavar="TEXT", help="recorded in the history"
+    )
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=default(False),
+        help="validate only; change nothing (validate_only)",
     )
     group.add_argument(
         "--no-wait",
         action="store_true",
+        default=default(False),
         help="return once the change is queued (default: wait until applied)",
     )
 
@@ -252,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_change_flags(p)
 
     swap = command("swap", "replace the learning-rate schedule")
+    _add_change_flags(swap, origin=True)
     kinds = swap.add_subparsers(dest="kind", metavar="KIND", required=True)
     for name, kind in SWAP_KINDS.items():
         k = kinds.add_parser(name, help=kind.help, description=kind.help)
@@ -270,14 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar=field.name.upper(),
                     help=_flag_help(field),
                 )
-        k.add_argument(
-            "--origin",
-            choices=("restart", "global"),
-            default="restart",
-            help="restart: the schedule starts at its own step 0 when applied (default); "
-            "global: evaluated at the optimizer's iteration count, as Keras does",
-        )
-        _add_change_flags(k)
+        _add_change_flags(k, in_subcommand=True, origin=True)
 
     p = command("watch", "stream training state updates (Ctrl-C to stop)")
     p.add_argument(
@@ -477,7 +519,8 @@ def _report(exc: errors.LrctlError, target: str) -> None:
         message = f"deadline exceeded: {message}"
     print(f"lrctl: error: {message}", file=sys.stderr)
     for field, description in exc.field_violations:
-        print(f"  {field}: {description}", file=sys.stderr)
+        if description not in message:  # the server's message often is the one violation
+            print(f"  {field}: {description}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:

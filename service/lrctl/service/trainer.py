@@ -13,6 +13,7 @@ or any Keras built-in schedule; lrctl takes it over at the first step.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import logging
@@ -20,19 +21,46 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
-import tensorflow as tf
+# Pure Python. TensorFlow, Keras and the server load only after the command line is checked:
+# `--help` and usage errors answer at once, and a client-only install gets a clear message.
+from lrctl.service import specs
 
-from lrctl.service import demo, specs
-from lrctl.service.controller import Phase
-from lrctl.service.integration import TrainingControl
-from lrctl.service.server import DEFAULT_ADDRESS, serve
+if TYPE_CHECKING:
+    import keras
+
+    from lrctl.service.integration import TrainingControl
 
 logger = logging.getLogger("lrctl.trainer")
 UNTIL_STOPPED_EPOCHS = 1_000_000
+DEFAULT_ADDRESS = "127.0.0.1:50051"  # server.DEFAULT_ADDRESS, which needs the [service] extra
+EXIT_USAGE = 2
+# What `pip install "lrctl[service]"` adds to the client's dependencies.
+SERVICE_MODULES = ("tensorflow", "keras", "grpc_reflection")
+
+
+class _UsageError(Exception):
+    """A bad --model, --schedule or install: one line on stderr and exit code 2."""
+
+
+def _listen_address(text: str) -> str:
+    """`--listen`: HOST:PORT (an IPv6 host in brackets) or unix:PATH. Without this, gRPC
+    fails only at bind time, and with a message that does not say what is wrong."""
+    if text.startswith(("unix:", "unix-abstract:")):
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (port 0 picks a free one), e.g. 0.0.0.0:50051, or unix:PATH; got {text!r}"
+        )
+    if int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"the port must be from 0 to 65535; got {text!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"put an IPv6 host in brackets, e.g. [::1]:50051; got {text!r}")
+    return text
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -42,7 +70,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--demo", action="store_true", help="train the built-in demo task")
     task.add_argument("--model", metavar="MODULE:FUNCTION", help="train your own model (see above)")
-    parser.add_argument("--listen", default=DEFAULT_ADDRESS,
+    parser.add_argument("--listen", default=DEFAULT_ADDRESS, type=_listen_address,
                         help=f"address of the control server (default {DEFAULT_ADDRESS}; port 0 picks one)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="stop after this many optimizer steps")
@@ -56,64 +84,133 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _load(target: str) -> tuple[keras.Model, Any]:
-    module_name, _, function_name = target.partition(":")
-    if not function_name:
-        raise SystemExit(f"lrctl-trainer: error: --model must be MODULE:FUNCTION. Received: {target}")
-    sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory resolve
-    built = getattr(importlib.import_module(module_name), function_name)()
-    return built[0], built[1]
-
-
-class _StopOnSignal(keras.callbacks.Callback):
-    """Ends `fit` at the next step boundary once SIGINT/SIGTERM arrived (the running batch
-    finishes first). A batch-begin hook only, so `fit` keeps its asynchronous batch ends."""
-
-    def __init__(self, control: TrainingControl, stop: threading.Event) -> None:
-        super().__init__()
-        self._control, self._stop = control, stop
-
-    def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        if self._stop.is_set() and not self.model.stop_training:
-            self._control.controller.set_phase(Phase.STOPPING)
-            self.model.stop_training = True
-
-
-class _StopAtStep(keras.callbacks.Callback):
-    """Ends `fit` once `steps` optimizer steps have completed (`--steps`)."""
-
-    def __init__(self, control: TrainingControl, steps: int) -> None:
-        super().__init__()
-        self._control, self._steps = control, steps
-
-    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        if self._control.reached(self._steps):
-            self.model.stop_training = True
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    model, data = demo.build() if args.demo else _load(args.model)
-    control = TrainingControl(model.optimizer, run_id=args.run_id)
-    if args.learning_rate is not None or args.schedule:
-        initial = args.learning_rate if args.learning_rate is not None else json.loads(args.schedule)
+def _initial_schedule(args: argparse.Namespace) -> specs.ScheduleSpec | None:
+    """`--learning-rate` or `--schedule`, checked before TensorFlow loads (specs is pure Python)."""
+    if args.learning_rate is not None:
+        flag, value = "--learning-rate", args.learning_rate
+    elif args.schedule is not None:
+        flag = "--schedule"
         try:
-            control.schedule.load(specs.ActiveSchedule(specs.as_spec(initial)), version=0)
-        except ValueError as e:
-            raise SystemExit(f"lrctl-trainer: error: {e}") from None
+            value = json.loads(args.schedule)
+        except json.JSONDecodeError as e:
+            raise _UsageError(f"--schedule is not valid JSON ({e}). Received: {args.schedule}") from None
+        if not isinstance(value, dict) or not isinstance(value.get("config", {}), dict):
+            raise _UsageError(
+                '--schedule must be a JSON object {"class_name": ..., "config": {...}}, as '
+                f"keras.optimizers.schedules.serialize() returns. Received: {args.schedule}"
+            )
+    else:
+        return None
+    try:
+        return specs.as_spec(value)
+    except ValueError as e:  # InvalidArgumentError, worded like Keras's own errors
+        raise _UsageError(f"{flag}: {e}") from None
+
+
+def _require_service() -> None:
+    """On a client-only install (`pip install lrctl`), say what to install, not a traceback."""
+    for name in SERVICE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # installed but broken: its own traceback says more
+                raise
+            raise _UsageError(
+                f"{name} is not installed; the trainer needs the service extra: "
+                'pip install "lrctl[service]"'
+            ) from None
+
+
+def _summary(error: BaseException) -> str:
+    """`Type: message (file:line)` of where a user's code failed, on one line."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    # The first frame is ours (where it was caught); importlib's frames say nothing.
+    frames = [f for f in traceback.extract_tb(error.__traceback__)[1:]
+              if not f.filename.startswith(("<", os.path.dirname(importlib.__file__)))]
+    return f"{text} ({frames[-1].filename}:{frames[-1].lineno})" if frames else text
+
+
+def _load(target: str) -> tuple[keras.Model, Any]:
+    import keras
+
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise _UsageError(f"--model must be MODULE:FUNCTION, e.g. my_pkg.train:build. Received: {target}")
+    sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory resolve
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 -- whatever the user's module raises, say it in one line
+        raise _UsageError(f"--model {target}: cannot import {module_name}: {_summary(e)}") from None
+    build = getattr(module, function_name, None)
+    if not callable(build):
+        raise _UsageError(f"--model {target}: {module_name} has no function {function_name}")
+    try:
+        built = build()
+    except Exception as e:  # noqa: BLE001
+        raise _UsageError(f"--model {target}: {function_name}() raised {_summary(e)}") from None
+    if not (isinstance(built, (tuple, list)) and len(built) == 2):
+        raise _UsageError(f"--model {target}: {function_name}() must return (model, data). "
+                          f"Received: {type(built).__name__}")
+    model, data = built
+    if not isinstance(model, keras.Model) or getattr(model, "optimizer", None) is None:
+        raise _UsageError(f"--model {target}: {function_name}() must return a compiled keras.Model "
+                          f"first (call model.compile). Received: {type(model).__name__}")
+    if isinstance(data, tuple) and len(data) != 2:
+        raise _UsageError(f"--model {target}: data must be a tf.data.Dataset or an (x, y) tuple. "
+                          f"Received: a tuple of {len(data)}")
+    return model, data
+
+
+def _stop_callbacks(control: TrainingControl, stop: threading.Event,
+                    steps: int | None) -> list[keras.callbacks.Callback]:
+    """Callbacks that end `fit` on SIGINT/SIGTERM (`stop`) and after `--steps` steps. Defined
+    here, not at module level, because subclassing Keras's Callback imports TensorFlow."""
+    import keras
+
+    from lrctl.service.controller import Phase
+
+    class StopOnSignal(keras.callbacks.Callback):
+        """Ends `fit` at the next step boundary once a signal arrived (the running batch
+        finishes first). A batch-begin hook only, so `fit` keeps its asynchronous batch ends."""
+
+        def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+            if stop.is_set() and not self.model.stop_training:
+                control.controller.set_phase(Phase.STOPPING)
+                self.model.stop_training = True
+
+    class StopAtStep(keras.callbacks.Callback):
+        """Ends `fit` once `steps` optimizer steps have completed (`--steps`)."""
+
+        def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+            if steps is not None and control.reached(steps):
+                self.model.stop_training = True
+
+    return [StopOnSignal()] if steps is None else [StopOnSignal(), StopAtStep()]
+
+
+def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None) -> None:
+    import tensorflow as tf
+
+    from lrctl.service import demo
+    from lrctl.service.integration import TrainingControl
+    from lrctl.service.server import serve
+
+    model, data = demo.build() if args.demo else _load(args.model)
+    try:
+        control = TrainingControl(model.optimizer, run_id=args.run_id)
+        if initial is not None:
+            control.schedule.load(specs.ActiveSchedule(initial), version=0)
+    except (TypeError, ValueError) as e:  # e.g. a custom schedule lrctl cannot express
+        raise _UsageError(" ".join(str(e).split())) from None
 
     # Signal handlers only set a flag: the training thread acts on it at the next boundary,
     # so a stop never lands in the middle of a step (or of a lock held by that thread).
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    previous = {signum: signal.signal(signum, lambda *_: stop.set())
+                for signum in (signal.SIGINT, signal.SIGTERM)}
 
-    callbacks = [control.callback, _StopOnSignal(control, stop)]
-    if args.steps is not None:
-        callbacks.append(_StopAtStep(control, args.steps))
     fit_args: dict[str, Any] = {"epochs": args.epochs or UNTIL_STOPPED_EPOCHS, "verbose": args.verbose,
-                                "callbacks": callbacks}
+                                "callbacks": [control.callback, *_stop_callbacks(control, stop, args.steps)]}
     if isinstance(data, tuple):
         fit_args.update(x=data[0], y=data[1])
     else:
@@ -121,17 +218,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(data, tf.data.Dataset) and data.cardinality() == tf.data.INFINITE_CARDINALITY:
             fit_args["steps_per_epoch"] = demo.STEPS_PER_EPOCH
 
-    with serve(control.controller, args.listen) as (_, port):
-        logger.info("run %s: control server on port %d; stop with Ctrl-C or SIGTERM",
-                    control.controller.snapshot().run_id, port)
-        try:
-            model.fit(**fit_args)
-        except BaseException:
-            control.end(failed=True)
-            raise
+    try:
+        with serve(control.controller, args.listen) as (_, port):
+            logger.info("run %s: control server on port %d; stop with Ctrl-C or SIGTERM",
+                        control.controller.snapshot().run_id, port)
+            try:
+                model.fit(**fit_args)
+            except BaseException:
+                control.end(failed=True)
+                raise
+            finally:
+                # `fit` leaves its tf.data iterator in a reference cycle (a generator and a
+                # traceback). Whenever the cyclic GC frees it, its destructor waits for
+                # tf.data's autotuning thread to wake up, which a long run has put to sleep
+                # for up to 60 s: SIGTERM took 52-59 s to exit. Frozen, the cycle is never
+                # collected, and the process exits without destroying the iterator.
+                gc.freeze()
+    finally:
+        # Training is over: a second Ctrl-C or SIGTERM during shutdown ends the process.
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     snap = control.controller.snapshot()
     logger.info("run %s %s at step %d, lr %.6g, version %d", snap.run_id, snap.phase.value,
                 snap.step, snap.learning_rate, snap.version)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        initial = _initial_schedule(args)
+        _require_service()
+        _train(args, initial)
+    except _UsageError as e:
+        print(f"lrctl-trainer: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
