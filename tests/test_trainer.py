@@ -57,8 +57,8 @@ class _Trainer:
     def when(self, text: str) -> float:
         return next(t for t, line in self.lines if text in line)
 
-    def wait_until_training(self) -> None:
-        with TrainingControlClient(self.target, timeout=LIMIT) as client:
+    def wait_until_training(self, token: str | None = None) -> None:
+        with TrainingControlClient(self.target, timeout=LIMIT, token=token) as client:
             deadline = time.monotonic() + LIMIT
             while client.get_state().phase != pb.PHASE_TRAINING:
                 assert time.monotonic() < deadline, "the trainer never started training"
@@ -252,3 +252,49 @@ def test_default_listen_address_is_the_servers() -> None:
     from lrctl.service import server
 
     assert trainer.DEFAULT_ADDRESS == server.DEFAULT_ADDRESS
+
+
+def test_listening_beyond_loopback_without_auth_is_refused(subprocess_env: dict[str, str]) -> None:
+    result = subprocess.run([*TRAINER, "--demo", "--listen", "0.0.0.0:0"], check=False, capture_output=True,
+                            text=True, env=subprocess_env, timeout=LIMIT)
+    assert result.returncode == 2
+    (line,) = _error_lines(result.stderr)
+    assert "refusing to listen on 0.0.0.0:0 without authentication" in line
+    assert "--token-file" in line and "--insecure" in line
+
+
+def test_a_secured_trainer_with_guardrails_and_a_journal_and_a_second_on_its_port(
+    subprocess_env: dict[str, str], tmp_path: Path,
+) -> None:
+    from lrctl.client import FailedPrecondition, Unauthenticated
+    from lrctl.service.journal import read
+
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-the-test\n")
+    journal = tmp_path / "audit" / "journal.jsonl"
+    run = _Trainer("--demo", "--token-file", str(token), "--max-learning-rate", "0.05",
+                   "--max-change-factor", "100", "--journal", str(journal), env=subprocess_env)
+    try:
+        run.wait_until_training(token="s3cret-token-for-the-test")
+        with TrainingControlClient(run.target, timeout=LIMIT) as anonymous:
+            with pytest.raises(Unauthenticated):
+                anonymous.get_state()
+            assert anonymous.health() == "SERVING"  # probes need no token
+        with TrainingControlClient(run.target, timeout=LIMIT, token="s3cret-token-for-the-test") as client:
+            limits = client.get_state().guardrails
+            assert (limits.max_learning_rate, limits.max_change_factor) == (0.05, 100)
+            with pytest.raises(FailedPrecondition, match="max_learning_rate"):
+                client.set_learning_rate(0.5)
+            client.set_learning_rate(0.02, wait=True)
+        # One trainer per port: a second one on it fails to start, in one line.
+        second = subprocess.run([*TRAINER, "--demo", "--listen", run.target, "--verbose", "0"],
+                                check=False, capture_output=True, text=True, env=subprocess_env,
+                                timeout=LIMIT)
+        assert second.returncode == 3, second.stderr
+        (line,) = _error_lines(second.stderr)
+        assert f"{run.target} is already in use" in line
+    finally:
+        run.process.send_signal(signal.SIGTERM)
+        assert run.wait() == 0, run.stderr
+    assert [(e["method"], e["code"], e["role"]) for e in read(journal)] == [
+        ("SetLearningRate", "FAILED_PRECONDITION", "write"), ("SetLearningRate", "OK", "write")]

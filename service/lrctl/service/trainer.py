@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import ipaddress
 import json
 import logging
 import os
@@ -32,18 +33,26 @@ from lrctl.service import specs
 if TYPE_CHECKING:
     import keras
 
+    from lrctl.service.guardrails import Guardrails
     from lrctl.service.integration import TrainingControl
 
 logger = logging.getLogger("lrctl.trainer")
 UNTIL_STOPPED_EPOCHS = 1_000_000
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # server.DEFAULT_ADDRESS, which needs the [service] extra
+DEFAULT_MAX_LR = 10.0  # above any learning rate a sane run uses: a typo guard
+DEFAULT_RATE = 600.0  # changes a minute: far above any controller's need, far below a flood
 EXIT_USAGE = 2
+EXIT_START = 3
 # What `pip install "lrctl[service]"` adds to the client's dependencies.
 SERVICE_MODULES = ("tensorflow", "keras", "grpc_reflection")
 
 
 class _UsageError(Exception):
     """A bad --model, --schedule or install: one line on stderr and exit code 2."""
+
+
+class _StartError(Exception):
+    """The server could not start (its port is taken): one line on stderr and exit code 3."""
 
 
 def _listen_address(text: str) -> str:
@@ -81,7 +90,92 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                        help="initial schedule as keras.optimizers.schedules.serialize() JSON")
     parser.add_argument("--run-id", help="name reported in the state (default: random)")
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity")
+
+    security = parser.add_argument_group(
+        "security", "Tokens come from files or the environment, never from the command line (ps "
+        "shows it). Listening beyond loopback needs a token, TLS, or --insecure.")
+    security.add_argument("--token-file", metavar="PATH",
+                          help="token of the write role (default: $LRCTL_TOKEN)")
+    security.add_argument("--read-token-file", metavar="PATH",
+                          help="token of the read role: state, watch, history (default: $LRCTL_READ_TOKEN)")
+    security.add_argument("--tls-cert", metavar="PATH", help="serve TLS with this PEM certificate")
+    security.add_argument("--tls-key", metavar="PATH", help="... and this PEM private key")
+    security.add_argument("--tls-client-ca", metavar="PATH",
+                          help="mutual TLS: clients must present a certificate signed by this CA")
+    security.add_argument("--insecure", action="store_true",
+                          help="allow a non-loopback --listen without a token or TLS")
+    security.add_argument("--journal", metavar="PATH",
+                          help="append every change attempt to this JSON-lines audit journal")
+
+    limits = parser.add_argument_group("guardrails", "Limits on what any client may ask for.")
+    limits.add_argument("--min-learning-rate", type=float, default=0.0, metavar="LR",
+                        help="the smallest learning rate a change may give (default 0)")
+    limits.add_argument("--max-learning-rate", type=float, default=DEFAULT_MAX_LR, metavar="LR",
+                        help=f"the largest learning rate a change may give (default {DEFAULT_MAX_LR:g})")
+    limits.add_argument("--max-change-factor", type=float, metavar="N",
+                        help="refuse a change that multiplies or divides the learning rate by more "
+                        "than N, unless the request sets force (default: no limit)")
+    limits.add_argument("--max-changes-per-minute", type=float, default=DEFAULT_RATE, metavar="N",
+                        help=f"accept at most N changes a minute (default {DEFAULT_RATE:g})")
+    limits.add_argument("--revert-on-nan", type=int, default=0, metavar="K",
+                        help="if the loss turns NaN/Inf within K steps of a change, restore the "
+                        "weights, optimizer slots and schedule from before it (default 0: off; "
+                        "costs a host copy of the weights and slots while watching)")
     return parser.parse_args(argv)
+
+
+def _is_loopback(address: str) -> bool:
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """serve()'s token and TLS arguments, or a usage error; checked before TensorFlow loads."""
+    from lrctl.service import auth
+
+    def token(path: str | None, variable: str) -> list[str]:
+        try:
+            value = auth.read_secret(path) if path else os.environ.get(variable, "").strip()
+        except (OSError, ValueError) as e:
+            raise _UsageError(f"cannot read the token file: {e}") from None
+        return [value] if value else []
+
+    write, read = token(args.token_file, "LRCTL_TOKEN"), token(args.read_token_file, "LRCTL_READ_TOKEN")
+    if read and not write:
+        raise _UsageError("a read token needs a write token too (--token-file or LRCTL_TOKEN)")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        raise _UsageError("--tls-cert and --tls-key go together, and --tls-client-ca needs both")
+    credentials = None
+    if args.tls_cert:
+        try:
+            credentials = auth.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        except OSError as e:
+            raise _UsageError(f"cannot read a TLS file: {e}") from None
+    if not (write or credentials or args.insecure or _is_loopback(args.listen)):
+        raise _UsageError(
+            f"refusing to listen on {args.listen} without authentication: anyone who can reach it "
+            "could change the learning rate. Give --token-file PATH (or set LRCTL_TOKEN) and/or "
+            "--tls-cert/--tls-key, or --insecure to accept the risk.")
+    return {"write_tokens": write, "read_tokens": read, "credentials": credentials}
+
+
+def _guardrails(args: argparse.Namespace) -> Guardrails:
+    from lrctl.service.guardrails import Guardrails  # numpy: the [service] extra
+
+    try:
+        return Guardrails(min_learning_rate=args.min_learning_rate,
+                          max_learning_rate=args.max_learning_rate,
+                          max_change_factor=args.max_change_factor,
+                          max_changes_per_minute=args.max_changes_per_minute or None)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
 
 
 def _initial_schedule(args: argparse.Namespace) -> specs.ScheduleSpec | None:
@@ -188,16 +282,19 @@ def _stop_callbacks(control: TrainingControl, stop: threading.Event,
     return [StopOnSignal()] if steps is None else [StopOnSignal(), StopAtStep()]
 
 
-def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None) -> None:
+def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
+           security: dict[str, Any], limits: Guardrails) -> None:
     import tensorflow as tf
 
     from lrctl.service import demo
     from lrctl.service.integration import TrainingControl
-    from lrctl.service.server import serve
+    from lrctl.service.journal import Journal
+    from lrctl.service.server import BindError, serve
 
     model, data = demo.build() if args.demo else _load(args.model)
     try:
-        control = TrainingControl(model.optimizer, run_id=args.run_id)
+        control = TrainingControl(model.optimizer, run_id=args.run_id, guardrails=limits,
+                                  revert_on_nan=args.revert_on_nan or None)
         if initial is not None:
             control.schedule.load(specs.ActiveSchedule(initial), version=0)
     except (TypeError, ValueError) as e:  # e.g. a custom schedule lrctl cannot express
@@ -218,8 +315,9 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None) -> None
         if isinstance(data, tf.data.Dataset) and data.cardinality() == tf.data.INFINITE_CARDINALITY:
             fit_args["steps_per_epoch"] = demo.STEPS_PER_EPOCH
 
+    journal = Journal(args.journal) if args.journal else None
     try:
-        with serve(control.controller, args.listen) as (_, port):
+        with serve(control.controller, args.listen, journal=journal, **security) as (_, port):
             logger.info("run %s: control server on port %d; stop with Ctrl-C or SIGTERM",
                         control.controller.snapshot().run_id, port)
             try:
@@ -234,10 +332,14 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None) -> None
                 # for up to 60 s: SIGTERM took 52-59 s to exit. Frozen, the cycle is never
                 # collected, and the process exits without destroying the iterator.
                 gc.freeze()
+    except BindError as e:  # e.g. another trainer on the port: one line, not a traceback
+        raise _StartError(str(e)) from None
     finally:
         # Training is over: a second Ctrl-C or SIGTERM during shutdown ends the process.
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if journal is not None:
+            journal.close()
     snap = control.controller.snapshot()
     logger.info("run %s %s at step %d, lr %.6g, version %d", snap.run_id, snap.phase.value,
                 snap.step, snap.learning_rate, snap.version)
@@ -248,11 +350,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         initial = _initial_schedule(args)
+        security = _security(args)
         _require_service()
-        _train(args, initial)
+        _train(args, initial, security, _guardrails(args))
     except _UsageError as e:
         print(f"lrctl-trainer: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except _StartError as e:
+        print(f"lrctl-trainer: error: {e}", file=sys.stderr)
+        return EXIT_START
     return 0
 
 
