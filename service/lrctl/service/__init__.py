@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lrctl.service.controller import Controller, Phase
     from lrctl.service.engine import ControllableSchedule
+    from lrctl.service.guardrails import Guardrails
     from lrctl.service.integration import TrainingControl, attach, build_optimizer
     from lrctl.service.saving import load_model
     from lrctl.service.specs import Origin
@@ -21,6 +22,7 @@ _HOMES = {
     "Controller": "controller",
     "Phase": "controller",
     "ControllableSchedule": "engine",
+    "Guardrails": "guardrails",
     "TrainingControl": "integration",
     "attach": "integration",
     "build_optimizer": "integration",
@@ -30,6 +32,7 @@ _HOMES = {
 __all__ = [
     "ControllableSchedule",
     "Controller",
+    "Guardrails",
     "Origin",
     "Phase",
     "TrainingControl",
