@@ -106,6 +106,7 @@ def test_a_change_that_makes_the_loss_nan_is_reverted_with_the_weights(change_at
         assert reverted.learning_rate_after == pytest.approx(LR)
         assert reverted.schedule.WhichOneof("kind") == "constant"
     assert state.version == 2 and state.learning_rate == pytest.approx(LR)
+    assert state.guardrails.revert_on_nan_steps == 4  # the guard is reported in the state
     (auto,) = [c for c in control.controller.snapshot().recent if c.version == 2]
     assert auto.status is ChangeStatus.APPLIED and auto.request.reason.startswith("auto-revert:")
     # The previous schedule is back in the engine, at the new version.

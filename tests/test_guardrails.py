@@ -60,7 +60,7 @@ def _rule(error: FailedPrecondition) -> str:
 def test_guardrails_are_reported_in_the_state(client: TrainingControlClient) -> None:
     limits = client.get_state().guardrails
     assert (limits.min_learning_rate, limits.max_learning_rate, limits.max_change_factor) == (1e-4, 0.1, 4.0)
-    assert not limits.HasField("max_changes_per_minute")
+    assert not limits.HasField("max_changes_per_minute") and limits.revert_on_nan_steps == 0
 
 
 @pytest.mark.parametrize(("change", "rule"), [

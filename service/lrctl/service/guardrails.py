@@ -38,6 +38,8 @@ class Guardrails:
     max_change_factor: float | None = None
     #: Accepted changes per minute, as a token bucket holding a minute's worth. None: off.
     max_changes_per_minute: float | None = None
+    #: Reported only: TrainingControl(revert_on_nan=K) acts on it (see integration.py).
+    revert_on_nan_steps: int = 0
 
     def __post_init__(self) -> None:
         check_number("min_learning_rate", self.min_learning_rate, minimum=0)

@@ -8,6 +8,7 @@ thread alone: it applies queued changes before a step and publishes a snapshot a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import sys
@@ -190,6 +191,7 @@ class TrainingControl:
         self.optimizer = optimizer
         self.schedule = attach(optimizer)
         self._target = _EngineTarget(self.schedule)
+        guardrails = dataclasses.replace(guardrails, revert_on_nan_steps=revert_on_nan or 0)
         self.controller = Controller(self._target, run_id=run_id, optimizer=type(optimizer).__name__,
                                      history_size=history_size, guardrails=guardrails)
         self._publish_interval = publish_interval

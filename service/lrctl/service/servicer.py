@@ -179,6 +179,7 @@ def guardrails_to_proto(limits: Guardrails) -> pb.Guardrails:
         min_learning_rate=limits.min_learning_rate, max_learning_rate=bound(limits.max_learning_rate),
         max_change_factor=bound(limits.max_change_factor),
         max_changes_per_minute=bound(limits.max_changes_per_minute),
+        revert_on_nan_steps=limits.revert_on_nan_steps,
     )
 
 
