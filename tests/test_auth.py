@@ -1,26 +1,21 @@
 """Tokens, roles, TLS and mutual TLS: every RPC against every credential, on the real server.
 
-Certificates are made per test session with `cryptography` (a throwaway CA, a server
-certificate for 127.0.0.1, a client certificate).
+Certificates are made per test module by tests/pki.py (a throwaway CA, a server certificate
+for 127.0.0.1, a client certificate).
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import keras
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from pki import make_pki
 
 from lrctl.client import LrctlError, TrainingControlClient, schedules
 from lrctl.client.client import tls_credentials
@@ -32,41 +27,9 @@ from lrctl.service.server import serve
 WRITE, READ = "w" * 32, "r" * 32
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _issue(subject: str, issuer_key, issuer: x509.Name | None, *, ca: bool = False, ip: str | None = None):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer or _name(subject))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ip:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address(ip)), x509.DNSName("localhost")]), critical=False)
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    return key, cert
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("pki")
-    ca_key, ca = _issue("lrctl test CA", None, None, ca=True)
-    files = {}
-
-    def write(name: str, key, cert) -> None:
-        (folder / f"{name}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        files[name + "_key"], files[name + "_crt"] = str(folder / f"{name}.key"), str(folder / f"{name}.crt")
-
-    write("ca", ca_key, ca)
-    write("server", *_issue("127.0.0.1", ca_key, ca.subject, ip="127.0.0.1"))
-    write("client", *_issue("orchestrator", ca_key, ca.subject))
-    return files
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 MODES = ["plaintext", "tls", "mtls"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,8 @@ def test_swap_origin_and_change_flags() -> None:
         "wait": False,  # --at-step implies --no-wait
         "validate_only": False,
         "reason": "cooldown",
+        "force": False,
+        "preview_steps": 0,
         "origin": "global",
     }
 
@@ -129,12 +132,28 @@ def test_set_and_scale() -> None:
         "wait": True,
         "validate_only": False,
         "reason": "",
+        "force": False,
+        "preview_steps": 0,
     }
     method, call_args, kwargs = cli.build_change_call(parse("scale", "0.5", "--no-wait"))
     assert (method, call_args, kwargs["wait"]) == ("scale_learning_rate", (0.5,), False)
     _, _, kwargs = cli.build_change_call(parse("scale", "0.5", "--dry-run"))
     assert kwargs["validate_only"] is True
     assert kwargs["wait"] is False
+    assert kwargs["preview_steps"] == cli.DEFAULT_PREVIEW_STEPS == 1000
+
+
+def test_force_and_preview_steps() -> None:
+    for argv in (["set", "0.1"], ["scale", "2"], ["swap", "constant", "--learning-rate", "0.1"]):
+        _, _, kwargs = cli.build_change_call(parse(*argv, "--force"))
+        assert (kwargs["force"], kwargs["preview_steps"]) == (True, 0)
+        _, _, kwargs = cli.build_change_call(parse(*argv, "--dry-run", "--preview-steps", "50"))
+        assert (kwargs["force"], kwargs["validate_only"], kwargs["preview_steps"]) == (False, True, 50)
+    # swap takes them before KIND too.
+    args = parse("swap", "--force", "--dry-run", "--preview-steps", "7", "constant",
+                 "--learning-rate", "0.1")  # fmt: skip
+    _, _, kwargs = cli.build_change_call(args)
+    assert (kwargs["force"], kwargs["preview_steps"]) == (True, 7)
 
 
 def test_global_flags_before_and_after_subcommand(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,23 +194,100 @@ def test_watch_and_health_flags() -> None:
         ["set"],
         ["set", "abc"],
         ["watch", "--min-interval", "-1"],
+        ["cancel"],
+        ["cancel", "abc", "--version", "1"],
+        ["cancel", "--version", "x"],
+        ["history", "--limit", "0"],
+        ["set", "0.1", "--dry-run", "--preview-steps", "-1"],
+        ["--token", "secret", "state"],  # no flag takes a token itself
+        ["state", "--token=secret"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         parse(*argv)
     assert info.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert "secret" not in err
 
 
 def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse("--help")
     out = capsys.readouterr().out
-    for text in ("3 invalid argument", "4 version conflict", "7 unavailable", "8 not serving"):
+    for text in ("3 invalid argument", "4 version conflict", "7 unavailable", "8 not serving",
+                 "9 not found", "10 resource exhausted", "11 internal", "12 unauthenticated",
+                 "13 permission denied"):  # fmt: skip
         assert text in out
     assert cli.__doc__ is not None
     assert "7  unavailable" in cli.__doc__
+    for code, name in ((9, "not found"), (10, "resource exhausted"), (11, "internal"),
+                       (12, "unauthenticated"), (13, "permission denied")):  # fmt: skip
+        assert re.search(rf"^  {code} +{name} ", cli.__doc__, flags=re.MULTILINE)
+
+
+def test_exit_codes_are_distinct_and_the_old_ones_unchanged() -> None:
+    codes = {cls.__name__: code for cls, code in cli.EXIT_CODES.items()}
+    assert codes == {
+        "InvalidArgument": 3, "VersionConflict": 4, "FailedPrecondition": 5,
+        "DeadlineExceeded": 6, "Unavailable": 7, "NotFound": 9, "ResourceExhausted": 10,
+        "Internal": 11, "Unauthenticated": 12, "PermissionDenied": 13,
+    }  # fmt: skip
+    assert len(set(codes.values()) | {0, 1, 2, 8}) == len(codes) + 4
+
+
+def test_cancel_and_history() -> None:
+    args = parse("cancel", "abc", "--reason", "superseded")
+    assert (args.request_id, args.version, args.reason) == ("abc", None, "superseded")
+    args = parse("cancel", "--version", "3")
+    assert (args.request_id, args.version, args.reason) == (None, 3, "")
+    assert parse("history").limit == cli.DEFAULT_HISTORY_LIMIT == 20
+    assert parse("history", "--limit", "5").limit == 5
+
+
+def test_auth_and_tls_flags_before_and_after_subcommand() -> None:
+    args = parse("state")
+    assert (args.token_file, args.ca, args.cert, args.key) == (None, None, None, None)
+    flags = ["--token-file", "t", "--ca", "ca.crt", "--cert", "c.crt", "--key", "c.key"]
+    for argv in (
+        [*flags, "history"],
+        ["history", *flags],
+        ["swap", "constant", "--learning-rate", "1", *flags],
+        [*flags, "swap", "constant", "--learning-rate", "1"],
+    ):
+        args = parse(*argv)
+        assert (args.token_file, args.ca, args.cert, args.key) == ("t", "ca.crt", "c.crt", "c.key")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cert", "c.crt", "state"], "--cert and --key go together"),
+        (["state", "--key", "c.key"], "--cert and --key go together"),
+        (["scale", "0.5", "--preview-steps", "10"], "--preview-steps needs --dry-run"),
+        (["cancel", ""], "REQUEST_ID must not be empty"),
+    ],
+)
+def test_checked_usage_errors_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked before any connection is made: the target is never dialled.
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--target", "127.0.0.1:1", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_token_file_that_cannot_be_read_is_a_one_line_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("  \n")
+    for path, text in ((tmp_path / "missing", "cannot read --token-file"), (empty, "is empty")):
+        assert cli.main(["--target", "127.0.0.1:1", "--token-file", str(path), "state"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lrctl: error: ") and err.count("\n") == 1 and text in err
 
 
 def test_describe_change() -> None:
@@ -204,6 +300,49 @@ def test_describe_change() -> None:
     assert cli.describe_change(pending).startswith("pending (apply at step 500)")
     valid = pb.Change(status=pb.CHANGE_STATUS_VALIDATED, scale=2.0)
     assert cli.describe_change(valid).startswith("valid (dry run)")
+    cancelled = pb.Change(status=pb.CHANGE_STATUS_CANCELLED, scale=0.5, reason="plateau")
+    assert cli.describe_change(cancelled) == "cancelled: scale x0.5; nothing changed (plateau)"
+    assert "run ended" not in cli.describe_change(cancelled)  # a client may have cancelled it
+    failed = pb.Change(status=pb.CHANGE_STATUS_FAILED, set_learning_rate=0.1,
+                       error="apply_at_step=5 may already have passed")  # fmt: skip
+    assert cli.describe_change(failed) == (
+        "failed: set lr 0.1; nothing changed: apply_at_step=5 may already have passed"
+    )
+
+
+def _preview_change(after: list[float], current: list[float]) -> pb.Change:
+    change = pb.Change(status=pb.CHANGE_STATUS_VALIDATED, scale=0.5)
+    for i, (a, c) in enumerate(zip(after, current, strict=True)):
+        change.preview.add(step=100 + 10 * i, learning_rate=a)
+        change.preview_current.add(step=100 + 10 * i, learning_rate=c)
+    return change
+
+
+def test_render_preview() -> None:
+    # 33 points: the change halves the LR after the first 11; the current schedule stays.
+    change = _preview_change([0.1] * 11 + [0.05] * 22, [0.1] * 33)
+    lines = cli.render_preview(change).splitlines()
+    assert len(lines) == cli.PREVIEW_ROWS + 3
+    rows = [line.split("|", 1) for line in lines[: cli.PREVIEW_ROWS]]
+    assert rows[0] == [" 0.1 ", "#" * 11 + "o" * 22]  # overlap, then the current schedule alone
+    assert rows[-1] == ["0.05 ", " " * 11 + "*" * 22]  # the change
+    assert all(label.strip() == "" and plot.strip() == "" for label, plot in rows[1:-1])
+    assert lines[cli.PREVIEW_ROWS] == "     +" + "-" * 33
+    assert lines[cli.PREVIEW_ROWS + 1].split() == ["100", "420", "(step)"]
+    assert lines[cli.PREVIEW_ROWS + 1].index("420") + 3 == len("     +") + 33  # under the end
+    assert "o current" in lines[-1] and "* with the change" in lines[-1] and "# both" in lines[-1]
+
+
+def test_render_preview_edge_cases() -> None:
+    assert cli.render_preview(pb.Change(status=pb.CHANGE_STATUS_VALIDATED)) == ""
+    flat = cli.render_preview(_preview_change([0.1] * 33, [0.1] * 33)).splitlines()
+    (row,) = [line for line in flat if "|#" in line]  # one row, labelled, all overlap
+    assert row == "0.1 |" + "#" * 33
+    # A linear ramp visits every row once per column band, top to bottom.
+    ramp = cli.render_preview(_preview_change([1.0 - i / 32 for i in range(33)], [0.0] * 33))
+    plot = [line.split("|", 1)[1] for line in ramp.splitlines()[: cli.PREVIEW_ROWS]]
+    assert all("*" in row or "#" in row for row in plot)
+    assert plot[0].startswith("*") and plot[-1].endswith("#")
 
 
 def test_unreachable_server_exits_7(subprocess_env: dict[str, str]) -> None:
@@ -270,10 +409,12 @@ def test_swap_change_flags_before_or_after_the_kind() -> None:
     after = parse("swap", "constant", "--learning-rate", "0.1", "--origin", "global",
                   "--at-step", "7", "--dry-run", "--reason", "r")  # fmt: skip
     expected = {"apply_at_step": 7, "expected_version": None, "wait": False,
-                "validate_only": True, "reason": "r", "origin": "global"}  # fmt: skip
+                "validate_only": True, "reason": "r", "force": False,
+                "preview_steps": cli.DEFAULT_PREVIEW_STEPS, "origin": "global"}  # fmt: skip
     assert cli.build_change_call(before)[2] == expected
     assert cli.build_change_call(after)[2] == expected
     # Left out everywhere, each flag keeps its default.
     _, _, kwargs = cli.build_change_call(parse("swap", "constant", "--learning-rate", "0.1"))
     assert kwargs == {"apply_at_step": None, "expected_version": None, "wait": True,
-                      "validate_only": False, "reason": "", "origin": "restart"}  # fmt: skip
+                      "validate_only": False, "reason": "", "force": False, "preview_steps": 0,
+                      "origin": "restart"}  # fmt: skip

@@ -10,13 +10,22 @@ Exit codes:
   6  deadline exceeded (--timeout passed; a waited-for change stays pending)
   7  unavailable (server unreachable)
   8  not serving (`lrctl health`)
+  9  not found (e.g. `lrctl cancel` of a change the server does not know)
+  10 resource exhausted (a server limit was reached, e.g. too many pending changes)
+  11 internal (the trainer failed to apply a change; nothing changed)
+  12 unauthenticated (missing or wrong token: --token-file or $LRCTL_TOKEN)
+  13 permission denied (e.g. a read-only token sending a change)
+
+`lrctl cancel` of a change that already ended (applied, aborted, failed) exits 5.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -26,10 +35,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from lrctl.client import errors, schedules
-from lrctl.client.client import DEFAULT_TARGET, TrainingControlClient
+from lrctl.client.client import DEFAULT_TARGET, TrainingControlClient, tls_credentials
 from lrctl.v1 import training_control_pb2 as pb
 
-__all__ = ["EXIT_CODES", "SWAP_KINDS", "build_parser", "main"]
+__all__ = ["EXIT_CODES", "SWAP_KINDS", "build_parser", "describe_change", "main", "render_preview"]
 
 log = logging.getLogger("lrctl")
 
@@ -42,6 +51,11 @@ EXIT_FAILED_PRECONDITION = 5
 EXIT_DEADLINE_EXCEEDED = 6
 EXIT_UNAVAILABLE = 7
 EXIT_NOT_SERVING = 8
+EXIT_NOT_FOUND = 9
+EXIT_RESOURCE_EXHAUSTED = 10
+EXIT_INTERNAL = 11
+EXIT_UNAUTHENTICATED = 12
+EXIT_PERMISSION_DENIED = 13
 
 EXIT_CODES: dict[type[errors.LrctlError], int] = {
     errors.InvalidArgument: EXIT_INVALID_ARGUMENT,
@@ -49,13 +63,19 @@ EXIT_CODES: dict[type[errors.LrctlError], int] = {
     errors.FailedPrecondition: EXIT_FAILED_PRECONDITION,
     errors.DeadlineExceeded: EXIT_DEADLINE_EXCEEDED,
     errors.Unavailable: EXIT_UNAVAILABLE,
+    errors.NotFound: EXIT_NOT_FOUND,
+    errors.ResourceExhausted: EXIT_RESOURCE_EXHAUSTED,
+    errors.Internal: EXIT_INTERNAL,
+    errors.Unauthenticated: EXIT_UNAUTHENTICATED,
+    errors.PermissionDenied: EXIT_PERMISSION_DENIED,
 }
 
 _EPILOG = """\
 exit codes:
   0 ok, 1 other error, 2 usage, 3 invalid argument, 4 version conflict,
-  5 failed precondition, 6 deadline exceeded, 7 unavailable (server unreachable),
-  8 not serving (health)
+  5 failed precondition (e.g. cancel of a change that already ended), 6 deadline
+  exceeded, 7 unavailable (server unreachable), 8 not serving (health), 9 not found,
+  10 resource exhausted, 11 internal, 12 unauthenticated, 13 permission denied
 
 examples:
   lrctl state
@@ -64,12 +84,41 @@ examples:
   lrctl swap exponential-decay --initial-learning-rate 0.005 --decay-steps 5 \\
       --decay-rate 0.8 --staircase
   lrctl swap piecewise-linear --knots 0:0.0,100:0.1,1000:0.001 --origin global
+  lrctl set 0.1 --dry-run --preview-steps 5000
+  lrctl history --limit 5
+  lrctl cancel 3f2a9c0e7b8d4e1fa2b3c4d5e6f70819 --reason "superseded"
+  lrctl --token-file ~/.lrctl-token --ca ca.crt state
   lrctl watch --min-interval 0.5 --json
 """
 
 
+#: `--dry-run` without `--preview-steps`: the steps the chart covers.
+DEFAULT_PREVIEW_STEPS = 1000
+#: `lrctl history` without `--limit`.
+DEFAULT_HISTORY_LIMIT = 20
+#: ListChanges' largest page.
+_MAX_PAGE_SIZE = 100
+
+
 class _Usage(Exception):
     """A command-line value that argparse could not check (exit code 2)."""
+
+
+class _NoToken(argparse.Action):
+    """`--token`: refused without echoing its value (a token in argv shows in `ps` and in
+    shell history). Without it, argparse would take `--token X` as `--token-file X`."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            "there is no --token flag (it would show in `ps` and shell history); "
+            "use --token-file PATH or $LRCTL_TOKEN"
+        )
 
 
 # --- value parsers for argparse ---
@@ -139,6 +188,19 @@ def _non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 # --- the swap kinds: schedules' table drives the parsers and the request mapping ---
@@ -217,6 +279,35 @@ def _add_global_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -
         default=default(False),
         help="log debug information to stderr",
     )
+    group.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=default(None),
+        help="read the bearer token from PATH (default: $LRCTL_TOKEN; none if unset). "
+        "There is no flag for the token itself: it would show in `ps` and shell history",
+    )
+    group.add_argument(
+        "--token", nargs="?", action=_NoToken, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    group.add_argument(
+        "--ca",
+        metavar="PATH",
+        default=default(None),
+        help="TLS: verify the server with this CA certificate (PEM); any of --ca, --cert, "
+        "--key switches to TLS (without --ca: the system's roots)",
+    )
+    group.add_argument(
+        "--cert",
+        metavar="PATH",
+        default=default(None),
+        help="mutual TLS: client certificate (PEM); needs --key",
+    )
+    group.add_argument(
+        "--key",
+        metavar="PATH",
+        default=default(None),
+        help="mutual TLS: client key (PEM); needs --cert",
+    )
 
 
 def _add_change_flags(
@@ -258,7 +349,21 @@ def _add_change_flags(
         "--dry-run",
         action="store_true",
         default=default(False),
-        help="validate only; change nothing (validate_only)",
+        help="validate only and draw the learning rate before/after; change nothing",
+    )
+    group.add_argument(
+        "--preview-steps",
+        type=_int_at_least(0),
+        metavar="N",
+        default=default(None),
+        help=f"with --dry-run: the steps to preview and check guardrails over "
+        f"(default {DEFAULT_PREVIEW_STEPS}; 0: no chart)",
+    )
+    group.add_argument(
+        "--force",
+        action="store_true",
+        default=default(False),
+        help="skip the trainer's max_change_factor guardrail (its LR bounds still apply)",
     )
     group.add_argument(
         "--no-wait",
@@ -320,6 +425,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help=_flag_help(field),
                 )
         _add_change_flags(k, in_subcommand=True, origin=True)
+
+    p = command("cancel", "cancel a pending change (see `lrctl history` for request ids)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "request_id", nargs="?", metavar="REQUEST_ID", help="the change's request id"
+    )
+    which.add_argument(
+        "--version",
+        type=int,
+        metavar="N",
+        help="the change that produced state version N (applied changes cannot be "
+        "cancelled: exits 5, or 9 if unknown)",
+    )
+    p.add_argument("--reason", default="", metavar="TEXT", help="logged by the trainer")
+
+    p = command("history", "list changes, newest first (pending and finished)")
+    p.add_argument(
+        "--limit",
+        type=_int_at_least(1),
+        default=DEFAULT_HISTORY_LIMIT,
+        metavar="N",
+        help=f"show at most N changes (default {DEFAULT_HISTORY_LIMIT})",
+    )
 
     p = command("watch", "stream training state updates (Ctrl-C to stop)")
     p.add_argument(
@@ -387,8 +515,62 @@ def describe_change(change: pb.Change) -> str:
     if status == pb.CHANGE_STATUS_ABORTED:
         return f"aborted: the state version changed before the step boundary; nothing changed{reason}"
     if status == pb.CHANGE_STATUS_CANCELLED:
-        return f"cancelled: the run ended before the change was due{reason}"
+        # By CancelChange, or because the run ended first: the record does not say which.
+        return f"cancelled: {_action(change)}; nothing changed{reason}"
+    if status == pb.CHANGE_STATUS_FAILED:
+        error = change.error or "no error given"
+        return f"failed: {_action(change)}; nothing changed: {error}{reason}"
     return f"{pb.ChangeStatus.Name(status)}: {_action(change)}{reason}"
+
+
+def _history_line(change: pb.Change) -> str:
+    # The request id is what `lrctl cancel` takes.
+    line = describe_change(change)
+    return f"{line}  [{change.request_id}]" if change.request_id else line
+
+
+#: `render_preview`'s glyphs: the current schedule, the schedule after the change, both.
+PREVIEW_CURRENT, PREVIEW_CHANGE, PREVIEW_BOTH = "o", "*", "#"
+PREVIEW_ROWS = 12
+
+
+def render_preview(change: pb.Change) -> str:
+    """A plain-text chart of a dry run's `preview` (the LR with the change) beside
+    `preview_current` (without it): one column per point, PREVIEW_ROWS rows on a linear
+    scale from the smallest to the largest LR. "" if the change has no preview."""
+    columns = max(len(change.preview), len(change.preview_current))
+    if columns == 0:
+        return ""
+    points = change.preview if len(change.preview) == columns else change.preview_current
+    values = [p.learning_rate for p in (*change.preview, *change.preview_current)]
+    finite = [v for v in values if math.isfinite(v)] or [0.0]
+    lo, hi = min(finite), max(finite)
+
+    def row(lr: float) -> int:
+        if hi == lo:
+            return PREVIEW_ROWS // 2
+        return round((hi - lr) / (hi - lo) * (PREVIEW_ROWS - 1))
+
+    grid = [[" "] * columns for _ in range(PREVIEW_ROWS)]
+    series_glyphs = ((change.preview_current, PREVIEW_CURRENT), (change.preview, PREVIEW_CHANGE))
+    for series, glyph in series_glyphs:
+        for column, point in enumerate(series):
+            if math.isfinite(point.learning_rate):
+                cells = grid[row(point.learning_rate)]
+                cells[column] = glyph if cells[column] in (" ", glyph) else PREVIEW_BOTH
+    labels = {row(lo): _fmt(lo), row(hi): _fmt(hi)}
+    width = max(len(label) for label in labels.values())
+    lines = [
+        f"{labels.get(i, ''):>{width}} |{''.join(cells)}".rstrip() for i, cells in enumerate(grid)
+    ]
+    first, last = str(points[0].step), str(points[-1].step)
+    pad = " " * width
+    lines.append(f"{pad} +{'-' * columns}")
+    lines.append(f"{pad}  {first}{last:>{max(columns - len(first), len(last) + 1)}}  (step)")
+    lines.append(
+        f"{pad}  {PREVIEW_CURRENT} current  {PREVIEW_CHANGE} with the change  {PREVIEW_BOTH} both"
+    )
+    return "\n".join(lines)
 
 
 def describe_state(state: pb.TrainingState) -> str:
@@ -431,12 +613,17 @@ def _change_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     # Waiting is the default for a human at a terminal, but --at-step usually
     # targets a future step, so it returns as soon as the change is queued.
     wait = not (args.no_wait or args.at_step is not None or args.dry_run)
+    preview_steps = args.preview_steps
+    if preview_steps is None:
+        preview_steps = DEFAULT_PREVIEW_STEPS if args.dry_run else 0
     return {
         "apply_at_step": args.at_step,
         "expected_version": args.expected_version,
         "wait": wait,
         "validate_only": args.dry_run,
         "reason": args.reason,
+        "force": args.force,
+        "preview_steps": preview_steps,
     }
 
 
@@ -480,8 +667,22 @@ def _run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) -
             if kwargs["wait"] and "pending" not in exc.message:
                 exc.message += " (the change stays pending; see `lrctl state`)"
             raise
+        chart = "" if args.json else render_preview(change)
+        if chart:
+            print(chart, file=out)
         _print(out, args, change, describe_change(change))
         return _change_exit_code(change)
+    if args.command == "cancel":
+        change = client.cancel_change(
+            request_id=args.request_id, version=args.version, reason=args.reason
+        )
+        _print(out, args, change, describe_change(change))
+        return EXIT_OK
+    if args.command == "history":
+        changes = client.iter_changes(page_size=min(args.limit, _MAX_PAGE_SIZE))
+        for change in itertools.islice(changes, args.limit):
+            _print(out, args, change, _history_line(change))
+        return EXIT_OK
     if args.command == "watch":
         return _watch(client, args, out)
     if args.command == "health":
@@ -517,16 +718,66 @@ def _report(exc: errors.LrctlError, target: str) -> None:
         message = f"server unavailable{where}: {message}"
     elif isinstance(exc, errors.DeadlineExceeded):
         message = f"deadline exceeded: {message}"
+    elif isinstance(exc, errors.Unauthenticated):
+        message = f"unauthenticated: {message} (give a token with --token-file or $LRCTL_TOKEN)"
+    elif isinstance(exc, errors.PermissionDenied):
+        message = f"permission denied: {message}"
     print(f"lrctl: error: {message}", file=sys.stderr)
     for field, description in exc.field_violations:
         if description not in message:  # the server's message often is the one violation
             print(f"  {field}: {description}", file=sys.stderr)
 
 
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check by itself (exits 2 with the usage)."""
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together (mutual TLS)")
+    if getattr(args, "preview_steps", None) is not None and not args.dry_run:
+        parser.error("--preview-steps needs --dry-run (without it the change would be applied)")
+    if args.command == "cancel" and args.request_id == "":
+        parser.error("REQUEST_ID must not be empty")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token-file's content, else $LRCTL_TOKEN, else None."""
+    if args.token_file is not None:
+        source = f"--token-file {args.token_file}"
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise _Usage(f"cannot read {source}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise _Usage(f"{source} is not UTF-8 text") from None
+        if not token:
+            raise _Usage(f"{source} is empty")
+    else:
+        source, token = "$LRCTL_TOKEN", os.environ.get("LRCTL_TOKEN", "").strip()
+        if not token:
+            return None
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise _Usage(f"{source} must hold one token: printable ASCII, no spaces or line breaks")
+    log.debug("bearer token from %s", source)
+    return token
+
+
+def _connect(args: argparse.Namespace, timeout: float | None) -> TrainingControlClient:
+    token = _token(args)
+    credentials = None
+    if args.ca is not None or args.cert is not None:
+        try:
+            credentials = tls_credentials(args.ca, args.cert, args.key)
+        except OSError as exc:
+            raise _Usage(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+        log.debug("TLS: ca %s, client certificate %s", args.ca or "(system roots)", args.cert)
+    return TrainingControlClient(args.target, timeout=timeout, token=token, credentials=credentials)
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check(parser, args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="lrctl: %(levelname)s: %(message)s",
@@ -535,8 +786,11 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     timeout = args.timeout if args.timeout > 0 else None
     log.debug("target %s, timeout %s", args.target, timeout)
     try:
-        with TrainingControlClient(args.target, timeout=timeout) as client:
+        with _connect(args, timeout) as client:
             return _run(client, args, out)
+    except _Usage as exc:
+        print(f"lrctl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except errors.LrctlError as exc:
         _report(exc, args.target)
         return EXIT_CODES.get(type(exc), EXIT_ERROR)
