@@ -29,6 +29,7 @@ from lrctl.service.errors import (
     NotFoundError,
     RequestIdReusedError,
     ResourceExhaustedError,
+    UnavailableError,
     VersionConflictError,
     WaitTimeoutError,
 )
@@ -40,6 +41,7 @@ from lrctl.service.specs import (
     Origin,
     ScheduleSpec,
     check_number,
+    spec_from_config,
 )
 
 #: Finished changes remembered, newest last: a retry of any of their request ids returns the
@@ -57,6 +59,8 @@ APPLY_HORIZON = 1_000_000_000
 SNAPSHOT_PENDING = 100
 #: The smallest normal float32: a smaller cumulative scale could never be scaled back up.
 _MIN_SCALE = 1.1754944e-38
+#: The layout of `Controller.export_state()`; `import_state` refuses any other.
+STATE_FORMAT = 1
 
 
 class Phase(enum.Enum):
@@ -208,6 +212,7 @@ class Controller:
         # An upper bound on the step at the latest step boundary (exact when the training
         # thread read it). An apply_at_step at or below it may have been passed already.
         self._boundary_step: float = -math.inf
+        self._shutting_down = False  # set by shut_down(): every new change gets UNAVAILABLE
         self._snapshot = Snapshot(
             run_id=run_id or uuid.uuid4().hex[:12], phase=Phase.STARTING, step=0, epoch=0,
             learning_rate=math.nan, schedule=self._state, version=self._version, metrics={},
@@ -251,7 +256,10 @@ class Controller:
                         raise RequestIdReusedError(request.request_id)
                     return record
             snap = self._snapshot
-            if snap.phase in (Phase.STOPPING, Phase.FINISHED, Phase.FAILED):
+            if self._shutting_down or snap.phase is Phase.STOPPING:
+                raise UnavailableError("the trainer is shutting down; it accepts no more changes. "
+                                       "Retry with the same request_id once it has restarted")
+            if snap.phase in (Phase.FINISHED, Phase.FAILED):
                 raise FailedPreconditionError(f"the run is {snap.phase.value}; it accepts no more changes")
             if request.expected_version is not None and request.expected_version != self._version:
                 raise VersionConflictError(request.expected_version, self._version)
@@ -290,6 +298,71 @@ class Controller:
             heapq.heappush(self._due, (at or 0, change.id))
             self._republish(pending=True)
             return change
+
+    def shut_down(self) -> None:
+        """The process is going away (SIGTERM): from now on `submit` raises UnavailableError.
+        One attribute store and no lock, so a signal handler may call it."""
+        self._shutting_down = True
+
+    def export_state(self) -> dict[str, Any]:
+        """The control state as JSON-able data, for a checkpoint taken at a step boundary (on
+        the training thread, so nothing is being applied): the schedule and version in force,
+        the pending changes, and every remembered finished record (the dedup window, in the
+        order they finished; the history is its newest `history_size`). `import_state` in a
+        new process puts it back: a retry of any of these request ids returns its record."""
+        with self._cond:
+            snap = self._snapshot
+            history_ids = [c.id for c in self._history]
+            finished = list(self._finished.values())
+            # History records older than the dedup window (only with history_size > DEDUP_WINDOW).
+            known = set(self._finished)
+            older = [c for c in self._history if c.id not in known]
+            return {
+                "format": STATE_FORMAT, "run_id": snap.run_id, "step": snap.step, "epoch": snap.epoch,
+                "version": self._version, "schedule": _schedule_json(self._state),
+                "next_id": max([0, *self._pending, *self._finished, *history_ids]) + 1,
+                "pending": [_change_json(c) for c in self._pending.values()],
+                "finished": [_change_json(c) for c in [*older, *finished]],
+                "history": history_ids,
+            }
+
+    def import_state(self, data: Mapping[str, Any]) -> None:
+        """Put back what `export_state` returned, before training starts (training thread).
+        The engine's variables must already hold the same schedule and version (restored with
+        the optimizer from the same checkpoint); if they do not, the next `resync` treats the
+        difference as a restore, so the version still never goes back. Raises ValueError for
+        data of another format."""
+        if data.get("format") != STATE_FORMAT:
+            raise ValueError(f"control state format {data.get('format')!r} is not {STATE_FORMAT}")
+        pending = [_change_from_json(c) for c in data["pending"]]
+        finished = [_change_from_json(c) for c in data["finished"]]
+        by_id = {c.id: c for c in finished}
+        history = [by_id[i] for i in data["history"] if i in by_id]
+        with self._cond:
+            self._state, self._version = _schedule_from_json(data["schedule"]), int(data["version"])
+            self._ids = itertools.count(max(int(data["next_id"]), 1))
+            self._pending = {c.id: c for c in pending}
+            self._due = [(c.request.apply_at_step or 0, c.id) for c in pending]
+            heapq.heapify(self._due)
+            self._finished.clear()
+            self._by_request_id.clear()
+            self._by_version.clear()
+            for change in finished[-DEDUP_WINDOW:]:
+                self._finished[change.id] = change
+                if change.version:
+                    self._by_version[change.version] = change.id
+            for change in [*finished[-DEDUP_WINDOW:], *pending]:
+                if change.request.request_id:
+                    self._by_request_id[change.request.request_id] = change.id
+            self._history.clear()
+            self._history.extend(history)
+            step = int(data["step"])
+            self._boundary_step = max(self._boundary_step, step)
+            self._snapshot = dataclasses.replace(
+                self._snapshot, step=step, epoch=int(data.get("epoch", 0)), schedule=self._state,
+                version=self._version, learning_rate=evaluate.learning_rate(self._state, step),
+                updated_time=self._clock())
+            self._republish(pending=True, history=True)
 
     def cancel(self, *, request_id: str = "", version: int | None = None) -> Change:
         """Cancel a pending change, named by its request_id or (once applied) its version.
@@ -586,6 +659,83 @@ def _check_request(request: ChangeRequest) -> None:
         raise InvalidArgumentError("apply_at_step", "must be >= 0", request.apply_at_step)
 
 
+def _schedule_json(state: ActiveSchedule) -> dict[str, Any]:
+    return {"class_name": state.spec.keras_name, "config": state.spec.to_config(),
+            "origin": state.origin.value, "origin_step": state.origin_step, "scale": state.scale}
+
+
+def _schedule_from_json(data: Mapping[str, Any]) -> ActiveSchedule:
+    return ActiveSchedule(spec_from_config(data["class_name"], data["config"]), Origin(data["origin"]),
+                          int(data["origin_step"]), float(data["scale"]))
+
+
+def _action_json(action: Action) -> dict[str, Any]:
+    if isinstance(action, PinLearningRate):
+        return {"pin": action.learning_rate}
+    if isinstance(action, ScaleLearningRate):
+        return {"scale": action.factor}
+    return {"swap": {"class_name": action.schedule.keras_name, "config": action.schedule.to_config(),
+                     "origin": action.origin.value}}
+
+
+def _action_from_json(data: Mapping[str, Any]) -> Action:
+    if "pin" in data:
+        return PinLearningRate(float(data["pin"]))
+    if "scale" in data:
+        return ScaleLearningRate(float(data["scale"]))
+    swap = data["swap"]
+    return SwapSchedule(spec_from_config(swap["class_name"], swap["config"]), Origin(swap["origin"]))
+
+
+def _error_json(error: Exception | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    return {"type": type(error).__name__, "message": str(error),
+            "field": getattr(error, "field", ""), "kind": getattr(error, "kind", "")}
+
+
+def _error_from_json(data: Mapping[str, Any] | None) -> Exception | None:
+    """A FAILED record's error: ApplyError stays one; any other is a FailedPreconditionError
+    (the only other kind a FAILED record holds), with its field and kind."""
+    if data is None:
+        return None
+    if data["type"] == ApplyError.__name__:
+        return ApplyError(data["message"])
+    return FailedPreconditionError(data["message"], field=data.get("field", ""), kind=data.get("kind", ""))
+
+
+def _change_json(change: Change) -> dict[str, Any]:
+    request = change.request
+    return {
+        "id": change.id, "status": change.status.value, "requested_step": change.requested_step,
+        "requested_time": change.requested_time, "version": change.version,
+        "applied_step": change.applied_step, "learning_rate_after": change.learning_rate_after,
+        "schedule_after": None if change.schedule_after is None else _schedule_json(change.schedule_after),
+        "applied_time": change.applied_time, "current_version": change.current_version,
+        "error": _error_json(change.error),
+        "request": {"action": _action_json(request.action), "request_id": request.request_id,
+                    "expected_version": request.expected_version, "apply_at_step": request.apply_at_step,
+                    "reason": request.reason, "force": request.force},
+    }
+
+
+def _change_from_json(data: Mapping[str, Any]) -> Change:
+    request = data["request"]
+    after = data["schedule_after"]
+    return Change(
+        id=int(data["id"]), status=ChangeStatus(data["status"]), requested_step=int(data["requested_step"]),
+        requested_time=float(data["requested_time"]), version=int(data["version"]),
+        applied_step=data["applied_step"], learning_rate_after=data["learning_rate_after"],
+        schedule_after=None if after is None else _schedule_from_json(after),
+        applied_time=data["applied_time"], current_version=data["current_version"],
+        error=_error_from_json(data["error"]),
+        request=ChangeRequest(_action_from_json(request["action"]), request_id=request["request_id"],
+                              expected_version=request["expected_version"],
+                              apply_at_step=request["apply_at_step"], reason=request["reason"],
+                              force=bool(request["force"])),
+    )
+
+
 _ACTION_FIELD = {PinLearningRate: "learning_rate", ScaleLearningRate: "scale", SwapSchedule: "schedule"}
 
 
@@ -644,6 +794,6 @@ def _outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
 
 __all__ = [
     "APPLY_HORIZON", "DEDUP_WINDOW", "MAX_PENDING", "MAX_REASON_BYTES", "MAX_REQUEST_ID_BYTES",
-    "SNAPSHOT_PENDING", "Action", "Change", "ChangeRequest", "ChangeStatus", "Controller", "Phase",
+    "SNAPSHOT_PENDING", "STATE_FORMAT", "Action", "Change", "ChangeRequest", "ChangeStatus", "Controller", "Phase",
     "PinLearningRate", "ScaleLearningRate", "ScheduleTarget", "Snapshot", "SwapSchedule",
 ]

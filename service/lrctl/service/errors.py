@@ -77,3 +77,13 @@ class RequestIdReusedError(Exception):
 
 class ApplyError(Exception):
     """The training thread could not apply a change (the engine raised). Nothing changed."""
+
+
+class UnavailableError(FailedPreconditionError):
+    """The trainer is shutting down (SIGTERM/SIGINT): it takes no more changes. UNAVAILABLE, not
+    FAILED_PRECONDITION, because the condition is transient: a retry with the same request_id
+    after the restart (which resumes the checkpointed state) is the right reaction. A subclass,
+    so in-process callers that catch FailedPreconditionError keep working."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="SHUTDOWN")

@@ -126,13 +126,15 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
           unary_reserve: int = UNARY_RESERVE,
           journal: Journal | None = None,
           write_tokens: Sequence[str] = (), read_tokens: Sequence[str] = (),
-          credentials: grpc.ServerCredentials | None = None) -> Iterator[tuple[grpc.Server, int]]:
+          credentials: grpc.ServerCredentials | None = None,
+          extra_interceptors: Sequence[grpc.ServerInterceptor] = ()) -> Iterator[tuple[grpc.Server, int]]:
     """Run the server on a background thread pool for the duration of the `with` block.
 
     `journal`: where every mutation attempt is recorded (see lrctl.service.journal).
     `write_tokens`/`read_tokens`: bearer tokens of each role (see lrctl.service.auth); none:
     no authentication. `credentials`: TLS (lrctl.service.auth.server_credentials); None:
-    plaintext.
+    plaintext. `extra_interceptors`: server interceptors, run first (outermost), so they see
+    every call, refused ones included (e.g. lrctl.service.metrics' RPC counter).
 
     Raises AddressInUseError if `address` is taken: SO_REUSEPORT is off, so a second trainer
     on the same port fails to start instead of sharing the port's clients at random.
@@ -147,7 +149,7 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
     interceptors: list[grpc.ServerInterceptor] = [StreamLimiter(max_streams)]
     if auth is not None:
         interceptors.insert(0, auth)
-    server = grpc.server(pool, interceptors=interceptors, options=_OPTIONS)
+    server = grpc.server(pool, interceptors=[*extra_interceptors, *interceptors], options=_OPTIONS)
     servicer = TrainingControlServicer(controller, max_waiters=max_waiters, journal=journal,
                                        role_of=auth.role_name if auth else None)
     pb_grpc.add_TrainingControlServiceServicer_to_server(servicer, server)

@@ -44,6 +44,7 @@ from lrctl.service.errors import (
     NotFoundError,
     RequestIdReusedError,
     ResourceExhaustedError,
+    UnavailableError,
     VersionConflictError,
     WaitTimeoutError,
 )
@@ -224,6 +225,9 @@ def status_of(error: Exception) -> status_pb2.Status:
         detail.Pack(error_details_pb2.ErrorInfo(
             reason="VERSION_CONFLICT", domain="lrctl",
             metadata={"expected_version": str(error.expected), "current_version": str(error.current)}))
+    elif isinstance(error, UnavailableError):  # before its base, FailedPreconditionError
+        code, message = code_pb2.UNAVAILABLE, str(error)
+        detail.Pack(error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN", domain="lrctl"))
     elif isinstance(error, FailedPreconditionError):
         code, message = code_pb2.FAILED_PRECONDITION, str(error)
         detail.Pack(error_details_pb2.PreconditionFailure(violations=[

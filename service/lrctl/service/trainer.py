@@ -13,6 +13,7 @@ or any Keras built-in schedule; lrctl takes it over at the first step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import ipaddress
@@ -121,7 +122,37 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="if the loss turns NaN/Inf within K steps of a change, restore the "
                         "weights, optimizer slots and schedule from before it (default 0: off; "
                         "costs a host copy of the weights and slots while watching)")
-    return parser.parse_args(argv)
+
+    # -- metrics and TensorBoard (issue #8, items 4-5) --
+    observe = parser.add_argument_group("metrics and TensorBoard")
+    observe.add_argument("--metrics-listen", metavar="HOST:PORT", type=_listen_address,
+                         help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
+                         "(port 0 picks one; default: off)")
+    observe.add_argument("--tensorboard-dir", metavar="DIR",
+                         help="write the learning rate and every applied change as TensorBoard "
+                         "summaries into DIR (default: off)")
+    observe.add_argument("--tensorboard-every", type=int, default=1, metavar="N",
+                         help="write the learning rate every N steps (default 1)")
+    # -- end of metrics and TensorBoard --
+
+    # -- checkpoints, shutdown and devices (issue #8, items 1-3) --
+    durability = parser.add_argument_group(
+        "checkpoints and devices", "Resume after a kill or a preemption: weights, optimizer and "
+        "lrctl's state (schedule, version, history, pending changes, dedup ids). SIGTERM/SIGINT "
+        "refuse new changes (UNAVAILABLE), finish the step, cancel pending changes, checkpoint "
+        "and exit 0.")
+    durability.add_argument("--checkpoint-dir", metavar="DIR",
+                            help="checkpoint into DIR, and resume from its newest checkpoint at start")
+    durability.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                            help="also checkpoint every STEPS optimizer steps (default: only on exit)")
+    durability.add_argument("--no-memory-growth", action="store_true",
+                            help="let TensorFlow take all GPU memory at start (default: grow as "
+                            "needed, so another process can share the GPU)")
+    args = parser.parse_args(argv)
+    if args.checkpoint_every is not None and (args.checkpoint_every <= 0 or not args.checkpoint_dir):
+        parser.error("--checkpoint-every needs --checkpoint-dir and a number of steps > 0")
+    # -- end of checkpoints, shutdown and devices --
+    return args
 
 
 def _is_loopback(address: str) -> bool:
@@ -282,6 +313,56 @@ def _stop_callbacks(control: TrainingControl, stop: threading.Event,
     return [StopOnSignal()] if steps is None else [StopOnSignal(), StopAtStep()]
 
 
+def _use_devices(no_memory_growth: bool) -> None:
+    """GPU memory growth (unless turned off) and a log line naming the devices training uses.
+    Before any model is built: growth cannot be set once a GPU is initialised."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, not no_memory_growth)
+        except RuntimeError as e:  # already initialised (e.g. by the user's module)
+            logger.warning("cannot set memory growth on %s: %s", gpu.name, e)
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    growth = "" if not gpus else (", memory growth off" if no_memory_growth else ", memory growth on")
+    logger.info("training on %s%s", ", ".join(d.name for d in devices), growth)
+
+
+# -- metrics and TensorBoard (issue #8, items 4-5) --
+def _observe(args: argparse.Namespace, control: TrainingControl, stack: contextlib.ExitStack,
+             callbacks: list[Any]) -> list[Any]:
+    """Start the metrics endpoint (`--metrics-listen`) and add the TensorBoard callback
+    (`--tensorboard-dir`); `stack` stops and closes them. Returns the gRPC interceptors to add."""
+    interceptors: list[Any] = []
+    if args.metrics_listen:
+        if args.metrics_listen.startswith(("unix:", "unix-abstract:")):
+            raise _UsageError("--metrics-listen must be HOST:PORT")
+        try:
+            from lrctl.service.metrics import TrainingMetrics, split_address
+        except ModuleNotFoundError as e:
+            raise _UsageError(f"{e.name} is not installed; --metrics-listen needs the service "
+                              'extra: pip install "lrctl[service]"') from None
+        metrics = TrainingMetrics(control.controller)
+        host, port = split_address(args.metrics_listen)
+        try:
+            bound = stack.enter_context(metrics.serving(host, port))
+        except OSError as e:
+            raise _StartError(f"cannot serve metrics on {args.metrics_listen}: {e}") from None
+        logger.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
+        interceptors.append(metrics.interceptor)
+    if args.tensorboard_dir:
+        if args.tensorboard_every < 1:
+            raise _UsageError("--tensorboard-every must be at least 1")
+        from lrctl.service.tensorboard import TensorBoardLogger
+
+        board = TensorBoardLogger(control, args.tensorboard_dir, every=args.tensorboard_every)
+        stack.callback(board.close)
+        callbacks.append(board)  # after control.callback: it sees the changes applied
+    return interceptors
+# -- end of metrics and TensorBoard --
+
+
 def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
            security: dict[str, Any], limits: Guardrails) -> None:
     import tensorflow as tf
@@ -291,6 +372,7 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
     from lrctl.service.journal import Journal
     from lrctl.service.server import BindError, serve
 
+    _use_devices(args.no_memory_growth)
     model, data = demo.build() if args.demo else _load(args.model)
     try:
         control = TrainingControl(model.optimizer, run_id=args.run_id, guardrails=limits,
@@ -303,8 +385,12 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
     # Signal handlers only set a flag: the training thread acts on it at the next boundary,
     # so a stop never lands in the middle of a step (or of a lock held by that thread).
     stop = threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stop.set())
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        control.controller.shut_down()  # one attribute store: new changes get UNAVAILABLE
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     fit_args: dict[str, Any] = {"epochs": args.epochs or UNTIL_STOPPED_EPOCHS, "verbose": args.verbose,
                                 "callbacks": [control.callback, *_stop_callbacks(control, stop, args.steps)]}
@@ -316,12 +402,37 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
             fit_args["steps_per_epoch"] = demo.STEPS_PER_EPOCH
 
     journal = Journal(args.journal) if args.journal else None
+    # -- checkpoints (issue #8): resume, then save every N steps and when fit returns --
+    checkpoints = None
+    if args.checkpoint_dir:
+        from lrctl.service.checkpoint import Checkpointer
+
+        try:
+            checkpoints = Checkpointer(control, model, args.checkpoint_dir, every=args.checkpoint_every)
+            resumed = checkpoints.restore()
+        except (OSError, ValueError, KeyError) as e:  # unreadable, or another model's checkpoint
+            raise _StartError(f"cannot resume from {args.checkpoint_dir}: {e!r}") from None
+        if resumed is not None and journal is not None:
+            snap = control.controller.snapshot()
+            journal.record(event="resumed", checkpoint=args.checkpoint_dir, step=snap.step,
+                           version=snap.version, run_id=snap.run_id,
+                           checkpoint_run_id=resumed.get("run_id"),
+                           note="changes after this step in the previous run were lost")
+        fit_args["callbacks"].append(checkpoints.callback)
+    # -- end of checkpoints --
+    # -- metrics and TensorBoard (issue #8, items 4-5): started here, stopped after serve() --
+    observers = contextlib.ExitStack()
+    interceptors = _observe(args, control, observers, fit_args["callbacks"])
+    # -- end of metrics and TensorBoard --
     try:
-        with serve(control.controller, args.listen, journal=journal, **security) as (_, port):
+        with observers, serve(control.controller, args.listen, journal=journal,
+                              extra_interceptors=interceptors, **security) as (_, port):
             logger.info("run %s: control server on port %d; stop with Ctrl-C or SIGTERM",
                         control.controller.snapshot().run_id, port)
             try:
                 model.fit(**fit_args)
+                if checkpoints is not None:  # issue #8: the final checkpoint, server still up
+                    checkpoints.save()
             except BaseException:
                 control.end(failed=True)
                 raise

@@ -1,0 +1,235 @@
+"""Prometheus metrics of a trainer (`lrctl-trainer --metrics-listen HOST:PORT`).
+
+    metrics = TrainingMetrics(control.controller)         # its own registry, not the global one
+    with serve(control.controller, address, extra_interceptors=[metrics.interceptor]), \
+            metrics.serving("127.0.0.1", 9100):
+        model.fit(...)
+
+Exported (all prefixed `lrctl_`):
+
+- `step`, `epoch`, `learning_rate`, `learning_rate_scale`, `schedule_version`,
+  `pending_changes`, `phase{phase}` (1 for the current phase): read from the controller's
+  snapshot at scrape time, so a scrape costs one lock and never touches TensorFlow;
+- `changes_total{status}`: finished changes by status (applied, aborted, cancelled, failed,
+  validated), counted from the snapshots' recent changes by a follower thread and at each
+  scrape. More than `history_size` (100) changes finishing within one follower wake-up
+  would be undercounted;
+- `rpcs_total{method, code}`: every RPC the server answered (all services, refused ones
+  included), by full method name and gRPC status code, from a server interceptor;
+- `apply_seconds`: a histogram of the time the training thread spent in
+  `Controller.apply_due` at each boundary that finished at least one change (the outcome
+  computation and the one engine load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lrctl.service.controller import Change, ChangeStatus, Controller, Phase, Snapshot
+
+#: Distinct `method` label values at most; further ones (a scanner's garbage) count as "other".
+MAX_METHODS = 64
+_FINAL = tuple(s for s in ChangeStatus if s is not ChangeStatus.PENDING)
+_APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class TrainingMetrics:
+    """The metrics of one controller, in a registry of their own (`registry`)."""
+
+    def __init__(self, controller: Controller, registry: CollectorRegistry | None = None) -> None:
+        self.controller = controller
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.rpcs = Counter("lrctl_rpcs", "RPCs answered, by method and gRPC status code",
+                            ["method", "code"], registry=self.registry)
+        self.apply_seconds = Histogram(
+            "lrctl_apply_seconds", "Time the training thread spent applying due changes at a step "
+            "boundary (Controller.apply_due)", buckets=_APPLY_BUCKETS, registry=self.registry)
+        self.interceptor: grpc.ServerInterceptor = _RpcCounter(self)
+        self._lock = threading.Lock()
+        self._changes: dict[ChangeStatus, int] = {status: 0 for status in _FINAL}
+        self._seen: set[int] = set()  # ids in the last observed snapshot's recent changes
+        self._seq = -1
+        self._methods: set[str] = set()
+        self.registry.register(_StateCollector(self))
+        self._instrument(controller)
+        self.observe(controller.snapshot())
+
+    def _instrument(self, controller: Controller) -> None:
+        """Time `controller.apply_due` from outside: the instance's method is wrapped, the
+        controller and the Keras layer are unchanged."""
+        apply_due = controller.apply_due
+
+        def timed_apply_due(step: int) -> list[Change]:
+            start = time.perf_counter()
+            finished = apply_due(step)
+            if finished:
+                self.apply_seconds.observe(time.perf_counter() - start)
+            return finished
+
+        setattr(controller, "apply_due", timed_apply_due)  # noqa: B010 -- mypy: method-assign
+
+    def observe(self, snap: Snapshot) -> None:
+        """Count the changes that finished since the last observed snapshot."""
+        with self._lock:
+            if snap.seq <= self._seq:
+                return  # an older snapshot than one already counted (follower vs scrape)
+            self._seq = snap.seq
+            for change in snap.recent:
+                if change.id not in self._seen and change.status in self._changes:
+                    self._changes[change.status] += 1
+            self._seen = {c.id for c in snap.recent}
+
+    def changes(self) -> dict[ChangeStatus, int]:
+        with self._lock:
+            return dict(self._changes)
+
+    def count_rpc(self, method: str, code: grpc.StatusCode | None) -> None:
+        with self._lock:
+            if method not in self._methods:
+                if len(self._methods) >= MAX_METHODS:
+                    method = "other"
+                else:
+                    self._methods.add(method)
+        name = getattr(code, "name", None) or ("OK" if code is None else str(code))
+        self.rpcs.labels(method, name).inc()
+
+    def _follow(self, stop: threading.Event, poll: float = 0.5) -> None:
+        while not stop.is_set():
+            for snap in self.controller.updates(min_interval=0.0, is_active=lambda: not stop.is_set()):
+                self.observe(snap)
+            stop.wait(poll)  # the stream ends with each run; another `fit` starts a new one
+
+    @contextlib.contextmanager
+    def serving(self, host: str, port: int) -> Iterator[int]:
+        """Serve `/metrics` over HTTP on `host:port` (0: a free port) for the duration of the
+        block; yields the port. Raises OSError if it cannot listen."""
+        httpd, thread = start_http_server(port, host.strip("[]") or "0.0.0.0", registry=self.registry)
+        stop = threading.Event()
+        follower = threading.Thread(target=self._follow, args=(stop,), name="lrctl-metrics",
+                                    daemon=True)
+        follower.start()
+        try:
+            yield int(httpd.server_port)
+        finally:
+            stop.set()
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=2.0)
+            follower.join(timeout=2.0)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (an IPv6 host in brackets) -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, e.g. 0.0.0.0:9100; got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class _StateCollector(Collector):
+    """Gauges read from the controller's snapshot at scrape time."""
+
+    def __init__(self, metrics: TrainingMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._metrics.controller.snapshot()
+        self._metrics.observe(snap)
+
+        def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"lrctl_{name}", documentation, value=value)
+
+        yield gauge("step", "Completed optimizer steps (as last published)", snap.step)
+        yield gauge("epoch", "Current epoch", snap.epoch)
+        yield gauge("learning_rate", "Learning rate at the current step", snap.learning_rate)
+        yield gauge("learning_rate_scale", "Cumulative scale applied to the schedule",
+                    snap.schedule.scale)
+        yield gauge("schedule_version", "Version of the schedule state", snap.version)
+        yield gauge("pending_changes", "Changes queued for a later step boundary", snap.pending_count)
+        phase = GaugeMetricFamily("lrctl_phase", "1 for the run's current phase", labels=["phase"])
+        for p in Phase:
+            phase.add_metric([p.value], 1.0 if p is snap.phase else 0.0)
+        yield phase
+        changes = CounterMetricFamily("lrctl_changes", "Finished changes by status", labels=["status"])
+        for status, count in self._metrics.changes().items():
+            changes.add_metric([status.value], count)
+        yield changes
+
+
+class _RpcCounter(grpc.ServerInterceptor):
+    """Counts every answered RPC by method and code. The code is known only once the
+    handler has returned or aborted, so the handler's behaviour is wrapped."""
+
+    def __init__(self, metrics: TrainingMetrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None  # UNIMPLEMENTED: a scanner's names never become labels
+        method = details.method
+        args = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), *args)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(self._unary(method, handler.stream_unary),
+                                                        *args)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream), *args)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming(method, handler.stream_stream), *args)
+        return handler
+
+    def _unary(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]
+               ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                response = behavior(request, context)
+            except BaseException:
+                self._metrics.count_rpc(method, _code(context) or grpc.StatusCode.UNKNOWN)
+                raise
+            self._metrics.count_rpc(method, _code(context))
+            return response
+        return unary
+
+    def _streaming(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+                   ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        # Called with two arguments, as StreamLimiter does: a non-blocking handler (the health
+        # servicer's Watch) takes its blocking form.
+        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            code: grpc.StatusCode | None = grpc.StatusCode.UNKNOWN
+            try:
+                yield from behavior(request, context)
+                code = _code(context)
+            except GeneratorExit:  # the call ended under the stream (cancelled, deadline)
+                code = _code(context) or grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = _code(context) or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                self._metrics.count_rpc(method, code)
+        return streaming
+
+
+def _code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    code = getattr(context, "code", None)  # grpcio >= 1.38; set by abort/set_code, else None
+    try:
+        return code() if code is not None else None  # type: ignore[no-any-return]
+    except NotImplementedError:
+        return None
