@@ -139,8 +139,9 @@ def _wait_for_checkpoint(directory: Path, after_step: int, version: int) -> dict
 def test_kill_9_then_restart_resumes_lr_schedule_version_step_and_dedup(
     tmp_path: Path, subprocess_env: dict[str, str],
 ) -> None:
-    ckpt, journal = tmp_path / "ckpt", tmp_path / "journal.jsonl"
-    args = ("--demo", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20", "--journal", str(journal))
+    ckpt = tmp_path / "ckpt"
+    journal = ckpt / "lrctl-journal.jsonl"  # the default: beside the checkpoints
+    args = ("--demo", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20")
     run = _Trainer(*args, env=subprocess_env)
     try:
         run.wait_until_training()

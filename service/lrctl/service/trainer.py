@@ -106,7 +106,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     security.add_argument("--insecure", action="store_true",
                           help="allow a non-loopback --listen without a token or TLS")
     security.add_argument("--journal", metavar="PATH",
-                          help="append every change attempt to this JSON-lines audit journal")
+                          help="append every change attempt to this JSON-lines audit journal "
+                          "(default: DIR/lrctl-journal.jsonl with --checkpoint-dir, else none)")
 
     limits = parser.add_argument_group("guardrails", "Limits on what any client may ask for.")
     limits.add_argument("--min-learning-rate", type=float, default=0.0, metavar="LR",
@@ -401,7 +402,10 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
         if isinstance(data, tf.data.Dataset) and data.cardinality() == tf.data.INFINITE_CARDINALITY:
             fit_args["steps_per_epoch"] = demo.STEPS_PER_EPOCH
 
-    journal = Journal(args.journal) if args.journal else None
+    # The journal lives beside the checkpoints unless told otherwise: it outlives restarts too.
+    journal_path = args.journal or (os.path.join(args.checkpoint_dir, "lrctl-journal.jsonl")
+                                    if args.checkpoint_dir else None)
+    journal = Journal(journal_path) if journal_path else None
     # -- checkpoints (issue #8): resume, then save every N steps and when fit returns --
     checkpoints = None
     if args.checkpoint_dir:
