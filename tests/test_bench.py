@@ -1,0 +1,63 @@
+"""The bench scripts' --quick paths run and report correct results: JSON keys present, no
+change lost or applied twice, no retrace on change. Never speed: CI machines are noisy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("tensorflow")
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_quick(script: str, *extra: str) -> dict[str, Any]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, str(BENCH / script), "--quick", *extra], check=False,
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_overhead_quick() -> None:
+    result = run_quick("overhead.py", "--variants", "plain", "lrctl_full", "--steps", "10")
+    assert {"ratio", "added_us_per_step"} <= result.keys()
+    assert {"mean", "ci95"} <= result["added_us_per_step"].keys()
+
+
+def test_swap_quick_applies_without_retrace() -> None:
+    result = run_quick("swap.py", "--changes", "6", "--retrace-changes", "1")
+    assert {"retraces", "ms_per_change"} <= result.keys()
+    assert result["retraces"] == 0
+    assert result["applied"] == result["changes"] == 6
+
+
+def test_latency_quick() -> None:
+    result = run_quick("latency.py", "--calls", "50", "--writes", "5", "--watches", "3")
+    assert {"get_state_p50_ratio", "get_state", "echo", "set_learning_rate", "set_learning_rate_wait",
+            "watch_delivery"} <= result.keys()
+    assert {"p50_ms", "p99_ms"} <= result["get_state"].keys()
+    assert result["watch_delivery"]["n"] == 3
+
+
+def test_load_quick_loses_and_duplicates_nothing() -> None:
+    result = run_quick("load.py", "--clients", "4", "--phase-s", "0.5", "--max-calls", "100")
+    assert {"lost", "duplicated", "ratio_100", "codes"} <= result.keys()
+    assert result["lost"] == 0
+    assert result["duplicated"] == 0
+    assert result["out_of_order"] == 0
+    assert result["retry_mismatch"] == 0
+    assert result["accepted"] > 0
+
+
+def test_footprint_quick() -> None:
+    result = run_quick("footprint.py", "--steps", "5")
+    assert {"trainer_peak_rss_mib", "lrctl_state_wall_s", "lrctl_state_peak_rss_mib",
+            "import_tensorflow_wall_s"} <= result.keys()
+    assert result["cli_imports_tensorflow"] is False
