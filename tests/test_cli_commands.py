@@ -184,7 +184,7 @@ def test_dry_run_draws_the_preview_and_changes_nothing(idle: tuple[TrainingContr
     change = json.loads(out)  # the JSON only, no chart
     assert code == 0 and change["status"] == "CHANGE_STATUS_VALIDATED"
     assert len(change["preview"]) == len(change["previewCurrent"]) == 33
-    assert change["preview"][-1]["step"] == "1000"
+    assert change["preview"][-1]["step"] == 1000  # int64 as a JSON number
     assert change["preview"][-1]["learningRate"] == pytest.approx(0.2)
 
     code, out = lrctl(target, "scale", "0.5", "--dry-run", "--preview-steps", "0")
@@ -281,3 +281,43 @@ def test_tls_options(pki: dict[str, str], mutual: bool, capsys: pytest.CaptureFi
     assert lrctl(target, "--ca", missing, "state") == (cli.EXIT_USAGE, "")
     assert missing in one_error_line(capsys)
 
+
+
+# -- --json for scripts ----------------------------------------------------------------------------
+def test_json_int64_are_numbers_and_unset_fields_are_omitted(
+        idle: tuple[TrainingControl, str]) -> None:
+    control, target = idle
+    pending = submit(target, "set", "0.05")
+    assert "version" not in pending and "appliedStep" not in pending  # not 0: not set yet
+    assert len(control.step_boundary()) == 1
+    code, out = lrctl(target, "--json", "history", "--limit", "1")
+    applied = json.loads(out)
+    assert code == 0 and applied["status"] == "CHANGE_STATUS_APPLIED"
+    assert type(applied["version"]) is int and applied["version"] == 1
+    code, out = lrctl(target, "--json", "state")
+    state = json.loads(out)
+    assert type(state["version"]) is int and state["version"] == 1
+    assert all(type(c["version"]) is int for c in state["recentChanges"])
+
+
+def test_json_errors_are_one_object_on_stderr(idle: tuple[TrainingControl, str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    _, target = idle
+    capsys.readouterr()
+    code, _ = lrctl(target, "--json", "set", "0.2", "--expected-version", "5", "--no-wait")
+    error = json.loads(capsys.readouterr().err)
+    assert code == cli.EXIT_VERSION_CONFLICT == error["exit_code"]
+    assert error["code"] == "ABORTED" and error["current_version"] == 0
+    assert type(error["current_version"]) is int and error["message"]
+
+    code, _ = lrctl(target, "--json", "set", "nan", "--no-wait")
+    error = json.loads(capsys.readouterr().err)
+    assert code == cli.EXIT_INVALID_ARGUMENT == error["exit_code"]
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert error["field_violations"] and set(error["field_violations"][0]) == {
+        "field", "description"}
+
+    code, _ = lrctl(target, "--json", "cancel", "no-such-change")
+    error = json.loads(capsys.readouterr().err)
+    assert code == cli.EXIT_NOT_FOUND == error["exit_code"] and error["code"] == "NOT_FOUND"
+    assert "current_version" not in error

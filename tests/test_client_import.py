@@ -28,6 +28,7 @@ _CLIENT_IMPORTS = """
 import lrctl.client
 import lrctl.client.cli
 import lrctl.client.client
+import lrctl.client.aio
 import lrctl.client.errors
 import lrctl.client.schedules
 import lrctl.v1.training_control_pb2_grpc

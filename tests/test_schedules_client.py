@@ -5,9 +5,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import grpc
 import pytest
 
-from lrctl.client import schedules
+from lrctl.client import InvalidArgument, schedules
 from lrctl.client.schedules import from_keras_config, to_keras_config, to_schedule
 from lrctl.v1 import training_control_pb2 as pb
 
@@ -145,6 +146,15 @@ def test_unknown_class_name() -> None:
         from_keras_config({"class_name": "MySchedule", "config": {}})
     for name in schedules.SUPPORTED_CLASS_NAMES:
         assert name in str(info.value)
+
+
+def test_unknown_class_name_is_invalid_argument() -> None:
+    # lrctl.client.InvalidArgument (a ValueError too), with a field violation.
+    with pytest.raises(InvalidArgument) as info:
+        from_keras_config({"class_name": "MySchedule", "config": {}})
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in info.value.field_violations] == ["class_name"]
+    assert type(InvalidArgument.from_message("x")) is InvalidArgument
 
 
 def test_malformed_configs() -> None:

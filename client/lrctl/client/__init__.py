@@ -1,10 +1,11 @@
 """lrctl client: change the learning rate of a running Keras job over gRPC.
 
 Imports no TensorFlow or Keras, so it can run anywhere (orchestrators, laptops).
+The asyncio client is `lrctl.client.aio.TrainingControlClient`.
 """
 
 from lrctl.client import schedules
-from lrctl.client.client import DEFAULT_TARGET, Origin, TrainingControlClient
+from lrctl.client.client import DEFAULT_TARGET, Origin, TrainingControlClient, Watch
 from lrctl.client.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -36,6 +37,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
+    "Watch",
     "from_keras_config",
     "pb",
     "schedules",

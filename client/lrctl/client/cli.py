@@ -17,6 +17,17 @@ Exit codes:
   13 permission denied (e.g. a read-only token sending a change)
 
 `lrctl cancel` of a change that already ended (applied, aborted, failed) exits 5.
+
+With --json (for scripts and jq):
+  * output is protobuf JSON, one object per line, camelCase field names, enums by name;
+  * int64 values (step, version, applyAtStep, ...) are JSON numbers, not strings;
+  * fields that are not set are omitted, not printed as 0 or "" (a pending change has no
+    "version" or "appliedStep" yet): use `.version // empty` in jq;
+  * an error is one JSON object on stderr, with the exit code as above:
+      {"code": "ABORTED", "exit_code": 4, "message": "...", "current_version": 7,
+       "field_violations": [{"field": "...", "description": "..."}]}
+    "code" is the gRPC status name ("USAGE" for a bad value the server never saw);
+    "current_version" and "field_violations" appear only when the server sent them.
 """
 
 from __future__ import annotations
@@ -28,10 +39,10 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from lrctl.client import errors, schedules
@@ -89,6 +100,9 @@ examples:
   lrctl cancel 3f2a9c0e7b8d4e1fa2b3c4d5e6f70819 --reason "superseded"
   lrctl --token-file ~/.lrctl-token --ca ca.crt state
   lrctl watch --min-interval 0.5 --json
+
+--json: int64 values are numbers; unset fields are omitted; errors are one JSON object on
+  stderr: {"code", "exit_code", "message", "current_version", "field_violations"}
 """
 
 
@@ -264,7 +278,8 @@ def _add_global_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -
         "--json",
         action="store_true",
         default=default(False),
-        help="print messages as JSON (one object per line)",
+        help="print messages as JSON (one object per line; int64 values as numbers, unset "
+        "fields omitted) and errors as one JSON object on stderr",
     )
     group.add_argument(
         "--timeout",
@@ -469,11 +484,53 @@ def build_parser() -> argparse.ArgumentParser:
 # --- output ---
 
 
+_INT64_TYPES = frozenset({
+    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+})
+
+
+def _int64_as_numbers(message: Message, data: dict[str, Any]) -> None:
+    """Protobuf JSON writes int64 as strings; turn them back into numbers, in place, so that
+    `jq` can do arithmetic on steps and versions (Python's json has no 2**53 limit)."""
+    for field in message.DESCRIPTOR.fields:
+        if field.json_name not in data:
+            continue
+        value = data[field.json_name]
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            value_field = entry.fields_by_name["value"]
+            if value_field.type in _INT64_TYPES:
+                data[field.json_name] = {k: int(v) for k, v in value.items()}
+            elif value_field.message_type is not None:
+                items = getattr(message, field.name)
+                for k, v in value.items():
+                    if isinstance(v, dict):
+                        # JSON map keys are strings; find the proto key of the same text.
+                        key = next(x for x in items if str(x).lower() == k.lower())
+                        _int64_as_numbers(items[key], v)
+        elif field.type in _INT64_TYPES:
+            data[field.json_name] = (
+                [int(v) for v in value] if isinstance(value, list) else int(value)
+            )
+        elif entry is not None:
+            sub = getattr(message, field.name)
+            if isinstance(value, list):
+                for item, item_data in zip(sub, value, strict=True):
+                    if isinstance(item_data, dict):
+                        _int64_as_numbers(item, item_data)
+            elif isinstance(value, dict):
+                _int64_as_numbers(sub, value)
+
+
 def _to_json(message: Message) -> str:
-    return json.dumps(
-        json_format.MessageToDict(message, always_print_fields_with_no_presence=True),
-        separators=(",", ":"),
-    )
+    """Protobuf JSON (camelCase names, enums by name), except that int64 values are
+    numbers; fields that are not set (proto3 defaults, absent optionals) are omitted."""
+    from google.protobuf import json_format  # only --json needs it: `lrctl state` stays quick
+
+    data = json_format.MessageToDict(message)
+    _int64_as_numbers(message, data)
+    return json.dumps(data, separators=(",", ":"))
 
 
 def _fmt(value: float) -> str:
@@ -694,24 +751,33 @@ def _run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) -
 
 
 def _watch(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) -> int:
-    updates: Iterator[pb.TrainingState] = client.watch(args.min_interval)
     seen = 0
-    try:
-        for state in updates:
-            _print(out, args, state, describe_update(state))
-            seen += 1
-            if args.count is not None and seen >= args.count:
-                break
-    except KeyboardInterrupt:
-        pass
-    finally:
-        close = getattr(updates, "close", None)
-        if close is not None:
-            close()  # cancels the RPC
+    with client.watch(args.min_interval) as updates:  # leaving it cancels the RPC
+        try:
+            for state in updates:
+                _print(out, args, state, describe_update(state))
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    break
+        except KeyboardInterrupt:
+            pass
     return EXIT_OK
 
 
-def _report(exc: errors.LrctlError, target: str) -> None:
+def _json_error(exc: errors.LrctlError | None, code: str, exit_code: int, message: str) -> None:
+    """`--json`: one JSON object on stderr (see the module docstring)."""
+    report: dict[str, Any] = {"code": code, "exit_code": exit_code, "message": message}
+    if isinstance(exc, errors.VersionConflict) and exc.current_version is not None:
+        report["current_version"] = exc.current_version
+    if exc is not None and exc.field_violations:
+        report["field_violations"] = [
+            {"field": field, "description": description}
+            for field, description in exc.field_violations
+        ]
+    print(json.dumps(report, separators=(",", ":")), file=sys.stderr, flush=True)
+
+
+def _report(exc: errors.LrctlError, target: str, as_json: bool = False) -> None:
     message = exc.message or exc.code.name
     if isinstance(exc, errors.Unavailable):
         where = "" if target in message else f" at {target}"
@@ -722,6 +788,9 @@ def _report(exc: errors.LrctlError, target: str) -> None:
         message = f"unauthenticated: {message} (give a token with --token-file or $LRCTL_TOKEN)"
     elif isinstance(exc, errors.PermissionDenied):
         message = f"permission denied: {message}"
+    if as_json:
+        _json_error(exc, exc.code.name, EXIT_CODES.get(type(exc), EXIT_ERROR), message)
+        return
     print(f"lrctl: error: {message}", file=sys.stderr)
     for field, description in exc.field_violations:
         if description not in message:  # the server's message often is the one violation
@@ -789,10 +858,13 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         with _connect(args, timeout) as client:
             return _run(client, args, out)
     except _Usage as exc:
-        print(f"lrctl: error: {exc}", file=sys.stderr)
+        if args.json:
+            _json_error(None, "USAGE", EXIT_USAGE, str(exc))
+        else:
+            print(f"lrctl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except errors.LrctlError as exc:
-        _report(exc, args.target)
+        _report(exc, args.target, args.json)
         return EXIT_CODES.get(type(exc), EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
@@ -804,7 +876,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return EXIT_OK
     except (TypeError, ValueError) as exc:
         # Only schedule conversion raises these; argparse has checked the rest.
-        print(f"lrctl: error: {exc}", file=sys.stderr)
+        if args.json:
+            _json_error(None, "USAGE", EXIT_USAGE, str(exc))
+        else:
+            print(f"lrctl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

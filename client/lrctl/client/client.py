@@ -6,95 +6,32 @@ exceptions, never raw `grpc.RpcError`.
 
 from __future__ import annotations
 
-import json
-import uuid
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import duration_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
+from lrctl.client import _requests as ops
 from lrctl.client import errors
-from lrctl.client.schedules import ScheduleLike, to_schedule
+from lrctl.client._requests import DEFAULT_TARGET, SERVICE_NAME, Origin
+from lrctl.client.schedules import ScheduleLike
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; typing_extensions is only needed by type checkers.
     from typing_extensions import Self
 
-__all__ = ["DEFAULT_TARGET", "Origin", "TrainingControlClient", "tls_credentials"]
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name
-
-# Retry only UNAVAILABLE (server not up yet, connection reset): the request never
-# reached the application, so a retry cannot apply a change twice. Changes also
-# carry a request_id, so even an ambiguous retry is deduplicated by the server.
-# Backoff: 0.1s, 0.2s, 0.4s, 0.8s (randomized, capped by the RPC deadline).
-_SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": SERVICE_NAME}, {"service": "grpc.health.v1.Health"}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
-
-#: `swap_schedule(origin=...)`: "restart", "global", or a `pb.StepOrigin` value.
-Origin = Literal["restart", "global"] | int
-
-_ORIGINS = {"restart": pb.STEP_ORIGIN_RESTART, "global": pb.STEP_ORIGIN_GLOBAL}
-
-_T = TypeVar("_T")
-
-
-def _origin(origin: Origin) -> pb.StepOrigin.ValueType:
-    if isinstance(origin, str):
-        try:
-            return _ORIGINS[origin.lower()]
-        except KeyError:
-            raise ValueError(
-                f"Argument `origin` must be one of {sorted(_ORIGINS)} or a StepOrigin. "
-                f"Received: origin={origin!r}"
-            ) from None
-    if origin not in pb.StepOrigin.values():
-        raise ValueError(f"Argument `origin` is not a StepOrigin value. Received: origin={origin!r}")
-    return pb.StepOrigin.ValueType(origin)
-
-
-def _options(
-    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
-    apply_at_step: int | None,
-    expected_version: int | None,
-    wait: bool,
-    validate_only: bool,
-    reason: str,
-    request_id: str | None,
-    force: bool = False,
-    preview_steps: int = 0,
-) -> None:
-    """Fill the options SetLearningRateRequest and SwapScheduleRequest share."""
-    request.request_id = request_id if request_id is not None else uuid.uuid4().hex
-    if apply_at_step is not None:
-        request.apply_at_step = apply_at_step
-    if expected_version is not None:
-        request.expected_version = expected_version
-    request.wait_until_applied = wait
-    request.validate_only = validate_only
-    request.reason = reason
-    request.force = force
-    request.preview_steps = preview_steps
+__all__ = [
+    "DEFAULT_TARGET",
+    "SERVICE_NAME",
+    "Origin",
+    "TrainingControlClient",
+    "Watch",
+    "tls_credentials",
+]
 
 
 def tls_credentials(ca: str | None = None, cert: str | None = None,
@@ -110,21 +47,58 @@ def tls_credentials(ca: str | None = None, cert: str | None = None,
     return grpc.ssl_channel_credentials(data(ca), data(key), data(cert))
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call. Works on plaintext channels too
-    (gRPC's call credentials require TLS), so a loopback trainer can still demand a token."""
+class Watch:
+    """A `WatchState` stream: iterate it for `TrainingState`s; `cancel()` (from any thread)
+    ends the iteration cleanly. Use it as a context manager to cancel on exit::
 
-    def __init__(self, token: str) -> None:
-        self._metadata = ("authorization", f"Bearer {token}")
+        with client.watch(0.5) as updates:
+            for state in updates:
+                ...
+    """
 
-    def _details(self, details: Any) -> Any:
-        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+    def __init__(self, call: Any, error: Callable[[grpc.RpcError], errors.LrctlError]) -> None:
+        self._call = call
+        self._error = error
+        self._cancelled = threading.Event()
 
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+    def __iter__(self) -> Watch:
+        return self
 
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+    def __next__(self) -> pb.TrainingState:
+        if self._cancelled.is_set():
+            raise StopIteration
+        try:
+            response = next(self._call)
+        except StopIteration:
+            raise
+        except grpc.RpcError as exc:
+            if self._cancelled.is_set():
+                raise StopIteration from None
+            raise self._error(exc) from exc
+        return response.state  # type: ignore[no-any-return]
+
+    def cancel(self) -> None:
+        """End the stream (on the server too); a blocked iteration stops. Thread-safe;
+        cancelling a finished stream is a no-op."""
+        self._cancelled.set()
+        self._call.cancel()
+
+    close = cancel
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()
 
 
 class TrainingControlClient:
@@ -159,28 +133,14 @@ class TrainingControlClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        options: list[tuple[str, Any]] = [
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", _SERVICE_CONFIG),
-            *(channel_options or ()),
-        ]
+        options = ops.channel_options(channel_options)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        calls = self._channel
-        if token:
-            calls = grpc.intercept_channel(self._channel, _BearerToken(token))
-        self._stub = pb_grpc.TrainingControlServiceStub(calls)
-        self._health = health_pb2_grpc.HealthStub(calls)
-        # Tracked so that a deadline that expires while retrying against an
-        # unreachable server is reported as Unavailable, not DeadlineExceeded.
-        # Written by gRPC's connectivity thread; a plain attribute store is atomic.
-        self._connectivity: grpc.ChannelConnectivity | None = None
-        self._channel.subscribe(self._on_connectivity, try_to_connect=False)
-
-    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        self._connectivity = state
+        self._metadata = ops.call_metadata(token)
+        self._stub = pb_grpc.TrainingControlServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # --- lifecycle ---
 
@@ -191,7 +151,6 @@ class TrainingControlClient:
 
     def close(self) -> None:
         """Close the channel; cancels in-flight calls, including watches."""
-        self._channel.unsubscribe(self._on_connectivity)
         self._channel.close()
 
     def __enter__(self) -> Self:
@@ -205,38 +164,41 @@ class TrainingControlClient:
     ) -> None:
         self.close()
 
-    # --- helpers ---
+    # --- helpers: the transport (everything else is in `_requests`) ---
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _error(self, exc: grpc.RpcError) -> errors.LrctlError:
+        return ops.map_error(exc, self.target, self._transient_failure())
 
-    def _call(self, fn: Callable[[], _T]) -> _T:
+    def _transient_failure(self) -> bool:
+        """Whether the channel is failing to connect, so that a deadline that expires while
+        retrying against an unreachable server is reported as Unavailable. The sync channel
+        has no public getter; `subscribe()` would cost every `close()` up to 0.2 s (gRPC's
+        connectivity thread polls at that period), which `lrctl state` cannot afford."""
+        check = getattr(getattr(self._channel, "_channel", None), "check_connectivity_state", None)
+        if not callable(check):
+            return False
         try:
-            return fn()
+            return bool(check(False) == grpc.ChannelConnectivity.TRANSIENT_FAILURE.value[0])
+        except Exception:  # noqa: BLE001 -- a best-effort refinement of the error only
+            return False
+
+    def _invoke(self, call: ops.Call) -> Any:
+        stub: Any = self._health if call.health else self._stub
+        timeout = self.timeout if call.timeout is None else call.timeout
+        try:
+            return getattr(stub, call.method)(call.request, timeout=timeout,
+                                              metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
 
-    def _error(self, exc: grpc.RpcError) -> errors.LrctlError:
-        error = errors.from_rpc_error(exc)
-        if (
-            isinstance(error, errors.DeadlineExceeded)
-            and self._connectivity == grpc.ChannelConnectivity.TRANSIENT_FAILURE
-        ):
-            # The deadline ran out between UNAVAILABLE retries: the server was never
-            # reached, which is what the caller needs to know.
-            return errors.Unavailable(
-                grpc.StatusCode.UNAVAILABLE,
-                f"cannot connect to {self.target}; the deadline passed while retrying",
-            )
-        return error
+    def _run(self, plan: ops.Plan[ops._T]) -> ops._T:
+        return ops.drive(plan, self._invoke)
 
     # --- RPCs ---
 
     def get_state(self, *, timeout: float | None = None) -> pb.TrainingState:
         """Return a snapshot of the training state (`TrainingState`)."""
-        request = pb.GetStateRequest()
-        response = self._call(lambda: self._stub.GetState(request, timeout=self._timeout(timeout)))
-        return response.state
+        return self._run(ops.get_state(timeout))
 
     def set_learning_rate(
         self,
@@ -274,10 +236,11 @@ class TrainingControlClient:
         Returns:
             The `Change` (status PENDING, APPLIED, ABORTED, CANCELLED or VALIDATED).
         """
-        request = pb.SetLearningRateRequest(learning_rate=value)
-        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
-                 force, preview_steps)
-        return self._set(request, timeout)
+        return self._run(ops.set_learning_rate(
+            value=value, apply_at_step=apply_at_step, expected_version=expected_version, wait=wait,
+            validate_only=validate_only, reason=reason, request_id=request_id, force=force,
+            preview_steps=preview_steps, timeout=timeout,
+        ))
 
     def scale_learning_rate(
         self,
@@ -297,16 +260,11 @@ class TrainingControlClient:
 
         Arguments and result as for `set_learning_rate`.
         """
-        request = pb.SetLearningRateRequest(scale=factor)
-        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
-                 force, preview_steps)
-        return self._set(request, timeout)
-
-    def _set(self, request: pb.SetLearningRateRequest, timeout: float | None) -> pb.Change:
-        response = self._call(
-            lambda: self._stub.SetLearningRate(request, timeout=self._timeout(timeout))
-        )
-        return response.change
+        return self._run(ops.set_learning_rate(
+            factor=factor, apply_at_step=apply_at_step, expected_version=expected_version, wait=wait,
+            validate_only=validate_only, reason=reason, request_id=request_id, force=force,
+            preview_steps=preview_steps, timeout=timeout,
+        ))
 
     def swap_schedule(
         self,
@@ -337,44 +295,25 @@ class TrainingControlClient:
         Returns:
             The `Change`.
         """
-        request = pb.SwapScheduleRequest(schedule=to_schedule(schedule), origin=_origin(origin))
-        _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
-                 force, preview_steps)
-        response = self._call(
-            lambda: self._stub.SwapSchedule(request, timeout=self._timeout(timeout))
-        )
-        return response.change
+        return self._run(ops.swap_schedule(
+            schedule, origin=origin, apply_at_step=apply_at_step, expected_version=expected_version, wait=wait,
+            validate_only=validate_only, reason=reason, request_id=request_id, force=force,
+            preview_steps=preview_steps, timeout=timeout,
+        ))
 
-    def watch(
-        self, min_interval: float = 1.0, *, timeout: float | None = None
-    ) -> Iterator[pb.TrainingState]:
-        """Yield `TrainingState` updates until training ends or the iterator is closed.
+    def watch(self, min_interval: float = 1.0, *, timeout: float | None = None) -> Watch:
+        """Stream `TrainingState` updates until training ends or the watch is cancelled.
 
         Updates come at most every `min_interval` seconds while training advances,
-        and at once after each applied change. Closing the generator (`close()`,
-        `break` in a `for` loop followed by garbage collection, or an exception in
-        the consumer) cancels the RPC. `timeout` bounds the whole stream; `None`
-        (the default) means no deadline, not the client default.
+        and at once after each applied change. Returns a `Watch`: iterate it
+        (`for state in client.watch(): ...`), and end it with `cancel()` from any
+        thread or by leaving `with client.watch(...) as updates:`; either cancels the
+        RPC. `timeout` bounds the whole stream; `None` (the default) means no deadline,
+        not the client default.
         """
-        interval = duration_pb2.Duration()
-        interval.FromNanoseconds(round(min_interval * 1e9))
-        request = pb.WatchStateRequest(min_interval=interval)
-        try:
-            call = self._stub.WatchState(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise self._error(exc) from exc
-        return self._iterate(call)
-
-    def _iterate(self, call: Any) -> Iterator[pb.TrainingState]:
-        try:
-            for response in call:
-                yield response.state
-        except grpc.RpcError as exc:
-            raise self._error(exc) from exc
-        finally:
-            # Runs on normal end, on error and on generator close (GeneratorExit);
-            # cancelling a finished call is a no-op.
-            call.cancel()
+        call = self._stub.WatchState(ops.watch_request(min_interval), timeout=timeout,
+                                     metadata=self._metadata)
+        return Watch(call, self._error)
 
     def cancel_change(
         self,
@@ -390,17 +329,9 @@ class TrainingControlClient:
         Raises `NotFound` for an unknown change and `FailedPrecondition` for one that has
         already been applied, aborted or failed. Give exactly one of `request_id`, `version`.
         """
-        if (request_id is None) == (version is None):
-            raise ValueError("Give exactly one of `request_id` and `version`.")
-        request = pb.CancelChangeRequest(reason=reason)
-        if request_id is not None:
-            request.request_id = request_id
-        else:
-            request.version = version or 0
-        response = self._call(
-            lambda: self._stub.CancelChange(request, timeout=self._timeout(timeout))
-        )
-        return response.change
+        return self._run(ops.cancel_change(
+            request_id=request_id, version=version, reason=reason, timeout=timeout
+        ))
 
     def list_changes(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
@@ -410,8 +341,7 @@ class TrainingControlClient:
         `page_size` 0 asks for the server's default (50); pass the response's
         `next_page_token` as `page_token` for the next page (empty: the last page).
         """
-        request = pb.ListChangesRequest(page_size=page_size, page_token=page_token)
-        return self._call(lambda: self._stub.ListChanges(request, timeout=self._timeout(timeout)))
+        return self._run(ops.list_changes(page_size, page_token, timeout))
 
     def iter_changes(self, *, page_size: int = 0, timeout: float | None = None) -> Iterator[pb.Change]:
         """Every change `list_changes` pages through, newest first."""
@@ -429,6 +359,51 @@ class TrainingControlClient:
         `service=""` asks about the server as a whole; the training service registers
         as "lrctl.v1.TrainingControlService". An unknown service raises `NotFound`.
         """
-        request = health_pb2.HealthCheckRequest(service=service)
-        response = self._call(lambda: self._health.Check(request, timeout=self._timeout(timeout)))
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return self._run(ops.health(service, timeout))
+
+    # --- conveniences built on the RPCs above ---
+
+    def wait_until_ready(self, timeout: float | None = 60.0, *,
+                         poll_interval: float = ops.POLL_INTERVAL) -> None:
+        """Block until the trainer is reachable and training (its training service reports
+        SERVING). Raises `DeadlineExceeded` after `timeout` seconds (`None`: no limit)."""
+        self._run(ops.wait_until_ready(timeout, poll_interval))
+
+    def update_learning_rate(
+        self,
+        fn: Callable[[pb.TrainingState], float],
+        *,
+        retries: int = 3,
+        wait: bool = False,
+        reason: str = "",
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> pb.Change:
+        """Read-modify-write: pin the LR to `fn(state)` for the current state, sent with
+        `expected_version=state.version`. If another change gets in between
+        (`VersionConflict`, or an ABORTED change with `wait`), read again and retry, up to
+        `retries` times; then the last error is raised (or the ABORTED change returned).
+
+            client.update_learning_rate(lambda s: s.learning_rate * 0.5, reason="plateau")
+        """
+        return self._run(ops.update_learning_rate(
+            fn, retries=retries, wait=wait, reason=reason, force=force, timeout=timeout
+        ))
+
+    def get_change(
+        self, *, request_id: str | None = None, version: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.Change:
+        """The change sent with `request_id` (or applied as `version`), found by paging
+        `list_changes`. Raises `NotFound` if the server no longer has it."""
+        return self._run(ops.get_change(request_id=request_id, version=version, timeout=timeout))
+
+    def wait_change(
+        self, *, request_id: str | None = None, version: int | None = None,
+        timeout: float | None = 60.0, poll_interval: float = ops.POLL_INTERVAL,
+    ) -> pb.Change:
+        """Poll `get_change` until the change is no longer PENDING and return it. Raises
+        `DeadlineExceeded` after `timeout` seconds (`None`: no limit); it stays pending."""
+        return self._run(ops.wait_change(
+            request_id=request_id, version=version, timeout=timeout, poll_interval=poll_interval
+        ))

@@ -7,9 +7,13 @@ see raw gRPC errors. Field-level problems reported by the server as a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+
+if TYPE_CHECKING:  # typing.Self is 3.11+
+    from typing_extensions import Self
 
 __all__ = [
     "DeadlineExceeded",
@@ -61,6 +65,17 @@ class LrctlError(Exception):
                 detail.Unpack(info)
                 self.reason, self.metadata = info.reason, dict(info.metadata)
 
+    #: The status a locally raised error of this class carries (`from_message`).
+    CODE: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    @classmethod
+    def from_message(
+        cls, message: str, field_violations: list[tuple[str, str]] | None = None
+    ) -> Self:
+        """An error raised by the client itself, before any RPC (no rich status), with the
+        class's status code: `InvalidArgument.from_message("...", [("field", "why")])`."""
+        return cls(cls.CODE, message, field_violations)
+
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.message}" if self.message else self.code.name
         for field, description in self.field_violations:
@@ -71,8 +86,14 @@ class LrctlError(Exception):
         return f"{type(self).__name__}(code={self.code.name}, message={self.message!r})"
 
 
-class InvalidArgument(LrctlError):
-    """INVALID_ARGUMENT: the request was rejected by validation; see `field_violations`."""
+class InvalidArgument(LrctlError, ValueError):
+    """INVALID_ARGUMENT: the request was rejected by validation; see `field_violations`.
+
+    Also raised by the client itself for a value it cannot even send (e.g. a schedule
+    config with an unknown `class_name`); it is a `ValueError` too, for code that
+    caught those before."""
+
+    CODE = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class VersionConflict(LrctlError):
@@ -119,6 +140,8 @@ class Unauthenticated(LrctlError):
     """UNAUTHENTICATED: missing or invalid credentials."""
 
 
+_DETAILS_KEY = "grpc-status-details-bin"
+
 _BY_CODE: dict[grpc.StatusCode, type[LrctlError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.ABORTED: VersionConflict,
@@ -133,15 +156,28 @@ _BY_CODE: dict[grpc.StatusCode, type[LrctlError]] = {
 }
 
 
+for _code, _cls in _BY_CODE.items():
+    _cls.CODE = _code
+
+
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
-    if not isinstance(error, grpc.Call):
+    # Duck-typed: `grpc.aio.AioRpcError` has the same methods but is not a `grpc.Call`.
+    trailing = getattr(error, "trailing_metadata", None)
+    if not callable(trailing):
         return None
     try:
-        return rpc_status.from_call(error)
-    except ValueError:
-        # The trailer's code/message disagree with the call's; ignore the details
-        # rather than hide the real error behind a parsing failure.
+        for key, value in trailing() or ():
+            if key == _DETAILS_KEY:
+                status = status_pb2.Status.FromString(value)
+                code = error.code() if callable(getattr(error, "code", None)) else None
+                # A trailer that disagrees with the call's code is ignored rather than
+                # hiding the real error behind a parsing failure.
+                if code is not None and status.code != code.value[0]:
+                    return None
+                return status
+    except Exception:  # noqa: BLE001 -- a malformed trailer must not hide the error
         return None
+    return None
 
 
 def _field_violations(status: status_pb2.Status | None) -> list[tuple[str, str]]:
@@ -157,12 +193,13 @@ def _field_violations(status: status_pb2.Status | None) -> list[tuple[str, str]]
 
 
 def from_rpc_error(error: grpc.RpcError) -> LrctlError:
-    """Convert a `grpc.RpcError` into the matching `LrctlError` subclass."""
+    """Convert a `grpc.RpcError` (sync, or `grpc.aio.AioRpcError`) into the matching
+    `LrctlError` subclass, with the field violations and ErrorInfo of its rich status."""
     code = grpc.StatusCode.UNKNOWN
     message = str(error)
-    if isinstance(error, grpc.Call):
-        code = error.code() or grpc.StatusCode.UNKNOWN
-        message = error.details() or ""
+    if callable(getattr(error, "code", None)) and callable(getattr(error, "details", None)):
+        code = error.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+        message = error.details() or ""  # type: ignore[attr-defined]
     status = _rich_status(error)
     cls = _BY_CODE.get(code, LrctlError)
     return cls(code, message, _field_violations(status), status)

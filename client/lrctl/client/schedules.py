@@ -23,7 +23,11 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from lrctl.client.errors import InvalidArgument
 from lrctl.v1 import training_control_pb2 as pb
+
+# Conversion problems are InvalidArgument (a ValueError too), never a bare ValueError.
+_invalid = InvalidArgument.from_message
 
 __all__ = [
     "SUPPORTED_CLASS_NAMES",
@@ -223,7 +227,7 @@ def _to_int(arg: str, value: Any) -> int:
         return int(value)
     as_float = float(value)
     if not (math.isfinite(as_float) and as_float.is_integer()):
-        raise ValueError(f"Argument `{arg}` must be an integer. Received: {arg}={value!r}")
+        raise _invalid(f"Argument `{arg}` must be an integer. Received: {arg}={value!r}")
     return int(as_float)
 
 
@@ -249,7 +253,7 @@ def _to_knots(arg: str, value: Any) -> list[pb.Knot]:
             continue
         pair = _to_list(f"{arg}[{i}]", item)
         if len(pair) != 2:
-            raise ValueError(
+            raise _invalid(
                 f"Argument `{arg}` must hold (step, learning_rate) pairs. "
                 f"Received: {arg}[{i}]={item!r}"
             )
@@ -302,7 +306,7 @@ def _build(kind: _Kind, values: Mapping[str, Any]) -> pb.Schedule:
         # None means "not given": Keras uses None for an unset warmup_target.
         if value is None:
             if field.required:
-                raise ValueError(
+                raise _invalid(
                     f"{kind.class_name}: missing required argument `{field.name}`."
                 )
             continue
@@ -475,20 +479,21 @@ def from_keras_config(config: Mapping[str, Any]) -> pb.Schedule:
 
     Accepts `{"module": ..., "class_name": ..., "config": {...}, "registered_name": ...}`
     and the plain `{"class_name": ..., "config": {...}}` form. `name` in the config is
-    ignored. Raises ValueError for an unknown `class_name` or unknown/missing
-    arguments, TypeError for values of the wrong type.
+    ignored. Raises `lrctl.client.InvalidArgument` (a ValueError) for an unknown
+    `class_name` or unknown/missing arguments, TypeError for values of the wrong type.
     """
     if not isinstance(config, Mapping) or "class_name" not in config:
-        raise ValueError(
+        raise _invalid(
             "Expected a Keras schedule config with `class_name` and `config` keys. "
             f"Received: {config!r}"
         )
     class_name = config["class_name"]
     kind = _BY_CLASS_NAME.get(class_name) if isinstance(class_name, str) else None
     if kind is None:
-        raise ValueError(
+        raise _invalid(
             f"Unknown learning-rate schedule class_name {class_name!r}. "
-            f"Supported: {', '.join(SUPPORTED_CLASS_NAMES)}"
+            f"Supported: {', '.join(SUPPORTED_CLASS_NAMES)}",
+            [("class_name", f"unknown schedule class {class_name!r}")],
         )
     args = config.get("config", {})
     if not isinstance(args, Mapping):
@@ -496,7 +501,7 @@ def from_keras_config(config: Mapping[str, Any]) -> pb.Schedule:
     known = {f.name for f in kind.args}
     unknown = sorted(set(args) - known - {"name"})
     if unknown:
-        raise ValueError(
+        raise _invalid(
             f"{class_name}: unknown argument(s) {', '.join(unknown)}. "
             f"Expected: {', '.join(f.name for f in kind.args)}"
         )
@@ -506,7 +511,7 @@ def from_keras_config(config: Mapping[str, Any]) -> pb.Schedule:
 def _kind_of(schedule: pb.Schedule) -> _Kind:
     which = schedule.WhichOneof("kind")
     if which is None:
-        raise ValueError("The schedule is empty: no kind is set.")
+        raise _invalid("The schedule is empty: no kind is set.")
     return _BY_ONEOF[which]
 
 

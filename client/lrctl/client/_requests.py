@@ -1,0 +1,348 @@
+"""What the sync and the asyncio clients share: channel options, retry policy, request
+building, validation, error mapping and the multi-call operations.
+
+Every client method is a *plan*: a generator that yields `Call`s (one RPC each) or
+`Sleep`s and returns the method's result. `drive` runs a plan over a blocking transport;
+`lrctl.client.aio` runs the same plans over `grpc.aio`. Only the transport call differs.
+Errors from a call are thrown into the plan as `LrctlError`s, so a plan can retry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
+
+from lrctl.client import errors
+from lrctl.client.schedules import ScheduleLike, to_schedule
+from lrctl.v1 import training_control_pb2 as pb
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name
+
+# Retry only UNAVAILABLE (server not up yet, connection reset): the request never
+# reached the application, so a retry cannot apply a change twice. Changes also
+# carry a request_id, so even an ambiguous retry is deduplicated by the server.
+# Backoff: 0.1s, 0.2s, 0.4s, 0.8s (randomized, capped by the RPC deadline).
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE_NAME}, {"service": "grpc.health.v1.Health"}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+#: `swap_schedule(origin=...)`: "restart", "global", or a `pb.StepOrigin` value.
+Origin = Literal["restart", "global"] | int
+
+_ORIGINS = {"restart": pb.STEP_ORIGIN_RESTART, "global": pb.STEP_ORIGIN_GLOBAL}
+
+#: How often `wait_until_ready` and `wait_change` poll.
+POLL_INTERVAL = 0.05
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One unary RPC: `method` on the training service (or on Health when `health`)."""
+
+    method: str
+    request: Message
+    timeout: float | None  # None: the client's default
+    health: bool = False
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+Step = Call | Sleep
+Plan = Generator[Step, Any, _T]
+
+
+def channel_options(extra: Any) -> list[tuple[str, Any]]:
+    """The retry configuration, then the caller's options (which override it)."""
+    return [("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG), *(extra or ())]
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Per-call metadata: `authorization: Bearer <token>` (works on plaintext channels too,
+    where gRPC's call credentials would be refused)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def map_error(exc: grpc.RpcError, target: str, transient_failure: bool) -> errors.LrctlError:
+    """`errors.from_rpc_error`, except that a deadline that ran out while the channel was
+    failing to connect (between UNAVAILABLE retries) is reported as Unavailable."""
+    error = errors.from_rpc_error(exc)
+    if isinstance(error, errors.DeadlineExceeded) and transient_failure:
+        return errors.Unavailable(
+            grpc.StatusCode.UNAVAILABLE,
+            f"cannot connect to {target}; the deadline passed while retrying",
+        )
+    return error
+
+
+def drive(plan: Plan[_T], invoke: Callable[[Call], Any]) -> _T:
+    """Run `plan` over a blocking `invoke` (which raises `LrctlError`)."""
+    try:
+        step = next(plan)
+        while True:
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                step = plan.send(None)
+                continue
+            try:
+                result = invoke(step)
+            except errors.LrctlError as exc:
+                step = plan.throw(exc)
+            else:
+                step = plan.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+# --- validation and request building ---
+
+
+def origin_value(origin: Origin) -> pb.StepOrigin.ValueType:
+    if isinstance(origin, str):
+        try:
+            return _ORIGINS[origin.lower()]
+        except KeyError:
+            raise ValueError(
+                f"Argument `origin` must be one of {sorted(_ORIGINS)} or a StepOrigin. "
+                f"Received: origin={origin!r}"
+            ) from None
+    if origin not in pb.StepOrigin.values():
+        raise ValueError(f"Argument `origin` is not a StepOrigin value. Received: origin={origin!r}")
+    return pb.StepOrigin.ValueType(origin)
+
+
+def _options(
+    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
+    apply_at_step: int | None,
+    expected_version: int | None,
+    wait: bool,
+    validate_only: bool,
+    reason: str,
+    request_id: str | None,
+    force: bool,
+    preview_steps: int,
+) -> None:
+    """Fill the options SetLearningRateRequest and SwapScheduleRequest share."""
+    request.request_id = request_id if request_id is not None else uuid.uuid4().hex
+    if apply_at_step is not None:
+        request.apply_at_step = apply_at_step
+    if expected_version is not None:
+        request.expected_version = expected_version
+    request.wait_until_applied = wait
+    request.validate_only = validate_only
+    request.reason = reason
+    request.force = force
+    request.preview_steps = preview_steps
+
+
+def _one_of(request_id: str | None, version: int | None) -> None:
+    if (request_id is None) == (version is None):
+        raise ValueError("Give exactly one of `request_id` and `version`.")
+
+
+def watch_request(min_interval: float) -> pb.WatchStateRequest:
+    interval = duration_pb2.Duration()
+    interval.FromNanoseconds(round(min_interval * 1e9))
+    return pb.WatchStateRequest(min_interval=interval)
+
+
+# --- plans: one per client method ---
+
+
+def get_state(timeout: float | None) -> Plan[pb.TrainingState]:
+    response = yield Call("GetState", pb.GetStateRequest(), timeout)
+    return response.state  # type: ignore[no-any-return]
+
+
+def set_learning_rate(
+    *,
+    value: float | None = None,
+    factor: float | None = None,
+    apply_at_step: int | None,
+    expected_version: int | None,
+    wait: bool,
+    validate_only: bool,
+    reason: str,
+    request_id: str | None,
+    force: bool,
+    preview_steps: int,
+    timeout: float | None,
+) -> Plan[pb.Change]:
+    """`value` pins the LR (set_learning_rate); `factor` scales it (scale_learning_rate)."""
+    if value is not None:
+        request = pb.SetLearningRateRequest(learning_rate=value)
+    elif factor is not None:
+        request = pb.SetLearningRateRequest(scale=factor)
+    else:
+        raise ValueError("Give `value` or `factor`.")
+    _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
+             force, preview_steps)
+    response = yield Call("SetLearningRate", request, timeout)
+    return response.change  # type: ignore[no-any-return]
+
+
+def swap_schedule(
+    schedule: ScheduleLike,
+    *,
+    origin: Origin,
+    apply_at_step: int | None,
+    expected_version: int | None,
+    wait: bool,
+    validate_only: bool,
+    reason: str,
+    request_id: str | None,
+    force: bool,
+    preview_steps: int,
+    timeout: float | None,
+) -> Plan[pb.Change]:
+    request = pb.SwapScheduleRequest(schedule=to_schedule(schedule), origin=origin_value(origin))
+    _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
+             force, preview_steps)
+    response = yield Call("SwapSchedule", request, timeout)
+    return response.change  # type: ignore[no-any-return]
+
+
+def cancel_change(
+    *, request_id: str | None, version: int | None, reason: str, timeout: float | None
+) -> Plan[pb.Change]:
+    _one_of(request_id, version)
+    request = pb.CancelChangeRequest(reason=reason)
+    if request_id is not None:
+        request.request_id = request_id
+    else:
+        request.version = version or 0
+    response = yield Call("CancelChange", request, timeout)
+    return response.change  # type: ignore[no-any-return]
+
+
+def list_changes(page_size: int, page_token: str, timeout: float | None
+                 ) -> Plan[pb.ListChangesResponse]:
+    request = pb.ListChangesRequest(page_size=page_size, page_token=page_token)
+    response = yield Call("ListChanges", request, timeout)
+    return response  # type: ignore[no-any-return]
+
+
+def health(service: str, timeout: float | None) -> Plan[str]:
+    request = health_pb2.HealthCheckRequest(service=service)
+    response = yield Call("Check", request, timeout, health=True)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def get_change(
+    *, request_id: str | None, version: int | None, timeout: float | None
+) -> Plan[pb.Change]:
+    """Page through ListChanges (newest first) for the change; NotFound if it is not there."""
+    _one_of(request_id, version)
+    token = ""
+    while True:
+        page = yield from list_changes(100, token, timeout)
+        for change in page.changes:
+            if (change.request_id == request_id) if request_id is not None \
+                    else (change.version == version and change.version != 0):
+                return change
+        token = page.next_page_token
+        if not token:
+            what = f"request_id={request_id!r}" if request_id is not None else f"version={version}"
+            raise errors.NotFound(grpc.StatusCode.NOT_FOUND, f"no change with {what}")
+
+
+def wait_change(
+    *, request_id: str | None, version: int | None, timeout: float | None,
+    poll_interval: float,
+) -> Plan[pb.Change]:
+    """Poll `get_change` until the change is no longer PENDING; DeadlineExceeded after
+    `timeout` seconds (None: wait for ever)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        change = yield from get_change(request_id=request_id, version=version, timeout=None)
+        if change.status != pb.CHANGE_STATUS_PENDING:
+            return change
+        if deadline is not None and time.monotonic() >= deadline:
+            raise errors.DeadlineExceeded(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"change {change.request_id or change.version} still pending after {timeout}s",
+            )
+        yield Sleep(poll_interval)
+
+
+def wait_until_ready(timeout: float | None, poll_interval: float) -> Plan[None]:
+    """Poll health until the training service is SERVING (the run is training);
+    DeadlineExceeded after `timeout` seconds (None: wait for ever)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        try:
+            status = yield from health(SERVICE_NAME, poll_interval * 20)
+        except (errors.Unavailable, errors.DeadlineExceeded) as exc:
+            last = exc.code.name
+        else:
+            if status == "SERVING":
+                return
+            last = status
+        if deadline is not None and time.monotonic() >= deadline:
+            raise errors.DeadlineExceeded(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the trainer was not ready after {timeout}s (last: {last})",
+            )
+        yield Sleep(poll_interval)
+
+
+def update_learning_rate(
+    fn: Callable[[pb.TrainingState], float],
+    *,
+    retries: int,
+    wait: bool,
+    reason: str,
+    force: bool,
+    timeout: float | None,
+) -> Plan[pb.Change]:
+    """Read-modify-write: pin the LR to `fn(state)` with `expected_version=state.version`;
+    on VersionConflict read again, up to `retries` more times."""
+    if retries < 0:
+        raise ValueError(f"Argument `retries` must be >= 0. Received: retries={retries}")
+    attempt = 0
+    while True:
+        state = yield from get_state(timeout)
+        try:
+            change = yield from set_learning_rate(
+                value=float(fn(state)), apply_at_step=None, expected_version=state.version,
+                wait=wait, validate_only=False, reason=reason, request_id=None, force=force,
+                preview_steps=0, timeout=timeout,
+            )
+        except errors.VersionConflict:
+            attempt += 1
+            if attempt > retries:
+                raise
+            continue
+        # A change that lost the race at the step boundary comes back ABORTED.
+        if change.status != pb.CHANGE_STATUS_ABORTED or attempt >= retries:
+            return change
+        attempt += 1

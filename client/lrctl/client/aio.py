@@ -1,0 +1,315 @@
+"""`lrctl.client.aio.TrainingControlClient`: the client on `grpc.aio`, for asyncio programs.
+
+The same methods, arguments, errors, retry policy and automatic `request_id` as the sync
+`lrctl.client.TrainingControlClient`; both run the same plans from `_requests`, and only
+the transport differs. Use it as an async context manager::
+
+    async with TrainingControlClient("127.0.0.1:50051") as client:
+        state = await client.get_state()
+        await client.scale_learning_rate(0.5, wait=True)
+        async with client.watch(0.5) as updates:
+            async for state in updates:
+                ...
+
+Cancelling the task that iterates a watch cancels the RPC, so the server's stream ends too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2_grpc
+
+from lrctl.client import _requests as ops
+from lrctl.client import errors
+from lrctl.client._requests import DEFAULT_TARGET, Origin
+from lrctl.client.schedules import ScheduleLike
+from lrctl.v1 import training_control_pb2 as pb
+from lrctl.v1 import training_control_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["AsyncWatch", "TrainingControlClient"]
+
+
+class AsyncWatch:
+    """A `WatchState` stream for `async for`. `cancel()` (or leaving `async with`, or
+    cancelling the iterating task) ends it and cancels the RPC."""
+
+    def __init__(self, call: Any, error: Callable[[grpc.RpcError], errors.LrctlError]) -> None:
+        self._call = call
+        self._error = error
+        self._cancelled = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> pb.TrainingState:
+        if self._cancelled:
+            raise StopAsyncIteration
+        try:
+            response = await self._call.read()
+        except asyncio.CancelledError:
+            self.cancel()  # the iterating task was cancelled: end the stream on the server
+            raise
+        except grpc.RpcError as exc:
+            if self._cancelled or exc.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                raise StopAsyncIteration from None
+            raise self._error(exc) from exc
+        if response is grpc.aio.EOF:  # type: ignore[attr-defined]
+            raise StopAsyncIteration
+        return response.state  # type: ignore[no-any-return]
+
+    def cancel(self) -> None:
+        """End the stream; a pending `__anext__` stops. Cancelling twice is a no-op."""
+        self._cancelled = True
+        self._call.cancel()
+
+    close = cancel
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()
+
+
+class TrainingControlClient:
+    """Async client for `lrctl.v1.TrainingControlService`; arguments as for the sync
+    `lrctl.client.TrainingControlClient`. Create it inside a running event loop."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        options = ops.channel_options(channel_options)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._metadata = ops.call_metadata(token)
+        self._stub = pb_grpc.TrainingControlServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel
+
+    async def close(self) -> None:
+        """Close the channel; cancels in-flight calls, including watches."""
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- the transport (everything else is in `_requests`) ---
+
+    def _error(self, exc: grpc.RpcError) -> errors.LrctlError:
+        transient = (
+            self._channel.get_state(try_to_connect=False)
+            == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        )
+        return ops.map_error(exc, self.target, transient)
+
+    async def _invoke(self, call: ops.Call) -> Any:
+        stub: Any = self._health if call.health else self._stub
+        timeout = self.timeout if call.timeout is None else call.timeout
+        try:
+            return await getattr(stub, call.method)(call.request, timeout=timeout,
+                                                    metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+
+    async def _run(self, plan: ops.Plan[ops._T]) -> ops._T:
+        """`ops.drive`, awaiting each call."""
+        try:
+            step = next(plan)
+            while True:
+                if isinstance(step, ops.Sleep):
+                    await asyncio.sleep(step.seconds)
+                    step = plan.send(None)
+                    continue
+                try:
+                    result = await self._invoke(step)
+                except errors.LrctlError as exc:
+                    step = plan.throw(exc)
+                else:
+                    step = plan.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    # --- RPCs: see the sync client for the arguments ---
+
+    async def get_state(self, *, timeout: float | None = None) -> pb.TrainingState:
+        """A snapshot of the training state."""
+        return await self._run(ops.get_state(timeout))
+
+    async def set_learning_rate(
+        self,
+        value: float,
+        *,
+        apply_at_step: int | None = None,
+        expected_version: int | None = None,
+        wait: bool = False,
+        validate_only: bool = False,
+        reason: str = "",
+        request_id: str | None = None,
+        force: bool = False,
+        preview_steps: int = 0,
+        timeout: float | None = None,
+    ) -> pb.Change:
+        """Pin the learning rate to `value` (resets the scale to 1)."""
+        return await self._run(ops.set_learning_rate(
+            value=value, apply_at_step=apply_at_step, expected_version=expected_version,
+            wait=wait, validate_only=validate_only, reason=reason, request_id=request_id,
+            force=force, preview_steps=preview_steps, timeout=timeout,
+        ))
+
+    async def scale_learning_rate(
+        self,
+        factor: float,
+        *,
+        apply_at_step: int | None = None,
+        expected_version: int | None = None,
+        wait: bool = False,
+        validate_only: bool = False,
+        reason: str = "",
+        request_id: str | None = None,
+        force: bool = False,
+        preview_steps: int = 0,
+        timeout: float | None = None,
+    ) -> pb.Change:
+        """Multiply the active schedule by `factor` (cumulative)."""
+        return await self._run(ops.set_learning_rate(
+            factor=factor, apply_at_step=apply_at_step, expected_version=expected_version,
+            wait=wait, validate_only=validate_only, reason=reason, request_id=request_id,
+            force=force, preview_steps=preview_steps, timeout=timeout,
+        ))
+
+    async def swap_schedule(
+        self,
+        schedule: ScheduleLike,
+        *,
+        origin: Origin = "restart",
+        apply_at_step: int | None = None,
+        expected_version: int | None = None,
+        wait: bool = False,
+        validate_only: bool = False,
+        reason: str = "",
+        request_id: str | None = None,
+        force: bool = False,
+        preview_steps: int = 0,
+        timeout: float | None = None,
+    ) -> pb.Change:
+        """Replace the active schedule (resets the scale to 1)."""
+        return await self._run(ops.swap_schedule(
+            schedule, origin=origin, apply_at_step=apply_at_step,
+            expected_version=expected_version, wait=wait, validate_only=validate_only,
+            reason=reason, request_id=request_id, force=force, preview_steps=preview_steps,
+            timeout=timeout,
+        ))
+
+    def watch(self, min_interval: float = 1.0, *, timeout: float | None = None) -> AsyncWatch:
+        """An `AsyncWatch` of `TrainingState` updates (`async for`); `timeout` bounds the
+        whole stream (`None`: no deadline)."""
+        call = self._stub.WatchState(ops.watch_request(min_interval), timeout=timeout,
+                                     metadata=self._metadata)
+        return AsyncWatch(call, self._error)
+
+    async def cancel_change(
+        self,
+        *,
+        request_id: str | None = None,
+        version: int | None = None,
+        reason: str = "",
+        timeout: float | None = None,
+    ) -> pb.Change:
+        """Cancel a pending change by `request_id` or `version`."""
+        return await self._run(ops.cancel_change(
+            request_id=request_id, version=version, reason=reason, timeout=timeout
+        ))
+
+    async def list_changes(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> pb.ListChangesResponse:
+        """One page of changes, newest first."""
+        return await self._run(ops.list_changes(page_size, page_token, timeout))
+
+    async def iter_changes(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[pb.Change]:
+        """Every change `list_changes` pages through, newest first."""
+        token: str | None = ""
+        while token is not None:
+            page = await self.list_changes(page_size=page_size, page_token=token, timeout=timeout)
+            for change in page.changes:
+                yield change
+            token = page.next_page_token or None
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The gRPC health status name, e.g. "SERVING"."""
+        return await self._run(ops.health(service, timeout))
+
+    async def wait_until_ready(self, timeout: float | None = 60.0, *,
+                               poll_interval: float = ops.POLL_INTERVAL) -> None:
+        """Wait until the trainer is training (its service reports SERVING)."""
+        await self._run(ops.wait_until_ready(timeout, poll_interval))
+
+    async def update_learning_rate(
+        self,
+        fn: Callable[[pb.TrainingState], float],
+        *,
+        retries: int = 3,
+        wait: bool = False,
+        reason: str = "",
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> pb.Change:
+        """Read-modify-write with `expected_version`, retried on VersionConflict."""
+        return await self._run(ops.update_learning_rate(
+            fn, retries=retries, wait=wait, reason=reason, force=force, timeout=timeout
+        ))
+
+    async def get_change(
+        self, *, request_id: str | None = None, version: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.Change:
+        """The change sent with `request_id` (or applied as `version`); NotFound if gone."""
+        return await self._run(
+            ops.get_change(request_id=request_id, version=version, timeout=timeout)
+        )
+
+    async def wait_change(
+        self, *, request_id: str | None = None, version: int | None = None,
+        timeout: float | None = 60.0, poll_interval: float = ops.POLL_INTERVAL,
+    ) -> pb.Change:
+        """Poll until the change is no longer PENDING and return it."""
+        return await self._run(ops.wait_change(
+            request_id=request_id, version=version, timeout=timeout, poll_interval=poll_interval
+        ))
