@@ -149,6 +149,8 @@ def _options(
     request_id: str | None,
     force: bool,
     preview_steps: int,
+    expected_run_id: str = "",
+    apply_after_steps: int | None = None,
 ) -> None:
     """Fill the options SetLearningRateRequest and SwapScheduleRequest share."""
     request.request_id = request_id if request_id is not None else uuid.uuid4().hex
@@ -161,6 +163,9 @@ def _options(
     request.reason = reason
     request.force = force
     request.preview_steps = preview_steps
+    request.expected_run_id = expected_run_id
+    if apply_after_steps is not None:
+        request.apply_after_steps = apply_after_steps
 
 
 def _one_of(request_id: str | None, version: int | None) -> None:
@@ -168,10 +173,12 @@ def _one_of(request_id: str | None, version: int | None) -> None:
         raise ValueError("Give exactly one of `request_id` and `version`.")
 
 
-def watch_request(min_interval: float) -> pb.WatchStateRequest:
+def watch_request(min_interval: float, every_steps: int = 0, on_epoch_end: bool = False,
+                  changes_only: bool = False) -> pb.WatchStateRequest:
     interval = duration_pb2.Duration()
     interval.FromNanoseconds(round(min_interval * 1e9))
-    return pb.WatchStateRequest(min_interval=interval)
+    return pb.WatchStateRequest(min_interval=interval, every_steps=every_steps,
+                                on_epoch_end=on_epoch_end, changes_only=changes_only)
 
 
 # --- plans: one per client method ---
@@ -195,6 +202,8 @@ def set_learning_rate(
     force: bool,
     preview_steps: int,
     timeout: float | None,
+    expected_run_id: str = "",
+    apply_after_steps: int | None = None,
 ) -> Plan[pb.Change]:
     """`value` pins the LR (set_learning_rate); `factor` scales it (scale_learning_rate)."""
     if value is not None:
@@ -204,7 +213,7 @@ def set_learning_rate(
     else:
         raise ValueError("Give `value` or `factor`.")
     _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
-             force, preview_steps)
+             force, preview_steps, expected_run_id, apply_after_steps)
     response = yield Call("SetLearningRate", request, timeout)
     return response.change  # type: ignore[no-any-return]
 
@@ -222,19 +231,25 @@ def swap_schedule(
     force: bool,
     preview_steps: int,
     timeout: float | None,
+    expected_run_id: str = "",
+    apply_after_steps: int | None = None,
+    schedule_start_step: int = 0,
+    scale: float | None = None,
 ) -> Plan[pb.Change]:
-    request = pb.SwapScheduleRequest(schedule=to_schedule(schedule), origin=origin_value(origin))
+    request = pb.SwapScheduleRequest(schedule=to_schedule(schedule), origin=origin_value(origin),
+                                     schedule_start_step=schedule_start_step, scale=scale)
     _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
-             force, preview_steps)
+             force, preview_steps, expected_run_id, apply_after_steps)
     response = yield Call("SwapSchedule", request, timeout)
     return response.change  # type: ignore[no-any-return]
 
 
 def cancel_change(
-    *, request_id: str | None, version: int | None, reason: str, timeout: float | None
+    *, request_id: str | None, version: int | None, reason: str, timeout: float | None,
+    expected_run_id: str = "",
 ) -> Plan[pb.Change]:
     _one_of(request_id, version)
-    request = pb.CancelChangeRequest(reason=reason)
+    request = pb.CancelChangeRequest(reason=reason, expected_run_id=expected_run_id)
     if request_id is not None:
         request.request_id = request_id
     else:

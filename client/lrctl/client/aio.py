@@ -183,12 +183,15 @@ class TrainingControlClient:
         force: bool = False,
         preview_steps: int = 0,
         timeout: float | None = None,
+        expected_run_id: str = "",
+        apply_after_steps: int | None = None,
     ) -> pb.Change:
         """Pin the learning rate to `value` (resets the scale to 1)."""
         return await self._run(ops.set_learning_rate(
             value=value, apply_at_step=apply_at_step, expected_version=expected_version,
             wait=wait, validate_only=validate_only, reason=reason, request_id=request_id,
             force=force, preview_steps=preview_steps, timeout=timeout,
+            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
         ))
 
     async def scale_learning_rate(
@@ -204,12 +207,15 @@ class TrainingControlClient:
         force: bool = False,
         preview_steps: int = 0,
         timeout: float | None = None,
+        expected_run_id: str = "",
+        apply_after_steps: int | None = None,
     ) -> pb.Change:
         """Multiply the active schedule by `factor` (cumulative)."""
         return await self._run(ops.set_learning_rate(
             factor=factor, apply_at_step=apply_at_step, expected_version=expected_version,
             wait=wait, validate_only=validate_only, reason=reason, request_id=request_id,
             force=force, preview_steps=preview_steps, timeout=timeout,
+            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
         ))
 
     async def swap_schedule(
@@ -226,20 +232,26 @@ class TrainingControlClient:
         force: bool = False,
         preview_steps: int = 0,
         timeout: float | None = None,
+        expected_run_id: str = "",
+        apply_after_steps: int | None = None,
+        schedule_start_step: int = 0,
+        scale: float | None = None,
     ) -> pb.Change:
         """Replace the active schedule (resets the scale to 1)."""
         return await self._run(ops.swap_schedule(
             schedule, origin=origin, apply_at_step=apply_at_step,
             expected_version=expected_version, wait=wait, validate_only=validate_only,
             reason=reason, request_id=request_id, force=force, preview_steps=preview_steps,
-            timeout=timeout,
+            timeout=timeout, expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
+            schedule_start_step=schedule_start_step, scale=scale,
         ))
 
-    def watch(self, min_interval: float = 1.0, *, timeout: float | None = None) -> AsyncWatch:
+    def watch(self, min_interval: float = 1.0, *, timeout: float | None = None,
+              every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False) -> AsyncWatch:
         """An `AsyncWatch` of `TrainingState` updates (`async for`); `timeout` bounds the
         whole stream (`None`: no deadline)."""
-        call = self._stub.WatchState(ops.watch_request(min_interval), timeout=timeout,
-                                     metadata=self._metadata)
+        request = ops.watch_request(min_interval, every_steps, on_epoch_end, changes_only)
+        call = self._stub.WatchState(request, timeout=timeout, metadata=self._metadata)
         return AsyncWatch(call, self._error)
 
     async def cancel_change(
@@ -249,10 +261,12 @@ class TrainingControlClient:
         version: int | None = None,
         reason: str = "",
         timeout: float | None = None,
+        expected_run_id: str = "",
     ) -> pb.Change:
         """Cancel a pending change by `request_id` or `version`."""
         return await self._run(ops.cancel_change(
-            request_id=request_id, version=version, reason=reason, timeout=timeout
+            request_id=request_id, version=version, reason=reason, timeout=timeout,
+            expected_run_id=expected_run_id,
         ))
 
     async def list_changes(

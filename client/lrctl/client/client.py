@@ -213,6 +213,8 @@ class TrainingControlClient:
         force: bool = False,
         preview_steps: int = 0,
         timeout: float | None = None,
+        expected_run_id: str = "",
+        apply_after_steps: int | None = None,
     ) -> pb.Change:
         """Pin the learning rate to `value` (resets the scale to 1).
 
@@ -232,6 +234,10 @@ class TrainingControlClient:
             preview_steps: with `validate_only`, the horizon of the returned preview
                 (`Change.preview`, `Change.preview_current`) and of the guardrail checks.
             timeout: RPC deadline in seconds; `None` uses the client default.
+            expected_run_id: fencing; refuse (`FailedPrecondition`, reason RUN_ID_MISMATCH,
+                metadata current_run_id) unless the run id is this; "": no check.
+            apply_after_steps: apply N steps after the first step boundary after the
+                server accepts the change; exclusive with `apply_at_step`.
 
         Returns:
             The `Change` (status PENDING, APPLIED, ABORTED, CANCELLED or VALIDATED).
@@ -240,6 +246,7 @@ class TrainingControlClient:
             value=value, apply_at_step=apply_at_step, expected_version=expected_version, wait=wait,
             validate_only=validate_only, reason=reason, request_id=request_id, force=force,
             preview_steps=preview_steps, timeout=timeout,
+            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
         ))
 
     def scale_learning_rate(
@@ -255,6 +262,8 @@ class TrainingControlClient:
         force: bool = False,
         preview_steps: int = 0,
         timeout: float | None = None,
+        expected_run_id: str = "",
+        apply_after_steps: int | None = None,
     ) -> pb.Change:
         """Multiply the active schedule by `factor` (cumulative with earlier scales).
 
@@ -264,6 +273,7 @@ class TrainingControlClient:
             factor=factor, apply_at_step=apply_at_step, expected_version=expected_version, wait=wait,
             validate_only=validate_only, reason=reason, request_id=request_id, force=force,
             preview_steps=preview_steps, timeout=timeout,
+            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
         ))
 
     def swap_schedule(
@@ -280,6 +290,10 @@ class TrainingControlClient:
         force: bool = False,
         preview_steps: int = 0,
         timeout: float | None = None,
+        expected_run_id: str = "",
+        apply_after_steps: int | None = None,
+        schedule_start_step: int = 0,
+        scale: float | None = None,
     ) -> pb.Change:
         """Replace the active schedule (resets the scale to 1).
 
@@ -290,6 +304,9 @@ class TrainingControlClient:
             origin: "restart" (the schedule starts at its own step 0 where it is
                 applied), "global" (evaluated at the optimizer's iteration count,
                 as Keras does), or a `pb.StepOrigin` value.
+            schedule_start_step: with origin "restart", the new schedule starts at its
+                own step N (e.g. another trainer's `step - schedule_origin_step`).
+            scale: the cumulative scale set in the same change; `None`: 1.
             Others as for `set_learning_rate`.
 
         Returns:
@@ -299,9 +316,12 @@ class TrainingControlClient:
             schedule, origin=origin, apply_at_step=apply_at_step, expected_version=expected_version, wait=wait,
             validate_only=validate_only, reason=reason, request_id=request_id, force=force,
             preview_steps=preview_steps, timeout=timeout,
+            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
+            schedule_start_step=schedule_start_step, scale=scale,
         ))
 
-    def watch(self, min_interval: float = 1.0, *, timeout: float | None = None) -> Watch:
+    def watch(self, min_interval: float = 1.0, *, timeout: float | None = None,
+              every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False) -> Watch:
         """Stream `TrainingState` updates until training ends or the watch is cancelled.
 
         Updates come at most every `min_interval` seconds while training advances,
@@ -309,10 +329,12 @@ class TrainingControlClient:
         (`for state in client.watch(): ...`), and end it with `cancel()` from any
         thread or by leaving `with client.watch(...) as updates:`; either cancels the
         RPC. `timeout` bounds the whole stream; `None` (the default) means no deadline,
-        not the client default.
+        not the client default. Triggers: `every_steps` (an update each time training is
+        that many steps on), `on_epoch_end` (one per new epoch), `changes_only` (no
+        time-based updates; changes, phase changes and the triggers still send).
         """
-        call = self._stub.WatchState(ops.watch_request(min_interval), timeout=timeout,
-                                     metadata=self._metadata)
+        request = ops.watch_request(min_interval, every_steps, on_epoch_end, changes_only)
+        call = self._stub.WatchState(request, timeout=timeout, metadata=self._metadata)
         return Watch(call, self._error)
 
     def cancel_change(
@@ -322,6 +344,7 @@ class TrainingControlClient:
         version: int | None = None,
         reason: str = "",
         timeout: float | None = None,
+        expected_run_id: str = "",
     ) -> pb.Change:
         """Cancel a pending change, named by the `request_id` it was sent with (every change
         this client sends has one: `Change.request_id`). Returns the CANCELLED `Change`.
@@ -330,7 +353,8 @@ class TrainingControlClient:
         already been applied, aborted or failed. Give exactly one of `request_id`, `version`.
         """
         return self._run(ops.cancel_change(
-            request_id=request_id, version=version, reason=reason, timeout=timeout
+            request_id=request_id, version=version, reason=reason, timeout=timeout,
+            expected_run_id=expected_run_id,
         ))
 
     def list_changes(

@@ -212,6 +212,8 @@ class SetLearningRateRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     PREVIEW_STEPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
+    APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Pins a constant learning rate: the active schedule becomes
     Constant(learning_rate) and the scale is reset to 1. Must be finite and
@@ -276,6 +278,21 @@ class SetLearningRateRequest(_message.Message):
     guardrails are checked. At most 1,000,000,000. Zero: no preview, and the
     guardrails are checked over 10,000 steps. Ignored without validate_only.
     """
+    expected_run_id: _builtins.str
+    """Fencing: the run id (TrainingState.run_id) this change is meant for. If
+    the trainer's current run id differs (for example, the trainer restarted
+    as a new run), the request fails with FAILED_PRECONDITION and an ErrorInfo
+    with reason RUN_ID_MISMATCH and metadata current_run_id; nothing is
+    queued. Checked when the request arrives. Empty: no check.
+    """
+    apply_after_steps: _builtins.int
+    """Apply the change N steps after the boundary where the training thread
+    first sees it: the first step boundary after the request is accepted.
+    If that boundary is at step S, the change applies at the first step
+    boundary where step >= S + N (0: at S, like an unset apply_at_step). Must
+    be in [0, 1,000,000,000]; setting both this and apply_at_step fails with
+    INVALID_ARGUMENT. Unset: apply_at_step decides.
+    """
     def __init__(
         self,
         *,
@@ -289,17 +306,23 @@ class SetLearningRateRequest(_message.Message):
         reason: _builtins.str = ...,
         force: _builtins.bool = ...,
         preview_steps: _builtins.int = ...,
+        expected_run_id: _builtins.str = ...,
+        apply_after_steps: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "change", b"change", "expected_version", b"expected_version", "learning_rate", b"learning_rate", "scale", b"scale"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "change", b"change", "expected_version", b"expected_version", "learning_rate", b"learning_rate", "scale", b"scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "change", b"change", "expected_version", b"expected_version", "force", b"force", "learning_rate", b"learning_rate", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "scale", b"scale", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "change", b"change", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "force", b"force", "learning_rate", b"learning_rate", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "scale", b"scale", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
+    _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
     _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
     _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
     _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["learning_rate", "scale"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
     @_typing.overload
@@ -349,6 +372,10 @@ class SwapScheduleRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     PREVIEW_STEPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
+    APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    SCHEDULE_START_STEP_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
     origin: Global___StepOrigin.ValueType
     """Which step count the new schedule is evaluated at. Unset
     (STEP_ORIGIN_UNSPECIFIED) means STEP_ORIGIN_RESTART.
@@ -385,6 +412,33 @@ class SwapScheduleRequest(_message.Message):
     """Preview horizon with validate_only; see
     SetLearningRateRequest.preview_steps. Zero: no preview.
     """
+    expected_run_id: _builtins.str
+    """Fencing: the run id (TrainingState.run_id) this change is meant for. If
+    the trainer's current run id differs (for example, the trainer restarted
+    as a new run), the request fails with FAILED_PRECONDITION and an ErrorInfo
+    with reason RUN_ID_MISMATCH and metadata current_run_id; nothing is
+    queued. Checked when the request arrives. Empty: no check.
+    """
+    apply_after_steps: _builtins.int
+    """Apply the change N steps after the boundary where the training thread
+    first sees it: the first step boundary after the request is accepted.
+    If that boundary is at step S, the change applies at the first step
+    boundary where step >= S + N (0: at S, like an unset apply_at_step). Must
+    be in [0, 1,000,000,000]; setting both this and apply_at_step fails with
+    INVALID_ARGUMENT. Unset: apply_at_step decides.
+    """
+    schedule_start_step: _builtins.int
+    """The new schedule is evaluated from its own step N at the boundary where
+    it applies: at global step s it sees step s - applied_step + N. Use it
+    with a trainer's local step (TrainingState.step -
+    TrainingState.schedule_origin_step) to continue a schedule where another
+    trainer is. Must be >= 0; with STEP_ORIGIN_GLOBAL only 0 is allowed, else
+    INVALID_ARGUMENT. Zero or unset: the schedule restarts at its step 0.
+    """
+    scale: _builtins.float
+    """The cumulative scale the new schedule starts with, set in the same change
+    (one version). Must be finite and > 0. Unset: 1.
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The new schedule. Required: unset or with no kind set fails with
@@ -404,19 +458,31 @@ class SwapScheduleRequest(_message.Message):
         reason: _builtins.str = ...,
         force: _builtins.bool = ...,
         preview_steps: _builtins.int = ...,
+        expected_run_id: _builtins.str = ...,
+        apply_after_steps: _builtins.int | None = ...,
+        schedule_start_step: _builtins.int = ...,
+        scale: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version", "schedule", b"schedule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "_scale", b"_scale", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version", "scale", b"scale", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version", "force", b"force", "origin", b"origin", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "schedule", b"schedule", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "_scale", b"_scale", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "force", b"force", "origin", b"origin", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "scale", b"scale", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
+    _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
     _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
     _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
 
 Global___SwapScheduleRequest: _TypeAlias = SwapScheduleRequest  # noqa: Y015
 
@@ -492,6 +558,25 @@ class WatchStateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MIN_INTERVAL_FIELD_NUMBER: _builtins.int
+    EVERY_STEPS_FIELD_NUMBER: _builtins.int
+    ON_EPOCH_END_FIELD_NUMBER: _builtins.int
+    CHANGES_ONLY_FIELD_NUMBER: _builtins.int
+    every_steps: _builtins.int
+    """Also send an update, at once, whenever the published step is at least
+    this many steps past the step of the last update sent (checked at each
+    step boundary the trainer publishes). Must be >= 0, otherwise
+    INVALID_ARGUMENT. Zero: no step trigger.
+    """
+    on_epoch_end: _builtins.bool
+    """If true, also send an update at once when the published epoch changes
+    (the first state of each new epoch). False: no epoch trigger.
+    """
+    changes_only: _builtins.bool
+    """If true, send no time-based updates: only the first state, applied
+    changes, phase changes, and the every_steps and on_epoch_end triggers;
+    min_interval is then ignored. False: time-based updates every
+    min_interval as well.
+    """
     @_builtins.property
     def min_interval(self) -> _duration_pb2.Duration:
         """The minimum time between two updates while training advances. An update
@@ -504,10 +589,13 @@ class WatchStateRequest(_message.Message):
         self,
         *,
         min_interval: _duration_pb2.Duration | None = ...,
+        every_steps: _builtins.int = ...,
+        on_epoch_end: _builtins.bool = ...,
+        changes_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["min_interval", b"min_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_interval", b"min_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes_only", b"changes_only", "every_steps", b"every_steps", "min_interval", b"min_interval", "on_epoch_end", b"on_epoch_end"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,6 +610,7 @@ class CancelChangeRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request_id the change was submitted with."""
     version: _builtins.int
@@ -533,16 +622,24 @@ class CancelChangeRequest(_message.Message):
     """Free-text reason, logged by the trainer; at most 1 KiB of UTF-8. Empty:
     no reason given.
     """
+    expected_run_id: _builtins.str
+    """Fencing: the run id (TrainingState.run_id) this change is meant for. If
+    the trainer's current run id differs (for example, the trainer restarted
+    as a new run), the request fails with FAILED_PRECONDITION and an ErrorInfo
+    with reason RUN_ID_MISMATCH and metadata current_run_id; nothing is
+    queued. Checked when the request arrives. Empty: no check.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         version: _builtins.int = ...,
         reason: _builtins.str = ...,
+        expected_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "reason", b"reason", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "expected_run_id", b"expected_run_id", "reason", b"reason", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["request_id", "version"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
@@ -1103,6 +1200,8 @@ class Change(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     PREVIEW_FIELD_NUMBER: _builtins.int
     PREVIEW_CURRENT_FIELD_NUMBER: _builtins.int
+    APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    SCHEDULE_START_STEP_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The state version this change produced. 0 unless status is
     CHANGE_STATUS_APPLIED.
@@ -1125,7 +1224,10 @@ class Change(_message.Message):
     requested_step: _builtins.int
     """The step count when the server accepted the request."""
     apply_at_step: _builtins.int
-    """The requested apply_at_step. Unset: apply at the next step boundary."""
+    """The requested apply_at_step, or, for apply_after_steps, the step it
+    resolved to once the training thread saw the change. Unset: apply at the
+    next step boundary (or not yet resolved).
+    """
     applied_step: _builtins.int
     """The step count at which the change took effect: the first optimizer step
     that uses the new learning rate is the one that runs when step ==
@@ -1146,6 +1248,15 @@ class Change(_message.Message):
     error: _builtins.str
     """Why the change was not applied. Empty unless status is
     CHANGE_STATUS_FAILED.
+    """
+    apply_after_steps: _builtins.int
+    """The request's apply_after_steps, if it set one; apply_at_step then holds
+    the step it resolved to once the training thread has seen the change.
+    Unset: the request did not use apply_after_steps.
+    """
+    schedule_start_step: _builtins.int
+    """For a schedule swap: the request's schedule_start_step. Zero: the new
+    schedule started at its step 0 (or the swap used STEP_ORIGIN_GLOBAL).
     """
     @_builtins.property
     def swap_schedule(self) -> Global___Schedule:
@@ -1203,13 +1314,17 @@ class Change(_message.Message):
         error: _builtins.str = ...,
         preview: _abc.Iterable[Global___LearningRatePoint] | None = ...,
         preview_current: _abc.Iterable[Global___LearningRatePoint] | None = ...,
+        apply_after_steps: _builtins.int | None = ...,
+        schedule_start_step: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_at_step", b"apply_at_step", "learning_rate_after", b"learning_rate_after", "requested_time", b"requested_time", "scale", b"scale", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "swap_schedule", b"swap_schedule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "learning_rate_after", b"learning_rate_after", "requested_time", b"requested_time", "scale", b"scale", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "swap_schedule", b"swap_schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "origin", b"origin", "preview", b"preview", "preview_current", b"preview_current", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "origin", b"origin", "preview", b"preview", "preview_current", b"preview_current", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__applied_step: _TypeAlias = _typing.Literal["applied_step"]  # noqa: Y015
     _WhichOneofArgType__applied_step: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step"]  # noqa: Y015
+    _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
+    _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
     _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
     _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate_after: _TypeAlias = _typing.Literal["learning_rate_after"]  # noqa: Y015
@@ -1218,6 +1333,8 @@ class Change(_message.Message):
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__applied_step) -> _WhichOneofReturnType__applied_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
     @_typing.overload

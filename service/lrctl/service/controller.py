@@ -29,6 +29,7 @@ from lrctl.service.errors import (
     NotFoundError,
     RequestIdReusedError,
     ResourceExhaustedError,
+    RunIdMismatchError,
     UnavailableError,
     VersionConflictError,
     WaitTimeoutError,
@@ -52,6 +53,7 @@ DEDUP_WINDOW = 10_000
 MAX_PENDING = 1_000
 MAX_REASON_BYTES = 1024
 MAX_REQUEST_ID_BYTES = 128
+MAX_RUN_ID_BYTES = 128  #: expected_run_id; longer ones cannot match any run id
 #: How far ahead of the current step `apply_at_step` may lie (a typo guard, not a policy).
 APPLY_HORIZON = 1_000_000_000
 #: Pending changes listed in a snapshot, oldest first; ListChanges lists them all. Keeps every
@@ -102,13 +104,19 @@ class ScaleLearningRate:
 
 @dataclass(frozen=True)
 class SwapSchedule:
-    """Replace the active schedule."""
+    """Replace the active schedule. With RESTART the new schedule is evaluated from its own
+    step `start_step` where it applies (origin_step = step - start_step); `scale` is the
+    cumulative scale it starts with (None: 1), set in the same change and version."""
 
     schedule: ScheduleSpec
     origin: Origin = Origin.RESTART
+    start_step: int = 0
+    scale: float | None = None
 
     def describe(self) -> str:
-        return f"swap {self.schedule.describe()} origin={self.origin.value}"
+        extra = f" start_step={self.start_step}" if self.start_step else ""
+        extra += f" scale={self.scale:g}" if self.scale is not None else ""
+        return f"swap {self.schedule.describe()} origin={self.origin.value}{extra}"
 
 
 Action = PinLearningRate | ScaleLearningRate | SwapSchedule
@@ -122,6 +130,11 @@ class ChangeRequest:
     apply_at_step: int | None = None
     reason: str = ""
     force: bool = False  #: skip the max_change_factor guardrail (never the bounds)
+    #: Fencing: refuse the change unless the run id is this one ("": no check).
+    expected_run_id: str = ""
+    #: Apply N steps after the first step boundary after acceptance (the boundary where the
+    #: training thread first sees the change). Exclusive with apply_at_step.
+    apply_after_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,15 @@ class Change:
     #: For VALIDATED with a preview horizon: (step, LR) after the change, and without it.
     preview: tuple[tuple[int, float], ...] = ()
     preview_current: tuple[tuple[int, float], ...] = ()
+    #: For apply_after_steps: the step it resolved to at the first boundary that saw it.
+    due_step: int | None = None
+
+    @property
+    def due_key(self) -> int:
+        """The step at which the change is due (0: at the next boundary)."""
+        if self.due_step is not None:
+            return self.due_step
+        return self.request.apply_at_step or 0
 
     @property
     def description(self) -> str:
@@ -249,6 +271,9 @@ class Controller:
         if not 0 <= preview_steps <= APPLY_HORIZON:
             raise InvalidArgumentError("preview_steps", f"must be in [0, {APPLY_HORIZON}]", preview_steps)
         with self._cond:
+            run_id = self._snapshot.run_id
+            if request.expected_run_id and request.expected_run_id != run_id:
+                raise RunIdMismatchError(request.expected_run_id, run_id)
             if request.request_id and not validate_only:
                 known = self._by_request_id.get(request.request_id)
                 if known is not None and (record := self._lookup(known)) is not None:
@@ -268,7 +293,7 @@ class Controller:
                 raise InvalidArgumentError(
                     "apply_at_step", f"must be at most {APPLY_HORIZON} steps ahead of the current "
                     f"step {snap.step}", at)
-            start = max(snap.step, at or 0)
+            start = max(snap.step, at or 0) + (request.apply_after_steps or 0)
             preview, current = self._check_guardrails(request, start, preview_steps or guardrails.DEFAULT_HORIZON)
             missed = at is not None and (at < snap.step or at <= self._boundary_step)
             if at is not None and missed and validate_only:
@@ -295,7 +320,7 @@ class Controller:
                 self._republish(history=True)
                 return change
             self._pending[change.id] = change
-            heapq.heappush(self._due, (at or 0, change.id))
+            heapq.heappush(self._due, (change.due_key, change.id))
             self._republish(pending=True)
             return change
 
@@ -342,7 +367,7 @@ class Controller:
             self._state, self._version = _schedule_from_json(data["schedule"]), int(data["version"])
             self._ids = itertools.count(max(int(data["next_id"]), 1))
             self._pending = {c.id: c for c in pending}
-            self._due = [(c.request.apply_at_step or 0, c.id) for c in pending]
+            self._due = [(c.due_key, c.id) for c in pending]
             heapq.heapify(self._due)
             self._finished.clear()
             self._by_request_id.clear()
@@ -364,17 +389,22 @@ class Controller:
                 updated_time=self._clock())
             self._republish(pending=True, history=True)
 
-    def cancel(self, *, request_id: str = "", version: int | None = None) -> Change:
+    def cancel(self, *, request_id: str = "", version: int | None = None,
+               expected_run_id: str = "") -> Change:
         """Cancel a pending change, named by its request_id or (once applied) its version.
 
         Returns the CANCELLED record (again, if it was cancelled already). Raises NotFoundError
         for an unknown change and FailedPreconditionError for one that has ended otherwise or
-        is being applied at this very boundary.
+        is being applied at this very boundary; RunIdMismatchError when `expected_run_id` is
+        set and is not this run's id.
         """
         if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
             raise InvalidArgumentError("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes",
                                        f"{len(request_id.encode())} bytes")
+        _check_run_id(expected_run_id)
         with self._cond:
+            if expected_run_id and expected_run_id != self._snapshot.run_id:
+                raise RunIdMismatchError(expected_run_id, self._snapshot.run_id)
             if request_id:
                 change_id = self._by_request_id.get(request_id)
                 name = f"request_id {request_id!r}"
@@ -435,20 +465,28 @@ class Controller:
                     self._results.pop(change.id, None)
 
     def updates(self, min_interval: float, is_active: Callable[[], bool],
-                poll: float = 0.5) -> Iterator[Snapshot]:
+                poll: float = 0.5, *, every_steps: int = 0, on_epoch: bool = False,
+                changes_only: bool = False) -> Iterator[Snapshot]:
         """Snapshots for a watcher: the current one at once, then the latest one at most every
         `min_interval` while training advances, and at once after each applied change or phase
         change. A slow consumer skips intermediate states; it never holds up the trainer.
-        `is_active` is polled every `poll` seconds so that a cancelled watcher is let go."""
+        `is_active` is polled every `poll` seconds so that a cancelled watcher is let go.
+        Triggers: `every_steps` (> 0) sends at once when the step is that far past the last
+        one sent, `on_epoch` when the epoch changes; `changes_only` drops the time-based
+        updates (the triggers, changes and phase changes still send)."""
         sent: Snapshot | None = None
         sent_at = -math.inf
         while is_active():
             with self._cond:
                 snap = self._snapshot
                 urgent = sent is None or snap.version != sent.version or snap.phase != sent.phase
+                if sent is not None and not urgent:
+                    urgent = (on_epoch and snap.epoch != sent.epoch) or (
+                        every_steps > 0 and snap.step - sent.step >= every_steps)
                 since = time.monotonic() - sent_at
-                if not urgent and (sent is None or snap.seq == sent.seq or since < min_interval):
-                    idle = sent is not None and snap.seq == sent.seq
+                if not urgent and (changes_only or sent is None or snap.seq == sent.seq
+                                   or since < min_interval):
+                    idle = sent is not None and (changes_only or snap.seq == sent.seq)
                     self._cond.wait(poll if idle else min(poll, max(min_interval - since, 0.0)))
                     continue
             sent, sent_at = snap, time.monotonic()
@@ -474,11 +512,23 @@ class Controller:
         with self._cond:
             self._boundary_step = step
             due_ids = []
+            resolved = False
             while self._due and self._due[0][0] <= step:
                 _, change_id = heapq.heappop(self._due)
-                if change_id in self._pending:
-                    due_ids.append(change_id)
+                pending = self._pending.get(change_id)
+                if pending is None:
+                    continue
+                after = pending.request.apply_after_steps
+                if after and pending.due_step is None:
+                    # The first boundary that sees this change: it is due `after` steps on.
+                    self._pending[change_id] = dataclasses.replace(pending, due_step=step + after)
+                    heapq.heappush(self._due, (step + after, change_id))
+                    resolved = True
+                    continue
+                due_ids.append(change_id)
             if not due_ids:
+                if resolved:
+                    self._republish(pending=True)
                 return []
             due = [self._pending[i] for i in sorted(due_ids)]
             self._applying.update(due_ids)
@@ -629,7 +679,7 @@ class Controller:
             while self._due and self._due[0][1] not in self._pending:
                 heapq.heappop(self._due)  # cancelled or finished: drop lazily
             if len(self._due) > 2 * len(self._pending) + 64:
-                self._due = [(c.request.apply_at_step or 0, i) for i, c in self._pending.items()
+                self._due = [(c.due_key, i) for i, c in self._pending.items()
                              if i not in self._applying]
                 heapq.heapify(self._due)
             self._next_due = self._due[0][0] if self._due else None
@@ -657,6 +707,29 @@ def _check_request(request: ChangeRequest) -> None:
                                    f"{len(request.request_id.encode())} bytes")
     if request.apply_at_step is not None and request.apply_at_step < 0:
         raise InvalidArgumentError("apply_at_step", "must be >= 0", request.apply_at_step)
+    after = request.apply_after_steps
+    if after is not None:
+        if request.apply_at_step is not None:
+            raise InvalidArgumentError("apply_after_steps", "must not be set together with "
+                                       "`apply_at_step`", after)
+        if not 0 <= after <= APPLY_HORIZON:
+            raise InvalidArgumentError("apply_after_steps", f"must be in [0, {APPLY_HORIZON}]", after)
+    _check_run_id(request.expected_run_id)
+    if isinstance(action, SwapSchedule):
+        if not 0 <= action.start_step <= APPLY_HORIZON:
+            raise InvalidArgumentError("schedule_start_step", f"must be in [0, {APPLY_HORIZON}]",
+                                       action.start_step)
+        if action.start_step and action.origin is Origin.GLOBAL:
+            raise InvalidArgumentError("schedule_start_step", "must be 0 with STEP_ORIGIN_GLOBAL",
+                                       action.start_step)
+        if action.scale is not None:
+            check_number("scale", action.scale, minimum=0, inclusive=False)
+
+
+def _check_run_id(expected_run_id: str) -> None:
+    if len(expected_run_id.encode()) > MAX_RUN_ID_BYTES:
+        raise InvalidArgumentError("expected_run_id", f"must be at most {MAX_RUN_ID_BYTES} bytes",
+                                   f"{len(expected_run_id.encode())} bytes")
 
 
 def _schedule_json(state: ActiveSchedule) -> dict[str, Any]:
@@ -675,7 +748,7 @@ def _action_json(action: Action) -> dict[str, Any]:
     if isinstance(action, ScaleLearningRate):
         return {"scale": action.factor}
     return {"swap": {"class_name": action.schedule.keras_name, "config": action.schedule.to_config(),
-                     "origin": action.origin.value}}
+                     "origin": action.origin.value, "start_step": action.start_step, "scale": action.scale}}
 
 
 def _action_from_json(data: Mapping[str, Any]) -> Action:
@@ -684,7 +757,9 @@ def _action_from_json(data: Mapping[str, Any]) -> Action:
     if "scale" in data:
         return ScaleLearningRate(float(data["scale"]))
     swap = data["swap"]
-    return SwapSchedule(spec_from_config(swap["class_name"], swap["config"]), Origin(swap["origin"]))
+    scale = swap.get("scale")
+    return SwapSchedule(spec_from_config(swap["class_name"], swap["config"]), Origin(swap["origin"]),
+                        int(swap.get("start_step", 0)), None if scale is None else float(scale))
 
 
 def _error_json(error: Exception | None) -> dict[str, Any] | None:
@@ -712,10 +787,12 @@ def _change_json(change: Change) -> dict[str, Any]:
         "applied_step": change.applied_step, "learning_rate_after": change.learning_rate_after,
         "schedule_after": None if change.schedule_after is None else _schedule_json(change.schedule_after),
         "applied_time": change.applied_time, "current_version": change.current_version,
-        "error": _error_json(change.error),
+        "error": _error_json(change.error), "due_step": change.due_step,
         "request": {"action": _action_json(request.action), "request_id": request.request_id,
                     "expected_version": request.expected_version, "apply_at_step": request.apply_at_step,
-                    "reason": request.reason, "force": request.force},
+                    "reason": request.reason, "force": request.force,
+                    "expected_run_id": request.expected_run_id,
+                    "apply_after_steps": request.apply_after_steps},
     }
 
 
@@ -728,11 +805,13 @@ def _change_from_json(data: Mapping[str, Any]) -> Change:
         applied_step=data["applied_step"], learning_rate_after=data["learning_rate_after"],
         schedule_after=None if after is None else _schedule_from_json(after),
         applied_time=data["applied_time"], current_version=data["current_version"],
-        error=_error_from_json(data["error"]),
+        error=_error_from_json(data["error"]), due_step=data.get("due_step"),
         request=ChangeRequest(_action_from_json(request["action"]), request_id=request["request_id"],
                               expected_version=request["expected_version"],
                               apply_at_step=request["apply_at_step"], reason=request["reason"],
-                              force=bool(request["force"])),
+                              force=bool(request["force"]),
+                              expected_run_id=request.get("expected_run_id", ""),
+                              apply_after_steps=request.get("apply_after_steps")),
     )
 
 
@@ -744,8 +823,11 @@ def _next_state(state: ActiveSchedule, action: Action, step: int) -> ActiveSched
         return ActiveSchedule(Constant(action.learning_rate), Origin.RESTART, step, 1.0)
     if isinstance(action, ScaleLearningRate):
         return dataclasses.replace(state, scale=state.scale * action.factor)
-    origin_step = step if action.origin is Origin.RESTART else 0
-    return ActiveSchedule(action.schedule, action.origin, origin_step, 1.0)
+    # RESTART: the schedule sees its own step `start_step` at `step` (the engine evaluates
+    # max(step - origin_step, 0), so a negative origin_step is fine).
+    origin_step = step - action.start_step if action.origin is Origin.RESTART else 0
+    return ActiveSchedule(action.schedule, action.origin, origin_step,
+                          1.0 if action.scale is None else action.scale)
 
 
 def _check_outcome(action: Action, state: ActiveSchedule, step: int) -> float:
@@ -755,8 +837,9 @@ def _check_outcome(action: Action, state: ActiveSchedule, step: int) -> float:
     field = _ACTION_FIELD[type(action)]
     if not _MIN_SCALE <= after.scale <= FLOAT32_MAX:
         raise InvalidArgumentError(
-            field, f"would make the cumulative scale {after.scale:g}, outside float32's normal range",
-            getattr(action, "factor", None))
+            "scale" if isinstance(action, SwapSchedule) else field,
+            f"would make the cumulative scale {after.scale:g}, outside float32's normal range",
+            getattr(action, "factor", None) if not isinstance(action, SwapSchedule) else action.scale)
     lr = evaluate.learning_rate(after, step)
     if not evaluate.is_finite_float32(lr):
         raise InvalidArgumentError(field, f"would make the learning rate {lr} at step {step} in "
@@ -793,7 +876,7 @@ def _outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
 
 
 __all__ = [
-    "APPLY_HORIZON", "DEDUP_WINDOW", "MAX_PENDING", "MAX_REASON_BYTES", "MAX_REQUEST_ID_BYTES",
+    "APPLY_HORIZON", "DEDUP_WINDOW", "MAX_PENDING", "MAX_REASON_BYTES", "MAX_REQUEST_ID_BYTES", "MAX_RUN_ID_BYTES",
     "SNAPSHOT_PENDING", "STATE_FORMAT", "Action", "Change", "ChangeRequest", "ChangeStatus", "Controller", "Phase",
     "PinLearningRate", "ScaleLearningRate", "ScheduleTarget", "Snapshot", "SwapSchedule",
 ]

@@ -87,3 +87,17 @@ class UnavailableError(FailedPreconditionError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind="SHUTDOWN")
+
+
+class RunIdMismatchError(FailedPreconditionError):
+    """Fencing: `expected_run_id` is not the current run's id (the trainer restarted as a new
+    run, or the client talks to another run). FAILED_PRECONDITION with ErrorInfo reason
+    RUN_ID_MISMATCH and metadata current_run_id."""
+
+    def __init__(self, expected: str, current: str) -> None:
+        self.expected = expected
+        self.current = current
+        super().__init__(
+            f"expected_run_id={expected!r} does not match the current run id {current!r}: the "
+            "trainer restarted or this is another run; read the state again before changing it",
+            field="expected_run_id", kind="RUN_ID")

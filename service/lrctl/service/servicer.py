@@ -44,6 +44,7 @@ from lrctl.service.errors import (
     NotFoundError,
     RequestIdReusedError,
     ResourceExhaustedError,
+    RunIdMismatchError,
     UnavailableError,
     VersionConflictError,
     WaitTimeoutError,
@@ -119,6 +120,8 @@ def _change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
         apply_at_step=request.apply_at_step if request.HasField("apply_at_step") else None,
         reason=request.reason,
         force=request.force,
+        expected_run_id=request.expected_run_id,
+        apply_after_steps=request.apply_after_steps if request.HasField("apply_after_steps") else None,
     )
 
 
@@ -151,7 +154,8 @@ def change_to_proto(change: Change) -> pb.Change:
     message = pb.Change(
         version=change.version, status=_STATUS_TO_PB[change.status], request_id=request.request_id,
         reason=request.reason, requested_step=change.requested_step,
-        apply_at_step=request.apply_at_step, applied_step=change.applied_step,
+        apply_at_step=change.due_step if change.due_step is not None else request.apply_at_step,
+        apply_after_steps=request.apply_after_steps, applied_step=change.applied_step,
         learning_rate_after=change.learning_rate_after, requested_time=_timestamp(change.requested_time),
         applied_time=_timestamp(change.applied_time) if change.status is ChangeStatus.APPLIED else None,
         description=change.description, error=str(change.error) if change.error else "",
@@ -163,6 +167,7 @@ def change_to_proto(change: Change) -> pb.Change:
     else:
         message.swap_schedule.CopyFrom(spec_to_proto(action.schedule))
         message.origin = _ORIGIN_TO_PB[action.origin]
+        message.schedule_start_step = action.start_step
     if change.schedule_after is not None:
         message.schedule.CopyFrom(spec_to_proto(change.schedule_after.spec))
         message.scale_after = change.schedule_after.scale
@@ -225,6 +230,14 @@ def status_of(error: Exception) -> status_pb2.Status:
         detail.Pack(error_details_pb2.ErrorInfo(
             reason="VERSION_CONFLICT", domain="lrctl",
             metadata={"expected_version": str(error.expected), "current_version": str(error.current)}))
+    elif isinstance(error, RunIdMismatchError):  # before its base, FailedPreconditionError
+        code, message = code_pb2.FAILED_PRECONDITION, str(error)
+        detail.Pack(error_details_pb2.ErrorInfo(
+            reason="RUN_ID_MISMATCH", domain="lrctl",
+            metadata={"current_run_id": error.current, "expected_run_id": error.expected}))
+        details.append(_any(error_details_pb2.PreconditionFailure(violations=[
+            error_details_pb2.PreconditionFailure.Violation(
+                type=error.kind, subject=error.field, description=message)])))
     elif isinstance(error, UnavailableError):  # before its base, FailedPreconditionError
         code, message = code_pb2.UNAVAILABLE, str(error)
         detail.Pack(error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN", domain="lrctl"))
@@ -273,7 +286,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         # Snapshots and change records are immutable, so each is converted to protobuf once:
         # a state holds up to a hundred changes, and watchers and pollers ask for it often.
         self._lock = threading.Lock()
-        self._changes: dict[tuple[int, ChangeStatus], pb.Change] = {}
+        self._changes: dict[tuple[int, ChangeStatus, int | None], pb.Change] = {}
         self._state: tuple[int, pb.TrainingState] | None = None
 
     def _state_proto(self, snap: Snapshot) -> pb.TrainingState:
@@ -285,7 +298,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
             return self._state[1]
 
     def _change_proto(self, change: Change) -> pb.Change:
-        key = (change.id, change.status)
+        key = (change.id, change.status, change.due_step)
         if key not in self._changes:
             self._changes[key] = change_to_proto(change)
         return self._changes[key]
@@ -309,7 +322,9 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
                 raise InvalidArgumentError("schedule", "must be set", "nothing")
             if request.origin not in _ORIGIN_FROM_PB:
                 raise InvalidArgumentError("origin", "must be a known StepOrigin", request.origin)
-            action = SwapSchedule(spec_from_proto(request.schedule), _ORIGIN_FROM_PB[request.origin])
+            action = SwapSchedule(spec_from_proto(request.schedule), _ORIGIN_FROM_PB[request.origin],
+                                  start_step=request.schedule_start_step,
+                                  scale=request.scale if request.HasField("scale") else None)
             return self._submit(_change_request(request, action), request, context)
 
         return pb.SwapScheduleResponse(change=self._mutate("SwapSchedule", request, context, run))
@@ -325,7 +340,12 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
             _abort(context, InvalidArgumentError(
                 "min_interval", f"must be in [0s, {MAX_WATCH_INTERVAL}s]",
                 f"{duration.seconds}s {duration.nanos}ns"))
-        for snap in self._controller.updates(interval or DEFAULT_WATCH_INTERVAL, context.is_active):
+        if request.every_steps < 0:
+            _abort(context, InvalidArgumentError("every_steps", "must be >= 0", request.every_steps))
+        for snap in self._controller.updates(interval or DEFAULT_WATCH_INTERVAL, context.is_active,
+                                             every_steps=request.every_steps,
+                                             on_epoch=request.on_epoch_end,
+                                             changes_only=request.changes_only):
             yield pb.WatchStateResponse(state=self._state_proto(snap))
 
     def CancelChange(self, request: pb.CancelChangeRequest,
@@ -345,6 +365,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         change = self._controller.cancel(
             request_id=request.request_id,
             version=request.version if which == "version" else None,
+            expected_run_id=request.expected_run_id,
         )
         logger.info("cancelled: %s%s", short(change.description),
                     f" ({short(request.reason)})" if request.reason else "")
