@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import math
 import re
@@ -20,6 +21,7 @@ import pytest
 from test_trainer import LIMIT, _Trainer
 
 from lrctl.client import TrainingControlClient, pb
+from lrctl.client.aio import TrainingControlClient as AsyncClient
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -65,7 +67,12 @@ def test_plateau_halves_the_lr_with_expected_version_and_its_reason(
         client.set_learning_rate(0.002, wait=True, reason="someone else")
         args = argparse.Namespace(factor=0.5, min_lr=1e-6, metric="loss", min_delta=0.1, patience=3)
         stale.metrics["loss"] = 1.0
-        assert plateau._reduce(client, stale, args) is False
+
+        async def reduce_stale() -> bool:
+            async with AsyncClient(run.target, timeout=LIMIT) as aclient:
+                return bool(await plateau._reduce(aclient, stale, args))
+
+        assert asyncio.run(reduce_stale()) is False
         assert client.get_state().learning_rate == pytest.approx(0.002)
 
     # min_delta so large that nothing after the first update counts as an improvement: a

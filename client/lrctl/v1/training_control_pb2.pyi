@@ -1459,6 +1459,26 @@ class TrainingState(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class EpochMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     RUN_ID_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
@@ -1475,6 +1495,13 @@ class TrainingState(_message.Message):
     UPDATED_TIME_FIELD_NUMBER: _builtins.int
     PENDING_COUNT_FIELD_NUMBER: _builtins.int
     GUARDRAILS_FIELD_NUMBER: _builtins.int
+    METRICS_STEP_FIELD_NUMBER: _builtins.int
+    METRICS_TIME_FIELD_NUMBER: _builtins.int
+    EPOCH_METRICS_FIELD_NUMBER: _builtins.int
+    EPOCH_METRICS_EPOCH_FIELD_NUMBER: _builtins.int
+    EPOCH_METRICS_STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_METRICS_TIME_FIELD_NUMBER: _builtins.int
+    STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifier of the training run, chosen by the trainer. Empty: not
     configured.
@@ -1505,6 +1532,23 @@ class TrainingState(_message.Message):
     """The optimizer's class name, e.g. "Adam". Empty: not known yet."""
     pending_count: _builtins.int
     """The number of pending changes (at most 1,000). 0: none."""
+    metrics_step: _builtins.int
+    """The step (completed optimizer steps) after the batch whose logs are in
+    metrics. Unset: metrics is empty.
+    """
+    epoch_metrics_epoch: _builtins.int
+    """The epoch (0-based, as in Keras callbacks) that epoch_metrics belong to.
+    Unset: epoch_metrics is empty.
+    """
+    epoch_metrics_step: _builtins.int
+    """The step at the end of that epoch. Unset: epoch_metrics is empty."""
+    steps_per_second: _builtins.float
+    """Training throughput: optimizer steps per second of wall-clock time,
+    measured between the last two publications of the state (about every
+    publish interval, 0.1 s by default; time spent validating or paused
+    between epochs counts). Unset: not measured yet (fewer than two
+    publications with steps in between).
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The active schedule, without the scale applied."""
@@ -1512,7 +1556,13 @@ class TrainingState(_message.Message):
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """The logs of the last completed batch, e.g. {"loss": 0.12}. Empty before
-        the first batch.
+        the first batch, and empty again right after a change is applied until a
+        batch run after it has finished: metrics from before a change are never
+        presented as if they came after it. In model.fit, Keras's "loss" (and
+        each compiled metric) is the running mean since the current epoch began,
+        reset at every epoch: right after a change it still averages in batches
+        from before it (compare metrics_step with the change's applied_step and
+        the epoch's start). In a custom loop they are the logs the loop passed.
         """
 
     @_builtins.property
@@ -1538,6 +1588,28 @@ class TrainingState(_message.Message):
     def guardrails(self) -> Global___Guardrails:
         """The trainer's guardrails. Unset fields: no such limit."""
 
+    @_builtins.property
+    def metrics_time(self) -> _timestamp_pb2.Timestamp:
+        """When the batch whose logs are in metrics finished (its logs were
+        received). Unset: metrics is empty.
+        """
+
+    @_builtins.property
+    def epoch_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The end-of-epoch logs of the last finished epoch: the epoch's training
+        metrics (means over the whole epoch) and, when fit has validation data,
+        the validation metrics, prefixed "val_" (e.g. "val_loss"), measured on the
+        validation set with the weights at the end of the epoch. Empty: no epoch
+        has finished yet (or the trainer is a custom loop without epochs). Never
+        cleared by a change: epoch_metrics_step says when they were taken.
+        """
+
+    @_builtins.property
+    def epoch_metrics_time(self) -> _timestamp_pb2.Timestamp:
+        """When epoch_metrics were taken (after validation). Unset: epoch_metrics is
+        empty.
+        """
+
     def __init__(
         self,
         *,
@@ -1557,11 +1629,33 @@ class TrainingState(_message.Message):
         updated_time: _timestamp_pb2.Timestamp | None = ...,
         pending_count: _builtins.int = ...,
         guardrails: Global___Guardrails | None = ...,
+        metrics_step: _builtins.int | None = ...,
+        metrics_time: _timestamp_pb2.Timestamp | None = ...,
+        epoch_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        epoch_metrics_epoch: _builtins.int | None = ...,
+        epoch_metrics_step: _builtins.int | None = ...,
+        epoch_metrics_time: _timestamp_pb2.Timestamp | None = ...,
+        steps_per_second: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["guardrails", b"guardrails", "schedule", b"schedule", "updated_time", b"updated_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "guardrails", b"guardrails", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "schedule", b"schedule", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "guardrails", b"guardrails", "learning_rate", b"learning_rate", "metrics", b"metrics", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "updated_time", b"updated_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "guardrails", b"guardrails", "learning_rate", b"learning_rate", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["epoch_metrics_epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch"]  # noqa: Y015
+    _WhichOneofReturnType__epoch_metrics_step: _TypeAlias = _typing.Literal["epoch_metrics_step"]  # noqa: Y015
+    _WhichOneofArgType__epoch_metrics_step: _TypeAlias = _typing.Literal["_epoch_metrics_step", b"_epoch_metrics_step"]  # noqa: Y015
+    _WhichOneofReturnType__metrics_step: _TypeAlias = _typing.Literal["metrics_step"]  # noqa: Y015
+    _WhichOneofArgType__metrics_step: _TypeAlias = _typing.Literal["_metrics_step", b"_metrics_step"]  # noqa: Y015
+    _WhichOneofReturnType__steps_per_second: _TypeAlias = _typing.Literal["steps_per_second"]  # noqa: Y015
+    _WhichOneofArgType__steps_per_second: _TypeAlias = _typing.Literal["_steps_per_second", b"_steps_per_second"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch_metrics_epoch) -> _WhichOneofReturnType__epoch_metrics_epoch | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch_metrics_step) -> _WhichOneofReturnType__epoch_metrics_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__metrics_step) -> _WhichOneofReturnType__metrics_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__steps_per_second) -> _WhichOneofReturnType__steps_per_second | None: ...
 
 Global___TrainingState: _TypeAlias = TrainingState  # noqa: Y015

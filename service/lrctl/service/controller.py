@@ -62,6 +62,8 @@ SNAPSHOT_PENDING = 100
 #: The smallest normal float32: a smaller cumulative scale could never be scaled back up.
 _MIN_SCALE = 1.1754944e-38
 #: The layout of `Controller.export_state()`; `import_state` refuses any other.
+#: Throughput is measured over publications at least this far apart (seconds).
+_MIN_RATE_INTERVAL = 0.05
 STATE_FORMAT = 1
 
 
@@ -190,6 +192,18 @@ class Snapshot:
     pending_count: int = 0
     guardrails: Guardrails = NO_GUARDRAILS
     seq: int = 0  #: bumped on every publication; lets watchers skip unchanged states
+    #: The step and time `metrics` were taken at (None: no metrics). Metrics taken at or before the
+    #: last applied change's step are cleared, never shown as if they came after it.
+    metrics_step: int | None = None
+    metrics_time: float | None = None
+    #: The logs of the last finished epoch (`val_*` included), the epoch (0-based), and the
+    #: step and time they were taken at. Empty / None: no epoch has finished yet.
+    epoch_metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    epoch_metrics_epoch: int | None = None
+    epoch_metrics_step: int | None = None
+    epoch_metrics_time: float | None = None
+    #: Optimizer steps per second over the last publish interval (None: not measured yet).
+    steps_per_second: float | None = None
 
 
 class ScheduleTarget(Protocol):
@@ -235,6 +249,8 @@ class Controller:
         # thread read it). An apply_at_step at or below it may have been passed already.
         self._boundary_step: float = -math.inf
         self._shutting_down = False  # set by shut_down(): every new change gets UNAVAILABLE
+        self._changed_step = -1  # the applied_step of the last applied change (-1: none)
+        self._rate_anchor: tuple[int, float] | None = None  # (step, time) the throughput is from
         self._snapshot = Snapshot(
             run_id=run_id or uuid.uuid4().hex[:12], phase=Phase.STARTING, step=0, epoch=0,
             learning_rate=math.nan, schedule=self._state, version=self._version, metrics={},
@@ -563,18 +579,42 @@ class Controller:
         return finals
 
     def publish(self, *, step: int, learning_rate: float, metrics: Mapping[str, float] | None = None,
-                epoch: int | None = None) -> None:
-        """Record the training thread's view at a step boundary, for readers and watchers."""
+                epoch: int | None = None, metrics_step: int | None = None,
+                metrics_time: float | None = None) -> None:
+        """Record the training thread's view at a step boundary, for readers and watchers.
+
+        `metrics` were taken at `metrics_step` (default: `step`) and `metrics_time` (default:
+        now). The throughput is measured from the step and time of earlier publications."""
         with self._cond:
             # An exact step tightens the bound left by `at_boundary` at this same boundary; it
             # does not open a new one (a change for this step may still apply at the next).
             self._boundary_step = min(self._boundary_step, step)
             snap = self._snapshot
+            now = self._clock()
+            changes: dict[str, Any] = {}
+            if metrics is not None:
+                changes.update(metrics=dict(metrics),
+                               metrics_step=step if metrics_step is None else metrics_step,
+                               metrics_time=now if metrics_time is None else metrics_time)
+            anchor = self._rate_anchor
+            if anchor is None or step < anchor[0] or now < anchor[1]:
+                self._rate_anchor = (step, now)  # the first publication, or a restore went back
+            elif step > anchor[0] and now - anchor[1] >= _MIN_RATE_INTERVAL:
+                changes["steps_per_second"] = (step - anchor[0]) / (now - anchor[1])
+                self._rate_anchor = (step, now)
             self._snapshot = dataclasses.replace(
                 snap, step=step, learning_rate=learning_rate,
-                metrics=dict(metrics) if metrics is not None else snap.metrics,
-                epoch=snap.epoch if epoch is None else epoch, updated_time=self._clock(),
+                epoch=snap.epoch if epoch is None else epoch, updated_time=now, **changes,
             )
+            self._republish()
+
+    def publish_epoch(self, *, epoch: int, metrics: Mapping[str, float], step: int) -> None:
+        """Record an epoch's end-of-epoch logs (`val_*` included), taken at `step`."""
+        with self._cond:
+            now = self._clock()
+            self._snapshot = dataclasses.replace(
+                self._snapshot, epoch_metrics=dict(metrics), epoch_metrics_epoch=epoch,
+                epoch_metrics_step=step, epoch_metrics_time=now, updated_time=now)
             self._republish()
 
     @property
@@ -662,6 +702,8 @@ class Controller:
 
     def _finish(self, change: Change) -> None:
         self._finished[change.id] = change
+        if change.status is ChangeStatus.APPLIED and change.applied_step is not None:
+            self._changed_step = max(self._changed_step, change.applied_step)
         if change.version:
             self._by_version[change.version] = change.id
         if change.id in self._waiters:
@@ -687,6 +729,11 @@ class Controller:
                            pending_count=len(self._pending))
         if history:
             changes["recent"] = tuple(self._history)
+        taken = self._snapshot.metrics_step
+        if taken is not None and taken <= self._changed_step:
+            # Taken before the last change took effect (at its step or earlier): never present
+            # them as if they came after it.
+            changes.update(metrics={}, metrics_step=None, metrics_time=None)
         self._snapshot = dataclasses.replace(self._snapshot, seq=self._snapshot.seq + 1, **changes)
         self._cond.notify_all()
 

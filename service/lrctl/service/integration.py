@@ -242,7 +242,8 @@ class TrainingControl:
         self.publish(logs)
         return applied
 
-    def before_batch(self, steps: int | None, logs: Mapping[str, Any] | None = None) -> None:
+    def before_batch(self, steps: int | None, logs: Mapping[str, Any] | None = None, *,
+                     logs_step: int | None = None, logs_time: float | None = None) -> None:
         """At a step boundary in `fit`: apply due changes and publish. `steps` bounds how many
         steps the coming batch runs (steps_per_execution); None if unknown.
 
@@ -253,7 +254,7 @@ class TrainingControl:
             self._watch(self._current_loss())
         if self.controller.at_boundary(self._step_ceiling):
             self._apply_due(self.step)
-        self.publish(logs)
+        self.publish(logs, logs_step=logs_step, logs_time=logs_time)
         self._step_ceiling += steps if steps is not None else math.inf
 
     def apply_pending(self) -> list[Change]:
@@ -397,7 +398,10 @@ class TrainingControl:
             return True
         return False
 
-    def publish(self, logs: Mapping[str, Any] | None = None, *, force: bool = False) -> None:
+    def publish(self, logs: Mapping[str, Any] | None = None, *, force: bool = False,
+                logs_step: int | None = None, logs_time: float | None = None) -> None:
+        """Publish the state (throttled unless `force`). `logs` were taken at `logs_step` and
+        `logs_time` (default: the current step, now)."""
         now = time.monotonic()
         if not force and now - self._last_publish < self._publish_interval:
             return
@@ -406,7 +410,13 @@ class TrainingControl:
         if self.schedule.version() != self.controller.engine_state[1]:
             self.resync()
         self.controller.publish(step=step, learning_rate=self._target.learning_rate(step),
-                                metrics=_to_floats(logs) if logs is not None else None, epoch=self._epoch)
+                                metrics=_to_floats(logs) if logs is not None else None, epoch=self._epoch,
+                                metrics_step=logs_step, metrics_time=logs_time)
+
+    def publish_epoch(self, epoch: int, logs: Mapping[str, Any] | None) -> None:
+        """Publish an epoch's end-of-epoch logs (`val_*` included), marked as such."""
+        if logs:
+            self.controller.publish_epoch(epoch=epoch, metrics=_to_floats(logs), step=self.step)
 
     def begin(self) -> None:
         """Training starts (or resumes after a restore): sync with the engine's variables."""
@@ -414,10 +424,11 @@ class TrainingControl:
         self.controller.set_phase(Phase.TRAINING)
         self.publish(force=True)
 
-    def end(self, failed: bool = False, logs: Mapping[str, Any] | None = None) -> None:
+    def end(self, failed: bool = False, logs: Mapping[str, Any] | None = None, *,
+            logs_step: int | None = None, logs_time: float | None = None) -> None:
         if self.divergence is not None:
             self.divergence.close()  # the run is over: free the host copy
-        self.publish(logs, force=True)
+        self.publish(logs, force=True, logs_step=logs_step, logs_time=logs_time)
         self.controller.set_phase(Phase.FAILED if failed else Phase.FINISHED)
 
     def set_epoch(self, epoch: int) -> None:
@@ -494,7 +505,9 @@ class _ControlCallback(keras.callbacks.Callback):
     def __init__(self, control: TrainingControl) -> None:
         super().__init__()
         self._control = control
-        self._last_logs: Mapping[str, Any] | None = None
+        # The last train batch's logs, the step after it and when it ended; or None.
+        self._last: tuple[Mapping[str, Any] | None, int | None, float] | None = None
+        self._epoch_start: int | None = None  # the step when the current epoch began
         self._steps_per_batch: int | None = None  # steps one train batch call may run
         self._watch: _FitWatch | None = None
 
@@ -509,23 +522,30 @@ class _ControlCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._control.set_epoch(epoch)
+        self._epoch_start = self._control.step  # one scalar read an epoch
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         # On the training thread (Keras runs epoch hooks there, after the batch-end ones).
         self._control.epoch_end(logs)
+        self._control.publish_epoch(epoch, logs)
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        self._control.before_batch(self._steps_per_batch, self._last_logs)
+        logs, logs_step, logs_time = self._last if self._last is not None else (None, None, None)
+        self._control.before_batch(self._steps_per_batch, logs, logs_step=logs_step, logs_time=logs_time)
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        self._last_logs = logs  # one reference swap: safe from Keras's helper thread
+        # Keras passes the batch's last step within the epoch: the step after it is known
+        # without a device sync. One reference swap: safe from Keras's helper thread.
+        start = self._epoch_start
+        self._last = (logs, None if start is None else start + batch + 1, time.time())
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
         self._control._fit_ends()
+        logs, logs_step, logs_time = self._last if self._last is not None else (None, None, None)
         if self._control._run_open:
-            self._control.publish(self._last_logs, force=True)
+            self._control.publish(logs, force=True, logs_step=logs_step, logs_time=logs_time)
         else:
-            self._control.end(logs=self._last_logs)
+            self._control.end(logs=logs, logs_step=logs_step, logs_time=logs_time)

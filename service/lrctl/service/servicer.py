@@ -200,6 +200,11 @@ def state_to_proto(snap: Snapshot,
         recent_changes=[convert_change(c) for c in snap.recent],
         updated_time=_timestamp(snap.updated_time), pending_count=snap.pending_count,
         guardrails=guardrails_to_proto(snap.guardrails),
+        metrics_step=snap.metrics_step, metrics_time=_timestamp(snap.metrics_time),
+        epoch_metrics=dict(snap.epoch_metrics), epoch_metrics_epoch=snap.epoch_metrics_epoch,
+        epoch_metrics_step=snap.epoch_metrics_step,
+        epoch_metrics_time=_timestamp(snap.epoch_metrics_time),
+        steps_per_second=snap.steps_per_second,
     )
 
 

@@ -1,0 +1,184 @@
+"""Metrics a controller can use: the state's batch metrics carry the step and time they were
+taken at, epoch-end logs (`val_*` included) are published apart and marked with their epoch,
+the state reports throughput, and no update presents pre-change metrics as post-change ones.
+On a real `model.fit` with validation data behind the real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+from lrctl.client import TrainingControlClient
+from lrctl.service import TrainingControl
+from lrctl.service.controller import ChangeRequest, PinLearningRate
+from lrctl.service.server import serve
+
+STEPS_PER_EPOCH = 8  # 64 samples, batch 8
+
+
+class _Stop(keras.callbacks.Callback):
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__()
+        self._stop = stop
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        time.sleep(0.005)  # a few hundred steps a second at most: the test samples every step
+        if self._stop.is_set():
+            self.model.stop_training = True
+
+
+class _Fit:
+    def __init__(self) -> None:
+        keras.utils.set_random_seed(0)
+        self.model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        self.model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", metrics=["mae"])
+        self.control = TrainingControl(self.model.optimizer, publish_interval=0.02)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(64, 3)).astype("float32")
+        y = x.sum(axis=1, keepdims=True)
+        try:
+            self.model.fit(x, y, batch_size=8, epochs=1_000_000, verbose=0, shuffle=False,
+                           validation_data=(x[:16], y[:16]),
+                           callbacks=[self.control.callback, _Stop(self.stop)])
+        except BaseException as e:  # noqa: BLE001 -- surfaced by the test
+            self.error = e
+
+
+@pytest.fixture(scope="module")
+def fit() -> Iterator[tuple[_Fit, TrainingControlClient]]:
+    trainer = _Fit()
+    with serve(trainer.control.controller, "127.0.0.1:0") as (_, port):
+        thread = threading.Thread(target=trainer.run, name="trainer", daemon=True)
+        thread.start()
+        with TrainingControlClient(f"127.0.0.1:{port}") as client:
+            try:
+                yield trainer, client
+            finally:
+                trainer.stop.set()
+                thread.join(timeout=60)
+    assert trainer.error is None
+
+
+def _until(client: TrainingControlClient, ok: Any, limit: float = 60.0) -> Any:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        state = client.get_state()
+        if ok(state):
+            return state
+        time.sleep(0.01)
+    raise AssertionError("the state never got there")
+
+
+def test_batch_metrics_say_when_they_were_taken(fit: tuple[_Fit, TrainingControlClient]) -> None:
+    _, client = fit
+    state = _until(client, lambda s: s.HasField("metrics_step") and s.step >= 3)
+    assert {"loss", "mae"} <= set(state.metrics)
+    assert not any(k.startswith("val_") for k in state.metrics)  # batch logs have no val_*
+    assert 1 <= state.metrics_step <= state.step
+    assert state.HasField("metrics_time")
+    taken = state.metrics_time.ToNanoseconds() / 1e9
+    assert abs(taken - time.time()) < 30
+    assert taken <= state.updated_time.ToNanoseconds() / 1e9 + 1e-3
+
+
+def test_epoch_metrics_with_validation_are_marked(fit: tuple[_Fit, TrainingControlClient]) -> None:
+    _, client = fit
+    state = _until(client, lambda s: s.HasField("epoch_metrics_epoch"))
+    assert {"loss", "mae", "val_loss", "val_mae"} <= set(state.epoch_metrics)
+    epoch = state.epoch_metrics_epoch
+    assert epoch >= 0
+    # fit ran every epoch in full: epoch N ends at step (N + 1) * steps per epoch.
+    assert state.epoch_metrics_step == (epoch + 1) * STEPS_PER_EPOCH
+    assert state.HasField("epoch_metrics_time")
+    later = _until(client, lambda s: s.epoch_metrics_epoch > epoch)
+    assert later.epoch_metrics_step == (later.epoch_metrics_epoch + 1) * STEPS_PER_EPOCH
+    assert "val_loss" in later.epoch_metrics
+
+
+def test_throughput_is_reported(fit: tuple[_Fit, TrainingControlClient]) -> None:
+    _, client = fit
+    state = _until(client, lambda s: s.HasField("steps_per_second"))
+    assert 0 < state.steps_per_second < 1e6
+    # It measures real progress: over a second, the step moves by about that rate.
+    first = client.get_state()
+    time.sleep(1.0)
+    second = client.get_state()
+    measured = (second.step - first.step) / (
+        (second.updated_time.ToNanoseconds() - first.updated_time.ToNanoseconds()) / 1e9)
+    assert second.steps_per_second == pytest.approx(measured, rel=0.9)
+
+
+def test_no_update_shows_pre_change_metrics_as_post_change(fit: tuple[_Fit, TrainingControlClient]) -> None:
+    _, client = fit
+    _until(client, lambda s: s.HasField("metrics_step"))
+    seen: list[Any] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with client.watch(0.0) as updates:
+            for state in updates:
+                seen.append(state)
+                if done.is_set():
+                    break
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    time.sleep(0.2)
+    change = client.set_learning_rate(0.005, wait=True, reason="metrics test")
+    after = _until(client, lambda s: s.version >= change.version and s.HasField("metrics_step")
+                   and s.metrics_step > change.applied_step)
+    assert after.metrics
+    time.sleep(0.2)
+    done.set()
+    watcher.join(timeout=10)
+    post = [s for s in seen if s.version >= change.version]
+    assert post, "the watch saw no update after the change"
+    for state in post:
+        if state.metrics:
+            assert state.metrics_step > change.applied_step, state
+        else:
+            assert not state.HasField("metrics_step") and not state.HasField("metrics_time")
+    # The update sent right after the change carries no pre-change loss.
+    assert not post[0].metrics or post[0].metrics_step > change.applied_step
+
+
+def test_controller_clears_metrics_taken_before_a_change() -> None:
+    """The rule itself, on the controller with an injected clock: metrics taken at or before a
+    change's step disappear when it applies; throughput comes from the publications."""
+    now = [100.0]
+    control = TrainingControl(keras.optimizers.SGD(0.1))
+    controller = control.controller
+    controller._clock = lambda: now[0]
+    control.optimizer.iterations.assign(10)
+    control.begin()
+    controller.publish(step=10, learning_rate=0.1, metrics={"loss": 1.0})
+    now[0] += 2.0
+    controller.publish(step=30, learning_rate=0.1, metrics={"loss": 0.5}, metrics_step=30)
+    snap = controller.snapshot()
+    assert snap.metrics == {"loss": 0.5} and snap.metrics_step == 30 and snap.metrics_time == 102.0
+    assert snap.steps_per_second == pytest.approx(10.0)
+    controller.submit(ChangeRequest(PinLearningRate(0.05)))
+    control.optimizer.iterations.assign(30)
+    applied = control.apply_pending()
+    assert applied[0].applied_step == 30
+    snap = controller.snapshot()
+    assert snap.metrics == {} and snap.metrics_step is None and snap.metrics_time is None
+    # Late logs from before the change stay hidden; logs from after it are shown.
+    controller.publish(step=31, learning_rate=0.05, metrics={"loss": 0.4}, metrics_step=30)
+    assert controller.snapshot().metrics == {}
+    controller.publish(step=31, learning_rate=0.05, metrics={"loss": 0.4}, metrics_step=31)
+    assert controller.snapshot().metrics == {"loss": 0.4}
+    controller.publish_epoch(epoch=0, metrics={"loss": 0.6, "val_loss": 0.7}, step=31)
+    snap = controller.snapshot()
+    assert snap.epoch_metrics == {"loss": 0.6, "val_loss": 0.7}
+    assert (snap.epoch_metrics_epoch, snap.epoch_metrics_step) == (0, 31)
