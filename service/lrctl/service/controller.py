@@ -244,6 +244,10 @@ class Controller:
         self._by_version: dict[int, int] = {}
         self._history: collections.deque[Change] = collections.deque(maxlen=history_size)
         self._waiters: collections.Counter[int] = collections.Counter()
+        self._ended: collections.Counter[ChangeStatus] = collections.Counter()  # for metrics
+        #: Each is called by the training thread with the seconds each `apply_due` that
+        #: finished a change took (the outcomes and the one engine load): metrics hooks.
+        self.apply_observers: list[Callable[[float], None]] = []
         self._results: dict[int, Change] = {}  # final records of waited-for changes
         # An upper bound on the step at the latest step boundary (exact when the training
         # thread read it). An apply_at_step at or below it may have been passed already.
@@ -525,6 +529,7 @@ class Controller:
         none is running, so the engine's variables can be assigned safely. The outcome of
         each change is computed in pure Python; the engine is loaded once, outside the lock.
         """
+        started = time.perf_counter()
         with self._cond:
             self._boundary_step = step
             due_ids = []
@@ -576,6 +581,8 @@ class Controller:
                 updated_time=self._clock(),
             )
             self._republish(pending=True, history=True)
+        for observe in self.apply_observers:
+            observe(time.perf_counter() - started)
         return finals
 
     def publish(self, *, step: int, learning_rate: float, metrics: Mapping[str, float] | None = None,
@@ -616,6 +623,11 @@ class Controller:
                 self._snapshot, epoch_metrics=dict(metrics), epoch_metrics_epoch=epoch,
                 epoch_metrics_step=step, epoch_metrics_time=now, updated_time=now)
             self._republish()
+
+    def ended_counts(self) -> dict[ChangeStatus, int]:
+        """How many changes ended with each status since this controller started (exact)."""
+        with self._cond:
+            return dict(self._ended)
 
     @property
     def engine_state(self) -> tuple[ActiveSchedule, int]:
@@ -714,6 +726,7 @@ class Controller:
                 del self._by_request_id[old.request.request_id]
             self._by_version.pop(old.version, None)
         self._history.append(change)
+        self._ended[change.status] += 1
 
     def _republish(self, *, pending: bool = False, history: bool = False) -> None:
         changes: dict[str, Any] = {}

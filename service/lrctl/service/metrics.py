@@ -11,21 +11,18 @@ Exported (all prefixed `lrctl_`):
   `pending_changes`, `phase{phase}` (1 for the current phase): read from the controller's
   snapshot at scrape time, so a scrape costs one lock and never touches TensorFlow;
 - `changes_total{status}`: finished changes by status (applied, aborted, cancelled, failed,
-  validated), counted from the snapshots' recent changes by a follower thread and at each
-  scrape. More than `history_size` (100) changes finishing within one follower wake-up
-  would be undercounted;
+  validated), counted exactly by the controller;
 - `rpcs_total{method, code}`: every RPC the server answered (all services, refused ones
   included), by full method name and gRPC status code, from a server interceptor;
 - `apply_seconds`: a histogram of the time the training thread spent in
   `Controller.apply_due` at each boundary that finished at least one change (the outcome
-  computation and the one engine load).
+  computation and the one engine load), reported through the controller's `apply_observers`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lrctl.service.controller import Change, ChangeStatus, Controller, Phase, Snapshot
+from lrctl.service.controller import ChangeStatus, Controller, Phase
 
 #: Distinct `method` label values at most; further ones (a scanner's garbage) count as "other".
 MAX_METHODS = 64
@@ -55,42 +52,13 @@ class TrainingMetrics:
             "boundary (Controller.apply_due)", buckets=_APPLY_BUCKETS, registry=self.registry)
         self.interceptor: grpc.ServerInterceptor = _RpcCounter(self)
         self._lock = threading.Lock()
-        self._changes: dict[ChangeStatus, int] = {status: 0 for status in _FINAL}
-        self._seen: set[int] = set()  # ids in the last observed snapshot's recent changes
-        self._seq = -1
         self._methods: set[str] = set()
         self.registry.register(_StateCollector(self))
-        self._instrument(controller)
-        self.observe(controller.snapshot())
-
-    def _instrument(self, controller: Controller) -> None:
-        """Time `controller.apply_due` from outside: the instance's method is wrapped, the
-        controller and the Keras layer are unchanged."""
-        apply_due = controller.apply_due
-
-        def timed_apply_due(step: int) -> list[Change]:
-            start = time.perf_counter()
-            finished = apply_due(step)
-            if finished:
-                self.apply_seconds.observe(time.perf_counter() - start)
-            return finished
-
-        setattr(controller, "apply_due", timed_apply_due)  # noqa: B010 -- mypy: method-assign
-
-    def observe(self, snap: Snapshot) -> None:
-        """Count the changes that finished since the last observed snapshot."""
-        with self._lock:
-            if snap.seq <= self._seq:
-                return  # an older snapshot than one already counted (follower vs scrape)
-            self._seq = snap.seq
-            for change in snap.recent:
-                if change.id not in self._seen and change.status in self._changes:
-                    self._changes[change.status] += 1
-            self._seen = {c.id for c in snap.recent}
+        controller.apply_observers.append(self.apply_seconds.observe)
 
     def changes(self) -> dict[ChangeStatus, int]:
-        with self._lock:
-            return dict(self._changes)
+        ended = self.controller.ended_counts()
+        return {status: ended.get(status, 0) for status in _FINAL}
 
     def count_rpc(self, method: str, code: grpc.StatusCode | None) -> None:
         with self._lock:
@@ -102,29 +70,17 @@ class TrainingMetrics:
         name = getattr(code, "name", None) or ("OK" if code is None else str(code))
         self.rpcs.labels(method, name).inc()
 
-    def _follow(self, stop: threading.Event, poll: float = 0.5) -> None:
-        while not stop.is_set():
-            for snap in self.controller.updates(min_interval=0.0, is_active=lambda: not stop.is_set()):
-                self.observe(snap)
-            stop.wait(poll)  # the stream ends with each run; another `fit` starts a new one
-
     @contextlib.contextmanager
     def serving(self, host: str, port: int) -> Iterator[int]:
         """Serve `/metrics` over HTTP on `host:port` (0: a free port) for the duration of the
         block; yields the port. Raises OSError if it cannot listen."""
         httpd, thread = start_http_server(port, host.strip("[]") or "0.0.0.0", registry=self.registry)
-        stop = threading.Event()
-        follower = threading.Thread(target=self._follow, args=(stop,), name="lrctl-metrics",
-                                    daemon=True)
-        follower.start()
         try:
             yield int(httpd.server_port)
         finally:
-            stop.set()
             httpd.shutdown()
             httpd.server_close()
             thread.join(timeout=2.0)
-            follower.join(timeout=2.0)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -143,7 +99,6 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._metrics.controller.snapshot()
-        self._metrics.observe(snap)
 
         def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"lrctl_{name}", documentation, value=value)
