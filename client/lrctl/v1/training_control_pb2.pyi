@@ -1543,11 +1543,11 @@ class TrainingState(_message.Message):
     epoch_metrics_step: _builtins.int
     """The step at the end of that epoch. Unset: epoch_metrics is empty."""
     steps_per_second: _builtins.float
-    """Training throughput: optimizer steps per second of wall-clock time,
-    measured between the last two publications of the state (about every
-    publish interval, 0.1 s by default; time spent validating or paused
-    between epochs counts). Unset: not measured yet (fewer than two
-    publications with steps in between).
+    """Training throughput: optimizer steps per second of wall-clock time over
+    the last 10 s (since the start while the run is younger; time spent
+    validating or paused between epochs counts, and a restore that moves the
+    step back starts the measurement over). Unset: not measured yet (less
+    than 0.05 s between the first publication and this one).
     """
     @_builtins.property
     def schedule(self) -> Global___Schedule:

@@ -44,6 +44,7 @@ from lrctl.service.specs import (
     check_number,
     spec_from_config,
 )
+from lrctl.service.throughput import Throughput
 
 #: Finished changes remembered, newest last: a retry of any of their request ids returns the
 #: record instead of applying again, and ListChanges pages through them. Measured: ~0.9 KB a
@@ -62,8 +63,6 @@ SNAPSHOT_PENDING = 100
 #: The smallest normal float32: a smaller cumulative scale could never be scaled back up.
 _MIN_SCALE = 1.1754944e-38
 #: The layout of `Controller.export_state()`; `import_state` refuses any other.
-#: Throughput is measured over publications at least this far apart (seconds).
-_MIN_RATE_INTERVAL = 0.05
 STATE_FORMAT = 1
 
 
@@ -254,7 +253,7 @@ class Controller:
         self._boundary_step: float = -math.inf
         self._shutting_down = False  # set by shut_down(): every new change gets UNAVAILABLE
         self._changed_step = -1  # the applied_step of the last applied change (-1: none)
-        self._rate_anchor: tuple[int, float] | None = None  # (step, time) the throughput is from
+        self._throughput = Throughput()
         self._snapshot = Snapshot(
             run_id=run_id or uuid.uuid4().hex[:12], phase=Phase.STARTING, step=0, epoch=0,
             learning_rate=math.nan, schedule=self._state, version=self._version, metrics={},
@@ -591,7 +590,7 @@ class Controller:
         """Record the training thread's view at a step boundary, for readers and watchers.
 
         `metrics` were taken at `metrics_step` (default: `step`) and `metrics_time` (default:
-        now). The throughput is measured from the step and time of earlier publications."""
+        now). The throughput is measured over the last `throughput.WINDOW` seconds of publications."""
         with self._cond:
             # An exact step tightens the bound left by `at_boundary` at this same boundary; it
             # does not open a new one (a change for this step may still apply at the next).
@@ -603,12 +602,9 @@ class Controller:
                 changes.update(metrics=dict(metrics),
                                metrics_step=step if metrics_step is None else metrics_step,
                                metrics_time=now if metrics_time is None else metrics_time)
-            anchor = self._rate_anchor
-            if anchor is None or step < anchor[0] or now < anchor[1]:
-                self._rate_anchor = (step, now)  # the first publication, or a restore went back
-            elif step > anchor[0] and now - anchor[1] >= _MIN_RATE_INTERVAL:
-                changes["steps_per_second"] = (step - anchor[0]) / (now - anchor[1])
-                self._rate_anchor = (step, now)
+            rate = self._throughput.observe(step, now)
+            if rate is not None:
+                changes["steps_per_second"] = rate
             self._snapshot = dataclasses.replace(
                 snap, step=step, learning_rate=learning_rate,
                 epoch=snap.epoch if epoch is None else epoch, updated_time=now, **changes,
