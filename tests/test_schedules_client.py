@@ -196,3 +196,36 @@ def test_describe_schedule() -> None:
         "ExponentialDecay(initial_learning_rate=0.005, decay_steps=5, decay_rate=0.8, staircase=True)"
     )
     assert schedules.describe_schedule(pb.Schedule()) == "(none)"
+
+
+def test_every_proto_kind_is_known_with_the_proto_fields() -> None:
+    # The client's kinds are read from the proto's Schedule.kind oneof; adding a kind
+    # (or a field) there cannot be forgotten: each needs a public builder whose
+    # arguments are exactly the message's fields, in proto order (plus Keras's `name`).
+    from lrctl.client import cli
+
+    oneof = pb.Schedule.DESCRIPTOR.oneofs_by_name["kind"]
+    assert schedules.SUPPORTED_CLASS_NAMES == tuple(f.message_type.name for f in oneof.fields)
+    assert set(cli.SWAP_KINDS) == {f.name.replace("_", "-") for f in oneof.fields}
+    for field in oneof.fields:
+        message = field.message_type
+        proto_fields = [f.name for f in message.fields]
+        assert message.name in schedules.__all__
+        builder = getattr(schedules, message.name)
+        assert [p for p in inspect.signature(builder).parameters if p != "name"] == proto_fields
+        kind = cli.SWAP_KINDS[field.name.replace("_", "-")]
+        assert (kind.class_name, kind.oneof_field) == (message.name, field.name)
+        assert kind.builder is builder
+        assert [a.name for a in kind.args] == proto_fields
+        assert kind.message().DESCRIPTOR is message
+
+
+def test_help_text_is_the_proto_comments() -> None:
+    from lrctl.client import cli
+
+    kind = cli.SWAP_KINDS["exponential-decay"]
+    assert kind.help.startswith("lr(step) = initial_learning_rate * decay_rate ^")
+    decay_steps = next(a for a in kind.args if a.name == "decay_steps")
+    assert decay_steps.help == "Number of steps per decay period. Must be > 0; zero is invalid."
+    knots = cli.SWAP_KINDS["piecewise-linear"].args[0]
+    assert "STEP:LR" in knots.help

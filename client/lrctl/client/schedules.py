@@ -15,13 +15,19 @@ server is the single authority on which values are valid.
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from lrctl.client.errors import InvalidArgument
 from lrctl.v1 import training_control_pb2 as pb
@@ -46,45 +52,102 @@ __all__ = [
     "to_schedule",
 ]
 
-KindMessage = (
-    pb.Constant
-    | pb.ExponentialDecay
-    | pb.PiecewiseConstantDecay
-    | pb.PolynomialDecay
-    | pb.InverseTimeDecay
-    | pb.CosineDecay
-    | pb.CosineDecayRestarts
-    | pb.PiecewiseLinear
-)
 #: Everything `to_schedule` accepts: a Schedule, one kind message (e.g.
 #: `ExponentialDecay`), a Keras `serialize()` dict or `{"class_name", "config"}` dict,
 #: a Keras schedule object (anything with `get_config()`), or a number (Constant).
-ScheduleLike = pb.Schedule | KindMessage | Mapping[str, Any] | float | Any
+ScheduleLike = pb.Schedule | Message | Mapping[str, Any] | float | Any
 
 _KERAS_MODULE = "keras.optimizers.schedules"
 _LRCTL_MODULE = "lrctl.client.schedules"
 
+# The kinds are read from the proto: one per field of the `Schedule.kind` oneof, named
+# after its message (which is the Keras class name), with that message's fields. The
+# builders below add only what the proto cannot say: the Keras argument order and
+# defaults (their signatures, which the server applies too) and whether the kind is a
+# Keras class (the builder takes Keras's ignored `name`). Help text is the proto's
+# comments, as mypy-protobuf copies them into training_control_pb2.pyi.
+
+# The default `name` Keras puts in get_config(), where it is not the class name.
+_KERAS_DEFAULT_NAMES = {
+    "PiecewiseConstantDecay": "PiecewiseConstant",
+    "CosineDecayRestarts": "SGDRDecay",
+}
+
+# How each proto field type converts (see _set_field); repeated ones add an "s".
+_SCALARS = {
+    FieldDescriptor.CPPTYPE_DOUBLE: "float",
+    FieldDescriptor.CPPTYPE_FLOAT: "float",
+    FieldDescriptor.CPPTYPE_INT32: "int",
+    FieldDescriptor.CPPTYPE_INT64: "int",
+    FieldDescriptor.CPPTYPE_UINT32: "int",
+    FieldDescriptor.CPPTYPE_UINT64: "int",
+    FieldDescriptor.CPPTYPE_BOOL: "bool",
+}
+
+
+@functools.cache
+def _proto_docs() -> dict[str, str]:
+    """`{"Message": doc, "Message.field": doc}`: the proto comments, from the stub."""
+    try:
+        tree = ast.parse(Path(pb.__file__).with_suffix(".pyi").read_text(encoding="utf-8"))
+    except OSError:  # installed without the stub: help falls back to names
+        return {}
+    docs: dict[str, str] = {}
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        docs[cls.name] = ast.get_docstring(cls) or ""
+        for stmt, after in zip(cls.body, [*cls.body[1:], None]):
+            match stmt, after:  # `field: type` and its docstring, or a documented property
+                case ast.AnnAssign(target=ast.Name(id=name)), ast.Expr(
+                    value=ast.Constant(value=str(doc))
+                ):
+                    docs[f"{cls.name}.{name}"] = doc
+                case ast.FunctionDef(name=name, decorator_list=[ast.Attribute(attr="property")]), _:
+                    docs[f"{cls.name}.{name}"] = ast.get_docstring(stmt) or ""
+    return {key: " ".join(doc.split()) for key, doc in docs.items()}
+
+
+# What `lrctl swap` expects for a list (see cli._int_list, _float_list and _knots).
+_CLI_FORMATS = {
+    "ints": "Comma-separated, e.g. 100,200.",
+    "floats": "Comma-separated, e.g. 0.1,0.01,0.001.",
+    "knots": "Comma-separated STEP:LR pairs, e.g. 0:0.0,100:0.1.",
+}
+
+
+def _help(key: str, fallback: str, suffix: str = "") -> str:
+    # argparse formats help with %, so a literal % is doubled.
+    return f"{_proto_docs().get(key) or fallback} {suffix}".strip().replace("%", "%%")
+
 
 @dataclass(frozen=True)
 class _Field:
+    message: str  # the proto message this is a field of
     name: str
-    kind: str  # "float" | "int" | "bool" | "ints" | "floats" | "knots"
-    help: str  # `lrctl swap KIND --help` text; the CLI appends the default
-    required: bool = False
-    # Keras default; also what an unset `optional` proto field means.
-    default: Any = None
-    # True for proto3 `optional` fields (explicit presence).
-    presence: bool = False
+    kind: str  # from the proto type: "float" | "int" | "bool" | "ints" | "floats" | "knots"
+    required: bool  # no default in the builder's signature
+    default: Any  # the builder's (Keras) default; also what an unset `optional` field means
+    presence: bool  # proto3 `optional` (explicit presence)
+
+    @property
+    def help(self) -> str:
+        """`lrctl swap KIND --help` text; the CLI appends the default."""
+        name = self.name.replace("_", " ")
+        return _help(f"{self.message}.{self.name}", name, _CLI_FORMATS.get(self.kind, ""))
 
 
 @dataclass(frozen=True)
 class _Kind:
-    class_name: str  # the Keras class name (or ours for Constant/PiecewiseLinear)
+    class_name: str  # the proto message name: the Keras class name (or ours)
     oneof_field: str  # field name in Schedule.kind
     message: type[Message]
-    args: tuple[_Field, ...]  # the builder's arguments, in signature order
+    args: tuple[_Field, ...]  # the message's fields, in proto (= builder argument) order
     keras_name: str | None  # default `name` Keras puts in get_config(); None if not Keras
-    help: str  # one line for `lrctl swap --help`
+
+    @property
+    def help(self) -> str:
+        """`lrctl swap --help` text: the first sentence of the message's proto comment."""
+        first, dot, _ = _help(self.class_name, self.class_name).partition(". ")
+        return first + dot.strip()
 
     @property
     def module(self) -> str:
@@ -92,122 +155,43 @@ class _Kind:
 
     @property
     def builder(self) -> Callable[..., pb.Schedule]:
-        # The builders below are named after class_name; they are defined after
-        # the table (they use it), so look them up when asked.
-        builder: Callable[..., pb.Schedule] = globals()[self.class_name]
-        return builder
+        # The public builder named after the kind, or a keyword-only stand-in for a kind
+        # added to the proto without one (tests/test_schedules_client.py flags that).
+        return _public_builder(self.class_name) or (lambda **kw: _build(self.class_name, kw))
 
 
-_ILR = _Field("initial_learning_rate", "float", "learning rate at the schedule's step 0", True)
+def _public_builder(class_name: str) -> Callable[..., pb.Schedule] | None:
+    # The builders are defined below the table's code (they use it): look them up by name.
+    builder: Callable[..., pb.Schedule] | None = globals().get(class_name)
+    return builder if class_name in __all__ else None
 
-_KINDS: tuple[_Kind, ...] = (
-    _Kind(
-        "Constant",
-        "constant",
-        pb.Constant,
-        (_Field("learning_rate", "float", "the learning rate", True),),
-        None,
-        "a constant learning rate",
-    ),
-    _Kind(
-        "ExponentialDecay",
-        "exponential_decay",
-        pb.ExponentialDecay,
-        (
-            _ILR,
-            _Field("decay_steps", "int", "steps per decay period", True),
-            _Field("decay_rate", "float", "decay factor per period", True),
-            _Field("staircase", "bool", "decay in discrete intervals", default=False),
-        ),
-        "ExponentialDecay",
-        "initial_learning_rate * decay_rate ** (step / decay_steps)",
-    ),
-    _Kind(
-        "PiecewiseConstantDecay",
-        "piecewise_constant_decay",
-        pb.PiecewiseConstantDecay,
-        (
-            _Field("boundaries", "ints", "comma-separated steps, e.g. 100,200", True),
-            _Field("values", "floats", "comma-separated LRs, one more than boundaries", True),
-        ),
-        "PiecewiseConstant",
-        "a step function: values[i] up to boundaries[i]",
-    ),
-    _Kind(
-        "PolynomialDecay",
-        "polynomial_decay",
-        pb.PolynomialDecay,
-        (
-            _ILR,
-            _Field("decay_steps", "int", "steps to decay over", True),
-            _Field(
-                "end_learning_rate", "float", "final learning rate", default=0.0001, presence=True
-            ),
-            _Field("power", "float", "polynomial power", default=1.0, presence=True),
-            _Field("cycle", "bool", "restart the decay after decay_steps", default=False),
-        ),
-        "PolynomialDecay",
-        "polynomial decay to end_learning_rate over decay_steps",
-    ),
-    _Kind(
-        "InverseTimeDecay",
-        "inverse_time_decay",
-        pb.InverseTimeDecay,
-        (
-            _ILR,
-            _Field("decay_steps", "int", "how often to apply decay", True),
-            _Field("decay_rate", "float", "decay rate", True),
-            _Field("staircase", "bool", "decay in discrete intervals", default=False),
-        ),
-        "InverseTimeDecay",
-        "initial_learning_rate / (1 + decay_rate * step / decay_steps)",
-    ),
-    _Kind(
-        "CosineDecay",
-        "cosine_decay",
-        pb.CosineDecay,
-        (
-            _ILR,
-            _Field("decay_steps", "int", "steps to decay over (after warmup)", True),
-            _Field("alpha", "float", "minimum LR as a fraction of the peak", default=0.0),
-            _Field("warmup_target", "float", "LR reached at the end of warmup", presence=True),
-            _Field("warmup_steps", "int", "number of warmup steps", default=0),
-        ),
-        "CosineDecay",
-        "cosine decay with optional linear warmup",
-    ),
-    _Kind(
-        "CosineDecayRestarts",
-        "cosine_decay_restarts",
-        pb.CosineDecayRestarts,
-        (
-            _ILR,
-            _Field("first_decay_steps", "int", "steps in the first period", True),
-            _Field("t_mul", "float", "period length multiplier", default=2.0, presence=True),
-            _Field(
-                "m_mul", "float", "initial LR multiplier per period", default=1.0, presence=True
-            ),
-            _Field("alpha", "float", "minimum LR as a fraction of the initial", default=0.0),
-        ),
-        "SGDRDecay",
-        "cosine decay with warm restarts (SGDR)",
-    ),
-    _Kind(
-        "PiecewiseLinear",
-        "piecewise_linear",
-        pb.PiecewiseLinear,
-        (_Field("knots", "knots", "comma-separated STEP:LR pairs, e.g. 0:0.0,100:0.1", True),),
-        None,
-        "linear interpolation between STEP:LR knots (warmup, WSD, 1cycle)",
-    ),
-)
 
-_BY_CLASS_NAME = {k.class_name: k for k in _KINDS}
-_BY_ONEOF = {k.oneof_field: k for k in _KINDS}
-_BY_MESSAGE: dict[type[Message], _Kind] = {k.message: k for k in _KINDS}
+def _field_kind(field: FieldDescriptor) -> str:
+    if field.message_type is pb.Knot.DESCRIPTOR and field.is_repeated:
+        return "knots"
+    kind = _SCALARS.get(field.cpp_type)
+    if kind is None or (kind == "bool" and field.is_repeated):
+        raise TypeError(f"lrctl.client.schedules cannot convert field {field.full_name}")
+    return kind + "s" if field.is_repeated else kind
 
-#: The `class_name`s accepted by `from_keras_config`, in proto field order.
-SUPPORTED_CLASS_NAMES: tuple[str, ...] = tuple(k.class_name for k in _KINDS)
+
+def _kind_from_proto(oneof_field: FieldDescriptor) -> _Kind:
+    message = oneof_field.message_type
+    assert message is not None, oneof_field.full_name  # each Schedule.kind is a message
+    builder = _public_builder(message.name)
+    params = inspect.signature(builder).parameters if builder is not None else {}
+
+    def field(f: FieldDescriptor) -> _Field:
+        default = params[f.name].default if f.name in params else None
+        required = default is inspect.Parameter.empty
+        kind = _field_kind(f)
+        return _Field(
+            message.name, f.name, kind, required, None if required else default, f.has_presence
+        )
+
+    args = tuple(map(field, message.fields))
+    keras_name = _KERAS_DEFAULT_NAMES.get(message.name, message.name) if "name" in params else None
+    return _Kind(message.name, oneof_field.name, GetMessageClass(message), args, keras_name)
 
 
 # --- conversions (types and shapes only; values are the server's business) ---
@@ -299,16 +283,16 @@ def _get_field(message: Message, field: _Field) -> Any:
     return value
 
 
-def _build(kind: _Kind, values: Mapping[str, Any]) -> pb.Schedule:
+def _build(class_name: str, values: Mapping[str, Any]) -> pb.Schedule:
+    # `values` may hold more than the kind's fields (a builder's ignored `name`).
+    kind = _BY_CLASS_NAME[class_name]
     message = kind.message()
     for field in kind.args:
         value = values.get(field.name)
         # None means "not given": Keras uses None for an unset warmup_target.
         if value is None:
             if field.required:
-                raise _invalid(
-                    f"{kind.class_name}: missing required argument `{field.name}`."
-                )
+                raise _invalid(f"{kind.class_name}: missing required argument `{field.name}`.")
             continue
         _set_field(message, field, value)
     schedule = pb.Schedule()
@@ -321,7 +305,7 @@ def _build(kind: _Kind, values: Mapping[str, Any]) -> pb.Schedule:
 
 def Constant(learning_rate: float) -> pb.Schedule:
     """A constant learning rate: `lr(step) = learning_rate` (not a Keras class)."""
-    return _build(_BY_CLASS_NAME["Constant"], {"learning_rate": learning_rate})
+    return _build("Constant", locals())
 
 
 def ExponentialDecay(
@@ -338,16 +322,7 @@ def ExponentialDecay(
 
     >>> ExponentialDecay(0.1, decay_steps=1000, decay_rate=0.96)  # doctest: +SKIP
     """
-    del name
-    return _build(
-        _BY_CLASS_NAME["ExponentialDecay"],
-        {
-            "initial_learning_rate": initial_learning_rate,
-            "decay_steps": decay_steps,
-            "decay_rate": decay_rate,
-            "staircase": staircase,
-        },
-    )
+    return _build("ExponentialDecay", locals())
 
 
 def PiecewiseConstantDecay(
@@ -358,10 +333,7 @@ def PiecewiseConstantDecay(
     `len(values)` must be `len(boundaries) + 1` (checked by the server). `name` is
     ignored.
     """
-    del name
-    return _build(
-        _BY_CLASS_NAME["PiecewiseConstantDecay"], {"boundaries": boundaries, "values": values}
-    )
+    return _build("PiecewiseConstantDecay", locals())
 
 
 def PolynomialDecay(
@@ -377,17 +349,7 @@ def PolynomialDecay(
     `(initial - end) * (1 - min(step, decay_steps) / decay_steps) ** power + end`.
     `name` is ignored.
     """
-    del name
-    return _build(
-        _BY_CLASS_NAME["PolynomialDecay"],
-        {
-            "initial_learning_rate": initial_learning_rate,
-            "decay_steps": decay_steps,
-            "end_learning_rate": end_learning_rate,
-            "power": power,
-            "cycle": cycle,
-        },
-    )
+    return _build("PolynomialDecay", locals())
 
 
 def InverseTimeDecay(
@@ -401,16 +363,7 @@ def InverseTimeDecay(
 
     `name` is ignored.
     """
-    del name
-    return _build(
-        _BY_CLASS_NAME["InverseTimeDecay"],
-        {
-            "initial_learning_rate": initial_learning_rate,
-            "decay_steps": decay_steps,
-            "decay_rate": decay_rate,
-            "staircase": staircase,
-        },
-    )
+    return _build("InverseTimeDecay", locals())
 
 
 def CosineDecay(
@@ -427,17 +380,7 @@ def CosineDecay(
     With `warmup_target`, the LR rises linearly from `initial_learning_rate` to
     `warmup_target` over `warmup_steps`, then decays. `name` is ignored.
     """
-    del name
-    return _build(
-        _BY_CLASS_NAME["CosineDecay"],
-        {
-            "initial_learning_rate": initial_learning_rate,
-            "decay_steps": decay_steps,
-            "alpha": alpha,
-            "warmup_target": warmup_target,
-            "warmup_steps": warmup_steps,
-        },
-    )
+    return _build("CosineDecay", locals())
 
 
 def CosineDecayRestarts(
@@ -449,17 +392,7 @@ def CosineDecayRestarts(
     name: str | None = None,
 ) -> pb.Schedule:
     """Cosine decay with warm restarts (SGDR), as in Keras. `name` is ignored."""
-    del name
-    return _build(
-        _BY_CLASS_NAME["CosineDecayRestarts"],
-        {
-            "initial_learning_rate": initial_learning_rate,
-            "first_decay_steps": first_decay_steps,
-            "t_mul": t_mul,
-            "m_mul": m_mul,
-            "alpha": alpha,
-        },
-    )
+    return _build("CosineDecayRestarts", locals())
 
 
 def PiecewiseLinear(knots: Iterable[tuple[int, float] | pb.Knot]) -> pb.Schedule:
@@ -468,7 +401,16 @@ def PiecewiseLinear(knots: Iterable[tuple[int, float] | pb.Knot]) -> pb.Schedule
     Before the first knot the LR is the first knot's, after the last it is the last
     knot's. Linear warmup then decay: `PiecewiseLinear([(0, 0.0), (100, 0.1), (1000, 0.001)])`.
     """
-    return _build(_BY_CLASS_NAME["PiecewiseLinear"], {"knots": knots})
+    return _build("PiecewiseLinear", locals())
+
+
+_KINDS = tuple(map(_kind_from_proto, pb.Schedule.DESCRIPTOR.oneofs_by_name["kind"].fields))
+_BY_CLASS_NAME = {k.class_name: k for k in _KINDS}
+_BY_ONEOF = {k.oneof_field: k for k in _KINDS}
+_BY_MESSAGE: dict[type[Message], _Kind] = {k.message: k for k in _KINDS}
+
+#: The `class_name`s accepted by `from_keras_config`, in proto field order.
+SUPPORTED_CLASS_NAMES: tuple[str, ...] = tuple(k.class_name for k in _KINDS)
 
 
 # --- Keras config <-> Schedule ---
@@ -505,7 +447,7 @@ def from_keras_config(config: Mapping[str, Any]) -> pb.Schedule:
             f"{class_name}: unknown argument(s) {', '.join(unknown)}. "
             f"Expected: {', '.join(f.name for f in kind.args)}"
         )
-    return _build(kind, args)
+    return _build(kind.class_name, args)
 
 
 def _kind_of(schedule: pb.Schedule) -> _Kind:
@@ -579,7 +521,5 @@ def describe_schedule(schedule: pb.Schedule) -> str:
     if schedule.WhichOneof("kind") is None:
         return "(none)"
     config = to_keras_config(schedule)
-    args = ", ".join(
-        f"{k}={_format_value(v)}" for k, v in config["config"].items() if k != "name"
-    )
+    args = ", ".join(f"{k}={_format_value(v)}" for k, v in config["config"].items() if k != "name")
     return f"{config['class_name']}({args})"
