@@ -1502,6 +1502,7 @@ class TrainingState(_message.Message):
     EPOCH_METRICS_STEP_FIELD_NUMBER: _builtins.int
     EPOCH_METRICS_TIME_FIELD_NUMBER: _builtins.int
     STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifier of the training run, chosen by the trainer. Empty: not
     configured.
@@ -1610,6 +1611,15 @@ class TrainingState(_message.Message):
         empty.
         """
 
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerState]:
+        """The workers of a multi-worker job (tf.distribute.MultiWorkerMirroredStrategy),
+        one entry per worker in task order, as the chief last exchanged with them
+        at a step boundary. Every worker loads the chief's schedule at the same
+        boundary, so once training has passed a boundary all entries agree. Empty:
+        a single-worker job.
+        """
+
     def __init__(
         self,
         *,
@@ -1636,10 +1646,11 @@ class TrainingState(_message.Message):
         epoch_metrics_step: _builtins.int | None = ...,
         epoch_metrics_time: _timestamp_pb2.Timestamp | None = ...,
         steps_per_second: _builtins.float | None = ...,
+        workers: _abc.Iterable[Global___WorkerState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "guardrails", b"guardrails", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "schedule", b"schedule", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "guardrails", b"guardrails", "learning_rate", b"learning_rate", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "guardrails", b"guardrails", "learning_rate", b"learning_rate", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["epoch_metrics_epoch"]  # noqa: Y015
     _WhichOneofArgType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch"]  # noqa: Y015
@@ -1659,3 +1670,37 @@ class TrainingState(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__steps_per_second) -> _WhichOneofReturnType__steps_per_second | None: ...
 
 Global___TrainingState: _TypeAlias = TrainingState  # noqa: Y015
+
+@_typing.final
+class WorkerState(_message.Message):
+    """One worker of a multi-worker job, as of the last exchange with the chief."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    APPLIED_VERSION_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The worker's place in the job: 0 is the chief (the `chief` task, or
+    `worker` 0 when there is none), then the `worker` tasks in order.
+    """
+    applied_version: _builtins.int
+    """The schedule version the worker had applied when it reached the
+    exchange's step boundary (`version` in this state is the chief's now).
+    """
+    step: _builtins.int
+    """The worker's step count (optimizer.iterations) at that boundary."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        applied_version: _builtins.int = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "index", b"index", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerState: _TypeAlias = WorkerState  # noqa: Y015

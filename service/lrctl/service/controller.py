@@ -173,6 +173,15 @@ class Change:
 
 
 @dataclass(frozen=True)
+class WorkerState:
+    """One worker of a multi-worker job, as of the last exchange with the chief."""
+
+    index: int  #: 0 is the chief
+    applied_version: int
+    step: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What other threads may read, with no TensorFlow involved."""
 
@@ -201,8 +210,10 @@ class Snapshot:
     epoch_metrics_epoch: int | None = None
     epoch_metrics_step: int | None = None
     epoch_metrics_time: float | None = None
-    #: Optimizer steps per second over the last publish interval (None: not measured yet).
+    #: Optimizer steps per second over the last 10 s (None: not measured yet).
     steps_per_second: float | None = None
+    #: A multi-worker job's workers, in task order; empty for a single worker.
+    workers: tuple[WorkerState, ...] = ()
 
 
 class ScheduleTarget(Protocol):
@@ -644,6 +655,21 @@ class Controller:
             self._snapshot = dataclasses.replace(self._snapshot, schedule=state, version=self._version)
             self._republish()
             return self._version
+
+    def follow(self, state: ActiveSchedule, version: int) -> None:
+        """A follower worker loaded the chief's `state` at `version`: take both as they are
+        (the chief alone numbers versions, so a follower never renumbers one)."""
+        with self._cond:
+            self._state, self._version = state, version
+            self._snapshot = dataclasses.replace(self._snapshot, schedule=state, version=version)
+            self._republish()
+
+    def set_workers(self, workers: tuple[WorkerState, ...]) -> None:
+        """Record what the last exchange said about each worker of a multi-worker job."""
+        with self._cond:
+            if workers != self._snapshot.workers:
+                self._snapshot = dataclasses.replace(self._snapshot, workers=workers)
+                self._republish()
 
     def set_phase(self, phase: Phase) -> None:
         """Move the run to `phase`. Ending the run cancels every pending change."""

@@ -30,6 +30,7 @@ from lrctl.service.engine import ControllableSchedule
 from lrctl.service.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.limits import short
 from lrctl.service.specs import ActiveSchedule
+from lrctl.service.workers import WorkerSync, worker_count
 
 logger = logging.getLogger("lrctl")
 
@@ -164,7 +165,8 @@ class TrainingControl:
                  history_size: int = 100, publish_interval: float = 0.1,
                  guardrails: Guardrails = NO_GUARDRAILS, revert_on_nan: int | None = None,
                  model: keras.Model | None = None,
-                 variables: Sequence[keras.Variable] | None = None) -> None:
+                 variables: Sequence[keras.Variable] | None = None,
+                 strategy: tf.distribute.Strategy | None = None, sync_every: int = 1) -> None:
         """`revert_on_nan=K` (opt-in; None or 0: off) undoes a change if the loss becomes NaN or
         Inf within K steps after it: at the next step boundary, the weights and the optimizer's
         slots go back to what they were just before the change's first step, the previous
@@ -187,14 +189,27 @@ class TrainingControl:
         on the training thread); a revert resets the model's metrics, so the epoch's reported
         metrics restart there instead of staying NaN. A change applied while the loss is
         already non-finite is not watched (the snapshot would hold NaN weights): it is logged.
+
+        Under a MultiWorkerMirroredStrategy spanning several workers, pass `strategy=`: the
+        chief (`is_chief`) serves the API and applies changes; at every `sync_every`-th step
+        boundary all workers exchange the schedule in one small all-reduce, so every worker
+        switches at the same step (lrctl.service.workers). Changes then land at those
+        boundaries only. Every worker must call `step_boundary` at every step.
         """
         self.optimizer = optimizer
         self.schedule = attach(optimizer)
+        #: The exchange with the other workers of a multi-worker job; None for one worker.
+        self.workers = WorkerSync(strategy, self.schedule.variables, sync_every) \
+            if worker_count(strategy) > 1 else None
+        if self.workers is not None and revert_on_nan:
+            raise ValueError("revert_on_nan is not supported in a multi-worker job: a revert "
+                             "restores one worker's weights; restore a checkpoint on all instead")
         self._target = _EngineTarget(self.schedule)
         guardrails = dataclasses.replace(guardrails, revert_on_nan_steps=revert_on_nan or 0)
         self.controller = Controller(self._target, run_id=run_id, optimizer=type(optimizer).__name__,
                                      history_size=history_size, guardrails=guardrails)
         self._publish_interval = publish_interval
+        self._stop_asked = self._stop_agreed = False
         self._last_publish = -float("inf")
         self._epoch = 0
         self._run_open = False  # inside training(): the run outlives a single fit()
@@ -238,9 +253,43 @@ class TrainingControl:
         self._boundary_logs = logs
         if self.divergence is not None and self.divergence.watching:
             self._watch(self._logged_loss(logs))
-        applied = self._apply_due(step) if self.controller.at_boundary(step) else []
+        applied = self._apply_due(step) if self._may_apply(step) and self.controller.at_boundary(step) else []
+        self._exchange(step)
         self.publish(logs)
         return applied
+
+    def request_stop(self) -> None:
+        """Ask the run to stop (any thread; a signal handler too). `should_stop` turns true
+        at once, or, in a multi-worker job, at the next exchange, on every worker together."""
+        self._stop_asked = True
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether the loop should end after this step boundary: in a multi-worker job, on
+        every worker after the same step (a worker that stopped alone would hang the rest)."""
+        return self._stop_agreed if self.workers is not None else self._stop_asked
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process serves the API: always, except on a multi-worker job's
+        followers (they take the chief's schedule at each exchange)."""
+        return self.workers is None or self.workers.is_chief
+
+    def _may_apply(self, step: int) -> bool:
+        # In a multi-worker job, only the chief applies, and only where all workers exchange.
+        return self.workers is None or (self.workers.is_chief and self.workers.due(step))
+
+    def _exchange(self, step: int) -> None:
+        if self.workers is None or not self.workers.due(step):
+            return
+        changed, reports, stop = self.workers.exchange(step, self.schedule.version(), self._stop_asked)
+        self._stop_agreed = self._stop_agreed or stop
+        if changed:
+            state, version = self._target.read()
+            self.controller.follow(state, version)
+            logger.info("v%d step %d: took the chief's schedule: %s", version, step,
+                        short(state.spec.describe()))
+        self.controller.set_workers(reports)
 
     def before_batch(self, steps: int | None, logs: Mapping[str, Any] | None = None, *,
                      logs_step: int | None = None, logs_time: float | None = None) -> None:
@@ -252,7 +301,12 @@ class TrainingControl:
         step and the loss are read at every boundary (a device sync each)."""
         if self.divergence is not None and self.divergence.watching:
             self._watch(self._current_loss())
-        if self.controller.at_boundary(self._step_ceiling):
+        if self.workers is not None:  # every worker reads the step: exchanges need it exactly
+            step = self.step
+            if self._may_apply(step) and self.controller.at_boundary(step):
+                self._apply_due(step)
+            self._exchange(step)
+        elif self.controller.at_boundary(self._step_ceiling):
             self._apply_due(self.step)
         self.publish(logs, logs_step=logs_step, logs_time=logs_time)
         self._step_ceiling += steps if steps is not None else math.inf

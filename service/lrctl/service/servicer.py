@@ -205,6 +205,8 @@ def state_to_proto(snap: Snapshot,
         epoch_metrics_step=snap.epoch_metrics_step,
         epoch_metrics_time=_timestamp(snap.epoch_metrics_time),
         steps_per_second=snap.steps_per_second,
+        workers=[pb.WorkerState(index=w.index, applied_version=w.applied_version, step=w.step)
+                 for w in snap.workers],
     )
 
 

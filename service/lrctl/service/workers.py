@@ -1,0 +1,116 @@
+"""Multi-worker jobs (tf.distribute.MultiWorkerMirroredStrategy): every worker trains with the
+chief's schedule and switches at the same step.
+
+Only the chief serves the API and applies changes. At every `every`-th step boundary, all
+workers join one small all-reduce (SUM over int64) of a vector to which only the chief
+contributes its schedule variables, bit for bit, each worker its own (version, step)
+slot, and any worker a vote to stop. Each worker then loads the chief's variables if its own differ. Collectives run in the
+same order on every worker, so all of them switch at the same boundary however slow the
+network or one worker is: a slow worker delays the exchange, it can never miss it.
+
+Why an all-reduce rather than lrctl's own channel: it needs no second server, port or
+secret on the followers, it cannot be late by construction, and it is TensorFlow's own
+transport (gRPC or NCCL), already set up and authenticated by the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lrctl.service.controller import WorkerState
+
+
+def worker_count(strategy: tf.distribute.Strategy | None) -> int:
+    """How many workers (processes) `strategy` spans: 1 unless it is a multi-worker one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return 1
+    cluster = resolver.cluster_spec().as_dict()
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def _as_int64(value: np.ndarray) -> np.ndarray:
+    """The bits of `value` as int64s, one per element, exactly (summing with zeros keeps them)."""
+    if value.dtype == np.float64:
+        return value.view(np.int64)
+    if value.dtype == np.float32:
+        return value.view(np.int32).astype(np.int64)
+    return value.astype(np.int64)
+
+
+def _from_int64(bits: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype == np.float64:
+        return bits.view(np.float64)
+    if dtype == np.float32:
+        return bits.astype(np.int32).view(np.float32)
+    return bits.astype(dtype)
+
+
+class WorkerSync:
+    """Keeps `variables` (the schedule's) equal on every worker, switched at the same boundary.
+    Training thread only; every worker must call `exchange` at the same boundaries."""
+
+    def __init__(self, strategy: tf.distribute.MultiWorkerMirroredStrategy,
+                 variables: Sequence[keras.Variable], every: int = 1) -> None:
+        if every < 1:
+            raise ValueError(f"sync_every must be >= 1 step; got {every}")
+        self.every = every
+        self.count = worker_count(strategy)
+        resolver = strategy.cluster_resolver
+        has_chief = bool(resolver.cluster_spec().as_dict().get("chief"))
+        # TensorFlow numbers workers the same way: the chief first, then the `worker` tasks.
+        self.index = int(resolver.task_id) + (1 if has_chief and resolver.task_type == "worker" else 0)
+        self.is_chief = self.index == 0
+        self._variables = list(variables)
+        values = [np.asarray(v.numpy()) for v in self._variables]
+        self._layout = [(v.shape, v.dtype, v.size) for v in values]
+        self._width = sum(v.size for v in values)
+        size = self._width + 2 * self.count + 1  # ... and the stop votes, last
+        # Only this worker's first replica contributes: with several local replicas (GPUs),
+        # the sum must count each worker once.
+        first = self.index * (strategy.num_replicas_in_sync // self.count)
+
+        def contribute(x: tf.Tensor) -> tf.Tensor:
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            return tf.where(tf.equal(replica, first), x, tf.zeros_like(x))
+
+        @tf.function(input_signature=[tf.TensorSpec([size], tf.int64)])
+        def all_reduce(x: tf.Tensor) -> tf.Tensor:
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(contribute, args=(x,)),
+                                   axis=None)
+
+        self._all_reduce = all_reduce
+
+    def due(self, step: int) -> bool:
+        """Whether the boundary before step `step` is an exchange."""
+        return step % self.every == 0
+
+    def exchange(self, step: int, version: int, stop: bool) -> tuple[bool, tuple[WorkerState, ...], bool]:
+        """Send the chief's variables to every worker, this worker's (version, step) and its
+        vote to stop to all. Returns whether this worker's variables changed (a follower took
+        the chief's), what each worker reported, and whether any worker voted to stop."""
+        mine = [np.asarray(v.numpy()) for v in self._variables]
+        vector = np.zeros(self._width + 2 * self.count + 1, np.int64)
+        if self.is_chief:
+            vector[: self._width] = np.concatenate([_as_int64(v.ravel()) for v in mine])
+        vector[self._width + 2 * self.index: self._width + 2 * self.index + 2] = (version, step)
+        vector[-1] = int(stop)
+        total = np.asarray(self._all_reduce(tf.constant(vector)))
+        reports = total[self._width: -1].reshape(self.count, 2)
+        workers = tuple(WorkerState(i, int(v), int(s)) for i, (v, s) in enumerate(reports))
+        stop_all = bool(total[-1])
+        if self.is_chief:
+            return False, workers, stop_all
+        changed = False
+        offset = 0
+        for variable, value, (shape, dtype, size) in zip(self._variables, mine, self._layout, strict=True):
+            theirs = _from_int64(total[offset: offset + size], dtype).reshape(shape)
+            offset += size
+            if theirs.tobytes() != value.tobytes():
+                variable.assign(theirs)
+                changed = True
+        return changed, workers, stop_all
