@@ -300,3 +300,35 @@ def test_readme_derived_image_lints_and_its_command_is_accepted(tmp_path: Path) 
             check=False, capture_output=True, text=True, timeout=60,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- Kubernetes: the 2-worker job ---
+
+
+def test_multi_worker_job_names_its_workers_and_exposes_the_chief_alone() -> None:
+    docs = [d for path in sorted((K8S / "multi-worker").glob("*.yaml"))
+            for d in yaml.safe_load_all(path.read_text()) if d]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 2
+    (container,) = pod["containers"]
+    script = container["args"][0]
+    # TF_CONFIG names every pod by the stable name an Indexed Job gives it in the subdomain.
+    tf_config = re.search(r'TF_CONFIG="(.*?)" &&', script, re.DOTALL)
+    assert tf_config is not None
+    config = json.loads(tf_config.group(1).replace('\\"', '"').replace("${JOB_COMPLETION_INDEX}", "0"))
+    name, subdomain = job["metadata"]["name"], pod["subdomain"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert config["cluster"]["worker"] == [f"{name}-{i}.{subdomain}:{ports['tf-worker']}" for i in range(2)]
+    assert services[subdomain]["spec"]["clusterIP"] == "None"
+    # The control Service selects pod 0, the chief, which alone serves the API, with a token.
+    control = services[name]["spec"]
+    assert control["selector"]["batch.kubernetes.io/job-completion-index"] == "0"
+    assert control["ports"][0]["targetPort"] == "grpc" and ports["grpc"] == 50051
+    from lrctl.service import multi_worker  # TensorFlow: only this test needs it
+
+    args = multi_worker._parse(shlex.split(script.partition("-m lrctl.service.multi_worker")[2]))
+    assert args.listen == "0.0.0.0:50051" and args.checkpoint_dir == "/ckpt"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert args.token_file == mounts["token"]

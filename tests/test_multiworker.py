@@ -1,5 +1,5 @@
 """A MultiWorkerMirroredStrategy job: two worker processes on 127.0.0.1 with TF_CONFIG train
-the demo model (examples/multi_worker.py); a client changes the LR through the chief while
+the demo model (python -m lrctl.service.multi_worker); a client changes the LR through the chief while
 it runs. Every worker must use the same LR at every step, switch at the same step with the
 same version, and end with the same weights; after a worker dies and the job restarts from
 its checkpoints, every worker resumes alike and later changes again land everywhere at once.
@@ -27,8 +27,6 @@ import pytest
 from lrctl.client import TrainingControlClient, schedules
 from lrctl.v1 import training_control_pb2 as pb
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "multi_worker.py"
 START_LIMIT = 180.0  # seconds for two TensorFlow processes to start on a loaded 2-core machine
 
 
@@ -61,7 +59,7 @@ class Job:
                    "TF_CPP_MIN_LOG_LEVEL": "2"}
             with open(self.stderr[i], "wb") as err:
                 self.processes.append(subprocess.Popen(
-                    [sys.executable, str(SCRIPT), "--listen", "127.0.0.1:0",
+                    [sys.executable, "-m", "lrctl.service.multi_worker", "--listen", "127.0.0.1:0",
                      "--port-file", str(self.port_file), "--log", str(self.logs[i]),
                      "--weights-out", str(self.weights[i]), "--checkpoint-dir", str(checkpoints),
                      "--checkpoint-every", "20"],

@@ -3,7 +3,7 @@ the learning rate controlled through the chief. Start one per worker with its TF
 
     TF_CONFIG='{"cluster": {"worker": ["127.0.0.1:12345", "127.0.0.1:12346"]},
                 "task": {"type": "worker", "index": 0}}' \\
-        python examples/multi_worker.py --listen 127.0.0.1:50051 --checkpoint-dir ckpts
+        python -m lrctl.service.multi_worker --listen 127.0.0.1:50051 --checkpoint-dir ckpts
     (the same with "index": 1 in a second shell)
     lrctl --target 127.0.0.1:50051 set 0.01      # every worker switches at the same step
 
@@ -34,13 +34,18 @@ import numpy as np
 import tensorflow as tf
 
 from lrctl.service import TrainingControl, demo
+from lrctl.service.auth import read_secret
 from lrctl.service.checkpoint import Checkpointer
 from lrctl.service.server import serve
+from lrctl.service.trainer import _is_loopback
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", default="127.0.0.1:0", help="the chief's control address")
+    parser.add_argument("--token-file", metavar="PATH",
+                        help="bearer token of the write role (default: $LRCTL_TOKEN); needed "
+                             "to listen beyond loopback")
     parser.add_argument("--steps", type=int, default=0, help="steps to run; 0: until a signal")
     parser.add_argument("--checkpoint-dir", help="the chief's checkpoints; every worker resumes from it")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
@@ -54,6 +59,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    token = read_secret(args.token_file) if args.token_file else os.environ.get("LRCTL_TOKEN", "").strip()
+    if not token and not _is_loopback(args.listen):
+        print(f"refusing to listen on {args.listen} without a token: give --token-file PATH "
+              "(or set LRCTL_TOKEN)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():  # lrctl's variables too: every replica reads its own copy
@@ -83,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(args.log, "a", buffering=1, encoding="utf-8")) if args.log else None
         if control.is_chief:
-            _, port = stack.enter_context(serve(control.controller, args.listen))
+            _, port = stack.enter_context(
+                serve(control.controller, args.listen, write_tokens=[token] if token else []))
             print(f"control server on port {port}", file=sys.stderr, flush=True)
             if args.port_file:
                 _write_atomically(args.port_file, str(port))
