@@ -61,3 +61,9 @@ def test_footprint_quick() -> None:
     assert {"trainer_peak_rss_mib", "lrctl_state_wall_s", "lrctl_state_peak_rss_mib",
             "import_tensorflow_wall_s"} <= result.keys()
     assert result["cli_imports_tensorflow"] is False
+
+
+def test_multiworker_quick() -> None:
+    result = run_quick("multiworker.py")
+    assert {"ms_per_step", "added_ms_per_step", "ratio"} <= result.keys()
+    assert result["workers"] == 2 and result["rounds"] == 1

@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"control server on port {port}", file=sys.stderr, flush=True)
             if args.port_file:
                 _write_atomically(args.port_file, str(port))
+        started, first_step = time.perf_counter(), control.step
         with control.training():
             control.step_boundary()  # the first exchange: changes queued before step 0 land
             while not control.should_stop and (args.steps == 0 or control.step < args.steps):
@@ -112,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.weights_out:
             np.savez(args.weights_out, *model.get_weights())
     print(f"worker {control.workers.index if control.workers else 0} stopped at step "
-          f"{control.step}, version {control.schedule.version()}", file=sys.stderr, flush=True)
+          f"{control.step}, version {control.schedule.version()}: {control.step - first_step} "
+          f"steps in {time.perf_counter() - started:.3f} s", file=sys.stderr, flush=True)
     return 0
 
 
