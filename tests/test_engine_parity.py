@@ -130,6 +130,9 @@ def test_named_corner_cases_match_keras(engine):
         ks.CosineDecay(0.1, 1000, alpha=0.1),
         ks.CosineDecay(0.0, 1000, warmup_target=0.1, warmup_steps=100),
         ks.CosineDecay(0.01, 1000, alpha=0.05, warmup_target=0.1, warmup_steps=250),
+        ks.CosineDecay(0.01, 1000, alpha=0.05, warmup_target=0.1, warmup_steps=0),  # no warmup: from 0.1
+        ks.CosineDecay(0.1, 1000, warmup_steps=50),  # Keras ignores warmup_steps without a target
+        ks.CosineDecay(0.1, 1, alpha=0.5, warmup_target=0.2, warmup_steps=1),
         ks.CosineDecayRestarts(0.1, 100, t_mul=1.0, m_mul=1.0),
         ks.CosineDecayRestarts(0.1, 100, t_mul=2.0, m_mul=0.5, alpha=0.1),
         ks.CosineDecayRestarts(0.1, 37, t_mul=1.0, m_mul=0.9, alpha=0.2),
@@ -139,6 +142,17 @@ def test_named_corner_cases_match_keras(engine):
     for keras_schedule in cases:
         assert_matches(engine(specs.as_spec(keras_schedule)), keras_values(keras_schedule),
                        str(keras_schedule.get_config()))
+
+
+def test_every_form_is_used_and_constant_is_exact(engine):
+    """Each spec picks its own form (one branch of the engine's switch per form)."""
+    forms = {evaluate.derive(ActiveSchedule(specs.as_spec(s))).form
+             for kind in KINDS for s in _random_schedules(kind, seed=3)}
+    forms |= {evaluate.derive(ActiveSchedule(s)).form
+              for s in (specs.Constant(0.1), specs.PiecewiseLinear(((0, 0.1),)))}
+    assert forms == set(evaluate.FORMS)
+    got = engine(specs.Constant(0.3), scale=0.5, steps=np.array([0, 1, 10**6]))
+    np.testing.assert_array_equal(got, np.float32(0.15))
 
 
 def test_piecewise_linear_matches_numpy_interp(engine):

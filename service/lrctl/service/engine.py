@@ -2,93 +2,82 @@
 
 The compiled train step reads these variables each step, so swapping the schedule, pinning
 or scaling the LR is a handful of variable assignments: no retrace, under `jit_compile`,
-`steps_per_execution` and `tf.distribute` alike. The LR is computed with `keras.ops`,
-branch-free: every kind is evaluated from the same few scalars and the active one is
-picked with a gather, so there is no data-dependent control flow for XLA or replicas.
+`steps_per_execution` and `tf.distribute` alike. The LR is computed with `keras.ops` by the
+active form of `evaluate.FORMS` (picked by a switch on a variable) from float32 coefficients
+that `load` derives on the host, scale included, so a step runs a Keras schedule's few ops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from lrctl.service import specs
+from lrctl.service import evaluate, specs
+from lrctl.service.evaluate import NUM_COEFFICIENTS, Form
 from lrctl.service.specs import CAPACITY, ActiveSchedule, Origin, ScheduleSpec
 
 _NUM_PARAMS = 8
-_PAD_STEP = np.iinfo(np.int64).max  # padding: `step > pad` and `pad <= step` are never true
-_KIND_ID = {t: i for i, t in enumerate(specs.SPEC_TYPES)}
+_FORMS = tuple(evaluate.FORMS.values())
+_FORM_INDEX = {name: i for i, name in enumerate(evaluate.FORMS)}
+#: Reading a scalar field back from float64 (which holds every valid value exactly).
+_FROM_FLOAT64: dict[str, Callable[[float], Any]] = {
+    "float": float, "int": round, "bool": bool, "float | None": lambda x: None if math.isnan(x) else x,
+}
 
 
-class _Encoded:
-    """A spec laid out in the engine's fixed-size arrays (host side, numpy)."""
+def _encode(state: ActiveSchedule) -> dict[str, np.ndarray]:
+    """`state.spec` as the values of the engine's variables of the same names.
 
-    def __init__(self, spec: ScheduleSpec) -> None:
-        self.kind = _KIND_ID[type(spec)]
-        self.params = np.zeros(_NUM_PARAMS, np.float64)
-        self.steps = np.full(CAPACITY, _PAD_STEP, np.int64)
-        self.values = np.zeros(CAPACITY + 1, np.float64)
-        points: tuple[tuple[int, ...], tuple[float, ...]] = ((), ())
-        match spec:
-            case specs.Constant():
-                self._set(spec.learning_rate)
-            case specs.ExponentialDecay() | specs.InverseTimeDecay():
-                self._set(spec.initial_learning_rate, spec.decay_steps, spec.decay_rate, spec.staircase)
-            case specs.PolynomialDecay():
-                self._set(spec.initial_learning_rate, spec.decay_steps, spec.end_learning_rate,
-                          spec.power, spec.cycle)
-            case specs.CosineDecay():
-                has_warmup = spec.warmup_target is not None
-                # Without warmup Keras decays from the initial LR; target=initial, 0 warmup steps
-                # is the same function, so one formula serves both.
-                # Keras ignores warmup_steps without a warmup_target; the last slot keeps it only
-                # so that reading the variables back gives the spec that was loaded.
-                target = spec.warmup_target if spec.warmup_target is not None else spec.initial_learning_rate
-                self._set(spec.initial_learning_rate, spec.decay_steps, spec.alpha, target,
-                          spec.warmup_steps if has_warmup else 0, has_warmup, spec.warmup_steps)
-            case specs.CosineDecayRestarts():
-                self._set(spec.initial_learning_rate, spec.first_decay_steps, spec.t_mul, spec.m_mul,
-                          spec.alpha)
-            case specs.PiecewiseConstantDecay():
-                points = (spec.boundaries, spec.values)
-            case specs.PiecewiseLinear():
-                points = (tuple(s for s, _ in spec.knots), tuple(v for _, v in spec.knots))
-        steps, values = points
-        self.count = len(steps)
-        self.steps[: len(steps)] = steps
-        if values:
-            self.values[: len(values)] = values
-            self.values[len(values):] = values[-1]
-
-    def _set(self, *params: float) -> None:
-        self.params[: len(params)] = params
+    `params`, `values` and `count` hold the spec as given, only to read it back: a scalar kind's
+    fields in declaration order (None as NaN) or a knot kind's values. The graph reads the
+    derived float32 `coefficients`, `rates` and `slopes` (see `evaluate.derive`) and `steps`.
+    """
+    spec = state.spec
+    derived = evaluate.derive(state)
+    params = np.zeros(_NUM_PARAMS, np.float64)
+    values = np.zeros(CAPACITY + 1, np.float64)
+    count = 0
+    match spec:
+        case specs.PiecewiseConstantDecay():
+            count, raw = len(spec.boundaries), spec.values
+        case specs.PiecewiseLinear():
+            count, raw = len(spec.knots), tuple(v for _, v in spec.knots)
+        case _:
+            raw = ()
+            fields = [getattr(spec, f.name) for f in dataclasses.fields(spec)]
+            params[: len(fields)] = [math.nan if v is None else float(v) for v in fields]
+    if raw:
+        values[:] = raw[-1]
+        values[: len(raw)] = raw
+    coefficients = np.zeros(NUM_COEFFICIENTS, np.float32)
+    coefficients[: len(derived.coefficients)] = [
+        derived.coefficients[name] for name in evaluate.FORMS[derived.form].coefficients
+    ]
+    return {
+        "kind": np.asarray(_FORM_INDEX[derived.form], np.int32), "params": params,
+        "steps": derived.steps, "values": values, "count": np.asarray(count, np.int32),
+        "coefficients": coefficients, "rates": derived.rates, "slopes": derived.slopes,
+    }
 
 
 def _decode(kind: int, params: np.ndarray, steps: np.ndarray, values: np.ndarray, count: int) -> ScheduleSpec:
-    spec_type = specs.SPEC_TYPES[kind]
-    p = [float(x) for x in params]
-    step = [round(x) for x in p]  # integral params are stored exactly in float64
-    if spec_type is specs.Constant:
-        return specs.Constant(p[0])
-    if spec_type in (specs.ExponentialDecay, specs.InverseTimeDecay):
-        return spec_type(p[0], step[1], p[2], bool(p[3]))  # type: ignore[call-arg]
-    if spec_type is specs.PolynomialDecay:
-        return specs.PolynomialDecay(p[0], step[1], p[2], p[3], bool(p[4]))
-    if spec_type is specs.CosineDecay:
-        warm = bool(p[5])
-        return specs.CosineDecay(p[0], step[1], p[2], p[3] if warm else None, step[6])
-    if spec_type is specs.CosineDecayRestarts:
-        return specs.CosineDecayRestarts(p[0], step[1], p[2], p[3], p[4])
+    spec_type = _FORMS[kind].spec_type
     if spec_type is specs.PiecewiseConstantDecay:
         return specs.PiecewiseConstantDecay(
             tuple(int(s) for s in steps[:count]), tuple(float(v) for v in values[: count + 1])
         )
-    return specs.PiecewiseLinear(tuple((int(s), float(v)) for s, v in zip(steps[:count], values[:count])))
+    if spec_type is specs.PiecewiseLinear:
+        return specs.PiecewiseLinear(tuple((int(s), float(v)) for s, v in zip(steps[:count], values[:count])))
+    fields = dataclasses.fields(spec_type)
+    return spec_type(**{f.name: _FROM_FLOAT64[str(f.type)](float(x)) for f, x in zip(fields, params)})
 
 
 @keras.saving.register_keras_serializable(package="lrctl")
@@ -111,7 +100,7 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
         super().__init__()
         self.name = name
         state = initial if isinstance(initial, ActiveSchedule) else ActiveSchedule(specs.as_spec(initial))
-        enc = _Encoded(state.spec)
+        enc = _encode(state)
 
         def variable(value: object, dtype: str, suffix: str) -> keras.Variable:
             # Non-trainable and assigned only in cross-replica context (between steps), so
@@ -121,22 +110,27 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 aggregation="only_first_replica",
             )
 
-        self._kind = variable(enc.kind, "int32", "kind")
+        self._kind = variable(enc["kind"], "int32", "kind")
         self._origin_step = variable(state.origin_step, "int64", "origin_step")
         self._scale = variable(state.scale, "float64", "scale")
-        self._params = variable(enc.params, "float64", "params")
-        self._steps = variable(enc.steps, "int64", "steps")
-        self._values = variable(enc.values, "float64", "values")
-        self._count = variable(enc.count, "int32", "count")
+        self._params = variable(enc["params"], "float64", "params")
+        self._steps = variable(enc["steps"], "int64", "steps")
+        self._values = variable(enc["values"], "float64", "values")
+        self._count = variable(enc["count"], "int32", "count")
         self._version = variable(0, "int64", "version")
         # The origin kind is not needed to compute the LR, only to report it; keep it as a flag.
         self._restart = variable(state.origin is Origin.RESTART, "bool", "restart")
+        # What the graph computes from, derived from the above (scale included) by `load`.
+        self._coefficients = variable(enc["coefficients"], "float32", "coefficients")
+        self._rates = variable(enc["rates"], "float32", "rates")
+        self._slopes = variable(enc["slopes"], "float32", "slopes")
 
     @property
     def variables(self) -> list[keras.Variable]:
         """Everything a checkpoint must hold to resume with the same learning rate."""
         return [self._kind, self._origin_step, self._scale, self._params, self._steps,
-                self._values, self._count, self._version, self._restart]
+                self._values, self._count, self._version, self._restart,
+                self._coefficients, self._rates, self._slopes]
 
     # -- training thread only -------------------------------------------------------------
     def load(self, state: ActiveSchedule, version: int) -> None:
@@ -146,11 +140,10 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
         here), and if an assignment fails the previous values are put back, so no step ever
         sees half of one schedule and half of another.
         """
-        enc = _Encoded(state.spec)
-        new = [np.asarray(enc.kind, np.int32), np.asarray(state.origin_step, np.int64),
-               np.asarray(state.scale, np.float64), enc.params, enc.steps, enc.values,
-               np.asarray(enc.count, np.int32), np.asarray(version, np.int64),
-               np.asarray(state.origin is Origin.RESTART)]
+        enc = _encode(state)
+        new = [enc["kind"], np.asarray(state.origin_step, np.int64), np.asarray(state.scale, np.float64),
+               enc["params"], enc["steps"], enc["values"], enc["count"], np.asarray(version, np.int64),
+               np.asarray(state.origin is Origin.RESTART), enc["coefficients"], enc["rates"], enc["slopes"]]
         old = [variable.numpy() for variable in self.variables]
         try:
             for variable, value in zip(self.variables, new, strict=True):
@@ -180,74 +173,20 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     # -- in the graph ---------------------------------------------------------------------
     def __call__(self, step: Any) -> Any:
         local = ops.maximum(ops.cast(step, "int64") - self._origin_step, 0)
-        kinds = [self._constant, self._exponential, self._piecewise_constant, self._polynomial,
-                 self._inverse_time, self._cosine, self._cosine_restarts, self._piecewise_linear]
-        # Only the active kind's few ops run: a switch on a variable, so still no retrace.
-        return ops.switch(self._kind, kinds, local) * ops.cast(self._scale, "float32")
+        # Only the active form's ops run: a switch on a variable, so still no retrace. The switch
+        # is most of the cost left (its lowered Switch/Merge passes a dead tensor through every
+        # op of every other form), so what all forms share is done once, outside it.
+        coefficients = ops.convert_to_tensor(self._coefficients)
+        return ops.switch(self._kind, [self._branch(form, coefficients) for form in _FORMS], local)
 
-    def _p(self) -> list[Any]:
-        return list(ops.unstack(ops.cast(self._params, "float32"), _NUM_PARAMS))
+    def _branch(self, form: Form, coefficients: Any) -> Callable[[Any], Any]:
+        def compute(local: Any) -> Any:
+            c = SimpleNamespace(steps=self._steps, rates=self._rates, slopes=self._slopes)
+            if form.coefficients:
+                c.__dict__.update(zip(form.coefficients, ops.unstack(coefficients, NUM_COEFFICIENTS)))
+            return form.compute(ops, c, local)
 
-    def _constant(self, local: Any) -> Any:
-        return self._p()[0]
-
-    def _decay_exponent(self, local: Any) -> tuple[list[Any], Any]:
-        p = self._p()
-        q = ops.cast(local, "float32") / p[1]
-        return p, ops.where(p[3] > 0.5, ops.floor(q), q)
-
-    def _exponential(self, local: Any) -> Any:
-        p, q = self._decay_exponent(local)
-        return p[0] * ops.power(p[2], q)
-
-    def _inverse_time(self, local: Any) -> Any:
-        p, q = self._decay_exponent(local)
-        return p[0] / (1.0 + p[2] * q)
-
-    def _polynomial(self, local: Any) -> Any:
-        init, decay_steps, end, power, cycle = self._p()[:5]
-        s = ops.cast(local, "float32")
-        cycled_steps = decay_steps * ops.where(ops.equal(s, 0.0), 1.0, ops.ceil(s / decay_steps))
-        cycling = cycle > 0.5
-        steps = ops.where(cycling, cycled_steps, decay_steps)
-        s = ops.where(cycling, s, ops.minimum(s, decay_steps))
-        return (init - end) * ops.power(1.0 - s / steps, power) + end
-
-    def _cosine(self, local: Any) -> Any:
-        init, decay_steps, alpha, target, warmup_steps = self._p()[:5]
-        s = ops.minimum(ops.cast(local, "float32"), decay_steps + warmup_steps)
-        warmup = (target - init) * (s / warmup_steps) + init
-        cosine = 0.5 * (1.0 + ops.cos(math.pi * ((s - warmup_steps) / decay_steps)))
-        return ops.where(s < warmup_steps, warmup, target * ((1.0 - alpha) * cosine + alpha))
-
-    def _cosine_restarts(self, local: Any) -> Any:
-        init, first_decay_steps, t_mul, m_mul, alpha = self._p()[:5]
-        fraction = ops.cast(local, "float32") / first_decay_steps
-        i_geometric = ops.floor(ops.log(1.0 - fraction * (1.0 - t_mul)) / ops.log(t_mul))
-        sum_r = (1.0 - ops.power(t_mul, i_geometric)) / (1.0 - t_mul)
-        f_geometric = (fraction - sum_r) / ops.power(t_mul, i_geometric)
-        linear = ops.equal(t_mul, 1.0)
-        i_restart = ops.where(linear, ops.floor(fraction), i_geometric)
-        f_restart = ops.where(linear, fraction - ops.floor(fraction), f_geometric)
-        cosine = 0.5 * ops.power(m_mul, i_restart) * (1.0 + ops.cos(math.pi * f_restart))
-        return init * ((1.0 - alpha) * cosine + alpha)
-
-    def _piecewise_constant(self, local: Any) -> Any:
-        # values[i] for boundaries[i-1] < step <= boundaries[i]; padding never counts.
-        index = ops.sum(ops.cast(ops.greater(local, self._steps), "int32"))
-        return ops.cast(ops.take(self._values, index), "float32")
-
-    def _piecewise_linear(self, local: Any) -> Any:
-        # Interpolate between the knots around the step; flat outside them.
-        at_or_before = ops.sum(ops.cast(ops.less_equal(self._steps, local), "int32"))
-        lo = ops.maximum(at_or_before - 1, 0)
-        hi = ops.minimum(at_or_before, self._count - 1)
-        t_lo, t_hi = ops.take(self._steps, lo), ops.take(self._steps, hi)
-        v_lo = ops.cast(ops.take(self._values, lo), "float32")
-        v_hi = ops.cast(ops.take(self._values, hi), "float32")
-        span = ops.cast(ops.maximum(t_hi - t_lo, 1), "float32")
-        frac = ops.clip(ops.cast(local - t_lo, "float32") / span, 0.0, 1.0)
-        return v_lo + (v_hi - v_lo) * frac
+        return compute
 
     # -- the `.keras` format (see lrctl.service.saving) ----------------------------------------
     #: Set by `attach`: the optimizer that holds this schedule and tracks its variables.
