@@ -300,9 +300,14 @@ def test_a_failing_engine_load_fails_the_change_and_keeps_the_schedule() -> None
 def test_an_engine_load_is_all_or_nothing() -> None:
     control = TrainingControl(keras.optimizers.SGD(learning_rate=0.1))
     before = control.schedule.read()
-    with pytest.raises((OverflowError, ValueError)):  # the origin step does not fit in int64
-        control.schedule.load(ActiveSchedule(Constant(0.5), Origin.RESTART, 2**63, 1.0), 7)
+    bad = ActiveSchedule(Constant(0.5), Origin.RESTART, 2**63, 1.0)  # origin beyond int64
+    with pytest.raises((OverflowError, ValueError)):
+        control.schedule.load(bad, 7)
     assert control.schedule.read() == before
+    # The training thread's path: one compiled assignment of all the variables.
+    with pytest.raises((OverflowError, ValueError)):
+        control._target.load(bad, 7)
+    assert control.schedule.read() == control._target.read() == before
 
 
 # -- a burst at one boundary -------------------------------------------------------------------
@@ -416,3 +421,20 @@ def test_a_long_reason_is_cut_in_the_log(trainer, client, caplog) -> None:
             time.sleep(0.01)
     assert len(lines) == 1 and len(lines[0]) < 300
 
+
+
+def test_a_restore_of_another_run_at_the_same_version_is_noticed() -> None:
+    """Restores are noticed by the stamp every load writes, not by the version: another run's
+    checkpoint may hold the same version number with another schedule (PBT's exploit)."""
+    mine, other = (TrainingControl(keras.optimizers.SGD(learning_rate=0.1)) for _ in range(2))
+    for control, lr in ((mine, 0.5), (other, 0.02)):
+        control.begin()
+        control.controller.submit(ChangeRequest(PinLearningRate(lr)))
+        control.apply_pending()
+        assert control.controller.snapshot().version == 1
+    for into, value in zip(mine.schedule.variables, other.schedule.variables, strict=True):
+        into.assign(value.numpy())  # what a restore of the other run's checkpoint does
+    mine.controller.submit(ChangeRequest(ScaleLearningRate(0.5)))
+    (change,) = mine.apply_pending()
+    assert change.learning_rate_after == pytest.approx(0.01)  # built on the restored 0.02
+    assert change.version == 3  # the restore became version 2: versions never repeat

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -80,6 +81,10 @@ def _decode(kind: int, params: np.ndarray, steps: np.ndarray, values: np.ndarray
     return spec_type(**{f.name: _FROM_FLOAT64[str(f.type)](float(x)) for f, x in zip(fields, params)})
 
 
+def _new_stamp() -> int:
+    return random.getrandbits(63)
+
+
 @keras.saving.register_keras_serializable(package="lrctl")
 class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """A learning-rate schedule that can be replaced while the train step stays compiled.
@@ -124,26 +129,45 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self._coefficients = variable(enc["coefficients"], "float32", "coefficients")
         self._rates = variable(enc["rates"], "float32", "rates")
         self._slopes = variable(enc["slopes"], "float32", "slopes")
+        # A random id written by every load and restored with the rest by any restore: if it
+        # still holds what the last load wrote, nothing replaced the schedule since (one
+        # scalar read, instead of reading everything before each change).
+        self._stamp = variable(_new_stamp(), "int64", "stamp")
 
     @property
     def variables(self) -> list[keras.Variable]:
         """Everything a checkpoint must hold to resume with the same learning rate."""
         return [self._kind, self._origin_step, self._scale, self._params, self._steps,
                 self._values, self._count, self._version, self._restart,
-                self._coefficients, self._rates, self._slopes]
+                self._coefficients, self._rates, self._slopes, self._stamp]
 
     # -- training thread only -------------------------------------------------------------
+    def values_of(self, state: ActiveSchedule, version: int) -> list[np.ndarray]:
+        """What `variables` must hold for `state` at `version`, converted (a value that does
+        not fit raises here, before anything is assigned)."""
+        enc = _encode(state)
+        return [enc["kind"], np.asarray(state.origin_step, np.int64), np.asarray(state.scale, np.float64),
+                enc["params"], enc["steps"], enc["values"], enc["count"], np.asarray(version, np.int64),
+                np.asarray(state.origin is Origin.RESTART), enc["coefficients"], enc["rates"], enc["slopes"],
+                np.asarray(_new_stamp(), np.int64)]
+
+    @staticmethod
+    def state_of(values: list[Any]) -> tuple[ActiveSchedule, int]:
+        """The inverse of `values_of`: the schedule and version that `variables` hold."""
+        kind, origin_step, scale, params, steps, stored, count, version, restart = \
+            (np.asarray(v) for v in values[:9])
+        spec = _decode(int(kind), params, steps, stored, int(count))
+        origin = Origin.RESTART if bool(restart) else Origin.GLOBAL
+        return ActiveSchedule(spec, origin, int(origin_step), float(scale)), int(version)
+
     def load(self, state: ActiveSchedule, version: int) -> None:
         """Make `state` the schedule of every following step. Call between steps only.
 
-        All or nothing: every value is converted first (a value that does not fit raises
-        here), and if an assignment fails the previous values are put back, so no step ever
-        sees half of one schedule and half of another.
+        All or nothing: every value is converted first, and if an assignment fails the
+        previous values are put back, so no step ever sees half of one schedule and half of
+        another. (lrctl's training thread does the same in one compiled call: integration.py.)
         """
-        enc = _encode(state)
-        new = [enc["kind"], np.asarray(state.origin_step, np.int64), np.asarray(state.scale, np.float64),
-               enc["params"], enc["steps"], enc["values"], enc["count"], np.asarray(version, np.int64),
-               np.asarray(state.origin is Origin.RESTART), enc["coefficients"], enc["rates"], enc["slopes"]]
+        new = self.values_of(state, version)
         old = [variable.numpy() for variable in self.variables]
         try:
             for variable, value in zip(self.variables, new, strict=True):
@@ -159,16 +183,15 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def set_version(self, version: int) -> None:
         self._version.assign(version)
+        self._stamp.assign(_new_stamp())
+
+    def stamp(self) -> int:
+        """The id of the last load (or set_version), as the variables hold it now."""
+        return int(self._stamp.numpy())
 
     def read(self) -> tuple[ActiveSchedule, int]:
         """Decode the variables (e.g. after a checkpoint restore) into the active schedule."""
-        spec = _decode(
-            int(self._kind.numpy()), np.asarray(self._params.numpy()), np.asarray(self._steps.numpy()),
-            np.asarray(self._values.numpy()), int(self._count.numpy()),
-        )
-        origin = Origin.RESTART if bool(self._restart.numpy()) else Origin.GLOBAL
-        state = ActiveSchedule(spec, origin, int(self._origin_step.numpy()), float(self._scale.numpy()))
-        return state, int(self._version.numpy())
+        return self.state_of([variable.numpy() for variable in self.variables])
 
     # -- in the graph ---------------------------------------------------------------------
     def __call__(self, step: Any) -> Any:

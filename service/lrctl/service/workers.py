@@ -15,13 +15,19 @@ transport (gRPC or NCCL), already set up and authenticated by the job.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Protocol
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from lrctl.service.controller import WorkerState
+
+
+class PackedEngine(Protocol):
+    """The engine's variables as one int64 vector (lrctl.service.packing)."""
+
+    def read_packed(self) -> np.ndarray: ...
+    def load_packed(self, vector: np.ndarray) -> None: ...
 
 
 def worker_count(strategy: tf.distribute.Strategy | None) -> int:
@@ -33,29 +39,12 @@ def worker_count(strategy: tf.distribute.Strategy | None) -> int:
     return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
 
 
-def _as_int64(value: np.ndarray) -> np.ndarray:
-    """The bits of `value` as int64s, one per element, exactly (summing with zeros keeps them)."""
-    if value.dtype == np.float64:
-        return value.view(np.int64)
-    if value.dtype == np.float32:
-        return value.view(np.int32).astype(np.int64)
-    return value.astype(np.int64)
-
-
-def _from_int64(bits: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype == np.float64:
-        return bits.view(np.float64)
-    if dtype == np.float32:
-        return bits.astype(np.int32).view(np.float32)
-    return bits.astype(dtype)
-
-
 class WorkerSync:
-    """Keeps `variables` (the schedule's) equal on every worker, switched at the same boundary.
-    Training thread only; every worker must call `exchange` at the same boundaries."""
+    """Keeps the engine equal on every worker, switched at the same boundary. Training thread
+    only; every worker must call `exchange` at the same boundaries."""
 
-    def __init__(self, strategy: tf.distribute.MultiWorkerMirroredStrategy,
-                 variables: Sequence[keras.Variable], every: int = 1) -> None:
+    def __init__(self, strategy: tf.distribute.MultiWorkerMirroredStrategy, engine: PackedEngine,
+                 every: int = 1) -> None:
         if every < 1:
             raise ValueError(f"sync_every must be >= 1 step; got {every}")
         self.every = every
@@ -65,11 +54,9 @@ class WorkerSync:
         # TensorFlow numbers workers the same way: the chief first, then the `worker` tasks.
         self.index = int(resolver.task_id) + (1 if has_chief and resolver.task_type == "worker" else 0)
         self.is_chief = self.index == 0
-        self._variables = list(variables)
-        values = [np.asarray(v.numpy()) for v in self._variables]
-        self._layout = [(v.shape, v.dtype, v.size) for v in values]
-        self._width = sum(v.size for v in values)
-        size = self._width + 2 * self.count + 1  # ... and the stop votes, last
+        self._engine = engine
+        self._width = len(engine.read_packed())
+        size = self._width + 2 * self.count + 1  # engine, (version, step) per worker, stop votes
         # Only this worker's first replica contributes: with several local replicas (GPUs),
         # the sum must count each worker once.
         first = self.index * (strategy.num_replicas_in_sync // self.count)
@@ -90,27 +77,21 @@ class WorkerSync:
         return step % self.every == 0
 
     def exchange(self, step: int, version: int, stop: bool) -> tuple[bool, tuple[WorkerState, ...], bool]:
-        """Send the chief's variables to every worker, this worker's (version, step) and its
-        vote to stop to all. Returns whether this worker's variables changed (a follower took
-        the chief's), what each worker reported, and whether any worker voted to stop."""
-        mine = [np.asarray(v.numpy()) for v in self._variables]
+        """Send the chief's engine to every worker, this worker's (version, step) and its vote
+        to stop to all. Returns whether this worker's engine changed (a follower took the
+        chief's), what each worker reported, and whether any worker voted to stop."""
+        mine = self._engine.read_packed()
         vector = np.zeros(self._width + 2 * self.count + 1, np.int64)
         if self.is_chief:
-            vector[: self._width] = np.concatenate([_as_int64(v.ravel()) for v in mine])
+            vector[: self._width] = mine
         vector[self._width + 2 * self.index: self._width + 2 * self.index + 2] = (version, step)
         vector[-1] = int(stop)
         total = np.asarray(self._all_reduce(tf.constant(vector)))
         reports = total[self._width: -1].reshape(self.count, 2)
         workers = tuple(WorkerState(i, int(v), int(s)) for i, (v, s) in enumerate(reports))
         stop_all = bool(total[-1])
-        if self.is_chief:
+        theirs = total[: self._width]
+        if self.is_chief or np.array_equal(theirs, mine):
             return False, workers, stop_all
-        changed = False
-        offset = 0
-        for variable, value, (shape, dtype, size) in zip(self._variables, mine, self._layout, strict=True):
-            theirs = _from_int64(total[offset: offset + size], dtype).reshape(shape)
-            offset += size
-            if theirs.tobytes() != value.tobytes():
-                variable.assign(theirs)
-                changed = True
-        return changed, workers, stop_all
+        self._engine.load_packed(theirs)
+        return True, workers, stop_all

@@ -1,0 +1,80 @@
+"""The schedule's variables as one int64 vector, bit for bit, on the host and in the graph.
+
+One tensor instead of twelve: reading or loading the engine is then one compiled call with
+one input or output (each extra argument of a tf.function costs a conversion, ~30 µs), and a
+multi-worker exchange is one all-reduce. Floats travel as their bits, so nothing is rounded,
+and summing a vector with zeros (the all-reduce) leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class Packer:
+    """Packs the values of `variables` (their shapes and dtypes fixed) into int64 vectors."""
+
+    def __init__(self, variables: Sequence[keras.Variable]) -> None:
+        self._layout = [(tuple(v.shape), np.dtype(v.dtype), int(np.prod(v.shape, dtype=np.int64)))
+                        for v in variables]
+        self.size = sum(size for _, _, size in self._layout)
+
+    # -- host (numpy) ----------------------------------------------------------------------
+    def pack(self, values: Sequence[Any]) -> np.ndarray:
+        return np.concatenate([_to_bits(np.asarray(v, dtype).ravel())
+                               for v, (_, dtype, _) in zip(values, self._layout, strict=True)])
+
+    def unpack(self, vector: np.ndarray) -> list[np.ndarray]:
+        out, offset = [], 0
+        for shape, dtype, size in self._layout:
+            out.append(_from_bits(vector[offset: offset + size], dtype).reshape(shape))
+            offset += size
+        return out
+
+    # -- graph -----------------------------------------------------------------------------
+    def pack_tensors(self, tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+        return tf.concat([_tensor_to_bits(tf.reshape(t, [-1]), dtype)
+                          for t, (_, dtype, _) in zip(tensors, self._layout, strict=True)], 0)
+
+    def unpack_tensor(self, vector: tf.Tensor) -> list[tf.Tensor]:
+        parts = tf.split(vector, [size for _, _, size in self._layout])  # one op, not one per part
+        return [tf.reshape(_tensor_from_bits(part, dtype), shape)
+                for part, (shape, dtype, _) in zip(parts, self._layout, strict=True)]
+
+
+def _to_bits(value: np.ndarray) -> np.ndarray:
+    if value.dtype == np.float64:
+        return value.view(np.int64)
+    if value.dtype == np.float32:
+        return value.view(np.int32).astype(np.int64)
+    return value.astype(np.int64)
+
+
+def _from_bits(bits: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    bits = np.ascontiguousarray(bits, np.int64)
+    if dtype == np.float64:
+        return bits.view(np.float64)
+    if dtype == np.float32:
+        return bits.astype(np.int32).view(np.float32)
+    return bits.astype(dtype)
+
+
+def _tensor_to_bits(t: tf.Tensor, dtype: np.dtype) -> tf.Tensor:
+    if dtype == np.float64:
+        return tf.bitcast(t, tf.int64)
+    if dtype == np.float32:
+        return tf.cast(tf.bitcast(t, tf.int32), tf.int64)
+    return tf.cast(t, tf.int64)
+
+
+def _tensor_from_bits(bits: tf.Tensor, dtype: np.dtype) -> tf.Tensor:
+    if dtype == np.float64:
+        return tf.bitcast(bits, tf.float64)
+    if dtype == np.float32:
+        return tf.bitcast(tf.cast(bits, tf.int32), tf.float32)
+    return tf.cast(bits, tf.as_dtype(dtype))
