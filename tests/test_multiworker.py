@@ -21,10 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from lrctl.client import TrainingControlClient, schedules
+from lrctl.service import TrainingControl
 from lrctl.v1 import training_control_pb2 as pb
 
 START_LIMIT = 180.0  # seconds for two TensorFlow processes to start on a loaded 2-core machine
@@ -208,3 +211,13 @@ def test_a_restarted_job_resumes_alike_on_every_worker(tmp_path: Path, jobs: lis
     # the first job used at that step.
     assert log[0] == resumed_at and resumed_at["version"] == saved["version"]
     assert later[0].version == saved["version"] + 1  # versions go on from the checkpoint's
+
+
+def test_one_worker_needs_no_exchange_and_stops_at_once() -> None:
+    control = TrainingControl(keras.optimizers.SGD(0.1), strategy=tf.distribute.get_strategy())
+    assert control.workers is None and control.is_chief
+    control.step_boundary()
+    assert not control.should_stop
+    control.request_stop()
+    assert control.should_stop
+    assert control.controller.snapshot().workers == ()
