@@ -17,7 +17,8 @@ round's plain run is one sample. Rounds continue until the 95% CI of lrctl_full'
 is narrower than --target-ci-us, or --rounds / --max-s run out.
 
 The last line is JSON: `ratio` (lrctl_full steps/s over plain, median of paired rounds) and
-`added_us_per_step` ({mean, ci95, ci_width, n}) for the first mode; all modes in `modes`.
+`added_us_per_step` ({median, ci95, ci_width, mean, n}: the median of the paired per-round
+differences, with a distribution-free 95% CI) for the first mode; all modes in `modes`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
 import keras
-from _common import BATCH, emit, mean_ci, seed_data, seed_model
+from _common import BATCH, emit, median_ci, seed_data, seed_model
 
 from lrctl.service import TrainingControl
 from lrctl.service.integration import attach
@@ -102,7 +103,7 @@ def measure_mode(mode: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         rounds += 1
         if rounds >= args.min_rounds and "lrctl_full" in seconds:
             added = [(t - p) / args.steps * 1e6 for t, p in zip(seconds["lrctl_full"], seconds["plain"])]
-            if mean_ci(added)["ci_width"] < args.target_ci_us:
+            if median_ci(added)["ci_width"] < args.target_ci_us:
                 break
     for variant in variants.values():
         variant.stack.close()
@@ -111,9 +112,9 @@ def measure_mode(mode: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     for name, s in seconds.items():
         out[name] = {"us_per_step": round(statistics.median(s) / args.steps * 1e6, 1),
                      "ratio": round(statistics.median(b / t for b, t in zip(base, s)), 4),
-                     "added_us_per_step": mean_ci([(t - b) / args.steps * 1e6 for t, b in zip(s, base)])}
+                     "added_us_per_step": median_ci([(t - b) / args.steps * 1e6 for t, b in zip(s, base)])}
     if "keras_schedule" in seconds and "lrctl_full" in seconds:
-        out["added_us_over_keras_schedule"] = mean_ci(
+        out["added_us_over_keras_schedule"] = median_ci(
             [(t - k) / args.steps * 1e6 for t, k in zip(seconds["lrctl_full"], seconds["keras_schedule"])])
     return out
 
