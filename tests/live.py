@@ -108,3 +108,15 @@ def wait_for_health(client: Any, service: str, status: str, limit: float = 60.0)
         if time.monotonic() > deadline:
             raise AssertionError(f"health of {service!r} never became {status}")
         time.sleep(0.01)
+
+
+def state_until(client: Any, ok: Any, limit: float = 120.0) -> Any:
+    """Poll `client.get_state()` until `ok(state)`; return that state (a safety limit, not a
+    timing check)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        state = client.get_state()
+        if ok(state):
+            return state
+        time.sleep(0.02)
+    raise AssertionError("the state never got there")

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from live import state_until
 
 from lrctl.client import TrainingControlClient, schedules
 from lrctl.service import TrainingControl
@@ -110,16 +111,6 @@ def jobs(tmp_path: Path) -> Iterator[list[Job]]:
         job.kill()
 
 
-def _until(client: TrainingControlClient, ok: Any, limit: float = 120.0) -> pb.TrainingState:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        state = client.get_state()
-        if ok(state):
-            return state
-        time.sleep(0.05)
-    raise AssertionError("the state never got there")
-
-
 def _workers_agree(state: pb.TrainingState, version: int) -> bool:
     return len(state.workers) == 2 and all(w.applied_version == version for w in state.workers)
 
@@ -170,7 +161,7 @@ def test_every_worker_switches_at_the_same_step(tmp_path: Path, jobs: list[Job])
     with job.client() as client:
         changes = _mixed_changes(client, 24)
         final = changes[-1].version
-        state = _until(client, lambda s: _workers_agree(s, final))
+        state = state_until(client, lambda s: _workers_agree(s, final))
         assert state.version == final
         assert [w.index for w in state.workers] == [0, 1]
     job.stop()
@@ -187,7 +178,7 @@ def test_a_restarted_job_resumes_alike_on_every_worker(tmp_path: Path, jobs: lis
         before = client.get_state()
         # Wait for a checkpoint taken after the last change, then a worker dies.
         pointer = checkpoints / "latest.json"
-        _until(client, lambda s: pointer.exists()
+        state_until(client, lambda s: pointer.exists()
                and json.loads(pointer.read_text())["step"] > changes[-1].applied_step)
     first.processes[1].kill()
     first.kill()  # the job restarts as a whole, as MultiWorkerMirroredStrategy requires
@@ -200,11 +191,11 @@ def test_a_restarted_job_resumes_alike_on_every_worker(tmp_path: Path, jobs: lis
     second = Job(tmp_path, checkpoints, "second")
     jobs.append(second)
     with second.client() as client:
-        state = _until(client, lambda s: _workers_agree(s, saved["version"]))
+        state = state_until(client, lambda s: _workers_agree(s, saved["version"]))
         assert state.version == saved["version"]
         assert state.schedule == before.schedule and state.scale == before.scale
         later = _mixed_changes(client, 4)
-        _until(client, lambda s: _workers_agree(s, later[-1].version))
+        state_until(client, lambda s: _workers_agree(s, later[-1].version))
     second.stop()
     log = _assert_consistent(second, later)
     # Both workers resumed at the checkpoint's step with the version and the learning rate

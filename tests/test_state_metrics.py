@@ -14,6 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
+from live import state_until
 
 from lrctl.client import TrainingControlClient
 from lrctl.service import TrainingControl
@@ -71,19 +72,9 @@ def fit() -> Iterator[tuple[_Fit, TrainingControlClient]]:
     assert trainer.error is None
 
 
-def _until(client: TrainingControlClient, ok: Any, limit: float = 60.0) -> Any:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        state = client.get_state()
-        if ok(state):
-            return state
-        time.sleep(0.01)
-    raise AssertionError("the state never got there")
-
-
 def test_batch_metrics_say_when_they_were_taken(fit: tuple[_Fit, TrainingControlClient]) -> None:
     _, client = fit
-    state = _until(client, lambda s: s.HasField("metrics_step") and s.step >= 3)
+    state = state_until(client, lambda s: s.HasField("metrics_step") and s.step >= 3)
     assert {"loss", "mae"} <= set(state.metrics)
     assert not any(k.startswith("val_") for k in state.metrics)  # batch logs have no val_*
     assert 1 <= state.metrics_step <= state.step
@@ -95,21 +86,21 @@ def test_batch_metrics_say_when_they_were_taken(fit: tuple[_Fit, TrainingControl
 
 def test_epoch_metrics_with_validation_are_marked(fit: tuple[_Fit, TrainingControlClient]) -> None:
     _, client = fit
-    state = _until(client, lambda s: s.HasField("epoch_metrics_epoch"))
+    state = state_until(client, lambda s: s.HasField("epoch_metrics_epoch"))
     assert {"loss", "mae", "val_loss", "val_mae"} <= set(state.epoch_metrics)
     epoch = state.epoch_metrics_epoch
     assert epoch >= 0
     # fit ran every epoch in full: epoch N ends at step (N + 1) * steps per epoch.
     assert state.epoch_metrics_step == (epoch + 1) * STEPS_PER_EPOCH
     assert state.HasField("epoch_metrics_time")
-    later = _until(client, lambda s: s.epoch_metrics_epoch > epoch)
+    later = state_until(client, lambda s: s.epoch_metrics_epoch > epoch)
     assert later.epoch_metrics_step == (later.epoch_metrics_epoch + 1) * STEPS_PER_EPOCH
     assert "val_loss" in later.epoch_metrics
 
 
 def test_throughput_is_reported(fit: tuple[_Fit, TrainingControlClient]) -> None:
     _, client = fit
-    state = _until(client, lambda s: s.HasField("steps_per_second"))
+    state = state_until(client, lambda s: s.HasField("steps_per_second"))
     assert 0 < state.steps_per_second < 1e6
     # What the figure means is tested below with an injected clock: on a shared machine no
     # wall-clock comparison is safe.
@@ -165,7 +156,7 @@ def _figure(value: float | None) -> float:
 
 def test_no_update_shows_pre_change_metrics_as_post_change(fit: tuple[_Fit, TrainingControlClient]) -> None:
     _, client = fit
-    _until(client, lambda s: s.HasField("metrics_step"))
+    state_until(client, lambda s: s.HasField("metrics_step"))
     seen: list[Any] = []
     done = threading.Event()
 
@@ -180,7 +171,7 @@ def test_no_update_shows_pre_change_metrics_as_post_change(fit: tuple[_Fit, Trai
     watcher.start()
     time.sleep(0.2)
     change = client.set_learning_rate(0.005, wait=True, reason="metrics test")
-    after = _until(client, lambda s: s.version >= change.version and s.HasField("metrics_step")
+    after = state_until(client, lambda s: s.version >= change.version and s.HasField("metrics_step")
                    and s.metrics_step > change.applied_step)
     assert after.metrics
     time.sleep(0.2)
