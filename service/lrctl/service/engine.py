@@ -177,6 +177,14 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 variable.assign(value)
             raise
 
+    @property
+    def version_variable(self) -> keras.Variable:
+        return self._version
+
+    @property
+    def stamp_variable(self) -> keras.Variable:
+        return self._stamp
+
     def version(self) -> int:
         """The version variable alone: a cheap way to notice a checkpoint restore."""
         return int(self._version.numpy())

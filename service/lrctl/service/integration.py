@@ -149,7 +149,8 @@ class _EngineTarget:
         self._assign_all = assign_all
         #: What the variables held at the last read or load: put back if a load fails.
         self._held: np.ndarray | None = None
-        self._stamp_at = packer.size - 1  # the engine's last variable: its stamp
+        self._stamp_at = packer.offset_of(schedule.stamp_variable)
+        self._version_at = packer.offset_of(schedule.version_variable)
 
     def replaced(self) -> bool:
         """Whether something (a restore) may have changed the variables since the last read
@@ -171,7 +172,14 @@ class _EngineTarget:
         self._held = vector
 
     def read(self) -> tuple[ActiveSchedule, int]:
-        return self._schedule.state_of(self._packer.unpack(self.read_packed()))
+        return self.state_in(self.read_packed())
+
+    def state_in(self, vector: np.ndarray) -> tuple[ActiveSchedule, int]:
+        """The schedule and version a packed vector holds (host only, no TensorFlow)."""
+        return self._schedule.state_of(self._packer.unpack(vector))
+
+    def version_in(self, vector: np.ndarray) -> int:
+        return int(vector[self._version_at])
 
     def read_packed(self) -> np.ndarray:
         self._held = np.asarray(self._read_all())
@@ -319,10 +327,10 @@ class TrainingControl:
     def _exchange(self, step: int) -> None:
         if self.workers is None or not self.workers.due(step):
             return
-        changed, reports, stop = self.workers.exchange(step, self.schedule.version(), self._stop_asked)
+        taken, reports, stop = self.workers.exchange(step, self._stop_asked)
         self._stop_agreed = self._stop_agreed or stop
-        if changed:
-            state, version = self._target.read()
+        if taken is not None:
+            state, version = self._target.state_in(taken)
             self.controller.follow(state, version)
             logger.info("v%d step %d: took the chief's schedule: %s", version, step,
                         short(state.spec.describe()))

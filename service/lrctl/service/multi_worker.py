@@ -102,14 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         started, first_step = time.perf_counter(), control.step
         with control.training():
             control.step_boundary()  # the first exchange: changes queued before step 0 land
-            while not control.should_stop and (args.steps == 0 or control.step < args.steps):
-                step = control.step
+            step = first_step  # one optimizer step per batch: counted here, not read each time
+            while not control.should_stop and (args.steps == 0 or step < args.steps):
                 loss, lr = (strategy.experimental_local_results(t)[0] for t in train_step(next(batches)))
                 if log is not None:
                     log.write(json.dumps({"step": step, "version": control.schedule.version(),
                                           "lr": float(lr)}) + "\n")
+                step += 1
                 control.step_boundary({"loss": loss})
-                if checkpoints is not None and control.is_chief and control.step % args.checkpoint_every == 0:
+                if checkpoints is not None and control.is_chief and step % args.checkpoint_every == 0:
                     checkpoints.save()
         if args.weights_out:
             np.savez(args.weights_out, *model.get_weights())

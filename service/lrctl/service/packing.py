@@ -23,6 +23,12 @@ class Packer:
         self._layout = [(tuple(v.shape), np.dtype(v.dtype), int(np.prod(v.shape, dtype=np.int64)))
                         for v in variables]
         self.size = sum(size for _, _, size in self._layout)
+        starts = np.cumsum([0] + [size for _, _, size in self._layout])
+        self._offset = {id(v): int(start) for v, start in zip(variables, starts, strict=False)}
+
+    def offset_of(self, variable: keras.Variable) -> int:
+        """Where a scalar variable's value sits in the vector."""
+        return self._offset[id(variable)]
 
     # -- host (numpy) ----------------------------------------------------------------------
     def pack(self, values: Sequence[Any]) -> np.ndarray:

@@ -28,6 +28,7 @@ class PackedEngine(Protocol):
 
     def read_packed(self) -> np.ndarray: ...
     def load_packed(self, vector: np.ndarray) -> None: ...
+    def version_in(self, vector: np.ndarray) -> int: ...
 
 
 def worker_count(strategy: tf.distribute.Strategy | None) -> int:
@@ -76,11 +77,13 @@ class WorkerSync:
         """Whether the boundary before step `step` is an exchange."""
         return step % self.every == 0
 
-    def exchange(self, step: int, version: int, stop: bool) -> tuple[bool, tuple[WorkerState, ...], bool]:
+    def exchange(self, step: int, stop: bool) -> tuple[np.ndarray | None, tuple[WorkerState, ...], bool]:
         """Send the chief's engine to every worker, this worker's (version, step) and its vote
-        to stop to all. Returns whether this worker's engine changed (a follower took the
-        chief's), what each worker reported, and whether any worker voted to stop."""
+        to stop to all. Returns the chief's engine if this worker just took it (a follower whose
+        engine differed; else None), what each worker reported, and whether any worker voted
+        to stop."""
         mine = self._engine.read_packed()
+        version = self._engine.version_in(mine)
         vector = np.zeros(self._width + 2 * self.count + 1, np.int64)
         if self.is_chief:
             vector[: self._width] = mine
@@ -92,6 +95,6 @@ class WorkerSync:
         stop_all = bool(total[-1])
         theirs = total[: self._width]
         if self.is_chief or np.array_equal(theirs, mine):
-            return False, workers, stop_all
+            return None, workers, stop_all
         self._engine.load_packed(theirs)
-        return True, workers, stop_all
+        return theirs, workers, stop_all
