@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from fakes import MemoryTarget
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_trainer import LIMIT, _Trainer
 
@@ -33,18 +34,7 @@ from lrctl.service.errors import FailedPreconditionError, UnavailableError
 from lrctl.service.journal import read
 from lrctl.service.servicer import status_of
 
-
-class _Target:
-    """The engine as the controller sees it, without TensorFlow."""
-
-    def __init__(self) -> None:
-        self.state, self.version = specs.ActiveSchedule(specs.Constant(0.1)), 0
-
-    def load(self, state: specs.ActiveSchedule, version: int) -> None:
-        self.state, self.version = state, version
-
-    def read(self) -> tuple[specs.ActiveSchedule, int]:
-        return self.state, self.version
+_START = specs.ActiveSchedule(specs.Constant(0.1))  # the engine's schedule in the controller-only tests
 
 
 def _same(changes: Any) -> list[tuple[object, ...]]:
@@ -53,7 +43,7 @@ def _same(changes: Any) -> list[tuple[object, ...]]:
 
 
 def _busy_controller() -> Controller:
-    controller = Controller(_Target(), history_size=3)
+    controller = Controller(MemoryTarget(_START), history_size=3)
     decay = specs.ExponentialDecay(initial_learning_rate=0.05, decay_steps=10, decay_rate=0.5)
     for request in [ChangeRequest(PinLearningRate(0.2), request_id="pin", reason="warm"),
                     ChangeRequest(ScaleLearningRate(0.5), request_id="scale"),
@@ -72,7 +62,7 @@ def _busy_controller() -> Controller:
 def test_control_state_round_trips_through_json_and_retries_apply_nothing() -> None:
     before = _busy_controller()
     exported = json.loads(json.dumps(before.export_state()))
-    after = Controller(_Target(), history_size=3)
+    after = Controller(MemoryTarget(_START), history_size=3)
     after.import_state(exported)
 
     old, new = before.snapshot(), after.snapshot()

@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 
 import pytest
+from fakes import MemoryTarget
 from live import LiveTrainer
 
 from lrctl.client import FailedPrecondition, InvalidArgument, TrainingControlClient, pb, schedules
@@ -22,23 +23,12 @@ from lrctl.service.errors import InvalidArgumentError, RunIdMismatchError
 from lrctl.service.server import serve
 from lrctl.service.specs import ActiveSchedule, Constant, ExponentialDecay, Origin
 
-
-class _Target:
-    """A pure-Python engine: holds what it was loaded with."""
-
-    def __init__(self) -> None:
-        self.state, self.version = ActiveSchedule(Constant(0.01), Origin.RESTART, 0, 1.0), 0
-
-    def load(self, state: ActiveSchedule, version: int) -> None:
-        self.state, self.version = state, version
-
-    def read(self) -> tuple[ActiveSchedule, int]:
-        return self.state, self.version
+_START = ActiveSchedule(Constant(0.01), Origin.RESTART, 0, 1.0)  # the engine's schedule in the controller-only tests
 
 
 # -- controller (pure Python) -------------------------------------------------------------------
 def test_apply_after_steps_counts_from_the_first_boundary_that_sees_the_change() -> None:
-    controller = Controller(_Target())
+    controller = Controller(MemoryTarget(_START))
     change = controller.submit(ChangeRequest(PinLearningRate(0.5), apply_after_steps=3))
     assert change.status is ChangeStatus.PENDING and controller.next_due_step == 0
     assert controller.at_boundary(10)
@@ -51,7 +41,7 @@ def test_apply_after_steps_counts_from_the_first_boundary_that_sees_the_change()
 
 
 def test_apply_after_zero_steps_applies_at_the_first_boundary() -> None:
-    controller = Controller(_Target())
+    controller = Controller(MemoryTarget(_START))
     controller.submit(ChangeRequest(ScaleLearningRate(2.0), apply_after_steps=0))
     [applied] = controller.apply_due(7)
     assert applied.applied_step == 7
@@ -68,12 +58,12 @@ def test_apply_after_zero_steps_applies_at_the_first_boundary() -> None:
 ])
 def test_bad_relative_or_atomic_requests_are_invalid(request_: ChangeRequest, field: str) -> None:
     with pytest.raises(InvalidArgumentError) as info:
-        Controller(_Target()).submit(request_)
+        Controller(MemoryTarget(_START)).submit(request_)
     assert info.value.field == field
 
 
 def test_swap_with_start_step_and_scale_is_one_version() -> None:
-    controller = Controller(_Target())
+    controller = Controller(MemoryTarget(_START))
     spec = ExponentialDecay(0.1, 10, 0.5)
     controller.submit(ChangeRequest(SwapSchedule(spec, start_step=40, scale=0.25)))
     [applied] = controller.apply_due(100)
@@ -83,7 +73,7 @@ def test_swap_with_start_step_and_scale_is_one_version() -> None:
 
 
 def test_a_mismatched_run_id_is_refused_in_process() -> None:
-    controller = Controller(_Target(), run_id="current")
+    controller = Controller(MemoryTarget(_START), run_id="current")
     with pytest.raises(RunIdMismatchError):
         controller.submit(ChangeRequest(PinLearningRate(0.1), expected_run_id="old"))
     change = controller.submit(ChangeRequest(PinLearningRate(0.1), request_id="a", expected_run_id="current"))
@@ -194,7 +184,7 @@ def test_copying_trainer_b_to_a_is_one_request(trainer_a: LiveTrainer, trainer_b
 
 # -- watch triggers (item 4) ---------------------------------------------------------------------
 def test_watch_triggers_send_on_steps_and_epochs_and_skip_time_updates() -> None:
-    controller = Controller(_Target())
+    controller = Controller(MemoryTarget(_START))
     updates = controller.updates(3600.0, lambda: True, poll=0.01, every_steps=10, on_epoch=True,
                                  changes_only=True)
     assert next(updates).step == 0
@@ -211,7 +201,7 @@ def test_watch_triggers_send_on_steps_and_epochs_and_skip_time_updates() -> None
 
 
 def test_watch_rejects_a_negative_every_steps() -> None:
-    with serve(Controller(_Target()), "127.0.0.1:0") as (_, port), \
+    with serve(Controller(MemoryTarget(_START)), "127.0.0.1:0") as (_, port), \
             TrainingControlClient(f"127.0.0.1:{port}", timeout=30) as client:
         with pytest.raises(InvalidArgument), client.watch(every_steps=-1) as updates:
             next(iter(updates))
