@@ -19,7 +19,7 @@ from fakes import MemoryTarget
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_trainer import LIMIT, _Trainer
 
-from lrctl.client import FailedPrecondition, TrainingControlClient, pb
+from lrctl.client import FailedPrecondition, TrainingControlClient, Unavailable, pb
 from lrctl.service import specs
 from lrctl.service.checkpoint import LATEST, write_json
 from lrctl.service.controller import (
@@ -33,6 +33,7 @@ from lrctl.service.controller import (
 from lrctl.service.errors import FailedPreconditionError, UnavailableError
 from lrctl.service.journal import read
 from lrctl.service.servicer import status_of
+from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 _START = specs.ActiveSchedule(specs.Constant(0.1))  # the engine's schedule in the controller-only tests
 
@@ -159,7 +160,8 @@ def test_kill_9_then_restart_resumes_lr_schedule_version_step_and_dedup(
         assert f"resumed from the checkpoint at step {pointer['step']} " in again.stderr
         with TrainingControlClient(again.target, timeout=LIMIT) as client:
             state = client.get_state()
-            assert state.run_id != before.run_id  # a new process, a new run id
+            # A resumed run is the same run; the process is a new incarnation.
+            assert state.run_id == before.run_id and state.incarnation != before.incarnation != ""
             assert state.version == 3 and state.step >= pointer["step"]
             # The swapped schedule, its origin and the cumulative scale x0.5.
             assert (state.schedule, state.schedule_origin_step, state.scale) == (
@@ -167,9 +169,20 @@ def test_kill_9_then_restart_resumes_lr_schedule_version_step_and_dedup(
             assert [c.request_id for c in state.pending_changes] == ["later"]
             assert [c.request_id for c in state.recent_changes] == ["pin-1", "swap-2", "scale-3"]
             again.wait_until_training()
-            # A retry from before the kill returns the old record and applies nothing.
-            retry = client.set_learning_rate(0.05, request_id="pin-1", wait=True, reason="warm")
+            # A retry from before the kill returns the old record and applies nothing, whatever
+            # its fences say: the ledger answers before any fence.
+            stub = pb_grpc.TrainingControlServiceStub(client.channel)
+            retry = stub.SetLearningRate(pb.SetLearningRateRequest(
+                learning_rate=0.05, request_id="pin-1", wait_until_applied=True, reason="warm",
+                expected_run_id=before.run_id, expected_incarnation=before.incarnation), timeout=LIMIT).change
             assert (retry.version, retry.applied_step) == (first.version, first.applied_step) == (1, first.applied_step)
+            # A new decision made against the killed process is fenced off.
+            with pytest.raises(grpc.RpcError) as fenced:
+                stub.SetLearningRate(pb.SetLearningRateRequest(
+                    learning_rate=0.07, request_id="stale", expected_run_id=before.run_id,
+                    expected_version=3, expected_incarnation=before.incarnation), timeout=LIMIT)
+            assert fenced.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "expected_incarnation" in (fenced.value.details() or "")
             assert client.get_state().version == 3
             assert abs(client.get_state().learning_rate - state.learning_rate) < 0.5 * state.learning_rate
     finally:
@@ -180,7 +193,7 @@ def test_kill_9_then_restart_resumes_lr_schedule_version_step_and_dedup(
     assert resumed[0]["checkpoint_run_id"] == before.run_id
 
 
-def test_sigterm_answers_pending_turns_not_ready_checkpoints_and_exits_0(
+def test_sigterm_keeps_pending_changes_for_the_restart_and_exits_0(
     tmp_path: Path, subprocess_env: dict[str, str],
 ) -> None:
     ckpt = tmp_path / "ckpt"
@@ -194,10 +207,11 @@ def test_sigterm_answers_pending_turns_not_ready_checkpoints_and_exits_0(
             step = client.get_state().step
             applied = client.set_learning_rate(0.02, wait=True)
 
-            def wait_for_far_change() -> None:
+            def wait_for_far_change() -> None:  # a scheduled cooldown, accepted before the signal
                 try:
-                    outcome.append(client.set_learning_rate(0.01, apply_at_step=step + 10**8, wait=True))
-                except FailedPrecondition as e:
+                    outcome.append(client.set_learning_rate(0.01, apply_at_step=step + 10**8, wait=True,
+                                                            request_id="cooldown"))
+                except (FailedPrecondition, Unavailable) as e:
                     outcome.append(e)
 
             def watch_readiness() -> None:  # the standard Health/Watch stream, as a probe sees it
@@ -224,11 +238,26 @@ def test_sigterm_answers_pending_turns_not_ready_checkpoints_and_exits_0(
         run.process.kill()
     assert returncode == 0, run.stderr
     assert readiness[0] == "SERVING" and "NOT_SERVING" in readiness, readiness
-    assert len(outcome) == 1 and isinstance(outcome[0], FailedPrecondition), outcome
+    # The waiter is told to come back after the restart, not that its change was cancelled.
+    assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
+    assert "run " in run.stderr and " stopped at step " in run.stderr, run.stderr
     pointer = _pointer(ckpt)
     assert pointer is not None and pointer["version"] == applied.version == 1
     saved = json.loads((ckpt / pointer["control"]).read_text())
-    assert saved["pending"] == [] and saved["finished"][-1]["status"] == "cancelled"
+    assert [c["request"]["request_id"] for c in saved["pending"]] == ["cooldown"]
+    assert all(c["status"] != "cancelled" for c in saved["finished"])
+
+    again = _Trainer("--demo", "--checkpoint-dir", str(ckpt), env=subprocess_env)
+    try:
+        again.wait_until_training()
+        with TrainingControlClient(again.target, timeout=LIMIT) as client:
+            state = client.get_state()
+            assert [c.request_id for c in state.pending_changes] == ["cooldown"]
+            assert state.pending_changes[0].status == pb.CHANGE_STATUS_PENDING
+            assert state.pending_changes[0].apply_at_step == step + 10**8
+    finally:
+        again.process.send_signal(signal.SIGTERM)
+        assert again.wait() == 0, again.stderr
 
 
 def test_checkpointer_in_user_fit_code_resumes_step_schedule_and_history(tmp_path: Path) -> None:

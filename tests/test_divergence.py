@@ -22,6 +22,7 @@ from lrctl.client import TrainingControlClient, pb
 from lrctl.service import TrainingControl
 from lrctl.service.controller import ChangeRequest, ChangeStatus, PinLearningRate
 from lrctl.service.server import serve
+from lrctl.service.servicer import spec_to_proto
 
 LR = 0.05
 HUGE = 1e30
@@ -105,6 +106,11 @@ def test_a_change_that_makes_the_loss_nan_is_reverted_with_the_weights(change_at
             f"auto-revert: loss was inf at step {revert_at}, within 4 steps of v1")
         assert reverted.learning_rate_after == pytest.approx(LR)
         assert reverted.schedule.WhichOneof("kind") == "constant"
+        # Recorded as what it is: a revert to the exact schedule, origin and scale before v1.
+        assert reverted.WhichOneof("action") == "revert", reverted
+        assert reverted.revert.schedule == spec_to_proto(before.spec)
+        assert (reverted.revert.schedule_origin_step, reverted.revert.scale) == (before.origin_step, before.scale)
+        assert reverted.description.startswith("revert to ")
     assert state.version == 2 and state.learning_rate == pytest.approx(LR)
     assert state.guardrails.revert_on_nan_steps == 4  # the guard is reported in the state
     (auto,) = [c for c in control.controller.snapshot().recent if c.version == 2]

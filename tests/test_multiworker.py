@@ -93,6 +93,29 @@ class Job:
         for i, p in enumerate(self.processes):
             assert p.wait(timeout=START_LIMIT) == 0, self.errors(i)
 
+    def freeze_at_logged_checkpoint(self, pointer: Path) -> dict[str, Any]:
+        """Stop every worker (SIGSTOP) at a moment when both have logged the step of the newest
+        checkpoint, and return its pointer. A worker logs a step once that step has run, so a
+        worker caught just after a checkpoint has not logged its step yet: then let the job
+        run on and try again. Frozen, nothing can write a newer checkpoint before the kill."""
+        deadline = time.monotonic() + START_LIMIT
+        while True:
+            for p in self.processes:
+                p.send_signal(signal.SIGSTOP)
+            saved: dict[str, Any] = json.loads(pointer.read_text())
+            if all(saved["step"] in self.logged_steps(i) for i in range(2)):
+                return saved
+            for p in self.processes:
+                p.send_signal(signal.SIGCONT)
+            self._check_alive()
+            assert time.monotonic() < deadline, "the workers never logged a checkpoint's step"
+            time.sleep(0.05)
+
+    def logged_steps(self, i: int) -> set[int]:
+        """Steps in worker i's log; a last line caught half-written does not count."""
+        text = self.logs[i].read_text() if self.logs[i].exists() else ""
+        return {json.loads(line)["step"] for line in text.splitlines(keepends=True) if line.endswith("\n")}
+
     def kill(self) -> None:
         for p in self.processes:
             if p.poll() is None:
@@ -180,9 +203,9 @@ def test_a_restarted_job_resumes_alike_on_every_worker(tmp_path: Path, jobs: lis
         pointer = checkpoints / "latest.json"
         state_until(client, lambda s: pointer.exists()
                and json.loads(pointer.read_text())["step"] > changes[-1].applied_step)
+    saved = first.freeze_at_logged_checkpoint(pointer)
     first.processes[1].kill()
     first.kill()  # the job restarts as a whole, as MultiWorkerMirroredStrategy requires
-    saved = json.loads(pointer.read_text())
     assert saved["version"] == changes[-1].version
     # What the first job's workers logged at the checkpoint's step (the logs are line-buffered).
     resumed_at = {entry["step"]: entry for entry in first.log(0)}[saved["step"]]

@@ -24,8 +24,9 @@ Changes are applied only by the training thread, at step boundaries (between
 two calls of the compiled train function). RPC handlers never touch the
 optimizer themselves; they queue a change, which the training thread applies
 at the next boundary. With Keras `steps_per_execution=N` a boundary occurs
-only every N steps, so a change lands at the first boundary whose step is
->= its `apply_at_step`.
+only every N steps (TrainingState.boundary_spacing), so an `apply_at_step`
+that no boundary reaches is refused: a change lands exactly at its
+`apply_at_step`, or not at all, never late.
 
 Every applied change increments the state `version` by one. Clients can use
 `expected_version` for optimistic concurrency control and `request_id` to
@@ -111,8 +112,9 @@ class _ChangeStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeSt
     CHANGE_STATUS_ABORTED: _ChangeStatus.ValueType  # 4
     """expected_version no longer matched at the step boundary; nothing changed."""
     CHANGE_STATUS_CANCELLED: _ChangeStatus.ValueType  # 5
-    """Cancelled by CancelChange, or the run ended before the change was due;
-    nothing changed.
+    """Cancelled by CancelChange, or the run completed or failed before the
+    change was due (a shutdown keeps it pending: PHASE_STOPPED); nothing
+    changed.
     """
     CHANGE_STATUS_FAILED: _ChangeStatus.ValueType  # 6
     """Not applied, and never will be; `error` says why: its apply_at_step had
@@ -141,8 +143,9 @@ changed.
 CHANGE_STATUS_ABORTED: ChangeStatus.ValueType  # 4
 """expected_version no longer matched at the step boundary; nothing changed."""
 CHANGE_STATUS_CANCELLED: ChangeStatus.ValueType  # 5
-"""Cancelled by CancelChange, or the run ended before the change was due;
-nothing changed.
+"""Cancelled by CancelChange, or the run completed or failed before the
+change was due (a shutdown keeps it pending: PHASE_STOPPED); nothing
+changed.
 """
 CHANGE_STATUS_FAILED: ChangeStatus.ValueType  # 6
 """Not applied, and never will be; `error` says why: its apply_at_step had
@@ -167,12 +170,20 @@ class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType
     PHASE_STOPPING: _Phase.ValueType  # 3
     """Training was asked to stop and is finishing its current step."""
     PHASE_FINISHED: _Phase.ValueType  # 4
-    """Training finished normally. No further changes are applied; pending
-    changes are CANCELLED.
+    """Training completed (its steps or epochs) or was stopped for good. No
+    further changes are applied; pending changes are CANCELLED. Terminal: a
+    restart from its checkpoint has nothing left to do.
     """
     PHASE_FAILED: _Phase.ValueType  # 5
     """Training ended with an error. No further changes are applied; pending
-    changes are CANCELLED.
+    changes are CANCELLED. A restart resumes from the last checkpoint.
+    """
+    PHASE_STOPPED: _Phase.ValueType  # 6
+    """Training was shut down before it completed (SIGTERM or SIGINT, e.g. a
+    Kubernetes preemption or drain). Pending changes stay PENDING: they are
+    in the final checkpoint, and a restart resumes them with the run (same
+    run_id, versions continuing). Waiters get UNAVAILABLE: retry after the
+    restart.
     """
 
 class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper):
@@ -187,12 +198,20 @@ PHASE_TRAINING: Phase.ValueType  # 2
 PHASE_STOPPING: Phase.ValueType  # 3
 """Training was asked to stop and is finishing its current step."""
 PHASE_FINISHED: Phase.ValueType  # 4
-"""Training finished normally. No further changes are applied; pending
-changes are CANCELLED.
+"""Training completed (its steps or epochs) or was stopped for good. No
+further changes are applied; pending changes are CANCELLED. Terminal: a
+restart from its checkpoint has nothing left to do.
 """
 PHASE_FAILED: Phase.ValueType  # 5
 """Training ended with an error. No further changes are applied; pending
-changes are CANCELLED.
+changes are CANCELLED. A restart resumes from the last checkpoint.
+"""
+PHASE_STOPPED: Phase.ValueType  # 6
+"""Training was shut down before it completed (SIGTERM or SIGINT, e.g. a
+Kubernetes preemption or drain). Pending changes stay PENDING: they are
+in the final checkpoint, and a restart resumes them with the run (same
+run_id, versions continuing). Waiters get UNAVAILABLE: retry after the
+restart.
 """
 Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
@@ -214,6 +233,7 @@ class SetLearningRateRequest(_message.Message):
     PREVIEW_STEPS_FIELD_NUMBER: _builtins.int
     EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
     APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_INCARNATION_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Pins a constant learning rate: the active schedule becomes
     Constant(learning_rate) and the scale is reset to 1. Must be finite and
@@ -246,13 +266,19 @@ class SetLearningRateRequest(_message.Message):
     change is queued.
     """
     apply_at_step: _builtins.int
-    """Apply the change at the first step boundary where step >= apply_at_step:
-    with steps_per_execution=1 exactly at that step, never later. If a step
-    boundary at or past apply_at_step may already have passed when the request
-    arrives, the change is not applied: the RPC fails with FAILED_PRECONDITION
-    and the change is recorded as CHANGE_STATUS_FAILED with the reason. At
-    most 1,000,000,000 steps ahead of the current step, else INVALID_ARGUMENT.
-    Unset: apply at the next step boundary.
+    """Apply the change at the step boundary where step == apply_at_step: exactly
+    there, never later. The step must be one a boundary reaches (see
+    TrainingState.boundary_spacing: every step unless steps_per_execution or
+    sync_every is above 1), else INVALID_ARGUMENT with the nearest reachable
+    steps in the message and a BadRequest on apply_at_step. If a step
+    boundary at or past apply_at_step may already have passed when the
+    request arrives, the change is not applied: the RPC fails with
+    FAILED_PRECONDITION and the change is recorded as CHANGE_STATUS_FAILED
+    with the reason. If the boundaries move before the step comes (an epoch
+    ends early), the change ends CHANGE_STATUS_FAILED at the first boundary
+    past it, not applied late. At most 1,000,000,000 steps ahead of the
+    current step, else INVALID_ARGUMENT. Unset: apply at the next step
+    boundary.
     """
     wait_until_applied: _builtins.bool
     """If true, the RPC blocks until the change is applied (or aborted, or
@@ -289,9 +315,20 @@ class SetLearningRateRequest(_message.Message):
     """Apply the change N steps after the boundary where the training thread
     first sees it: the first step boundary after the request is accepted.
     If that boundary is at step S, the change applies at the first step
-    boundary where step >= S + N (0: at S, like an unset apply_at_step). Must
-    be in [0, 1,000,000,000]; setting both this and apply_at_step fails with
+    boundary where step >= S + N (0: at S, like an unset apply_at_step); that
+    step is fixed at S and recorded as the change's apply_at_step. Must be in
+    [0, 1,000,000,000]; setting both this and apply_at_step fails with
     INVALID_ARGUMENT. Unset: apply_at_step decides.
+    """
+    expected_incarnation: _builtins.str
+    """Fencing on the process: the incarnation id (TrainingState.incarnation)
+    this change is meant for. A new one is drawn at every process start, a
+    resume from a checkpoint included, so a decision made against one process
+    can never reach its successor, whatever its run id and version. Mismatch:
+    FAILED_PRECONDITION with an ErrorInfo with reason INCARNATION_MISMATCH and
+    metadata current_incarnation; nothing is queued. A retry of a known
+    request_id is answered from the change ledger before any fence. Empty: no
+    check.
     """
     def __init__(
         self,
@@ -308,10 +345,11 @@ class SetLearningRateRequest(_message.Message):
         preview_steps: _builtins.int = ...,
         expected_run_id: _builtins.str = ...,
         apply_after_steps: _builtins.int | None = ...,
+        expected_incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "change", b"change", "expected_version", b"expected_version", "learning_rate", b"learning_rate", "scale", b"scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "change", b"change", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "force", b"force", "learning_rate", b"learning_rate", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "scale", b"scale", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "change", b"change", "expected_incarnation", b"expected_incarnation", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "force", b"force", "learning_rate", b"learning_rate", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "scale", b"scale", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
     _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
@@ -341,7 +379,14 @@ class SetLearningRateResponse(_message.Message):
     CHANGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def change(self) -> Global___Change:
-        """The accepted change: PENDING, APPLIED, ABORTED, CANCELLED or VALIDATED."""
+        """The accepted change: CHANGE_STATUS_PENDING (queued), CHANGE_STATUS_APPLIED
+        (with wait_until_applied, or a retry of an applied request_id) or
+        CHANGE_STATUS_VALIDATED (validate_only). A change that ends otherwise is
+        answered with an error status instead: ABORTED for an expected_version
+        that no longer matched, FAILED_PRECONDITION for a cancelled or failed
+        change, UNAVAILABLE when the trainer shut down before it was due (it stays
+        pending and resumes after the restart).
+        """
 
     def __init__(
         self,
@@ -376,6 +421,7 @@ class SwapScheduleRequest(_message.Message):
     APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
     SCHEDULE_START_STEP_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
+    EXPECTED_INCARNATION_FIELD_NUMBER: _builtins.int
     origin: Global___StepOrigin.ValueType
     """Which step count the new schedule is evaluated at. Unset
     (STEP_ORIGIN_UNSPECIFIED) means STEP_ORIGIN_RESTART.
@@ -439,6 +485,16 @@ class SwapScheduleRequest(_message.Message):
     """The cumulative scale the new schedule starts with, set in the same change
     (one version). Must be finite and > 0. Unset: 1.
     """
+    expected_incarnation: _builtins.str
+    """Fencing on the process: the incarnation id (TrainingState.incarnation)
+    this change is meant for. A new one is drawn at every process start, a
+    resume from a checkpoint included, so a decision made against one process
+    can never reach its successor, whatever its run id and version. Mismatch:
+    FAILED_PRECONDITION with an ErrorInfo with reason INCARNATION_MISMATCH and
+    metadata current_incarnation; nothing is queued. A retry of a known
+    request_id is answered from the change ledger before any fence. Empty: no
+    check.
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The new schedule. Required: unset or with no kind set fails with
@@ -462,10 +518,11 @@ class SwapScheduleRequest(_message.Message):
         apply_after_steps: _builtins.int | None = ...,
         schedule_start_step: _builtins.int = ...,
         scale: _builtins.float | None = ...,
+        expected_incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "_scale", b"_scale", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version", "scale", b"scale", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "_scale", b"_scale", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "force", b"force", "origin", b"origin", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "scale", b"scale", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "_scale", b"_scale", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_incarnation", b"expected_incarnation", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "force", b"force", "origin", b"origin", "preview_steps", b"preview_steps", "reason", b"reason", "request_id", b"request_id", "scale", b"scale", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
     _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
@@ -495,7 +552,14 @@ class SwapScheduleResponse(_message.Message):
     CHANGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def change(self) -> Global___Change:
-        """The accepted change: PENDING, APPLIED, ABORTED, CANCELLED or VALIDATED."""
+        """The accepted change: CHANGE_STATUS_PENDING (queued), CHANGE_STATUS_APPLIED
+        (with wait_until_applied, or a retry of an applied request_id) or
+        CHANGE_STATUS_VALIDATED (validate_only). A change that ends otherwise is
+        answered with an error status instead: ABORTED for an expected_version
+        that no longer matched, FAILED_PRECONDITION for a cancelled or failed
+        change, UNAVAILABLE when the trainer shut down before it was due (it stays
+        pending and resumes after the restart).
+        """
 
     def __init__(
         self,
@@ -611,6 +675,7 @@ class CancelChangeRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_INCARNATION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request_id the change was submitted with."""
     version: _builtins.int
@@ -629,6 +694,10 @@ class CancelChangeRequest(_message.Message):
     with reason RUN_ID_MISMATCH and metadata current_run_id; nothing is
     queued. Checked when the request arrives. Empty: no check.
     """
+    expected_incarnation: _builtins.str
+    """Fencing on the process; see SetLearningRateRequest.expected_incarnation.
+    Empty: no check.
+    """
     def __init__(
         self,
         *,
@@ -636,10 +705,11 @@ class CancelChangeRequest(_message.Message):
         version: _builtins.int = ...,
         reason: _builtins.str = ...,
         expected_run_id: _builtins.str = ...,
+        expected_incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "expected_run_id", b"expected_run_id", "reason", b"reason", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "expected_incarnation", b"expected_incarnation", "expected_run_id", b"expected_run_id", "reason", b"reason", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["request_id", "version"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
@@ -1185,6 +1255,7 @@ class Change(_message.Message):
     SET_LEARNING_RATE_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
     SWAP_SCHEDULE_FIELD_NUMBER: _builtins.int
+    REVERT_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
@@ -1202,6 +1273,7 @@ class Change(_message.Message):
     PREVIEW_CURRENT_FIELD_NUMBER: _builtins.int
     APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
     SCHEDULE_START_STEP_FIELD_NUMBER: _builtins.int
+    SWAP_SCALE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The state version this change produced. 0 unless status is
     CHANGE_STATUS_APPLIED.
@@ -1246,8 +1318,9 @@ class Change(_message.Message):
     "swap ExponentialDecay(initial_learning_rate=0.01, ...)".
     """
     error: _builtins.str
-    """Why the change was not applied. Empty unless status is
-    CHANGE_STATUS_FAILED.
+    """Why the change was not applied: for CHANGE_STATUS_FAILED the reason, for
+    CHANGE_STATUS_ABORTED the expected_version and the version it met at its
+    boundary. Empty for other statuses.
     """
     apply_after_steps: _builtins.int
     """The request's apply_after_steps, if it set one; apply_at_step then holds
@@ -1258,9 +1331,21 @@ class Change(_message.Message):
     """For a schedule swap: the request's schedule_start_step. Zero: the new
     schedule started at its step 0 (or the swap used STEP_ORIGIN_GLOBAL).
     """
+    swap_scale: _builtins.float
+    """For a schedule swap: the scale the request set (SwapScheduleRequest.scale).
+    Unset: the request set none, so the swapped-in schedule started at scale
+    1 (or this is not a swap).
+    """
     @_builtins.property
     def swap_schedule(self) -> Global___Schedule:
         """Replace the active schedule with this one."""
+
+    @_builtins.property
+    def revert(self) -> Global___RestoredSchedule:
+        """lrctl itself put back a schedule that was in force before: the
+        divergence guard (revert_on_nan) undoing a change whose loss turned
+        NaN or Inf. Never requested by a client.
+        """
 
     @_builtins.property
     def schedule(self) -> Global___Schedule:
@@ -1299,6 +1384,7 @@ class Change(_message.Message):
         set_learning_rate: _builtins.float = ...,
         scale: _builtins.float = ...,
         swap_schedule: Global___Schedule | None = ...,
+        revert: Global___RestoredSchedule | None = ...,
         origin: Global___StepOrigin.ValueType = ...,
         request_id: _builtins.str = ...,
         reason: _builtins.str = ...,
@@ -1316,10 +1402,11 @@ class Change(_message.Message):
         preview_current: _abc.Iterable[Global___LearningRatePoint] | None = ...,
         apply_after_steps: _builtins.int | None = ...,
         schedule_start_step: _builtins.int = ...,
+        swap_scale: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "learning_rate_after", b"learning_rate_after", "requested_time", b"requested_time", "scale", b"scale", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "swap_schedule", b"swap_schedule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "_swap_scale", b"_swap_scale", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "learning_rate_after", b"learning_rate_after", "requested_time", b"requested_time", "revert", b"revert", "scale", b"scale", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "swap_scale", b"swap_scale", "swap_schedule", b"swap_schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "origin", b"origin", "preview", b"preview", "preview_current", b"preview_current", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "_swap_scale", b"_swap_scale", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "origin", b"origin", "preview", b"preview", "preview_current", b"preview_current", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "revert", b"revert", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_scale", b"swap_scale", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__applied_step: _TypeAlias = _typing.Literal["applied_step"]  # noqa: Y015
     _WhichOneofArgType__applied_step: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step"]  # noqa: Y015
@@ -1329,7 +1416,9 @@ class Change(_message.Message):
     _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate_after: _TypeAlias = _typing.Literal["learning_rate_after"]  # noqa: Y015
     _WhichOneofArgType__learning_rate_after: _TypeAlias = _typing.Literal["_learning_rate_after", b"_learning_rate_after"]  # noqa: Y015
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["set_learning_rate", "scale", "swap_schedule"]  # noqa: Y015
+    _WhichOneofReturnType__swap_scale: _TypeAlias = _typing.Literal["swap_scale"]  # noqa: Y015
+    _WhichOneofArgType__swap_scale: _TypeAlias = _typing.Literal["_swap_scale", b"_swap_scale"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["set_learning_rate", "scale", "swap_schedule", "revert"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__applied_step) -> _WhichOneofReturnType__applied_step | None: ...
@@ -1340,9 +1429,49 @@ class Change(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate_after) -> _WhichOneofReturnType__learning_rate_after | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__swap_scale) -> _WhichOneofReturnType__swap_scale | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
 Global___Change: _TypeAlias = Change  # noqa: Y015
+
+@_typing.final
+class RestoredSchedule(_message.Message):
+    """A schedule exactly as it was in force: what an automatic revert put back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    SCHEDULE_ORIGIN_STEP_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    origin: Global___StepOrigin.ValueType
+    """How the schedule's steps are counted. Never STEP_ORIGIN_UNSPECIFIED."""
+    schedule_origin_step: _builtins.int
+    """The step the schedule's own step 0 corresponds to (see
+    TrainingState.schedule_origin_step). 0 with STEP_ORIGIN_GLOBAL.
+    """
+    scale: _builtins.float
+    """The cumulative scale put back. Always > 0."""
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The schedule, without the scale applied."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+        origin: Global___StepOrigin.ValueType = ...,
+        schedule_origin_step: _builtins.int = ...,
+        scale: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoredSchedule: _TypeAlias = RestoredSchedule  # noqa: Y015
 
 @_typing.final
 class LearningRatePoint(_message.Message):
@@ -1503,6 +1632,10 @@ class TrainingState(_message.Message):
     EPOCH_METRICS_TIME_FIELD_NUMBER: _builtins.int
     STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    BOUNDARY_SPACING_FIELD_NUMBER: _builtins.int
+    BOUNDARY_ORIGIN_STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_START_STEP_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifier of the training run, chosen by the trainer. Empty: not
     configured.
@@ -1549,6 +1682,31 @@ class TrainingState(_message.Message):
     validating or paused between epochs counts, and a restore that moves the
     step back starts the measurement over). Unset: not measured yet (less
     than 0.05 s between the first publication and this one).
+    """
+    incarnation: _builtins.str
+    """Identifier of this trainer process, drawn at every start (a resume from
+    a checkpoint included, which keeps run_id). Fence a decision to the
+    process it was made against with expected_incarnation. Empty: never sent
+    by this server.
+    """
+    boundary_spacing: _builtins.int
+    """Steps between two step boundaries, where changes can apply: Keras's
+    steps_per_execution under model.fit, sync_every in a multi-worker job.
+    Boundaries fall on boundary_origin_step + k * boundary_spacing (k >= 0),
+    until the epoch ends early (its last execution may be shorter); the next
+    epoch's boundaries start again from its first step. An apply_at_step
+    that no boundary reaches is refused with INVALID_ARGUMENT. 1: every
+    step. 0: not known yet (before training starts).
+    """
+    boundary_origin_step: _builtins.int
+    """The step the boundaries are counted from; see boundary_spacing. 0 before
+    training starts.
+    """
+    epoch_start_step: _builtins.int
+    """The step at which the current epoch began: compare metrics_step with it
+    (and with a change's applied_step) to tell which batches Keras's running
+    means include. Unset: no epoch has begun (or a custom loop without
+    epochs).
     """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
@@ -1647,15 +1805,21 @@ class TrainingState(_message.Message):
         epoch_metrics_time: _timestamp_pb2.Timestamp | None = ...,
         steps_per_second: _builtins.float | None = ...,
         workers: _abc.Iterable[Global___WorkerState] | None = ...,
+        incarnation: _builtins.str = ...,
+        boundary_spacing: _builtins.int = ...,
+        boundary_origin_step: _builtins.int = ...,
+        epoch_start_step: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "guardrails", b"guardrails", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "schedule", b"schedule", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "schedule", b"schedule", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "guardrails", b"guardrails", "learning_rate", b"learning_rate", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "boundary_origin_step", b"boundary_origin_step", "boundary_spacing", b"boundary_spacing", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "incarnation", b"incarnation", "learning_rate", b"learning_rate", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["epoch_metrics_epoch"]  # noqa: Y015
     _WhichOneofArgType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch"]  # noqa: Y015
     _WhichOneofReturnType__epoch_metrics_step: _TypeAlias = _typing.Literal["epoch_metrics_step"]  # noqa: Y015
     _WhichOneofArgType__epoch_metrics_step: _TypeAlias = _typing.Literal["_epoch_metrics_step", b"_epoch_metrics_step"]  # noqa: Y015
+    _WhichOneofReturnType__epoch_start_step: _TypeAlias = _typing.Literal["epoch_start_step"]  # noqa: Y015
+    _WhichOneofArgType__epoch_start_step: _TypeAlias = _typing.Literal["_epoch_start_step", b"_epoch_start_step"]  # noqa: Y015
     _WhichOneofReturnType__metrics_step: _TypeAlias = _typing.Literal["metrics_step"]  # noqa: Y015
     _WhichOneofArgType__metrics_step: _TypeAlias = _typing.Literal["_metrics_step", b"_metrics_step"]  # noqa: Y015
     _WhichOneofReturnType__steps_per_second: _TypeAlias = _typing.Literal["steps_per_second"]  # noqa: Y015
@@ -1664,6 +1828,8 @@ class TrainingState(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch_metrics_epoch) -> _WhichOneofReturnType__epoch_metrics_epoch | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch_metrics_step) -> _WhichOneofReturnType__epoch_metrics_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch_start_step) -> _WhichOneofReturnType__epoch_start_step | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__metrics_step) -> _WhichOneofReturnType__metrics_step | None: ...
     @_typing.overload

@@ -24,8 +24,9 @@ Changes are applied only by the training thread, at step boundaries (between
 two calls of the compiled train function). RPC handlers never touch the
 optimizer themselves; they queue a change, which the training thread applies
 at the next boundary. With Keras `steps_per_execution=N` a boundary occurs
-only every N steps, so a change lands at the first boundary whose step is
->= its `apply_at_step`.
+only every N steps (TrainingState.boundary_spacing), so an `apply_at_step`
+that no boundary reaches is refused: a change lands exactly at its
+`apply_at_step`, or not at all, never late.
 
 Every applied change increments the state `version` by one. Clients can use
 `expected_version` for optimistic concurrency control and `request_id` to

@@ -102,7 +102,7 @@ class Checkpointer:
         _fsync_path(tmp)
         os.replace(tmp, os.path.join(self.directory, weights))
         control = f"{name}.control.json"
-        write_json(os.path.join(self.directory, control), self.control.controller.export_state())
+        write_json(os.path.join(self.directory, control), self.control.controller.export_state(step))
         snap = self.control.controller.snapshot()
         write_json(os.path.join(self.directory, LATEST), {
             "step": step, "weights": weights, "control": control, "run_id": snap.run_id,

@@ -25,6 +25,7 @@ from lrctl.service import evaluate, guardrails
 from lrctl.service.errors import (
     ApplyError,
     FailedPreconditionError,
+    IncarnationMismatchError,
     InvalidArgumentError,
     NotFoundError,
     RequestIdReusedError,
@@ -70,8 +71,15 @@ class Phase(enum.Enum):
     STARTING = "starting"
     TRAINING = "training"
     STOPPING = "stopping"
-    FINISHED = "finished"
-    FAILED = "failed"
+    FINISHED = "finished"  #: the run completed: pending changes were cancelled
+    FAILED = "failed"  #: training raised: pending changes were cancelled
+    #: Shut down before completing (SIGTERM/SIGINT): pending changes stay pending and resume
+    #: with the run when it restarts from its checkpoint.
+    STOPPED = "stopped"
+
+
+#: Phases after which this process accepts and applies nothing more.
+ENDED_PHASES = frozenset({Phase.FINISHED, Phase.FAILED, Phase.STOPPED})
 
 
 class ChangeStatus(enum.Enum):
@@ -120,7 +128,43 @@ class SwapSchedule:
         return f"swap {self.schedule.describe()} origin={self.origin.value}{extra}"
 
 
-Action = PinLearningRate | ScaleLearningRate | SwapSchedule
+@dataclass(frozen=True)
+class RevertSchedule:
+    """lrctl itself puts back a schedule that was in force (the divergence guard undoing a
+    change): exactly `state`, origin step and scale included. Never sent by a client."""
+
+    state: ActiveSchedule
+
+    def describe(self) -> str:
+        return (f"revert to {self.state.spec.describe()} origin_step={self.state.origin_step} "
+                f"scale={self.state.scale:g}")
+
+
+Action = PinLearningRate | ScaleLearningRate | SwapSchedule | RevertSchedule
+
+
+@dataclass(frozen=True)
+class Boundaries:
+    """Where the coming step boundaries fall, so that `apply_at_step` can be exact or refused:
+    at `origin + k * spacing` (k >= 0), until the training loop moves them (a new epoch starts
+    them again from its first step, which a short last execution may have moved)."""
+
+    origin: int = 0
+    spacing: int = 1
+
+    def reaches(self, step: int) -> bool:
+        return step >= self.origin and (step - self.origin) % self.spacing == 0
+
+    def around(self, step: int) -> tuple[int, int]:
+        """The boundary at or before `step` (the origin, before it) and the first one after."""
+        if step < self.origin:
+            return self.origin, self.origin
+        below = step - (step - self.origin) % self.spacing
+        return below, below + self.spacing
+
+    def first_from(self, step: int) -> int:
+        """The first boundary at or after `step`."""
+        return step if self.reaches(step) else self.around(step)[1]
 
 
 @dataclass(frozen=True)
@@ -133,6 +177,8 @@ class ChangeRequest:
     force: bool = False  #: skip the max_change_factor guardrail (never the bounds)
     #: Fencing: refuse the change unless the run id is this one ("": no check).
     expected_run_id: str = ""
+    #: Fencing on the process: refuse unless this process's incarnation id is this one ("": no check).
+    expected_incarnation: str = ""
     #: Apply N steps after the first step boundary after acceptance (the boundary where the
     #: training thread first sees the change). Exclusive with apply_at_step.
     apply_after_steps: int | None = None
@@ -214,6 +260,12 @@ class Snapshot:
     steps_per_second: float | None = None
     #: A multi-worker job's workers, in task order; empty for a single worker.
     workers: tuple[WorkerState, ...] = ()
+    #: Drawn at every process start (a resume included): fences a decision to one process.
+    incarnation: str = ""
+    #: Where changes can apply (None: not known, e.g. before training or in a custom loop).
+    boundaries: Boundaries | None = None
+    #: The step the current epoch began at (None: no epoch has begun).
+    epoch_start_step: int | None = None
 
 
 class ScheduleTarget(Protocol):
@@ -265,7 +317,10 @@ class Controller:
         self._shutting_down = False  # set by shut_down(): every new change gets UNAVAILABLE
         self._changed_step = -1  # the applied_step of the last applied change (-1: none)
         self._throughput = Throughput()
+        # A run id given by the caller names the run; a drawn one yields to a checkpoint's.
+        self._run_id_given = run_id is not None
         self._snapshot = Snapshot(
+            incarnation=uuid.uuid4().hex[:12],
             run_id=run_id or uuid.uuid4().hex[:12], phase=Phase.STARTING, step=0, epoch=0,
             learning_rate=math.nan, schedule=self._state, version=self._version, metrics={},
             optimizer=optimizer, pending=(), recent=(), updated_time=clock(), guardrails=guardrails,
@@ -301,20 +356,20 @@ class Controller:
         if not 0 <= preview_steps <= APPLY_HORIZON:
             raise InvalidArgumentError("preview_steps", f"must be in [0, {APPLY_HORIZON}]", preview_steps)
         with self._cond:
-            run_id = self._snapshot.run_id
-            if request.expected_run_id and request.expected_run_id != run_id:
-                raise RunIdMismatchError(request.expected_run_id, run_id)
+            # A retry is answered from the ledger before any fence: after a resume the fences
+            # may have moved on, and the change they guarded was already decided.
             if request.request_id and not validate_only:
                 known = self._by_request_id.get(request.request_id)
                 if known is not None and (record := self._lookup(known)) is not None:
-                    if record.request != request:
+                    if _unfenced(record.request) != _unfenced(request):
                         raise RequestIdReusedError(request.request_id)
                     return record
+            self._check_fences(request.expected_run_id, request.expected_incarnation)
             snap = self._snapshot
-            if self._shutting_down or snap.phase is Phase.STOPPING:
+            if self._shutting_down or snap.phase in (Phase.STOPPING, Phase.STOPPED):
                 raise UnavailableError("the trainer is shutting down; it accepts no more changes. "
                                        "Retry with the same request_id once it has restarted")
-            if snap.phase in (Phase.FINISHED, Phase.FAILED):
+            if snap.phase in ENDED_PHASES:
                 raise FailedPreconditionError(f"the run is {snap.phase.value}; it accepts no more changes")
             if request.expected_version is not None and request.expected_version != self._version:
                 raise VersionConflictError(request.expected_version, self._version)
@@ -328,6 +383,13 @@ class Controller:
             missed = at is not None and (at < snap.step or at <= self._boundary_step)
             if at is not None and missed and validate_only:
                 raise self._missed_error(at, snap.step)
+            if at is not None and not missed and snap.boundaries and not snap.boundaries.reaches(at):
+                below, above = snap.boundaries.around(at)
+                raise InvalidArgumentError(
+                    "apply_at_step", f"must be a step where a step boundary falls, or the change "
+                    f"would land late: boundaries fall every {snap.boundaries.spacing} steps from step "
+                    f"{snap.boundaries.origin} (steps_per_execution or sync_every); the nearest are "
+                    f"{below} and {above}", at)
             if not validate_only and not missed and len(self._pending) >= MAX_PENDING:
                 raise ResourceExhaustedError(
                     f"{MAX_PENDING} changes are pending already; wait for some to apply or cancel them")
@@ -339,6 +401,7 @@ class Controller:
                 requested_step=snap.step, requested_time=self._clock(),
             )
             if validate_only:
+                self._ended[ChangeStatus.VALIDATED] += 1
                 return dataclasses.replace(change, preview=preview, preview_current=current) \
                     if preview_steps else change
             if request.request_id:
@@ -354,14 +417,20 @@ class Controller:
             self._republish(pending=True)
             return change
 
+    @property
+    def shutting_down(self) -> bool:
+        """Whether `shut_down` was called: the run ends STOPPED, not FINISHED."""
+        return self._shutting_down
+
     def shut_down(self) -> None:
         """The process is going away (SIGTERM): from now on `submit` raises UnavailableError.
         One attribute store and no lock, so a signal handler may call it."""
         self._shutting_down = True
 
-    def export_state(self) -> dict[str, Any]:
+    def export_state(self, step: int | None = None) -> dict[str, Any]:
         """The control state as JSON-able data, for a checkpoint taken at a step boundary (on
-        the training thread, so nothing is being applied): the schedule and version in force,
+        the training thread, so nothing is being applied) at `step` (default: the last step
+        published, which may lag the boundary): the schedule and version in force,
         the pending changes, and every remembered finished record (the dedup window, in the
         order they finished; the history is its newest `history_size`). `import_state` in a
         new process puts it back: a retry of any of these request ids returns its record."""
@@ -373,7 +442,8 @@ class Controller:
             known = set(self._finished)
             older = [c for c in self._history if c.id not in known]
             return {
-                "format": STATE_FORMAT, "run_id": snap.run_id, "step": snap.step, "epoch": snap.epoch,
+                "format": STATE_FORMAT, "run_id": snap.run_id, "step": snap.step if step is None else step,
+                "epoch": snap.epoch,
                 "version": self._version, "schedule": _schedule_json(self._state),
                 "next_id": max([0, *self._pending, *self._finished, *history_ids]) + 1,
                 "pending": [_change_json(c) for c in self._pending.values()],
@@ -413,14 +483,17 @@ class Controller:
             self._history.extend(history)
             step = int(data["step"])
             self._boundary_step = max(self._boundary_step, step)
+            # A resumed run is the same run: it keeps its id (unless the caller named one).
+            run_id = self._snapshot.run_id if self._run_id_given else str(data.get("run_id") or
+                                                                          self._snapshot.run_id)
             self._snapshot = dataclasses.replace(
-                self._snapshot, step=step, epoch=int(data.get("epoch", 0)), schedule=self._state,
+                self._snapshot, run_id=run_id, step=step, epoch=int(data.get("epoch", 0)), schedule=self._state,
                 version=self._version, learning_rate=evaluate.learning_rate(self._state, step),
                 updated_time=self._clock())
             self._republish(pending=True, history=True)
 
     def cancel(self, *, request_id: str = "", version: int | None = None,
-               expected_run_id: str = "") -> Change:
+               expected_run_id: str = "", expected_incarnation: str = "") -> Change:
         """Cancel a pending change, named by its request_id or (once applied) its version.
 
         Returns the CANCELLED record (again, if it was cancelled already). Raises NotFoundError
@@ -432,9 +505,9 @@ class Controller:
             raise InvalidArgumentError("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes",
                                        f"{len(request_id.encode())} bytes")
         _check_run_id(expected_run_id)
+        _check_run_id(expected_incarnation, "expected_incarnation")
         with self._cond:
-            if expected_run_id and expected_run_id != self._snapshot.run_id:
-                raise RunIdMismatchError(expected_run_id, self._snapshot.run_id)
+            self._check_fences(expected_run_id, expected_incarnation)
             if request_id:
                 change_id = self._by_request_id.get(request_id)
                 name = f"request_id {request_id!r}"
@@ -482,6 +555,11 @@ class Controller:
                     record = self._results.get(change.id) or self._lookup(change.id) or change
                     if record.status is not ChangeStatus.PENDING:
                         return record
+                    if self._snapshot.phase is Phase.STOPPED:
+                        raise UnavailableError(
+                            f"the trainer stopped before change {change.description!r} was due; it "
+                            "stays pending in the checkpoint and applies after the restart: wait "
+                            "for it then (retry with the same request_id)")
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise WaitTimeoutError(
@@ -521,7 +599,7 @@ class Controller:
                     continue
             sent, sent_at = snap, time.monotonic()
             yield snap
-            if snap.phase in (Phase.FINISHED, Phase.FAILED):
+            if snap.phase in ENDED_PHASES:
                 return
 
     # -- training thread -------------------------------------------------------------------
@@ -551,9 +629,12 @@ class Controller:
                     continue
                 after = pending.request.apply_after_steps
                 if after and pending.due_step is None:
-                    # The first boundary that sees this change: it is due `after` steps on.
-                    self._pending[change_id] = dataclasses.replace(pending, due_step=step + after)
-                    heapq.heappush(self._due, (step + after, change_id))
+                    # The first boundary that sees this change: it is due `after` steps on, at
+                    # the first step a boundary reaches.
+                    grid = self._snapshot.boundaries
+                    due_step = grid.first_from(step + after) if grid else step + after
+                    self._pending[change_id] = dataclasses.replace(pending, due_step=due_step)
+                    heapq.heappush(self._due, (due_step, change_id))
                     resolved = True
                     continue
                 due_ids.append(change_id)
@@ -664,6 +745,17 @@ class Controller:
             self._snapshot = dataclasses.replace(self._snapshot, schedule=state, version=version)
             self._republish()
 
+    def set_boundaries(self, boundaries: Boundaries | None, *, epoch_start_step: int | None = None) -> None:
+        """Where the coming step boundaries fall (training thread, e.g. at an epoch's start),
+        and the step the current epoch began at. A pending `apply_at_step` that the new
+        boundaries skip ends FAILED at the first boundary past it, never applied late."""
+        with self._cond:
+            changes: dict[str, Any] = {"boundaries": boundaries}
+            if epoch_start_step is not None:
+                changes["epoch_start_step"] = epoch_start_step
+            self._snapshot = dataclasses.replace(self._snapshot, **changes)
+            self._republish()
+
     def set_workers(self, workers: tuple[WorkerState, ...]) -> None:
         """Record what the last exchange said about each worker of a multi-worker job."""
         with self._cond:
@@ -672,7 +764,8 @@ class Controller:
                 self._republish()
 
     def set_phase(self, phase: Phase) -> None:
-        """Move the run to `phase`. Ending the run cancels every pending change."""
+        """Move the run to `phase`. Completing or failing cancels every pending change;
+        STOPPED (a shutdown) keeps them pending, for the checkpoint and the restart."""
         with self._cond:
             if phase in (Phase.FINISHED, Phase.FAILED):
                 for change in list(self._pending.values()):
@@ -698,7 +791,7 @@ class Controller:
             now = self._clock()
             change = Change(
                 id=next(self._ids), status=ChangeStatus.APPLIED, requested_step=step,
-                request=ChangeRequest(SwapSchedule(state.spec, state.origin), reason=reason),
+                request=ChangeRequest(RevertSchedule(state), reason=reason),
                 requested_time=now, version=version, applied_step=step, learning_rate_after=lr,
                 schedule_after=state, applied_time=now,
             )
@@ -710,6 +803,13 @@ class Controller:
         return change
 
     # -- internals (lock held) ---------------------------------------------------------------
+    def _check_fences(self, expected_run_id: str, expected_incarnation: str) -> None:
+        snap = self._snapshot
+        if expected_run_id and expected_run_id != snap.run_id:
+            raise RunIdMismatchError(expected_run_id, snap.run_id)
+        if expected_incarnation and expected_incarnation != snap.incarnation:
+            raise IncarnationMismatchError(expected_incarnation, snap.incarnation)
+
     def _check_guardrails(self, request: ChangeRequest, start: int,
                           horizon: int) -> tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
         """Check the change against float32 and the guardrails over `horizon` steps from
@@ -797,6 +897,7 @@ def _check_request(request: ChangeRequest) -> None:
         if not 0 <= after <= APPLY_HORIZON:
             raise InvalidArgumentError("apply_after_steps", f"must be in [0, {APPLY_HORIZON}]", after)
     _check_run_id(request.expected_run_id)
+    _check_run_id(request.expected_incarnation, "expected_incarnation")
     if isinstance(action, SwapSchedule):
         if not 0 <= action.start_step <= APPLY_HORIZON:
             raise InvalidArgumentError("schedule_start_step", f"must be in [0, {APPLY_HORIZON}]",
@@ -808,10 +909,15 @@ def _check_request(request: ChangeRequest) -> None:
             check_number("scale", action.scale, minimum=0, inclusive=False)
 
 
-def _check_run_id(expected_run_id: str) -> None:
-    if len(expected_run_id.encode()) > MAX_RUN_ID_BYTES:
-        raise InvalidArgumentError("expected_run_id", f"must be at most {MAX_RUN_ID_BYTES} bytes",
-                                   f"{len(expected_run_id.encode())} bytes")
+def _check_run_id(value: str, field: str = "expected_run_id") -> None:
+    if len(value.encode()) > MAX_RUN_ID_BYTES:
+        raise InvalidArgumentError(field, f"must be at most {MAX_RUN_ID_BYTES} bytes",
+                                   f"{len(value.encode())} bytes")
+
+
+def _unfenced(request: ChangeRequest) -> ChangeRequest:
+    """`request` without its fences: a retry is the same request whatever they say now."""
+    return dataclasses.replace(request, expected_run_id="", expected_incarnation="")
 
 
 def _schedule_json(state: ActiveSchedule) -> dict[str, Any]:
@@ -825,6 +931,8 @@ def _schedule_from_json(data: Mapping[str, Any]) -> ActiveSchedule:
 
 
 def _action_json(action: Action) -> dict[str, Any]:
+    if isinstance(action, RevertSchedule):
+        return {"revert": _schedule_json(action.state)}
     if isinstance(action, PinLearningRate):
         return {"pin": action.learning_rate}
     if isinstance(action, ScaleLearningRate):
@@ -834,6 +942,8 @@ def _action_json(action: Action) -> dict[str, Any]:
 
 
 def _action_from_json(data: Mapping[str, Any]) -> Action:
+    if "revert" in data:
+        return RevertSchedule(_schedule_from_json(data["revert"]))
     if "pin" in data:
         return PinLearningRate(float(data["pin"]))
     if "scale" in data:
@@ -847,6 +957,9 @@ def _action_from_json(data: Mapping[str, Any]) -> Action:
 def _error_json(error: Exception | None) -> dict[str, Any] | None:
     if error is None:
         return None
+    if isinstance(error, VersionConflictError):
+        return {"type": type(error).__name__, "message": str(error), "expected": error.expected,
+                "current": error.current, "step": error.step}
     return {"type": type(error).__name__, "message": str(error),
             "field": getattr(error, "field", ""), "kind": getattr(error, "kind", "")}
 
@@ -858,6 +971,8 @@ def _error_from_json(data: Mapping[str, Any] | None) -> Exception | None:
         return None
     if data["type"] == ApplyError.__name__:
         return ApplyError(data["message"])
+    if data["type"] == VersionConflictError.__name__:
+        return VersionConflictError(int(data["expected"]), int(data["current"]), step=data.get("step"))
     return FailedPreconditionError(data["message"], field=data.get("field", ""), kind=data.get("kind", ""))
 
 
@@ -874,6 +989,7 @@ def _change_json(change: Change) -> dict[str, Any]:
                     "expected_version": request.expected_version, "apply_at_step": request.apply_at_step,
                     "reason": request.reason, "force": request.force,
                     "expected_run_id": request.expected_run_id,
+                    "expected_incarnation": request.expected_incarnation,
                     "apply_after_steps": request.apply_after_steps},
     }
 
@@ -893,14 +1009,18 @@ def _change_from_json(data: Mapping[str, Any]) -> Change:
                               apply_at_step=request["apply_at_step"], reason=request["reason"],
                               force=bool(request["force"]),
                               expected_run_id=request.get("expected_run_id", ""),
+                              expected_incarnation=request.get("expected_incarnation", ""),
                               apply_after_steps=request.get("apply_after_steps")),
     )
 
 
-_ACTION_FIELD = {PinLearningRate: "learning_rate", ScaleLearningRate: "scale", SwapSchedule: "schedule"}
+_ACTION_FIELD = {PinLearningRate: "learning_rate", ScaleLearningRate: "scale", SwapSchedule: "schedule",
+                 RevertSchedule: "schedule"}
 
 
 def _next_state(state: ActiveSchedule, action: Action, step: int) -> ActiveSchedule:
+    if isinstance(action, RevertSchedule):
+        return action.state
     if isinstance(action, PinLearningRate):
         return ActiveSchedule(Constant(action.learning_rate), Origin.RESTART, step, 1.0)
     if isinstance(action, ScaleLearningRate):
@@ -929,16 +1049,28 @@ def _check_outcome(action: Action, state: ActiveSchedule, step: int) -> float:
     return lr
 
 
+def _late_error(due: int, step: int) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        f"apply_at_step={due}: no step boundary fell on that step (the next one came at step "
+        f"{step}: an epoch ended early, or the boundaries moved); the change was not applied late",
+        field="apply_at_step")
+
+
 def _outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
               clock: Callable[[], float], limits: Guardrails) -> tuple[list[Change], ActiveSchedule, int]:
     """Each due change's final record, applied one after the other from (`state`, `version`)."""
     finals = []
     now = clock()
     for change in due:
+        if change.due_key and change.due_key < step:  # its boundary never came: never apply late
+            finals.append(dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=now,
+                                              error=_late_error(change.due_key, step)))
+            continue
         expected = change.request.expected_version
         if expected is not None and expected != version:
             finals.append(dataclasses.replace(change, status=ChangeStatus.ABORTED, current_version=version,
-                                              applied_time=now))
+                                              applied_time=now,
+                                              error=VersionConflictError(expected, version, step=step)))
             continue
         try:
             lr = _check_outcome(change.request.action, state, step)
@@ -958,7 +1090,8 @@ def _outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
 
 
 __all__ = [
-    "APPLY_HORIZON", "DEDUP_WINDOW", "MAX_PENDING", "MAX_REASON_BYTES", "MAX_REQUEST_ID_BYTES", "MAX_RUN_ID_BYTES",
-    "SNAPSHOT_PENDING", "STATE_FORMAT", "Action", "Change", "ChangeRequest", "ChangeStatus", "Controller", "Phase",
-    "PinLearningRate", "ScaleLearningRate", "ScheduleTarget", "Snapshot", "SwapSchedule",
+    "APPLY_HORIZON", "DEDUP_WINDOW", "ENDED_PHASES", "MAX_PENDING", "MAX_REASON_BYTES", "MAX_REQUEST_ID_BYTES",
+    "MAX_RUN_ID_BYTES", "SNAPSHOT_PENDING", "STATE_FORMAT", "Action", "Boundaries", "Change", "ChangeRequest",
+    "ChangeStatus", "Controller", "Phase", "PinLearningRate", "RevertSchedule", "ScaleLearningRate",
+    "ScheduleTarget", "Snapshot", "SwapSchedule",
 ]

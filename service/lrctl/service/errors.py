@@ -24,12 +24,14 @@ class InvalidArgumentError(ValueError):
 class VersionConflictError(Exception):
     """`expected_version` did not match the state version (optimistic concurrency)."""
 
-    def __init__(self, expected: int, current: int) -> None:
+    def __init__(self, expected: int, current: int, *, step: int | None = None) -> None:
         self.expected = expected
         self.current = current
+        self.step = step  #: the boundary where it was checked; None: when the request arrived
+        where = "" if step is None else f" at step {step}, where the change was due"
         super().__init__(
-            f"expected_version={expected} does not match the current version {current}; "
-            "read the state again and retry"
+            f"expected_version={expected} does not match the current version {current}{where}; "
+            "nothing changed: read the state again and retry"
         )
 
 
@@ -94,10 +96,23 @@ class RunIdMismatchError(FailedPreconditionError):
     run, or the client talks to another run). FAILED_PRECONDITION with ErrorInfo reason
     RUN_ID_MISMATCH and metadata current_run_id."""
 
+    reason = "RUN_ID_MISMATCH"
+    subject = "run id"
+
     def __init__(self, expected: str, current: str) -> None:
         self.expected = expected
         self.current = current
+        field = "expected_" + self.subject.replace(" ", "_")
         super().__init__(
-            f"expected_run_id={expected!r} does not match the current run id {current!r}: the "
+            f"{field}={expected!r} does not match the current {self.subject} {current!r}: the "
             "trainer restarted or this is another run; read the state again before changing it",
-            field="expected_run_id", kind="RUN_ID")
+            field=field, kind=self.reason.removesuffix("_MISMATCH"))
+
+
+class IncarnationMismatchError(RunIdMismatchError):
+    """Fencing on the process: `expected_incarnation` is not this process's incarnation id (a
+    new one is drawn at every start, a resume from a checkpoint included). FAILED_PRECONDITION
+    with ErrorInfo reason INCARNATION_MISMATCH and metadata current_incarnation."""
+
+    reason = "INCARNATION_MISMATCH"
+    subject = "incarnation"

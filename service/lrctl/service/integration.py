@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from lrctl.service import specs
-from lrctl.service.controller import Change, ChangeStatus, Controller, Phase
+from lrctl.service.controller import Boundaries, Change, ChangeStatus, Controller, Phase
 from lrctl.service.divergence import DivergenceGuard, Window
 from lrctl.service.engine import ControllableSchedule
 from lrctl.service.guardrails import NO_GUARDRAILS, Guardrails
@@ -211,7 +211,8 @@ class TrainingControl:
                  guardrails: Guardrails = NO_GUARDRAILS, revert_on_nan: int | None = None,
                  model: keras.Model | None = None,
                  variables: Sequence[keras.Variable] | None = None,
-                 strategy: tf.distribute.Strategy | None = None, sync_every: int = 1) -> None:
+                 strategy: tf.distribute.Strategy | None = None, sync_every: int = 1,
+                 initial_schedule: specs.ScheduleSpec | None = None) -> None:
         """`revert_on_nan=K` (opt-in; None or 0: off) undoes a change if the loss becomes NaN or
         Inf within K steps after it: at the next step boundary, the weights and the optimizer's
         slots go back to what they were just before the change's first step, the previous
@@ -240,9 +241,14 @@ class TrainingControl:
         boundary all workers exchange the schedule in one small all-reduce, so every worker
         switches at the same step (lrctl.service.workers). Changes then land at those
         boundaries only. Every worker must call `step_boundary` at every step.
+
+        `initial_schedule` replaces the optimizer's learning rate as version 0, the state the
+        run starts from (lrctl-trainer's --learning-rate and --schedule).
         """
         self.optimizer = optimizer
         self.schedule = attach(optimizer)
+        if initial_schedule is not None:
+            self.schedule.load(ActiveSchedule(initial_schedule), version=0)
         self._target = _EngineTarget(self.schedule)
         #: The exchange with the other workers of a multi-worker job; None for one worker.
         self.workers = WorkerSync(strategy, self._target, sync_every) \
@@ -271,6 +277,8 @@ class TrainingControl:
         self._boundary_logs: Mapping[str, Any] | None = None
         self._warned_no_loss = False
         self.callback = _ControlCallback(self)
+        if self.workers is not None:  # only exchanges are boundaries, every worker at the same steps
+            self.controller.set_boundaries(Boundaries(0, self.workers.every))
         self.publish(force=True)  # readers see the starting LR before the first step
 
     @property
@@ -516,9 +524,13 @@ class TrainingControl:
                                 metrics_step=logs_step, metrics_time=logs_time)
 
     def publish_epoch(self, epoch: int, logs: Mapping[str, Any] | None) -> None:
-        """Publish an epoch's end-of-epoch logs (`val_*` included), marked as such."""
+        """Publish an epoch's end-of-epoch logs (`val_*` included), marked as such, with the
+        step and learning rate they were taken at: one consistent state, never logs from a
+        step later than the state's."""
         if logs:
-            self.controller.publish_epoch(epoch=epoch, metrics=_to_floats(logs), step=self.step)
+            self.publish(force=True)
+            step = self.controller.snapshot().step
+            self.controller.publish_epoch(epoch=epoch, metrics=_to_floats(logs), step=step)
 
     def begin(self) -> None:
         """Training starts (or resumes after a restore): sync with the engine's variables."""
@@ -531,7 +543,9 @@ class TrainingControl:
         if self.divergence is not None:
             self.divergence.close()  # the run is over: free the host copy
         self.publish(logs, force=True, logs_step=logs_step, logs_time=logs_time)
-        self.controller.set_phase(Phase.FAILED if failed else Phase.FINISHED)
+        # A shutdown (SIGTERM, a stop vote) is not a completion: what was accepted stays pending.
+        stopped = self.controller.shutting_down or self._stop_asked or self._stop_agreed
+        self.controller.set_phase(Phase.FAILED if failed else Phase.STOPPED if stopped else Phase.FINISHED)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
@@ -624,7 +638,12 @@ class _ControlCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._control.set_epoch(epoch)
-        self._epoch_start = self._control.step  # one scalar read an epoch
+        self._epoch_start = start = self._control.step  # one scalar read an epoch
+        # Executions of steps_per_execution steps from the epoch's first step (Keras runs whole
+        # executions, unless the data runs out: then the next epoch starts them again).
+        spacing = self._steps_per_batch
+        boundaries = Boundaries(start, spacing) if spacing is not None else None
+        self._control.controller.set_boundaries(boundaries, epoch_start_step=start)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         # On the training thread (Keras runs epoch hooks there, after the batch-end ones).

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
+import numpy as np
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,6 +34,7 @@ from lrctl.service.controller import (
     Controller,
     Phase,
     PinLearningRate,
+    RevertSchedule,
     ScaleLearningRate,
     Snapshot,
     SwapSchedule,
@@ -121,6 +123,7 @@ def _change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
         reason=request.reason,
         force=request.force,
         expected_run_id=request.expected_run_id,
+        expected_incarnation=request.expected_incarnation,
         apply_after_steps=request.apply_after_steps if request.HasField("apply_after_steps") else None,
     )
 
@@ -141,6 +144,12 @@ def spec_to_proto(spec: specs.ScheduleSpec) -> pb.Schedule:
     return schedule
 
 
+def reported_rate(value: float) -> float:
+    """A learning rate as the engine holds it, float32, written as the shortest decimal that
+    is that float32 (0.001, not 0.0010000000474974513): what a user typed reads back alike."""
+    return float(str(np.float32(value))) if math.isfinite(value) else value
+
+
 def _timestamp(seconds: float | None) -> Timestamp | None:
     if seconds is None:
         return None
@@ -156,7 +165,9 @@ def change_to_proto(change: Change) -> pb.Change:
         reason=request.reason, requested_step=change.requested_step,
         apply_at_step=change.due_step if change.due_step is not None else request.apply_at_step,
         apply_after_steps=request.apply_after_steps, applied_step=change.applied_step,
-        learning_rate_after=change.learning_rate_after, requested_time=_timestamp(change.requested_time),
+        learning_rate_after=None if change.learning_rate_after is None
+        else reported_rate(change.learning_rate_after),
+        requested_time=_timestamp(change.requested_time),
         applied_time=_timestamp(change.applied_time) if change.status is ChangeStatus.APPLIED else None,
         description=change.description, error=str(change.error) if change.error else "",
     )
@@ -164,16 +175,23 @@ def change_to_proto(change: Change) -> pb.Change:
         message.set_learning_rate = action.learning_rate
     elif isinstance(action, ScaleLearningRate):
         message.scale = action.factor
+    elif isinstance(action, RevertSchedule):
+        message.revert.CopyFrom(pb.RestoredSchedule(
+            schedule=spec_to_proto(action.state.spec), origin=_ORIGIN_TO_PB[action.state.origin],
+            schedule_origin_step=action.state.origin_step, scale=action.state.scale))
     else:
         message.swap_schedule.CopyFrom(spec_to_proto(action.schedule))
         message.origin = _ORIGIN_TO_PB[action.origin]
         message.schedule_start_step = action.start_step
+        if action.scale is not None:
+            message.swap_scale = action.scale
     if change.schedule_after is not None:
         message.schedule.CopyFrom(spec_to_proto(change.schedule_after.spec))
         message.scale_after = change.schedule_after.scale
-    message.preview.extend(pb.LearningRatePoint(step=s, learning_rate=lr) for s, lr in change.preview)
-    message.preview_current.extend(
-        pb.LearningRatePoint(step=s, learning_rate=lr) for s, lr in change.preview_current)
+    message.preview.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
+                           for s, lr in change.preview)
+    message.preview_current.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
+                                   for s, lr in change.preview_current)
     return message
 
 
@@ -193,7 +211,7 @@ def state_to_proto(snap: Snapshot,
                    convert_change: Callable[[Change], pb.Change] = change_to_proto) -> pb.TrainingState:
     return pb.TrainingState(
         run_id=snap.run_id, phase=_PHASE_TO_PB[snap.phase], step=snap.step, epoch=snap.epoch,
-        learning_rate=snap.learning_rate, schedule=spec_to_proto(snap.schedule.spec),
+        learning_rate=reported_rate(snap.learning_rate), schedule=spec_to_proto(snap.schedule.spec),
         schedule_origin_step=snap.schedule.origin_step, scale=snap.schedule.scale,
         version=snap.version, metrics=dict(snap.metrics), optimizer=snap.optimizer,
         pending_changes=[convert_change(c) for c in snap.pending],
@@ -207,6 +225,10 @@ def state_to_proto(snap: Snapshot,
         steps_per_second=snap.steps_per_second,
         workers=[pb.WorkerState(index=w.index, applied_version=w.applied_version, step=w.step)
                  for w in snap.workers],
+        incarnation=snap.incarnation,
+        boundary_spacing=snap.boundaries.spacing if snap.boundaries else 0,
+        boundary_origin_step=snap.boundaries.origin if snap.boundaries else 0,
+        epoch_start_step=snap.epoch_start_step,
     )
 
 
@@ -239,9 +261,10 @@ def status_of(error: Exception) -> status_pb2.Status:
             metadata={"expected_version": str(error.expected), "current_version": str(error.current)}))
     elif isinstance(error, RunIdMismatchError):  # before its base, FailedPreconditionError
         code, message = code_pb2.FAILED_PRECONDITION, str(error)
+        name = error.field.removeprefix("expected_")
         detail.Pack(error_details_pb2.ErrorInfo(
-            reason="RUN_ID_MISMATCH", domain="lrctl",
-            metadata={"current_run_id": error.current, "expected_run_id": error.expected}))
+            reason=error.reason, domain="lrctl",
+            metadata={f"current_{name}": error.current, error.field: error.expected}))
         details.append(_any(error_details_pb2.PreconditionFailure(violations=[
             error_details_pb2.PreconditionFailure.Violation(
                 type=error.kind, subject=error.field, description=message)])))
@@ -373,6 +396,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
             request_id=request.request_id,
             version=request.version if which == "version" else None,
             expected_run_id=request.expected_run_id,
+            expected_incarnation=request.expected_incarnation,
         )
         logger.info("cancelled: %s%s", short(change.description),
                     f" ({short(request.reason)})" if request.reason else "")

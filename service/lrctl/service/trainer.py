@@ -377,9 +377,7 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
     model, data = demo.build() if args.demo else _load(args.model)
     try:
         control = TrainingControl(model.optimizer, run_id=args.run_id, guardrails=limits,
-                                  revert_on_nan=args.revert_on_nan or None)
-        if initial is not None:
-            control.schedule.load(specs.ActiveSchedule(initial), version=0)
+                                  revert_on_nan=args.revert_on_nan or None, initial_schedule=initial)
     except (TypeError, ValueError) as e:  # e.g. a custom schedule lrctl cannot express
         raise _UsageError(" ".join(str(e).split())) from None
 
