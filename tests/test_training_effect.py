@@ -37,18 +37,16 @@ def test_applied_lr_follows_changes_from_their_boundary(jit_compile, steps_per_e
     model = make_model(0.125, jit_compile=jit_compile, steps_per_execution=spe)
     control = TrainingControl(model.optimizer)
     submit = control.controller.submit
+    # Steps a boundary reaches (every step, or every 8th): a change lands exactly there. One
+    # that no boundary reaches fails rather than land late (tests/test_guarantees.py).
+    b_swap, b_scale, b_pin = (5, 21, 37) if spe == 1 else (8, 24, 40)
     swap = submit(ChangeRequest(SwapSchedule(ExponentialDecay(0.5, 4, 0.5, staircase=True)),
-                                apply_at_step=5))
-    scale = submit(ChangeRequest(ScaleLearningRate(0.5), apply_at_step=21))
-    pin = submit(ChangeRequest(PinLearningRate(0.0625), apply_at_step=37))
+                                apply_at_step=b_swap))
+    scale = submit(ChangeRequest(ScaleLearningRate(0.5), apply_at_step=b_scale))
+    pin = submit(ChangeRequest(PinLearningRate(0.0625), apply_at_step=b_pin))
 
     recorder = fit(model, control, 48)
 
-    # A change lands at the first step boundary at or after its apply_at_step.
-    def boundary(n: int) -> int:
-        return -(-n // spe) * spe
-
-    b_swap, b_scale, b_pin = boundary(5), boundary(21), boundary(37)
     records = {c.id: c for c in control.controller.snapshot().recent}
     assert [records[c.id].status for c in (swap, scale, pin)] == [ChangeStatus.APPLIED] * 3
     assert [records[c.id].applied_step for c in (swap, scale, pin)] == [b_swap, b_scale, b_pin]
