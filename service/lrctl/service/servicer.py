@@ -185,7 +185,7 @@ def guardrails_to_proto(limits: Guardrails) -> pb.Guardrails:
         min_learning_rate=limits.min_learning_rate, max_learning_rate=bound(limits.max_learning_rate),
         max_change_factor=bound(limits.max_change_factor),
         max_changes_per_minute=bound(limits.max_changes_per_minute),
-        revert_on_nan_steps=limits.revert_on_nan_steps,
+        revert_on_nan_steps=limits.revert_on_nan_steps, horizon_steps=limits.horizon_steps,
     )
 
 
@@ -207,6 +207,7 @@ def state_to_proto(snap: Snapshot,
         steps_per_second=snap.steps_per_second,
         workers=[pb.WorkerState(index=w.index, applied_version=w.applied_version, step=w.step)
                  for w in snap.workers],
+        lr_clamp_count=snap.lr_clamp_count,
     )
 
 
