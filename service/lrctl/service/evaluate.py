@@ -256,9 +256,13 @@ def learning_rate(state: ActiveSchedule, step: int) -> float:
         return float(FORMS[derived.form].compute(_HostOps, derived.tables(), local))
 
 
-class _StepsHostOps(_HostOps):
-    """`_HostOps` for a vector of steps in the table forms: each step is compared with the
+class _StepsHostOps:
+    """`_HostOps` for a vector of steps: in the table forms each step is compared with the
     whole table (`greater(local, steps)`, `less_equal(steps, local)`), one row per step."""
+
+    cos, log, floor, ceil, power = np.cos, np.log, np.floor, np.ceil, np.power
+    minimum, maximum, where, take = np.minimum, np.maximum, np.where, np.take
+    cast = staticmethod(_HostOps.cast)
 
     @staticmethod
     def greater(local: Any, steps: Any) -> Any:
