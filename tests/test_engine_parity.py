@@ -23,9 +23,11 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def engine():
-    """One engine and one compiled evaluator shared by every case: loading never retraces."""
+    """One engine and one compiled evaluator shared by every case: loading never retraces.
+    It evaluates the schedule's own formula: what __call__ then clamps (to nothing here, the
+    bounds being [0, inf]) is tested in test_guardrails.py."""
     schedule = ControllableSchedule(0.001)
-    evaluate = tf.function(lambda steps: tf.vectorized_map(schedule, steps))
+    evaluate = tf.function(lambda steps: tf.vectorized_map(schedule.unbounded, steps))
     version = iter(range(1, 10**6))
 
     def values(spec, origin=Origin.GLOBAL, origin_step=0, scale=1.0, steps=STEPS):

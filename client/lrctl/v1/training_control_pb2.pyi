@@ -300,9 +300,10 @@ class SetLearningRateRequest(_message.Message):
     preview_steps: _builtins.int
     """With validate_only: the number of steps over which the response previews
     the learning rate (Change.preview and Change.preview_current, 33 points
-    from the step where the change would apply), and over which the
-    guardrails are checked. At most 1,000,000,000. Zero: no preview, and the
-    guardrails are checked over 10,000 steps. Ignored without validate_only.
+    from the step where the change would apply). It only sizes the preview:
+    the guardrails are always checked at every step of the trainer's horizon
+    (Guardrails.horizon_steps). At most 1,000,000,000. Zero: no preview.
+    Ignored without validate_only.
     """
     expected_run_id: _builtins.str
     """Fencing: the run id (TrainingState.run_id) this change is meant for. If
@@ -1154,7 +1155,8 @@ class CosineDecayRestarts(_message.Message):
     """Number of steps in the first decay period. Must be > 0; zero is invalid."""
     t_mul: _builtins.float
     """Factor by which each period is longer than the previous one. Must be
-    finite and > 0. Unset: 2.0.
+    finite and >= 1 (with t_mul < 1 the periods run out after a finite number
+    of steps, and Keras's formula gives NaN past them). Unset: 2.0.
     """
     m_mul: _builtins.float
     """Factor by which each period's initial learning rate is multiplied. Must
@@ -1366,13 +1368,14 @@ class Change(_message.Message):
     @_builtins.property
     def preview(self) -> _containers.RepeatedCompositeFieldContainer[Global___LearningRatePoint]:
         """For a CHANGE_STATUS_VALIDATED change with preview_steps: the learning rate
-        the change would give at 33 steps spread over the horizon, computed by the
-        code that computes learning_rate_after. Empty otherwise.
+        the change would give at 33 steps spread over the preview_steps, computed
+        by the code that computes learning_rate_after. Empty otherwise.
         """
 
     @_builtins.property
     def preview_current(self) -> _containers.RepeatedCompositeFieldContainer[Global___LearningRatePoint]:
-        """The same steps under the current schedule, without the change, to draw
+        """The same steps under the schedule the change would meet (the current one
+        with the pending changes due before it), without the change, to draw
         beside `preview`. Empty when `preview` is.
         """
 
@@ -1514,11 +1517,14 @@ class Guardrails(_message.Message):
     MAX_CHANGE_FACTOR_FIELD_NUMBER: _builtins.int
     MAX_CHANGES_PER_MINUTE_FIELD_NUMBER: _builtins.int
     REVERT_ON_NAN_STEPS_FIELD_NUMBER: _builtins.int
+    HORIZON_STEPS_FIELD_NUMBER: _builtins.int
     min_learning_rate: _builtins.float
-    """The smallest learning rate a change may give. 0: no bound beyond >= 0."""
+    """The smallest learning rate a change may give, at any step of the horizon
+    (horizon_steps). 0: no bound beyond >= 0.
+    """
     max_learning_rate: _builtins.float
-    """The largest learning rate a change may give, checked over the change's
-    horizon. Unset: no bound beyond float32.
+    """The largest learning rate a change may give, at any step of the horizon
+    (horizon_steps). Unset: no bound beyond float32.
     """
     max_change_factor: _builtins.float
     """A change may not multiply or divide the learning rate at the step where
@@ -1534,6 +1540,14 @@ class Guardrails(_message.Message):
     steps after a change, the trainer restores the weights and schedule from
     before the change. 0: off.
     """
+    horizon_steps: _builtins.int
+    """A change is refused if its learning rate would leave [min_learning_rate,
+    max_learning_rate] at any step from the step where it applies to this
+    many steps after it (exact extremes, not samples), checked on arrival
+    against the pending changes due before it and again where it applies.
+    The trainer's choice; a request's preview_steps does not change it.
+    0: not reported (a server that predates this field checked 33 samples).
+    """
     def __init__(
         self,
         *,
@@ -1542,10 +1556,11 @@ class Guardrails(_message.Message):
         max_change_factor: _builtins.float | None = ...,
         max_changes_per_minute: _builtins.float | None = ...,
         revert_on_nan_steps: _builtins.int = ...,
+        horizon_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor", "_max_changes_per_minute", b"_max_changes_per_minute", "_max_learning_rate", b"_max_learning_rate", "max_change_factor", b"max_change_factor", "max_changes_per_minute", b"max_changes_per_minute", "max_learning_rate", b"max_learning_rate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor", "_max_changes_per_minute", b"_max_changes_per_minute", "_max_learning_rate", b"_max_learning_rate", "max_change_factor", b"max_change_factor", "max_changes_per_minute", b"max_changes_per_minute", "max_learning_rate", b"max_learning_rate", "min_learning_rate", b"min_learning_rate", "revert_on_nan_steps", b"revert_on_nan_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor", "_max_changes_per_minute", b"_max_changes_per_minute", "_max_learning_rate", b"_max_learning_rate", "horizon_steps", b"horizon_steps", "max_change_factor", b"max_change_factor", "max_changes_per_minute", b"max_changes_per_minute", "max_learning_rate", b"max_learning_rate", "min_learning_rate", b"min_learning_rate", "revert_on_nan_steps", b"revert_on_nan_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_change_factor: _TypeAlias = _typing.Literal["max_change_factor"]  # noqa: Y015
     _WhichOneofArgType__max_change_factor: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor"]  # noqa: Y015
@@ -1636,6 +1651,7 @@ class TrainingState(_message.Message):
     BOUNDARY_SPACING_FIELD_NUMBER: _builtins.int
     BOUNDARY_ORIGIN_STEP_FIELD_NUMBER: _builtins.int
     EPOCH_START_STEP_FIELD_NUMBER: _builtins.int
+    LR_CLAMP_COUNT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifier of the training run, chosen by the trainer. Empty: not
     configured.
@@ -1707,6 +1723,15 @@ class TrainingState(_message.Message):
     (and with a change's applied_step) to tell which batches Keras's running
     means include. Unset: no epoch has begun (or a custom loop without
     epochs).
+    """
+    lr_clamp_count: _builtins.int
+    """How many learning-rate evaluations in the engine (each training step's,
+    and the trainer's own reads) found the computed learning rate outside
+    [min_learning_rate, max_learning_rate] (by more than float32 rounding) or
+    not finite, and clamped it: an out-of-range LR becomes the nearest bound,
+    a NaN or Inf becomes min_learning_rate, before the optimizer uses it.
+    Nonzero means the guardrails' validation missed something (or a restore
+    brought a schedule that breaks them). Carried in checkpoints. 0: never.
     """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
@@ -1809,10 +1834,11 @@ class TrainingState(_message.Message):
         boundary_spacing: _builtins.int = ...,
         boundary_origin_step: _builtins.int = ...,
         epoch_start_step: _builtins.int | None = ...,
+        lr_clamp_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "schedule", b"schedule", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "boundary_origin_step", b"boundary_origin_step", "boundary_spacing", b"boundary_spacing", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "incarnation", b"incarnation", "learning_rate", b"learning_rate", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "boundary_origin_step", b"boundary_origin_step", "boundary_spacing", b"boundary_spacing", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "incarnation", b"incarnation", "learning_rate", b"learning_rate", "lr_clamp_count", b"lr_clamp_count", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["epoch_metrics_epoch"]  # noqa: Y015
     _WhichOneofArgType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch"]  # noqa: Y015

@@ -266,6 +266,8 @@ class Snapshot:
     boundaries: Boundaries | None = None
     #: The step the current epoch began at (None: no epoch has begun).
     epoch_start_step: int | None = None
+    #: How many engine evaluations clamped the LR into the guardrails' bounds (engine.py).
+    lr_clamp_count: int = 0
 
 
 class ScheduleTarget(Protocol):
@@ -379,7 +381,10 @@ class Controller:
                     "apply_at_step", f"must be at most {APPLY_HORIZON} steps ahead of the current "
                     f"step {snap.step}", at)
             start = max(snap.step, at or 0) + (request.apply_after_steps or 0)
-            preview, current = self._check_guardrails(request, start, preview_steps or guardrails.DEFAULT_HORIZON)
+            before = self._state_before(start, snap.step)
+            after, lr_after = _check_change(request.action, before, start, self.guardrails)
+            if not request.force:
+                self.guardrails.check_factor(evaluate.learning_rate(before, start), lr_after, start)
             missed = at is not None and (at < snap.step or at <= self._boundary_step)
             if at is not None and missed and validate_only:
                 raise self._missed_error(at, snap.step)
@@ -402,8 +407,11 @@ class Controller:
             )
             if validate_only:
                 self._ended[ChangeStatus.VALIDATED] += 1
-                return dataclasses.replace(change, preview=preview, preview_current=current) \
-                    if preview_steps else change
+                if not preview_steps:
+                    return change
+                return dataclasses.replace(
+                    change, preview=tuple(guardrails.sample(after, start, preview_steps)),
+                    preview_current=tuple(guardrails.sample(before, start, preview_steps)))
             if request.request_id:
                 self._by_request_id[request.request_id] = change.id
             if at is not None and missed:
@@ -678,7 +686,7 @@ class Controller:
 
     def publish(self, *, step: int, learning_rate: float, metrics: Mapping[str, float] | None = None,
                 epoch: int | None = None, metrics_step: int | None = None,
-                metrics_time: float | None = None) -> None:
+                metrics_time: float | None = None, lr_clamp_count: int | None = None) -> None:
         """Record the training thread's view at a step boundary, for readers and watchers.
 
         `metrics` were taken at `metrics_step` (default: `step`) and `metrics_time` (default:
@@ -697,6 +705,8 @@ class Controller:
             rate = self._throughput.observe(step, now)
             if rate is not None:
                 changes["steps_per_second"] = rate
+            if lr_clamp_count is not None:
+                changes["lr_clamp_count"] = lr_clamp_count
             self._snapshot = dataclasses.replace(
                 snap, step=step, learning_rate=learning_rate,
                 epoch=snap.epoch if epoch is None else epoch, updated_time=now, **changes,
@@ -810,18 +820,16 @@ class Controller:
         if expected_incarnation and expected_incarnation != snap.incarnation:
             raise IncarnationMismatchError(expected_incarnation, snap.incarnation)
 
-    def _check_guardrails(self, request: ChangeRequest, start: int,
-                          horizon: int) -> tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
-        """Check the change against float32 and the guardrails over `horizon` steps from
-        `start`; return the learning rates sampled with it and without it."""
-        lr_after = _check_outcome(request.action, self._state, start)
-        after = _next_state(self._state, request.action, start)
-        preview = guardrails.sample(after, start, horizon)
-        current = guardrails.sample(self._state, start, horizon)
-        self.guardrails.check_bounds(preview)
-        if not request.force:
-            self.guardrails.check_factor(current[0][1], lr_after, start)
-        return tuple(preview), tuple(current)
+    def _state_before(self, step: int, current_step: int) -> ActiveSchedule:
+        """The state a change due at `step` will meet: the engine's, with every pending change
+        due before it (or at the same step: submitted earlier) applied in due order."""
+        due = sorted((_expected_due(c, current_step), c.id) for c in self._pending.values())
+        state = self._state
+        for due_step, change_id in due:
+            if due_step > step:
+                break
+            state = _next_state(state, self._pending[change_id].request.action, due_step)
+        return state
 
     @staticmethod
     def _missed_error(apply_at_step: int, step: int) -> FailedPreconditionError:
@@ -1032,9 +1040,23 @@ def _next_state(state: ActiveSchedule, action: Action, step: int) -> ActiveSched
                           1.0 if action.scale is None else action.scale)
 
 
-def _check_outcome(action: Action, state: ActiveSchedule, step: int) -> float:
-    """The learning rate `action` gives at `step` from `state`; InvalidArgumentError naming the
-    request's field if it (or the cumulative scale) is not a usable float32."""
+def _expected_due(change: Change, current_step: int) -> int:
+    """The step at which a pending change is expected to apply (its `apply_after_steps`
+    counted from `current_step` until a boundary has fixed it)."""
+    if change.due_step is not None:
+        return change.due_step
+    request = change.request
+    return max(current_step, request.apply_at_step or 0) + (request.apply_after_steps or 0)
+
+
+def _check_change(action: Action, state: ActiveSchedule, step: int,
+                  limits: Guardrails) -> tuple[ActiveSchedule, float]:
+    """The state `action` makes from `state` at `step`, and its learning rate there.
+
+    InvalidArgumentError naming the request's field if the cumulative scale, or the learning
+    rate at any step of the guardrails' horizon from `step`, is not a usable float32;
+    FailedPreconditionError naming the guardrail if the learning rate leaves [min, max] at
+    any step of that horizon (exact extremes, no sampling). Pure numpy: no TensorFlow."""
     after = _next_state(state, action, step)
     field = _ACTION_FIELD[type(action)]
     if not _MIN_SCALE <= after.scale <= FLOAT32_MAX:
@@ -1042,11 +1064,13 @@ def _check_outcome(action: Action, state: ActiveSchedule, step: int) -> float:
             "scale" if isinstance(action, SwapSchedule) else field,
             f"would make the cumulative scale {after.scale:g}, outside float32's normal range",
             getattr(action, "factor", None) if not isinstance(action, SwapSchedule) else action.scale)
-    lr = evaluate.learning_rate(after, step)
-    if not evaluate.is_finite_float32(lr):
-        raise InvalidArgumentError(field, f"would make the learning rate {lr} at step {step} in "
-                                   "float32, the precision training uses", action.describe())
-    return lr
+    extremes = evaluate.extremes(after, step, step + limits.horizon_steps)
+    for at, lr in ((extremes.max_step, extremes.max_lr), (extremes.min_step, extremes.min_lr)):
+        if not evaluate.is_finite_float32(lr):
+            raise InvalidArgumentError(field, f"would make the learning rate {lr} at step {at} in "
+                                       "float32, the precision training uses", action.describe())
+    limits.check_bounds([(extremes.max_step, extremes.max_lr), (extremes.min_step, extremes.min_lr)])
+    return after, evaluate.learning_rate(after, step)
 
 
 def _late_error(due: int, step: int) -> FailedPreconditionError:
@@ -1072,15 +1096,14 @@ def _outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
                                               applied_time=now,
                                               error=VersionConflictError(expected, version, step=step)))
             continue
-        try:
-            lr = _check_outcome(change.request.action, state, step)
-            limits.check_bounds([(step, lr)])
+        try:  # over the whole horizon from here, as on arrival, from the state it meets now
+            after, lr = _check_change(change.request.action, state, step, limits)
         except (InvalidArgumentError, FailedPreconditionError) as e:  # fine on arrival, not now
             error = e if isinstance(e, FailedPreconditionError) else FailedPreconditionError(str(e))
             finals.append(dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=now,
                                               error=error))
             continue
-        state = _next_state(state, change.request.action, step)
+        state = after
         version += 1
         finals.append(dataclasses.replace(
             change, status=ChangeStatus.APPLIED, version=version, applied_step=step,

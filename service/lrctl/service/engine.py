@@ -81,6 +81,16 @@ def _decode(kind: int, params: np.ndarray, steps: np.ndarray, values: np.ndarray
     return spec_type(**{f.name: _FROM_FLOAT64[str(f.type)](float(x)) for f, x in zip(fields, params)})
 
 
+#: A clamp counts when the LR is beyond a bound by more than this (relative): the host check and
+#: the graph agree to float32 rounding, not bit for bit, so an LR at a bound may land an ulp out.
+CLAMP_TOLERANCE = 2.0**-14
+
+
+def _bounds_of(lo: float, hi: float) -> np.ndarray:
+    """The `bounds` variable's value: the clamp's [lo, hi], then the range beyond which it counts."""
+    return np.array([lo, hi, lo * (1 - CLAMP_TOLERANCE), hi * (1 + CLAMP_TOLERANCE)], np.float32)
+
+
 def _new_stamp() -> int:
     return random.getrandbits(63)
 
@@ -133,6 +143,11 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
         # still holds what the last load wrote, nothing replaced the schedule since (one
         # scalar read, instead of reading everything before each change).
         self._stamp = variable(_new_stamp(), "int64", "stamp")
+        # Defence in depth behind the controller's checks: the LR is clamped into the trainer's
+        # bounds in the graph (variables, so setting them never retraces), and every evaluation
+        # that needed it is counted. Not part of `variables`: a schedule load leaves them alone.
+        self._bounds = variable(_bounds_of(0.0, math.inf), "float32", "bounds")
+        self._clamp_count = variable(0, "int64", "clamp_count")
 
     @property
     def variables(self) -> list[keras.Variable]:
@@ -141,7 +156,31 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 self._values, self._count, self._version, self._restart,
                 self._coefficients, self._rates, self._slopes, self._stamp]
 
+    @property
+    def guard_variables(self) -> list[keras.Variable]:
+        """The clamp's bounds and count: checkpointed with the optimizer, never loaded by `load`."""
+        return [self._bounds, self._clamp_count]
+
+    @property
+    def checkpointed(self) -> list[keras.Variable]:
+        """Every variable of the schedule that the optimizer tracks and checkpoints."""
+        return [*self.variables, *self.guard_variables]
+
+    @property
+    def clamp_count_variable(self) -> keras.Variable:
+        return self._clamp_count
+
     # -- training thread only -------------------------------------------------------------
+    def set_bounds(self, min_learning_rate: float, max_learning_rate: float) -> None:
+        """Clamp every learning rate this schedule gives to [min, max] from the next step on; a
+        non-finite one becomes `min_learning_rate` (the safe side: a step too small is undone
+        by the next, a step too large or NaN may wreck the weights)."""
+        self._bounds.assign(_bounds_of(min_learning_rate, max_learning_rate))
+
+    def clamp_count(self) -> int:
+        """How many evaluations found the LR out of bounds (or not finite) and clamped it."""
+        return int(self._clamp_count.numpy())
+
     def values_of(self, state: ActiveSchedule, version: int) -> list[np.ndarray]:
         """What `variables` must hold for `state` at `version`, converted (a value that does
         not fit raises here, before anything is assigned)."""
@@ -203,6 +242,21 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     # -- in the graph ---------------------------------------------------------------------
     def __call__(self, step: Any) -> Any:
+        return self.bounded(step, count=True)
+
+    def bounded(self, step: Any, *, count: bool) -> Any:
+        """The learning rate at `step`, clamped into the bounds; with `count`, an evaluation out
+        of bounds (beyond float32 rounding) or not finite adds one to the clamp count."""
+        lr = self.unbounded(step)
+        lo, hi, lo_count, hi_count = ops.unstack(ops.convert_to_tensor(self._bounds), 4)
+        finite = ops.isfinite(lr)
+        if count:  # NaN fails every comparison: counted
+            inside = ops.logical_and(ops.greater_equal(lr, lo_count), ops.less_equal(lr, hi_count))
+            self._clamp_count.assign_add(ops.cast(ops.logical_not(ops.logical_and(finite, inside)), "int64"))
+        return ops.where(finite, ops.clip(lr, lo, hi), lo)
+
+    def unbounded(self, step: Any) -> Any:
+        """The schedule's own learning rate at `step`, as `evaluate` computes it on the host."""
         local = ops.maximum(ops.cast(step, "int64") - self._origin_step, 0)
         # Only the active form's ops run: a switch on a variable, so still no retrace. The switch
         # is most of the cost left (its lowered Switch/Merge passes a dead tensor through every
@@ -244,7 +298,7 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if optimizer is not None and optimizer.built:  # unbuilt, it holds no state to restore
             index = {id(v): i for i, v in enumerate(optimizer.variables)}
             config["optimizer_layout"] = {
-                "count": len(index), "schedule": [index[id(v)] for v in self.variables],
+                "count": len(index), "schedule": [index[id(v)] for v in self.checkpointed if id(v) in index],
                 "retired": [index[id(v)] for v in self.retired if id(v) in index],
             }
         return config

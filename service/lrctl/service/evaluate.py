@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,19 +80,27 @@ def _cosine_warmup(x: Any, c: Any, local: Any) -> Any:
                    c.mid + c.half_range * x.cos(c.pi_over_decay_steps * (s - c.warmup_steps)))
 
 
-def _cosine_restarts(x: Any, c: Any, local: Any) -> Any:
+def _restarts_period(x: Any, c: Any, local: Any) -> tuple[Any, Any]:
     # Keras's own operations for the period, so that a step near a period boundary falls in
     # the same period as with Keras.
     fraction = x.cast(local, "float32") / c.first_decay_steps
-    period = x.floor(x.log(1.0 - fraction * c.one_minus_t_mul) / x.log(c.t_mul))
+    return fraction, x.floor(x.log(1.0 - fraction * c.one_minus_t_mul) / x.log(c.t_mul))
+
+
+def _cosine_restarts(x: Any, c: Any, local: Any) -> Any:
+    fraction, period = _restarts_period(x, c, local)
     t_mul_power = x.power(c.t_mul, period)
     within = (fraction - (1.0 - t_mul_power) / c.one_minus_t_mul) / t_mul_power
     return c.floor + c.half_range * x.power(c.m_mul, period) * (1.0 + x.cos(_PI * within))
 
 
-def _cosine_restarts_linear(x: Any, c: Any, local: Any) -> Any:  # t_mul == 1
+def _restarts_linear_period(x: Any, c: Any, local: Any) -> tuple[Any, Any]:
     fraction = x.cast(local, "float32") / c.first_decay_steps
-    period = x.floor(fraction)
+    return fraction, x.floor(fraction)
+
+
+def _cosine_restarts_linear(x: Any, c: Any, local: Any) -> Any:  # t_mul == 1
+    fraction, period = _restarts_linear_period(x, c, local)
     return c.floor + c.half_range * x.power(c.m_mul, period) * (1.0 + x.cos(_PI * (fraction - period)))
 
 
@@ -246,6 +254,125 @@ def learning_rate(state: ActiveSchedule, step: int) -> float:
     local = np.int64(max(step - state.origin_step, 0))
     with np.errstate(all="ignore"):  # overflow to inf is reported by the caller, not warned
         return float(FORMS[derived.form].compute(_HostOps, derived.tables(), local))
+
+
+class _StepsHostOps:
+    """`_HostOps` for a vector of steps: in the table forms each step is compared with the
+    whole table (`greater(local, steps)`, `less_equal(steps, local)`), one row per step."""
+
+    cos, log, floor, ceil, power = np.cos, np.log, np.floor, np.ceil, np.power
+    minimum, maximum, where, take = np.minimum, np.maximum, np.where, np.take
+    cast = staticmethod(_HostOps.cast)
+
+    @staticmethod
+    def greater(local: Any, steps: Any) -> Any:
+        return np.greater(np.expand_dims(local, -1), steps)
+
+    @staticmethod
+    def less_equal(steps: Any, local: Any) -> Any:
+        return np.less_equal(steps, np.expand_dims(local, -1))
+
+    @staticmethod
+    def sum(value: Any) -> Any:
+        return np.sum(value, axis=-1)
+
+
+def learning_rates(state: ActiveSchedule, steps: np.ndarray) -> np.ndarray:
+    """`learning_rate` at each of a vector of `steps` (int64), in float32."""
+    derived = derive(state)
+    form = FORMS[derived.form]
+    local = np.maximum(np.asarray(steps, np.int64).ravel() - state.origin_step, 0)
+    c = derived.tables()
+    with np.errstate(all="ignore"):
+        return np.broadcast_to(np.asarray(form.compute(_StepsHostOps, c, local), np.float32), local.shape)
+
+
+class Extremes(NamedTuple):
+    """The smallest and largest learning rate over a range of steps, and a step giving each.
+    A non-finite learning rate anywhere is reported as both (NaN compares false: it fails any
+    bounds check)."""
+
+    min_step: int
+    min_lr: float
+    max_step: int
+    max_lr: float
+
+
+def extremes(state: ActiveSchedule, start: int, end: int) -> Extremes:
+    """The exact extremes of `state`'s learning rate over every step in [start, end].
+
+    Each form is monotone, or piecewise monotone with known turning points, so the extremes
+    lie among a few candidate steps (the range's ends, boundaries and knots, period starts
+    and ends, the end of a warmup, each with its neighbours); the host formula is evaluated
+    there, in float32 as the engine computes. No sampling: a one-step spike is found.
+    """
+    if end < start:
+        raise ValueError(f"end ({end}) < start ({start})")
+    origin = state.origin_step
+    a, b = max(start - origin, 0), max(end - origin, 0)  # the local steps the range covers
+    local = np.unique(np.clip(_candidates(derive(state), a, b), a, b))
+    steps = np.clip(local + origin, start, end)  # local 0 covers every step up to the origin
+    lrs = learning_rates(state, steps)
+    bad = ~np.isfinite(lrs) | (np.abs(lrs) > specs.FLOAT32_MAX)
+    if bad.any():
+        i = int(np.argmax(bad))
+        return Extremes(int(steps[i]), float(lrs[i]), int(steps[i]), float(lrs[i]))
+    lo, hi = int(np.argmin(lrs)), int(np.argmax(lrs))
+    return Extremes(int(steps[lo]), float(lrs[lo]), int(steps[hi]), float(lrs[hi]))
+
+
+def _candidates(derived: Derived, a: int, b: int) -> np.ndarray:
+    """Local steps in [a, b] (clipped by the caller) among which the extremes lie."""
+    c = derived.coefficients
+    ends = [a, b]
+    match derived.form:
+        case "constant" | "exponential" | "exponential_staircase" | "inverse_time" \
+                | "inverse_time_staircase" | "polynomial" | "cosine":
+            return np.array(ends, np.int64)  # monotone in the step (flat past decay_steps)
+        case "cosine_warmup":  # linear up (or down) to the peak at warmup_steps, then cosine down
+            w = int(c["warmup_steps"])
+            return np.array([*ends, w - 1, w], np.int64)
+        case "polynomial_cycle":
+            # Monotone within each cycle ((k-1)D, kD]; cycle k's first value moves monotonically
+            # with k and every cycle ends at `end`: the first cycle end and start in range count.
+            d = int(c["decay_steps"])
+            k = max(-(-a // d), 1)  # the first cycle end at or after a (cycle 1 holds step 0)
+            return np.array([*ends, k * d - 1, k * d, k * d + 1], np.int64)
+        case "cosine_restarts_linear" | "cosine_restarts":
+            # Each period peaks at its start and falls to its end. With t_mul == 1 every period
+            # is alike, scaled by m_mul**k (monotone in k): the first and last period starts in
+            # range hold the extremes. With t_mul > 1 periods differ in length: all of them.
+            linear = derived.form == "cosine_restarts_linear"
+            tables = derived.tables()
+
+            def period(steps: np.ndarray) -> np.ndarray:
+                with np.errstate(all="ignore"):
+                    fn = _restarts_linear_period if linear else _restarts_period
+                    return np.asarray(fn(_HostOps, tables, steps)[1], np.float64)
+
+            first, last = period(np.array([a, b], np.int64))
+            wanted = np.array([first + 1, last]) if linear else np.arange(first + 1, last + 1)
+            starts = _first_steps(period, wanted, a, b)
+            return np.concatenate([ends, starts - 1, starts])
+        case "piecewise_constant" | "piecewise_linear":
+            # Constant between boundaries (values change after one); linear between knots.
+            knots = derived.steps[(derived.steps >= a) & (derived.steps <= b)]
+            return np.concatenate([ends, knots, knots + 1])
+    raise AssertionError(derived.form)
+
+
+def _first_steps(period: Callable[[np.ndarray], np.ndarray], wanted: np.ndarray, a: int, b: int) -> np.ndarray:
+    """For each period index in `wanted`, the first step in [a, b] (b + 1: none) whose period,
+    as the float32 formula computes it (non-decreasing in the step), is at least that index:
+    a bisection on the formula itself, so float32 rounding cannot move a boundary unseen."""
+    lo = np.full(wanted.shape, a, np.int64)
+    hi = np.full(wanted.shape, b + 1, np.int64)
+    while (open_ := lo < hi).any():
+        mid = (lo + hi) // 2
+        reached = period(mid) >= wanted
+        hi = np.where(open_ & reached, mid, hi)
+        lo = np.where(open_ & ~reached, mid + 1, lo)
+    return lo
 
 
 def is_finite_float32(value: float) -> bool:

@@ -1,8 +1,9 @@
 """Guardrails: the trainer's own limits on what any client may ask for.
 
-Pure Python. The controller checks them when a change arrives (over a horizon of steps, with
-the host evaluator) and again at the step boundary where it applies, so that two changes
-that pass one by one cannot together leave the bounds. A refused change names its rule.
+Pure Python. The controller checks a change when it arrives, against the state it will meet
+(the pending changes due before it applied first), and again at the step boundary where it
+applies: its learning rate must stay within the bounds at every step of the trainer's horizon
+(exact extremes, `evaluate.extremes`). A refused change names its rule.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from lrctl.service import evaluate
 from lrctl.service.errors import FailedPreconditionError, ResourceExhaustedError
 from lrctl.service.specs import ActiveSchedule, check_number
 
-#: Points at which a schedule is checked (and previewed) over a horizon.
+#: Points at which a validate_only request's preview shows the learning rate.
 POINTS = 33
-#: Steps over which a change is checked when the request names no preview horizon.
+#: Steps from a change's step over which its learning rate must stay within the bounds.
 DEFAULT_HORIZON = 10_000
+#: The longest horizon a trainer may set (steps): the apply horizon's typo guard.
+MAX_HORIZON = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class Guardrails:
     max_changes_per_minute: float | None = None
     #: Reported only: TrainingControl(revert_on_nan=K) acts on it (see integration.py).
     revert_on_nan_steps: int = 0
+    #: A change's learning rate must stay within the bounds at every step from the step where
+    #: it applies to this many steps after it (the trainer's choice, never the client's).
+    horizon_steps: int = DEFAULT_HORIZON
 
     def __post_init__(self) -> None:
         check_number("min_learning_rate", self.min_learning_rate, minimum=0)
@@ -50,16 +58,35 @@ class Guardrails:
             check_number("max_change_factor", self.max_change_factor, minimum=1)
         if self.max_changes_per_minute is not None:
             check_number("max_changes_per_minute", self.max_changes_per_minute, minimum=0, inclusive=False)
+        if isinstance(self.horizon_steps, bool) or not isinstance(self.horizon_steps, int) \
+                or not 1 <= self.horizon_steps <= MAX_HORIZON:
+            raise ValueError(f"horizon_steps must be an integer in [1, {MAX_HORIZON}]. "
+                             f"Received: horizon_steps={self.horizon_steps}")
+
+    @property
+    def float32_bounds(self) -> tuple[float, float]:
+        """[min, max] as the engine holds them: rounded to float32, the precision of the LR."""
+        lo, hi = np.float32(self.min_learning_rate), np.float32(self.max_learning_rate)
+        return float(lo), float(hi)
 
     def check_bounds(self, points: Sequence[tuple[int, float]]) -> None:
-        """FailedPreconditionError naming the rule if any (step, lr) leaves [min, max]."""
+        """FailedPreconditionError naming the rule if any (step, lr) leaves [min, max]. The
+        comparisons are written so that a NaN fails them."""
+        lo, hi = self.float32_bounds
         for step, lr in points:
-            if lr > self.max_learning_rate:
+            if not lr <= hi:
                 raise _refused("max_learning_rate", f"the learning rate would be {lr:g} at step {step}, "
                                f"above the trainer's max_learning_rate {self.max_learning_rate:g}")
-            if lr < self.min_learning_rate:
+            if not lr >= lo:
                 raise _refused("min_learning_rate", f"the learning rate would be {lr:g} at step {step}, "
                                f"below the trainer's min_learning_rate {self.min_learning_rate:g}")
+
+    def check_schedule(self, state: ActiveSchedule, step: int) -> evaluate.Extremes:
+        """Refuse `state` if its learning rate leaves [min, max] at any step of the horizon
+        from `step` (exactly: its extremes there); return them."""
+        extremes = evaluate.extremes(state, step, step + self.horizon_steps)
+        self.check_bounds([(extremes.max_step, extremes.max_lr), (extremes.min_step, extremes.min_lr)])
+        return extremes
 
     def check_factor(self, before: float, after: float, step: int) -> None:
         factor = self.max_change_factor
@@ -79,9 +106,10 @@ def _refused(rule: str, message: str) -> FailedPreconditionError:
 
 
 def sample(state: ActiveSchedule, start: int, horizon: int) -> list[tuple[int, float]]:
-    """(step, learning rate) at POINTS steps spread evenly over [start, start + horizon]."""
-    steps = sorted({start + round(i * horizon / (POINTS - 1)) for i in range(POINTS)})
-    return [(step, evaluate.learning_rate(state, step)) for step in steps]
+    """(step, learning rate) at POINTS steps spread evenly over [start, start + horizon]: a
+    preview to draw, not a check."""
+    steps = np.unique(start + np.round(np.arange(POINTS) * (horizon / (POINTS - 1))).astype(np.int64))
+    return list(zip(steps.tolist(), evaluate.learning_rates(state, steps).tolist()))
 
 
 class RateLimiter:

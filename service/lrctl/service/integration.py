@@ -105,7 +105,7 @@ def attach(optimizer: keras.optimizers.Optimizer) -> ControllableSchedule:
             schedule.retired = (current,)  # still tracked, but a .keras load need not restore it
     # Tracked by the owner, so a wrapper's `variables` (its own + the owner's) hold them too.
     tracked = {id(v) for v in owner.variables}
-    for variable in schedule.variables:
+    for variable in schedule.checkpointed:
         if id(variable) not in tracked:
             owner._track_variable(variable)
     schedule.optimizer_ref = weakref.ref(owner)  # get_config records where its variables sit
@@ -135,9 +135,11 @@ class _EngineTarget:
         self._schedule = schedule
         variables = schedule.variables
         self._packer = packer = Packer(variables)
-        # One compiled graph for "LR at step": eager evaluation would cost ~80 eager ops.
+        # One compiled graph for "LR at step" (as clamped, not counted) and the clamp count:
+        # eager evaluation would cost ~80 eager ops.
         self._lr_at = tf.function(
-            lambda step: schedule(step), input_signature=[tf.TensorSpec([], tf.int64)]
+            lambda step: (schedule.bounded(step, count=False), schedule.clamp_count_variable.value),
+            input_signature=[tf.TensorSpec([], tf.int64)],
         )
         self._read_all = tf.function(lambda: packer.pack_tensors([v.value for v in variables]))
 
@@ -186,7 +188,12 @@ class _EngineTarget:
         return self._held
 
     def learning_rate(self, step: int) -> float:
-        return float(self._lr_at(tf.constant(step, tf.int64)))
+        return self.learning_rate_and_clamps(step)[0]
+
+    def learning_rate_and_clamps(self, step: int) -> tuple[float, int]:
+        """The LR the optimizer gets at `step` and the engine's clamp count: one call."""
+        lr, clamps = self._lr_at(tf.constant(step, tf.int64))
+        return float(lr), int(clamps)
 
 
 def _to_floats(logs: Mapping[str, Any] | None) -> dict[str, float]:
@@ -259,6 +266,7 @@ class TrainingControl:
         guardrails = dataclasses.replace(guardrails, revert_on_nan_steps=revert_on_nan or 0)
         self.controller = Controller(self._target, run_id=run_id, optimizer=type(optimizer).__name__,
                                      history_size=history_size, guardrails=guardrails)
+        self.schedule.set_bounds(guardrails.min_learning_rate, guardrails.max_learning_rate)
         self._publish_interval = publish_interval
         self._stop_asked = self._stop_agreed = False
         self._last_publish = -float("inf")
@@ -493,6 +501,9 @@ class TrainingControl:
         Returns whether it noticed one."""
         if not self._target.replaced():
             return False
+        # A restore may have brought another run's bounds: these are this trainer's.
+        limits = self.controller.guardrails
+        self.schedule.set_bounds(limits.min_learning_rate, limits.max_learning_rate)
         state, version = self._target.read()
         if (state, version) != self.controller.engine_state:
             if self.divergence is not None and self.divergence.watching:
@@ -519,7 +530,8 @@ class TrainingControl:
         step = self.step
         if self._target.replaced():
             self.resync()
-        self.controller.publish(step=step, learning_rate=self._target.learning_rate(step),
+        lr, clamps = self._target.learning_rate_and_clamps(step)
+        self.controller.publish(step=step, learning_rate=lr, lr_clamp_count=clamps,
                                 metrics=_to_floats(logs) if logs is not None else None, epoch=self._epoch,
                                 metrics_step=logs_step, metrics_time=logs_time)
 

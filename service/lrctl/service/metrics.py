@@ -12,6 +12,9 @@ Exported (all prefixed `lrctl_`):
   snapshot at scrape time, so a scrape costs one lock and never touches TensorFlow;
 - `changes_total{status}`: finished changes by status (applied, aborted, cancelled, failed,
   validated), counted exactly by the controller;
+- `lr_clamped_total`: engine evaluations that clamped the learning rate into the guardrails'
+  bounds (or replaced a non-finite one); as last published, like the gauges. Nonzero means
+  validation missed something;
 - `rpcs_total{method, code}`: every RPC the server answered (all services, refused ones
   included), by full method name and gRPC status code, from a server interceptor;
 - `apply_seconds`: a histogram of the time the training thread spent in
@@ -118,6 +121,9 @@ class _StateCollector(Collector):
         for status, count in self._metrics.changes().items():
             changes.add_metric([status.value], count)
         yield changes
+        yield CounterMetricFamily("lrctl_lr_clamped", "Learning-rate evaluations the engine clamped "
+                                  "into the guardrails' bounds (nonzero: validation missed something)",
+                                  value=snap.lr_clamp_count)
 
 
 class _RpcCounter(grpc.ServerInterceptor):

@@ -90,13 +90,14 @@ def _restore(optimizer: keras.optimizers.Optimizer, schedule: ControllableSchedu
                                       f"its config {layout['count']}")
     not_own = {*layout["schedule"], *layout["retired"]}
     own_values = [value for i, value in enumerate(values) if i not in not_own]
-    ours = {id(v) for v in schedule.variables}
+    ours = {id(v) for v in schedule.checkpointed}
     own = [v for v in optimizer.variables if id(v) not in ours]
     if len(own) != len(own_values):
         raise _error(optimizer, path, f"it has {len(own)} variables of its own, the file "
                      f"{len(own_values)}" + ("" if optimizer.built else " (is the model built?)"))
     _assign(optimizer, [*zip(own, own_values),
-                        *zip(schedule.variables, (values[i] for i in layout["schedule"]))], path)
+                        # A file from before the clamp holds `variables` only: the rest stay.
+                        *zip(schedule.checkpointed, (values[i] for i in layout["schedule"]))], path)
 
 
 def _assign(optimizer: keras.optimizers.Optimizer, pairs: list[tuple[keras.Variable, np.ndarray]],

@@ -203,7 +203,7 @@ def guardrails_to_proto(limits: Guardrails) -> pb.Guardrails:
         min_learning_rate=limits.min_learning_rate, max_learning_rate=bound(limits.max_learning_rate),
         max_change_factor=bound(limits.max_change_factor),
         max_changes_per_minute=bound(limits.max_changes_per_minute),
-        revert_on_nan_steps=limits.revert_on_nan_steps,
+        revert_on_nan_steps=limits.revert_on_nan_steps, horizon_steps=limits.horizon_steps,
     )
 
 
@@ -229,6 +229,8 @@ def state_to_proto(snap: Snapshot,
         boundary_spacing=snap.boundaries.spacing if snap.boundaries else 0,
         boundary_origin_step=snap.boundaries.origin if snap.boundaries else 0,
         epoch_start_step=snap.epoch_start_step,
+
+        lr_clamp_count=snap.lr_clamp_count,
     )
 
 

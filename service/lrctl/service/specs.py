@@ -206,7 +206,9 @@ class CosineDecayRestarts(_Spec):
     def __post_init__(self) -> None:
         self._set("initial_learning_rate", _learning_rate("initial_learning_rate", self.initial_learning_rate))
         self._set("first_decay_steps", _step("first_decay_steps", self.first_decay_steps, minimum=1))
-        self._set("t_mul", check_number("t_mul", self.t_mul, minimum=0, inclusive=False))
+        # Keras's period is log(1 - fraction * (1 - t_mul)) / log(t_mul): with t_mul < 1 the
+        # periods shrink to a finite sum, and past it the log is of a negative number (NaN).
+        self._set("t_mul", check_number("t_mul", self.t_mul, minimum=1))
         self._set("m_mul", check_number("m_mul", self.m_mul, minimum=0, inclusive=False))
         self._set("alpha", _fraction("alpha", self.alpha))
 
