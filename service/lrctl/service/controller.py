@@ -312,6 +312,11 @@ class Controller:
         #: Each is called by the training thread with the seconds each `apply_due` that
         #: finished a change took (the outcomes and the one engine load): metrics hooks.
         self.apply_observers: list[Callable[[float], None]] = []
+        #: Each is called by the training thread with every local change attempt (one made in
+        #: the trainer's process, e.g. a Keras callback assigning `optimizer.learning_rate`)
+        #: and how it ended: its final record, or the error that refused it. A server with a
+        #: journal registers one, so local changes are journaled like a client's.
+        self.local_observers: list[Callable[[ChangeRequest, Change | Exception], None]] = []
         self._results: dict[int, Change] = {}  # final records of waited-for changes
         # An upper bound on the step at the latest step boundary (exact when the training
         # thread read it). An apply_at_step at or below it may have been passed already.

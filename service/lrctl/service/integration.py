@@ -23,14 +23,27 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lrctl.service import specs
-from lrctl.service.controller import Boundaries, Change, ChangeStatus, Controller, Phase
+from lrctl.service import evaluate, specs
+from lrctl.service.controller import (
+    Boundaries,
+    Change,
+    ChangeRequest,
+    ChangeStatus,
+    Controller,
+    Phase,
+    PinLearningRate,
+)
 from lrctl.service.divergence import DivergenceGuard, Window
 from lrctl.service.engine import ControllableSchedule
+from lrctl.service.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from lrctl.service.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.limits import short
 from lrctl.service.packing import Packer
-from lrctl.service.specs import ActiveSchedule
+from lrctl.service.specs import ActiveSchedule, Constant
 from lrctl.service.workers import WorkerSync, worker_count
 
 logger = logging.getLogger("lrctl")
@@ -123,6 +136,59 @@ def build_optimizer(optimizer: str | type = "adam", learning_rate: object = 0.00
     instance = cls(learning_rate=ControllableSchedule(learning_rate), **kwargs)
     attach(instance)
     return instance
+
+
+#: The TrainingControl that owns each schedule (weakly both ways): where a float assigned to
+#: its optimizer's `learning_rate` goes.
+_CONTROLS: weakref.WeakKeyDictionary[ControllableSchedule, weakref.ReferenceType[TrainingControl]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _route_learning_rate_assignments() -> None:
+    """Make `optimizer.learning_rate = 0.001` work on an optimizer that a TrainingControl owns:
+    Keras's ReduceLROnPlateau and LearningRateScheduler do exactly that, and Keras's setter
+    raises TypeError for any optimizer whose learning rate is a schedule, as lrctl's is.
+
+    `learning_rate` is a property of Keras's BaseOptimizer, and a property cannot be overridden
+    on an instance, so its setter is wrapped on the class, once per process. For an optimizer no
+    TrainingControl owns, Keras's own setter runs, unchanged. (A per-instance subclass, swapped
+    in with `__class__`, would change the optimizer's type: Keras would serialize it as a
+    custom class in get_config and `.keras` files, and pickling by reference would break.)
+    A LossScaleOptimizer's setter forwards to its inner optimizer, which holds the schedule.
+    """
+    base = next(c for c in keras.optimizers.Optimizer.__mro__ if "learning_rate" in vars(c))
+    keras_property = vars(base)["learning_rate"]
+    if getattr(keras_property.fset, "lrctl_routed", False):
+        return
+
+    def set_learning_rate(optimizer: keras.optimizers.Optimizer, value: Any) -> None:
+        schedule = getattr(optimizer, "_learning_rate", None)
+        ref = _CONTROLS.get(schedule) if isinstance(schedule, ControllableSchedule) else None
+        control = ref() if ref is not None else None
+        if control is None:
+            keras_property.fset(optimizer, value)
+        else:
+            control.assign_learning_rate(value, source=_assigner(sys._getframe(1)))
+
+    set_learning_rate.lrctl_routed = True  # type: ignore[attr-defined]
+    setattr(base, "learning_rate", property(keras_property.fget, set_learning_rate,  # noqa: B010
+                                            keras_property.fdel, keras_property.__doc__))
+
+
+def _assigner(frame: types.FrameType | None) -> str:
+    """Who assigned `optimizer.learning_rate`: the class of the first caller that is not an
+    optimizer (a LossScaleOptimizer forwards), e.g. "ReduceLROnPlateau"; else the calling
+    function. A few frame reads, at each assignment (an epoch end), never per step."""
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.optimizers.Optimizer):
+            frame = frame.f_back
+            continue
+        if owner is not None:
+            return type(owner).__name__
+        code = frame.f_code
+        return f"{frame.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"
+    return "unknown caller"
 
 
 class _EngineTarget:
@@ -287,6 +353,8 @@ class TrainingControl:
         self.callback = _ControlCallback(self)
         if self.workers is not None:  # only exchanges are boundaries, every worker at the same steps
             self.controller.set_boundaries(Boundaries(0, self.workers.every))
+        _route_learning_rate_assignments()
+        _CONTROLS[self.schedule] = weakref.ref(self)
         self.publish(force=True)  # readers see the starting LR before the first step
 
     @property
@@ -376,16 +444,73 @@ class TrainingControl:
         """Apply the changes that are due now (at a step boundary)."""
         return self._apply_due(self.step)
 
+    def assign_learning_rate(self, value: Any, *, source: str) -> Change | None:
+        """A float assigned to the optimizer's `learning_rate` (by Keras's ReduceLROnPlateau or
+        LearningRateScheduler, or user code): `source` did it on the training thread, between
+        steps. It becomes a local change, pinned at this step boundary at once: validated and
+        checked by the guardrails (rate limit included) like a client's, with a version, a
+        record whose reason names `source`, and a journal line if the server has a journal.
+
+        A refusal never raises (it would crash `fit`): it is logged as a warning naming `source`
+        and the rule, and the learning rate stays. A value that is already the pinned learning
+        rate changes nothing (a LearningRateScheduler assigns every epoch). Returns the
+        applied record, or None."""
+        try:
+            lr = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{source} assigned {value!r} to optimizer.learning_rate, which lrctl controls: "
+                "assign a Python float, between steps (not inside a tf.function), or change the "
+                "schedule through lrctl (e.g. a SwapSchedule change)") from None
+        request = ChangeRequest(PinLearningRate(lr), reason=f"local: {source} set optimizer.learning_rate")
+        if self.workers is not None:
+            error: Exception = FailedPreconditionError(
+                "a local change in a multi-worker job would reach one worker only; change the "
+                "learning rate through the chief's API")
+            logger.warning("%s set optimizer.learning_rate = %g; not applied, the learning rate "
+                           "stays: %s", source, lr, error)
+            self._observe_local(request, error)
+            return None
+        step = self.step
+        self.resync()
+        state, _ = self.controller.engine_state
+        if isinstance(state.spec, Constant) and \
+                np.float32(evaluate.learning_rate(state, step)) == np.float32(lr):
+            return None
+        self.publish(force=True)  # the guardrails compare with the LR at this step
+        try:
+            pending = self.controller.submit(request)
+        except (InvalidArgumentError, FailedPreconditionError, ResourceExhaustedError) as e:
+            logger.warning("%s set optimizer.learning_rate = %g at step %d; lrctl refused it and the "
+                           "learning rate stays %g: %s", source, lr, step,
+                           evaluate.learning_rate(state, step), e)
+            self._observe_local(request, e)
+            return None
+        finished = self._apply_due(step)
+        record = next((c for c in finished if c.id == pending.id), pending)
+        self._observe_local(request, record)
+        return record if record.status is ChangeStatus.APPLIED else None
+
+    def _observe_local(self, request: ChangeRequest, outcome: Change | Exception) -> None:
+        for observe in list(self.controller.local_observers):
+            try:
+                observe(request, outcome)
+            except Exception:  # the change stands; a broken journal must not crash fit
+                logger.exception("could not journal a local change: %s", short(request.reason))
+
     def _apply_due(self, step: int) -> list[Change]:
         self.resync()
-        lr = self.controller.snapshot().learning_rate
         before = self.controller.engine_state
+        # The LR the run had at this step, not the last published one (which lags under decay).
+        lr = evaluate.learning_rate(before[0], step)
         finished = self.controller.apply_due(step)
         for change in finished:
             reason = f" ({short(change.request.reason)})" if change.request.reason else ""
             if change.status is ChangeStatus.APPLIED:
-                logger.info("v%d step %d: lr %.6g -> %.6g  %s%s", change.version, change.applied_step,
-                            lr, change.learning_rate_after, short(change.description), reason)
+                # As float32, the precision training uses, in its shortest exact form.
+                logger.info("v%d step %d: lr %s -> %s  %s%s", change.version, change.applied_step,
+                            np.float32(lr), np.float32(change.learning_rate_after),
+                            short(change.description), reason)
                 lr = change.learning_rate_after or lr
             else:
                 error = f": {change.error}" if change.error else ""
@@ -442,7 +567,7 @@ class TrainingControl:
                   f"{window.taken_at}, schedule of v{window.version}")
         # Weights first: if the engine load below fails, training still goes on from good weights.
         DivergenceGuard.restore(window)
-        lr = self.controller.snapshot().learning_rate
+        lr = evaluate.learning_rate(self.controller.engine_state[0], step)
         try:
             change = self.controller.apply_automatic(window.state, step=step, reason=reason)
         except Exception:
@@ -656,6 +781,10 @@ class _ControlCallback(keras.callbacks.Callback):
         spacing = self._steps_per_batch
         boundaries = Boundaries(start, spacing) if spacing is not None else None
         self._control.controller.set_boundaries(boundaries, epoch_start_step=start)
+        # An epoch start is a step boundary: what is due applies before the callbacks listed
+        # after this one run, so a LearningRateScheduler reads the LR a client set between epochs.
+        if self._control.workers is None and self._control.controller.at_boundary(start):
+            self._control._apply_due(start)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         # On the training thread (Keras runs epoch hooks there, after the batch-end ones).

@@ -164,6 +164,8 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
         server.stop(None)
         pool.shutdown(wait=False)
         raise
+    if journal is not None:  # local changes (Keras's LR callbacks) are journaled too
+        controller.local_observers.append(servicer.record_local)
     sent: dict[str, Any] = {}
     _set(health_servicer, "", _SERVING, sent)
     _set(health_servicer, SERVICE_NAME, _NOT_SERVING, sent)  # known, not ready, before any call
@@ -177,6 +179,8 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
     try:
         yield server, port
     finally:
+        if journal is not None:
+            controller.local_observers.remove(servicer.record_local)
         stop.set()
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=1.0).wait()

@@ -425,6 +425,20 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
                                   request=request, code=code, error=message,
                                   snapshot=self._controller.snapshot(), change=change)
 
+    def record_local(self, request: ChangeRequest, outcome: Change | Exception) -> None:
+        """Journal a local change (a float assigned to `optimizer.learning_rate` in the trainer's
+        process) like a mutation RPC: method, peer and role "local", the request as the
+        SetLearningRate it amounts to, and its outcome. serve() registers it on the controller."""
+        assert self._journal is not None and isinstance(request.action, PinLearningRate)
+        message = pb.SetLearningRateRequest(learning_rate=request.action.learning_rate, reason=request.reason)
+        if isinstance(outcome, Exception):
+            status = status_of(outcome)
+            code, error, change = code_pb2.Code.Name(status.code), status.message, None
+        else:
+            code, error, change = "OK", "", change_to_proto(outcome)
+        self._journal.record_call(method="local", peer="local", role="local", request=message, code=code,
+                                  error=error, snapshot=self._controller.snapshot(), change=change)
+
     def ListChanges(self, request: pb.ListChangesRequest,
                     context: grpc.ServicerContext) -> pb.ListChangesResponse:
         run_id = self._controller.snapshot().run_id
