@@ -20,7 +20,7 @@ from pki import make_pki
 from lrctl.client import LrctlError, TrainingControlClient, schedules
 from lrctl.client.client import tls_credentials
 from lrctl.service import TrainingControl
-from lrctl.service.auth import server_credentials
+from lrctl.service.auth import is_loopback, server_credentials
 from lrctl.service.journal import Journal, read
 from lrctl.service.server import serve
 
@@ -106,3 +106,20 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(server) -> None:
         with pytest.raises(LrctlError) as info:
             client.get_state(timeout=5)
         assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_serve_beyond_loopback_needs_a_token_or_mutual_tls(pki) -> None:
+    control = TrainingControl(keras.optimizers.SGD(0.01))
+    tls = server_credentials(pki["server_crt"], pki["server_key"])
+    mtls = server_credentials(pki["server_crt"], pki["server_key"], pki["ca_crt"])
+    for credentials in (None, tls):  # TLS alone encrypts, but anyone who connects may write
+        with pytest.raises(ValueError, match=r"refusing to serve on 0\.0\.0\.0:0 without "
+                           r"authentication.*write_tokens.*insecure=True"), \
+                serve(control.controller, "0.0.0.0:0", credentials=credentials):
+            pytest.fail("served beyond loopback without authentication")
+    for options in ({"write_tokens": [WRITE]}, {"credentials": mtls}, {"insecure": True}):
+        with serve(control.controller, "0.0.0.0:0", **options) as (_, port):
+            assert port > 0
+    assert is_loopback("127.0.0.1:0") and is_loopback("[::1]:1") and is_loopback("localhost:1")
+    assert is_loopback("unix:/tmp/lrctl.sock")
+    assert not is_loopback("0.0.0.0:1") and not is_loopback("[::]:1") and not is_loopback("example.org:1")
