@@ -6,12 +6,14 @@ for 127.0.0.1, a client certificate).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import keras
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -23,6 +25,8 @@ from lrctl.service import TrainingControl
 from lrctl.service.auth import is_loopback, server_credentials
 from lrctl.service.journal import Journal, read
 from lrctl.service.server import serve
+from lrctl.v1 import training_control_pb2 as pb
+from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 WRITE, READ = "w" * 32, "r" * 32
 
@@ -123,3 +127,27 @@ def test_serve_beyond_loopback_needs_a_token_or_mutual_tls(pki) -> None:
     assert is_loopback("127.0.0.1:0") and is_loopback("[::1]:1") and is_loopback("localhost:1")
     assert is_loopback("unix:/tmp/lrctl.sock")
     assert not is_loopback("0.0.0.0:1") and not is_loopback("[::]:1") and not is_loopback("example.org:1")
+
+
+def test_a_plaintext_health_port_answers_probes_and_nothing_else(pki, caplog) -> None:
+    """For kubelet's gRPC probes, which cannot speak TLS: health alone, without TLS or token."""
+    caplog.set_level("INFO", logger="lrctl.server")
+    control = TrainingControl(keras.optimizers.SGD(0.01))
+    credentials = server_credentials(pki["server_crt"], pki["server_key"])
+    with serve(control.controller, "127.0.0.1:0", write_tokens=[WRITE], credentials=credentials,
+               health_address="127.0.0.1:0"):
+        (port,) = re.findall(r"health checks alone, plaintext, on 127\.0\.0\.1:0 \(port (\d+)\)",
+                             caplog.text)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(service=""), timeout=20).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert check(health_pb2.HealthCheckRequest(service="lrctl.v1.TrainingControlService"),
+                         timeout=20).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.TrainingControlServiceStub(channel).GetState(
+                    pb.GetStateRequest(), timeout=20, metadata=(("authorization", f"Bearer {WRITE}"),))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.RpcError) as info:
+                ProtoReflectionDescriptorDatabase(channel).get_services()
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -139,6 +139,7 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
           journal: Journal | None = None,
           write_tokens: Sequence[str] = (), read_tokens: Sequence[str] = (),
           credentials: grpc.ServerCredentials | None = None, insecure: bool = False,
+          health_address: str | None = None,
           extra_interceptors: Sequence[grpc.ServerInterceptor] = ()) -> Iterator[tuple[grpc.Server, int]]:
     """Run the server on a background thread pool for the duration of the `with` block.
 
@@ -146,7 +147,9 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
     `write_tokens`/`read_tokens`: bearer tokens of each role (see lrctl.service.auth); none:
     no authentication. `credentials`: TLS (lrctl.service.auth.server_credentials); None:
     plaintext. `insecure`: allow an address beyond loopback with neither a token nor mutual
-    TLS. `extra_interceptors`: server interceptors, run first (outermost), so they see
+    TLS. `health_address`: also serve the health service alone, plaintext, there (for
+    kubelet's native gRPC probes, which cannot speak TLS; it tells only SERVING or not).
+    `extra_interceptors`: server interceptors, run first (outermost), so they see
     every call, refused ones included (e.g. lrctl.service.metrics' RPC counter).
 
     Raises ValueError for an address beyond loopback (e.g. 0.0.0.0) without a token or mutual
@@ -168,8 +171,8 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
     if auth is not None and journal is not None:
         auth.on_denied = _journal_denied(journal, controller, auth.role_name)
     # Authentication runs first, so that a caller without a token never holds a stream slot.
-    interceptors: list[grpc.ServerInterceptor] = [
-        StreamLimiter(max_streams, max_open_streams, f"/{SERVICE_NAME}/")]
+    limiter = StreamLimiter(max_streams, max_open_streams, f"/{SERVICE_NAME}/")
+    interceptors: list[grpc.ServerInterceptor] = [limiter]
     if auth is not None:
         interceptors.insert(0, auth)
     server = grpc.server(pool, interceptors=[*extra_interceptors, *interceptors], options=_OPTIONS)
@@ -181,28 +184,44 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    servers = [(server, pool)]
+    if health_address is not None:
+        # Its own few threads; its Watch streams share the open budget with the main port's.
+        health_pool = futures.ThreadPoolExecutor(max_open_streams + unary_reserve,
+                                                 thread_name_prefix="lrctl-health-grpc")
+        health_server = grpc.server(health_pool, interceptors=[*extra_interceptors, limiter],
+                                    options=_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        servers.append((health_server, health_pool))
     try:
         port = _bind(server, address, credentials)
+        if health_address is not None:
+            health_port = _bind(servers[1][0], health_address, None)
     except BindError:
-        server.stop(None)
-        pool.shutdown(wait=False)
+        for unbound, unused in servers:
+            unbound.stop(None)
+            unused.shutdown(wait=False)
         raise
     sent: dict[str, Any] = {}
     _set(health_servicer, "", _SERVING, sent)
     _set(health_servicer, SERVICE_NAME, _NOT_SERVING, sent)  # known, not ready, before any call
-    server.start()
+    for each, _ in servers:
+        each.start()
     stop = threading.Event()
     follower = threading.Thread(target=_follow_phase,
                                 args=(controller, health_servicer, stop, sent),
                                 name="lrctl-health", daemon=True)
     follower.start()
     logger.info("lrctl listening on %s (port %d)", address, port)
+    if health_address is not None:
+        logger.info("health checks alone, plaintext, on %s (port %d)", health_address, health_port)
     try:
         yield server, port
     finally:
         stop.set()
         health_servicer.enter_graceful_shutdown()
-        server.stop(grace=1.0).wait()
+        for each, _ in servers:
+            each.stop(grace=1.0).wait()
         follower.join(timeout=2.0)
 
 

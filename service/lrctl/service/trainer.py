@@ -94,7 +94,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
     security = parser.add_argument_group(
         "security", "Tokens come from files or the environment, never from the command line (ps "
-        "shows it). Listening beyond loopback needs a token, TLS, or --insecure.")
+        "shows it). Listening beyond loopback needs a token, mutual TLS, or --insecure.")
     security.add_argument("--token-file", metavar="PATH",
                           help="token of the write role (default: $LRCTL_TOKEN)")
     security.add_argument("--read-token-file", metavar="PATH",
@@ -104,7 +104,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     security.add_argument("--tls-client-ca", metavar="PATH",
                           help="mutual TLS: clients must present a certificate signed by this CA")
     security.add_argument("--insecure", action="store_true",
-                          help="allow a non-loopback --listen without a token or TLS")
+                          help="allow a non-loopback --listen without a token or mutual TLS")
+    security.add_argument("--health-listen", metavar="HOST:PORT", type=_listen_address,
+                          help="also serve the standard health service alone, plaintext, here: "
+                          "for Kubernetes' native gRPC probes, which cannot speak TLS "
+                          "(default: off)")
     security.add_argument("--journal", metavar="PATH",
                           help="append every change attempt to this JSON-lines audit journal "
                           "(default: DIR/lrctl-journal.jsonl with --checkpoint-dir, else none)")
@@ -185,7 +189,7 @@ def _security(args: argparse.Namespace) -> dict[str, Any]:
             "--token-file PATH (or set LRCTL_TOKEN), or mutual TLS (--tls-client-ca with "
             "--tls-cert/--tls-key), or --insecure to accept the risk.")
     return {"write_tokens": write, "read_tokens": read, "credentials": credentials,
-            "insecure": args.insecure}
+            "insecure": args.insecure, "health_address": args.health_listen}
 
 
 def _guardrails(args: argparse.Namespace) -> Guardrails:
@@ -469,7 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         initial = _initial_schedule(args)
         security = _security(args)
         _require_service()
-        _check_port(args.listen)
+        for address in (args.listen, args.health_listen):
+            if address:
+                _check_port(address)
         _train(args, initial, security, _guardrails(args))
     except _UsageError as e:
         print(f"lrctl-trainer: error: {e}", file=sys.stderr)
