@@ -6,12 +6,14 @@ for 127.0.0.1, a client certificate).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import keras
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -20,9 +22,11 @@ from pki import make_pki
 from lrctl.client import LrctlError, TrainingControlClient, schedules
 from lrctl.client.client import tls_credentials
 from lrctl.service import TrainingControl
-from lrctl.service.auth import server_credentials
+from lrctl.service.auth import is_loopback, server_credentials
 from lrctl.service.journal import Journal, read
 from lrctl.service.server import serve
+from lrctl.v1 import training_control_pb2 as pb
+from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 WRITE, READ = "w" * 32, "r" * 32
 
@@ -106,3 +110,44 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(server) -> None:
         with pytest.raises(LrctlError) as info:
             client.get_state(timeout=5)
         assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_serve_beyond_loopback_needs_a_token_or_mutual_tls(pki) -> None:
+    control = TrainingControl(keras.optimizers.SGD(0.01))
+    tls = server_credentials(pki["server_crt"], pki["server_key"])
+    mtls = server_credentials(pki["server_crt"], pki["server_key"], pki["ca_crt"])
+    for credentials in (None, tls):  # TLS alone encrypts, but anyone who connects may write
+        with pytest.raises(ValueError, match=r"refusing to serve on 0\.0\.0\.0:0 without "
+                           r"authentication.*write_tokens.*insecure=True"), \
+                serve(control.controller, "0.0.0.0:0", credentials=credentials):
+            pytest.fail("served beyond loopback without authentication")
+    for options in ({"write_tokens": [WRITE]}, {"credentials": mtls}, {"insecure": True}):
+        with serve(control.controller, "0.0.0.0:0", **options) as (_, port):
+            assert port > 0
+    assert is_loopback("127.0.0.1:0") and is_loopback("[::1]:1") and is_loopback("localhost:1")
+    assert is_loopback("unix:/tmp/lrctl.sock")
+    assert not is_loopback("0.0.0.0:1") and not is_loopback("[::]:1") and not is_loopback("example.org:1")
+
+
+def test_a_plaintext_health_port_answers_probes_and_nothing_else(pki, caplog) -> None:
+    """For kubelet's gRPC probes, which cannot speak TLS: health alone, without TLS or token."""
+    caplog.set_level("INFO", logger="lrctl.server")
+    control = TrainingControl(keras.optimizers.SGD(0.01))
+    credentials = server_credentials(pki["server_crt"], pki["server_key"])
+    with serve(control.controller, "127.0.0.1:0", write_tokens=[WRITE], credentials=credentials,
+               health_address="127.0.0.1:0"):
+        (port,) = re.findall(r"health checks alone, plaintext, on 127\.0\.0\.1:0 \(port (\d+)\)",
+                             caplog.text)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(service=""), timeout=20).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert check(health_pb2.HealthCheckRequest(service="lrctl.v1.TrainingControlService"),
+                         timeout=20).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.TrainingControlServiceStub(channel).GetState(
+                    pb.GetStateRequest(), timeout=20, metadata=(("authorization", f"Bearer {WRITE}"),))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.RpcError) as info:
+                ProtoReflectionDescriptorDatabase(channel).get_services()
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -150,8 +150,12 @@ def test_image_runs_the_demo_as_a_non_root_user_on_all_interfaces_with_a_token()
     args = trainer._parse(entrypoint[1:] + cmd)  # the trainer accepts it, without loading TF
     assert args.demo and args.listen.startswith("0.0.0.0:") and not args.insecure
     assert args.token_file == "/run/secrets/lrctl-token"
+    # TLS keeps the token off the wire; the health port is plaintext for kubelet's probes.
+    assert args.tls_cert and args.tls_key and not args.tls_client_ca
+    assert args.health_listen.startswith("0.0.0.0:")
     assert args.verbose in (0, 2), "Keras's progress bar is unreadable in container logs"
-    assert [int(p.split("/")[0]) for p in _one("EXPOSE").split()] == [_port(args.listen)]
+    assert [int(p.split("/")[0]) for p in _one("EXPOSE").split()] == [
+        _port(args.listen), _port(args.health_listen)]
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(r for kw, r in _instructions() if kw == "ENV")))
     assert int(env["TF_CPP_MIN_LOG_LEVEL"]) >= 2
 
@@ -164,7 +168,8 @@ def test_healthcheck_probes_the_liveness_service_after_tensorflow_starts() -> No
     assert argv[0] == "lrctl"
     args = cli.build_parser().parse_args(argv[1:])
     assert args.command == "health" and args.service == ""
-    assert _port(args.target) == _port(_flag(_exec_form("ENTRYPOINT"), "--listen"))
+    # The plaintext health port: the main one serves TLS only.
+    assert _port(args.target) == _port(_flag(_exec_form("ENTRYPOINT"), "--health-listen"))
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
@@ -231,7 +236,10 @@ def test_job_asks_for_a_gpu_and_time_to_checkpoint_as_the_image_user() -> None:
 
 def test_job_uses_native_grpc_probes_on_the_health_services() -> None:
     container = _container()
-    port = _port(_flag(_exec_form("ENTRYPOINT"), "--listen"))
+    # Kubelet's gRPC probes cannot speak TLS: they go to the plaintext health-only port.
+    port = _port(_flag(_exec_form("ENTRYPOINT"), "--health-listen"))
+    assert port != _port(_flag(_exec_form("ENTRYPOINT"), "--listen"))
+    assert {"name": "health", "containerPort": port} in container["ports"]
     probes = {k: container[k]["grpc"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
     assert all(p["port"] == port for p in probes.values())
     assert probes["startupProbe"]["service"] == "" and probes["livenessProbe"]["service"] == ""
@@ -252,6 +260,24 @@ def test_token_secret_is_mounted_where_the_image_reads_it() -> None:
     assert mount["subPath"] in secret["stringData"]
     assert volume["secret"]["defaultMode"] & 0o040, "group-readable: the user reads it via fsGroup"
     assert "REPLACE" in secret["stringData"][mount["subPath"]], "the example holds a placeholder"
+
+
+def test_tls_secret_is_mounted_where_the_image_reads_it() -> None:
+    """The token travels over TLS: the Job mounts a kubernetes.io/tls Secret (keys tls.crt
+    and tls.key) where the entrypoint's --tls-cert and --tls-key read them."""
+    container, pod = _container(), _manifests()["Job"]["spec"]["template"]["spec"]
+    entrypoint = _exec_form("ENTRYPOINT")
+    cert, key = Path(_flag(entrypoint, "--tls-cert")), Path(_flag(entrypoint, "--tls-key"))
+    assert cert.parent == key.parent and (cert.name, key.name) == ("tls.crt", "tls.key")
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(cert.parent)]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "lrctl-tls"
+    assert volume["secret"]["defaultMode"] & 0o040, "group-readable: the user reads it via fsGroup"
+    assert "kubectl create secret tls lrctl-tls" in (K8S / "job.yaml").read_text()
+    assert "kubectl create secret tls lrctl-tls" in (ROOT / "docs" / "operations.md").read_text()
+    ports = {p["name"]: p for p in _manifests()["Service"]["spec"]["ports"]}
+    assert ports["grpc"].get("appProtocol") != "kubernetes.io/h2c", "h2c is plaintext"
 
 
 def test_service_reaches_the_trainer_ports() -> None:

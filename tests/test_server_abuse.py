@@ -1,5 +1,6 @@
-"""The embedded server under misuse: a second trainer on the same port, a flood of streams,
-health probes while the job starts and ends, and garbage requests.
+"""The embedded server under misuse: a second trainer on the same port, a flood of streams
+(anonymous ones too), health probes while the job starts and ends, garbage requests, and
+refused calls that must not fill the journal.
 
 Real server on 127.0.0.1, real clients, real `model.fit` where training matters. Deadlines
 are safety nets: a starved call shows up as DEADLINE_EXCEEDED, never as a slow call.
@@ -16,14 +17,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import keras
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from live import LiveTrainer
 
 from lrctl.client import TrainingControlClient, pb
+from lrctl.service import TrainingControl
+from lrctl.service.journal import Journal, read
 from lrctl.service.limits import RateLimitFilter, short
 from lrctl.service.server import (
+    MAX_OPEN_STREAMS,
     MAX_STREAMS,
     MAX_WAITERS,
     SERVICE_NAME,
@@ -34,7 +39,7 @@ from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 DEADLINE = 10.0  # for unary calls: generous, so only a starved call runs out
 STREAM_DEADLINE = 300.0  # streams are cancelled by the test long before this
-STREAMS = 100
+TOKEN = "t" * 32
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +108,21 @@ class _Stream:
 
 
 class _Opener:
-    """Opens WatchState, Health/Watch and reflection streams in turn on one connection."""
+    """Opens WatchState, Health/Watch and reflection streams on one connection (`kind` 0, 1
+    and 2; WatchState with `metadata`, if given)."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.lrctl = pb_grpc.TrainingControlServiceStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
         self.reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        self.metadata = metadata
 
-    def open(self, i: int, read: bool) -> _Stream:
-        kind = i % 3
+    def open(self, kind: int, read: bool) -> _Stream:
         if kind == 0:
             request = pb.WatchStateRequest()
             request.min_interval.FromMilliseconds(1)
-            return _Stream(self.lrctl.WatchState(request, timeout=STREAM_DEADLINE), read)
+            return _Stream(self.lrctl.WatchState(request, timeout=STREAM_DEADLINE,
+                                                 metadata=self.metadata), read)
         if kind == 1:
             return _Stream(self.health.Watch(health_pb2.HealthCheckRequest(service=""),
                                              timeout=STREAM_DEADLINE), read)
@@ -140,6 +147,10 @@ def _settle(streams: list[_Stream]) -> tuple[list[_Stream], list[_Stream]]:
     return [s for s in streams if s.rejected is None], rejected
 
 
+#: WatchState (kind 0) beyond its budget, then Health/Watch and reflection (1, 2) beyond theirs.
+FLOOD = [0] * (MAX_STREAMS + 8) + [1, 2] * (MAX_OPEN_STREAMS // 2 + 4)
+
+
 def test_a_hundred_streams_cannot_starve_unary_calls_health_or_training() -> None:
     live = LiveTrainer()
     streams: list[_Stream] = []
@@ -148,18 +159,20 @@ def test_a_hundred_streams_cannot_starve_unary_calls_health_or_training() -> Non
         opener = _Opener(attacker)
         try:
             # Half the streams are drained, half are read once and then left unread.
-            streams = [opener.open(i, read=i % 2 == 0) for i in range(STREAMS)]
+            streams = [opener.open(kind, read=i % 2 == 0) for i, kind in enumerate(FLOOD)]
             # Probes first: a server that queues them behind the streams misses the deadline.
             assert client.health() == "SERVING"
             assert client.get_state().phase == pb.PHASE_TRAINING
             for stream in streams[1::2]:
                 stream.read_once()
             accepted, rejected = _settle(streams)
-            assert (len(accepted), len(rejected)) == (MAX_STREAMS, STREAMS - MAX_STREAMS)
-            extra = opener.open(0, read=False)
-            extra.read_once()
-            assert extra.rejected is not None
-            assert extra.rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert (len(accepted), len(rejected)) == (MAX_STREAMS + MAX_OPEN_STREAMS,
+                                                      len(FLOOD) - MAX_STREAMS - MAX_OPEN_STREAMS)
+            for kind in (0, 1, 2):
+                extra = opener.open(kind, read=False)
+                extra.read_once()
+                assert extra.rejected is not None
+                assert extra.rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
             # With every slot taken: unary calls and health checks answer, training goes on.
             assert client.health() == "SERVING"
@@ -196,26 +209,95 @@ def test_a_hundred_streams_cannot_starve_unary_calls_health_or_training() -> Non
         fresh: list[_Stream] = []
         try:
             deadline = time.monotonic() + 60.0  # cancelled handlers let go within a poll interval
-            while len(fresh) < MAX_STREAMS:
+            wanted = [0] * MAX_STREAMS + [1] * MAX_OPEN_STREAMS
+            while len(fresh) < len(wanted):
                 assert time.monotonic() < deadline, f"only {len(fresh)} slots came back"
-                stream = opener.open(len(fresh), read=False)
+                stream = opener.open(wanted[len(fresh)], read=False)
                 stream.read_once()
                 if stream.rejected is None:
                     fresh.append(stream)
                 else:
                     stream.cancel()
                     time.sleep(0.02)
-            extra = opener.open(0, read=False)
-            extra.read_once()
-            assert extra.rejected is not None
-            assert extra.rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for kind in (0, 1):
+                extra = opener.open(kind, read=False)
+                extra.read_once()
+                assert extra.rejected is not None
+                assert extra.rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert client.get_state(timeout=DEADLINE).phase == pb.PHASE_TRAINING
         finally:
             for stream in fresh:
                 stream.cancel()
 
 
-# -- 3. health for Kubernetes ----------------------------------------------------------------
+def test_anonymous_health_watches_cannot_take_the_slots_of_authenticated_calls() -> None:
+    """A hundred Health/Watch streams without a token (health needs none) exhaust the open
+    budget only: an authenticated WatchState still gets its state."""
+    control = TrainingControl(keras.optimizers.SGD(0.01))
+    streams: list[_Stream] = []
+    with serve(control.controller, "127.0.0.1:0", write_tokens=[TOKEN]) as (_, port), \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        anonymous = _Opener(channel)
+        try:
+            streams = [anonymous.open(1, read=False) for _ in range(100)]
+            for stream in streams:
+                stream.read_once()
+            accepted, rejected = _settle(streams)
+            assert (len(accepted), len(rejected)) == (MAX_OPEN_STREAMS, 100 - MAX_OPEN_STREAMS)
+            assert f"allows {MAX_OPEN_STREAMS} at a time" in rejected[0].rejected.details()
+
+            watch = _Opener(channel, metadata=(("authorization", f"Bearer {TOKEN}"),)).open(0, read=False)
+            watch.read_once()
+            assert watch.rejected is None, watch.rejected
+            assert watch.latest.state.phase == pb.PHASE_STARTING
+            watch.cancel()
+            unauthenticated = anonymous.open(0, read=False)
+            unauthenticated.read_once()
+            assert unauthenticated.rejected.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            for stream in streams:
+                stream.cancel()
+
+
+# -- 3. the journal under refused calls --------------------------------------------------------
+def test_refused_calls_are_journaled_as_bounded_summaries_and_rate_limited(tmp_path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path, refusals_per_minute=5)
+    control = TrainingControl(keras.optimizers.SGD(0.01))
+    reason = "x" * 1_000_000  # 1 MB
+    calls = 25
+    with serve(control.controller, "127.0.0.1:0", write_tokens=[TOKEN], journal=journal) as (_, port), \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.TrainingControlServiceStub(channel)
+        started = time.monotonic()
+        growth = []
+        for i in range(calls):
+            before = path.stat().st_size
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SetLearningRate(pb.SetLearningRateRequest(learning_rate=0.5, reason=reason,
+                                                               request_id=f"r{i}"), timeout=DEADLINE)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            growth.append(path.stat().st_size - before)  # fsynced before the call answered
+        elapsed = time.monotonic() - started
+    journal.close()
+    assert max(growth) <= 1024, growth
+    # A burst of 5, then 5 a minute: the bound counts the refills the loop's time allowed.
+    written = sum(1 for g in growth if g > 0)
+    assert written <= 5 + 1 + elapsed / 12, (growth, elapsed)
+    assert sum(growth) <= written * 1024
+    text = path.read_text()
+    assert "x" * 100 not in text and TOKEN not in text
+    entries = read(path)
+    refused = [e for e in entries if e.get("method") == "SetLearningRate"]
+    assert len(refused) == written
+    assert all(e["code"] == "UNAUTHENTICATED" and e["request"]["bytes"] > 1_000_000
+               and e["peer"].startswith("ipv4:127.0.0.1:") for e in refused)
+    # The ones the rate limit kept out are counted, in a line written afterwards.
+    dropped = [e["count"] for e in entries if e.get("event") == "refusals_not_journaled"]
+    assert dropped and sum(dropped) == calls - written
+
+
+# -- 4. health for Kubernetes ----------------------------------------------------------------
 def test_liveness_serves_while_starting_and_readiness_does_not() -> None:
     controller = LiveTrainer().control.controller  # compiled, never fit: phase STARTING
     with serve(controller, "127.0.0.1:0") as (_, port), \
@@ -251,7 +333,7 @@ def test_readiness_follows_training_and_liveness_outlasts_it() -> None:
             watch.cancel()
 
 
-# -- 4. quiet logs under attack ----------------------------------------------------------------
+# -- 5. quiet logs under attack ----------------------------------------------------------------
 def test_garbage_requests_are_answered_and_logged_only_a_few_times(
     trainer: LiveTrainer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -298,3 +299,36 @@ def test_a_secured_trainer_with_guardrails_and_a_journal_and_a_second_on_its_por
         assert run.wait() == 0, run.stderr
     assert [(e["method"], e["code"], e["role"]) for e in read(journal)] == [
         ("SetLearningRate", "FAILED_PRECONDITION", "write"), ("SetLearningRate", "OK", "write")]
+
+
+def test_tls_alone_beyond_loopback_is_refused(subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    from pki import make_pki
+
+    pki = make_pki(tmp_path)
+    tls = ["--tls-cert", pki["server_crt"], "--tls-key", pki["server_key"]]
+    result = subprocess.run([*TRAINER, "--demo", "--listen", "0.0.0.0:0", *tls], check=False,
+                            capture_output=True, text=True, env=subprocess_env, timeout=LIMIT)
+    assert result.returncode == 2, result.stderr
+    (line,) = _error_lines(result.stderr)
+    assert "refusing to listen on 0.0.0.0:0 without authentication" in line
+    assert "--tls-client-ca" in line and "--token-file" in line
+
+
+def test_a_port_in_use_fails_at_once_before_tensorflow_loads(subprocess_env: dict[str, str]) -> None:
+    check = textwrap.dedent("""
+        import sys
+        from lrctl.service.trainer import main
+        code = main(sys.argv[1:])
+        loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ("tensorflow", "keras"))
+        print(code, loaded)
+    """)
+    with socket.socket() as holder:  # another process listening on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        result = subprocess.run([sys.executable, "-c", check, "--demo", "--listen", address],
+                                env=subprocess_env, capture_output=True, text=True, timeout=LIMIT,
+                                check=False)  # fmt: skip
+    assert result.stdout.split("\n")[0] == "3 []", (result.stdout, result.stderr)
+    assert _error_lines(result.stderr) == [
+        f"lrctl-trainer: error: {address} is already in use: is another trainer running?"]

@@ -4,13 +4,18 @@ Two roles: `read` may call GetState, WatchState and ListChanges; `write` may cal
 Tokens travel as `authorization: Bearer <token>` metadata and are compared in constant time.
 Health checking and reflection stay open, so that Kubernetes probes and `buf curl` work
 without a token: they reveal no training state and change nothing.
+
+Beyond loopback, a server needs a token or mutual TLS (`exposed`): TLS alone encrypts, but
+lets anyone who connects write.
 """
 
 from __future__ import annotations
 
 import enum
 import hmac
+import ipaddress
 import os
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -25,6 +30,10 @@ READ_METHODS = frozenset(_SERVICE + name for name in ("GetState", "WatchState", 
 
 #: Told of each refused mutation: (method name, request, context, code, message).
 DeniedHook = Callable[[str, Any, grpc.ServicerContext, grpc.StatusCode, str], None]
+
+
+#: Credentials that make clients present a certificate signed by a CA (mutual TLS).
+_MUTUAL: weakref.WeakSet[grpc.ServerCredentials] = weakref.WeakSet()
 
 
 class Role(enum.IntEnum):
@@ -119,7 +128,36 @@ def server_credentials(cert: str | os.PathLike[str], key: str | os.PathLike[str]
         with open(path, "rb") as f:
             return f.read()
 
-    return grpc.ssl_server_credentials(
+    credentials = grpc.ssl_server_credentials(
         [(data(key), data(cert))], root_certificates=data(client_ca) if client_ca else None,
         require_client_auth=client_ca is not None,
     )
+    if client_ca is not None:
+        _MUTUAL.add(credentials)
+    return credentials
+
+
+def verifies_clients(credentials: grpc.ServerCredentials | None) -> bool:
+    """Whether `credentials` came from `server_credentials` with a `client_ca` (mutual TLS).
+    gRPC's credentials are opaque, so any others count as not verifying clients."""
+    return credentials is not None and credentials in _MUTUAL
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a gRPC bind address (HOST:PORT or unix:PATH) is reachable from this machine only."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def exposed(address: str, *, tokens: bool, credentials: grpc.ServerCredentials | None,
+            insecure: bool) -> bool:
+    """Whether serving on `address` would let anyone who reaches it change the learning rate:
+    beyond loopback without a token or mutual TLS, unless `insecure` accepts the risk."""
+    return not (tokens or verifies_clients(credentials) or insecure or is_loopback(address))

@@ -35,10 +35,9 @@ import numpy as np
 import tensorflow as tf
 
 from lrctl.service import TrainingControl, demo
-from lrctl.service.auth import read_secret
+from lrctl.service.auth import is_loopback, read_secret
 from lrctl.service.checkpoint import Checkpointer
 from lrctl.service.server import serve
-from lrctl.service.trainer import _is_loopback
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -61,7 +60,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     token = read_secret(args.token_file) if args.token_file else os.environ.get("LRCTL_TOKEN", "").strip()
-    if not token and not _is_loopback(args.listen):
+    if not token and not is_loopback(args.listen):
         print(f"refusing to listen on {args.listen} without a token: give --token-file PATH "
               "(or set LRCTL_TOKEN)", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 `serve()` is a context manager yielding `(server, port)`; pass port 0 to let the OS choose.
 Health: the overall service "" is SERVING for as long as the server runs (a liveness probe);
 "lrctl.v1.TrainingControlService" is SERVING only while training (a readiness probe).
+Beyond loopback it needs a token or mutual TLS, or `insecure=True` (lrctl.service.auth.exposed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lrctl.service.auth import DeniedHook, TokenAuth
+from lrctl.service.auth import DeniedHook, TokenAuth, exposed
 from lrctl.service.controller import Controller, Phase
 from lrctl.service.journal import Journal
 from lrctl.service.limits import StreamLimiter, rate_limit_logs
@@ -31,9 +32,12 @@ from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name
 # Every streaming call (WatchState, Health/Watch, reflection) and every waiting call
-# (`wait_until_applied`) holds a worker thread while it lasts. Both are capped, and the pool
-# has UNARY_RESERVE threads beyond the two caps, so unary calls and health checks always run.
-MAX_STREAMS = 64  # concurrent streaming calls, all services together; then RESOURCE_EXHAUSTED
+# (`wait_until_applied`) holds a worker thread while it lasts. All are capped, and the pool
+# has UNARY_RESERVE threads beyond the caps, so unary calls and health checks always run.
+MAX_STREAMS = 64  # concurrent WatchState calls; then RESOURCE_EXHAUSTED
+#: Concurrent Health/Watch and reflection streams: these need no token, so they have a budget
+#: of their own, and anonymous callers can never take the slots of authenticated ones.
+MAX_OPEN_STREAMS = 16
 MAX_WAITERS = 32  # concurrent waiting SetLearningRate/SwapSchedule calls (the servicer's cap)
 UNARY_RESERVE = 16  # threads left for everything else
 LOG_INTERVAL = 60.0  # seconds: at most one record per gRPC logging call site in this window
@@ -68,6 +72,8 @@ class AddressInUseError(BindError):
 def _in_use(address: str) -> bool:
     """Whether binding `address` fails with EADDRINUSE: gRPC reports every bind failure
     alike, and only this one deserves the "another trainer" hint."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return False
     host, _, port = address.rpartition(":")
     try:
         infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
@@ -95,9 +101,15 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
         port = 0
     if port:
         return port
+    check_free(address)
+    raise BindError(address, f"cannot listen on {address}: check the host and port")
+
+
+def check_free(address: str) -> None:
+    """Raise AddressInUseError if something already listens on `address`. The trainer asks
+    before it loads TensorFlow, so a second trainer on a port fails at once, not after it."""
     if _in_use(address):
         raise AddressInUseError(address, f"{address} is already in use: is another trainer running?")
-    raise BindError(address, f"cannot listen on {address}: check the host and port")
 
 
 def _set(servicer: health.HealthServicer, service: str, status: Any, sent: dict[str, Any]) -> None:
@@ -122,31 +134,45 @@ def _follow_phase(controller: Controller, servicer: health.HealthServicer, stop:
 
 @contextlib.contextmanager
 def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
-          max_streams: int = MAX_STREAMS, max_waiters: int = MAX_WAITERS,
-          unary_reserve: int = UNARY_RESERVE,
+          max_streams: int = MAX_STREAMS, max_open_streams: int = MAX_OPEN_STREAMS,
+          max_waiters: int = MAX_WAITERS, unary_reserve: int = UNARY_RESERVE,
           journal: Journal | None = None,
           write_tokens: Sequence[str] = (), read_tokens: Sequence[str] = (),
-          credentials: grpc.ServerCredentials | None = None,
+          credentials: grpc.ServerCredentials | None = None, insecure: bool = False,
+          health_address: str | None = None,
           extra_interceptors: Sequence[grpc.ServerInterceptor] = ()) -> Iterator[tuple[grpc.Server, int]]:
     """Run the server on a background thread pool for the duration of the `with` block.
 
     `journal`: where every mutation attempt is recorded (see lrctl.service.journal).
     `write_tokens`/`read_tokens`: bearer tokens of each role (see lrctl.service.auth); none:
     no authentication. `credentials`: TLS (lrctl.service.auth.server_credentials); None:
-    plaintext. `extra_interceptors`: server interceptors, run first (outermost), so they see
+    plaintext. `insecure`: allow an address beyond loopback with neither a token nor mutual
+    TLS. `health_address`: also serve the health service alone, plaintext, there (for
+    kubelet's native gRPC probes, which cannot speak TLS; it tells only SERVING or not).
+    `extra_interceptors`: server interceptors, run first (outermost), so they see
     every call, refused ones included (e.g. lrctl.service.metrics' RPC counter).
 
-    Raises AddressInUseError if `address` is taken: SO_REUSEPORT is off, so a second trainer
-    on the same port fails to start instead of sharing the port's clients at random.
+    Raises ValueError for an address beyond loopback (e.g. 0.0.0.0) without a token or mutual
+    TLS, unless `insecure`: anyone who reaches it could change the learning rate. Raises
+    AddressInUseError if `address` is taken: SO_REUSEPORT is off, so a second trainer on the
+    same port fails to start instead of sharing the port's clients at random.
     """
+    if exposed(address, tokens=bool(write_tokens or read_tokens), credentials=credentials,
+               insecure=insecure):
+        raise ValueError(
+            f"refusing to serve on {address} without authentication: anyone who can reach it "
+            "could change the learning rate (TLS alone does not say who may connect). Pass "
+            "write_tokens=[token], or mutual-TLS credentials (lrctl.service.auth."
+            "server_credentials(cert, key, client_ca=...)), or insecure=True to accept the risk.")
     rate_limit_logs(("grpc._server", "grpc._common"), LOG_INTERVAL)
-    pool = futures.ThreadPoolExecutor(max_streams + max_waiters + unary_reserve,
+    pool = futures.ThreadPoolExecutor(max_streams + max_open_streams + max_waiters + unary_reserve,
                                       thread_name_prefix="lrctl-grpc")
     auth = TokenAuth(write_tokens, read_tokens) if write_tokens or read_tokens else None
     if auth is not None and journal is not None:
         auth.on_denied = _journal_denied(journal, controller, auth.role_name)
     # Authentication runs first, so that a caller without a token never holds a stream slot.
-    interceptors: list[grpc.ServerInterceptor] = [StreamLimiter(max_streams)]
+    limiter = StreamLimiter(max_streams, max_open_streams, f"/{SERVICE_NAME}/")
+    interceptors: list[grpc.ServerInterceptor] = [limiter]
     if auth is not None:
         interceptors.insert(0, auth)
     server = grpc.server(pool, interceptors=[*extra_interceptors, *interceptors], options=_OPTIONS)
@@ -158,24 +184,39 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    servers = [(server, pool)]
+    if health_address is not None:
+        # Its own few threads; its Watch streams share the open budget with the main port's.
+        health_pool = futures.ThreadPoolExecutor(max_open_streams + unary_reserve,
+                                                 thread_name_prefix="lrctl-health-grpc")
+        health_server = grpc.server(health_pool, interceptors=[*extra_interceptors, limiter],
+                                    options=_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        servers.append((health_server, health_pool))
     try:
         port = _bind(server, address, credentials)
+        if health_address is not None:
+            health_port = _bind(servers[1][0], health_address, None)
     except BindError:
-        server.stop(None)
-        pool.shutdown(wait=False)
+        for unbound, unused in servers:
+            unbound.stop(None)
+            unused.shutdown(wait=False)
         raise
     if journal is not None:  # local changes (Keras's LR callbacks) are journaled too
         controller.local_observers.append(servicer.record_local)
     sent: dict[str, Any] = {}
     _set(health_servicer, "", _SERVING, sent)
     _set(health_servicer, SERVICE_NAME, _NOT_SERVING, sent)  # known, not ready, before any call
-    server.start()
+    for each, _ in servers:
+        each.start()
     stop = threading.Event()
     follower = threading.Thread(target=_follow_phase,
                                 args=(controller, health_servicer, stop, sent),
                                 name="lrctl-health", daemon=True)
     follower.start()
     logger.info("lrctl listening on %s (port %d)", address, port)
+    if health_address is not None:
+        logger.info("health checks alone, plaintext, on %s (port %d)", health_address, health_port)
     try:
         yield server, port
     finally:
@@ -183,7 +224,8 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
             controller.local_observers.remove(servicer.record_local)
         stop.set()
         health_servicer.enter_graceful_shutdown()
-        server.stop(grace=1.0).wait()
+        for each, _ in servers:
+            each.stop(grace=1.0).wait()
         follower.join(timeout=2.0)
 
 

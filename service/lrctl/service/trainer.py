@@ -16,7 +16,7 @@ import argparse
 import contextlib
 import gc
 import importlib
-import ipaddress
+import importlib.util
 import json
 import logging
 import os
@@ -94,7 +94,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
     security = parser.add_argument_group(
         "security", "Tokens come from files or the environment, never from the command line (ps "
-        "shows it). Listening beyond loopback needs a token, TLS, or --insecure.")
+        "shows it). Listening beyond loopback needs a token, mutual TLS, or --insecure.")
     security.add_argument("--token-file", metavar="PATH",
                           help="token of the write role (default: $LRCTL_TOKEN)")
     security.add_argument("--read-token-file", metavar="PATH",
@@ -104,7 +104,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     security.add_argument("--tls-client-ca", metavar="PATH",
                           help="mutual TLS: clients must present a certificate signed by this CA")
     security.add_argument("--insecure", action="store_true",
-                          help="allow a non-loopback --listen without a token or TLS")
+                          help="allow a non-loopback --listen without a token or mutual TLS")
+    security.add_argument("--health-listen", metavar="HOST:PORT", type=_listen_address,
+                          help="also serve the standard health service alone, plaintext, here: "
+                          "for Kubernetes' native gRPC probes, which cannot speak TLS "
+                          "(default: off)")
     security.add_argument("--journal", metavar="PATH",
                           help="append every change attempt to this JSON-lines audit journal "
                           "(default: DIR/lrctl-journal.jsonl with --checkpoint-dir, else none)")
@@ -156,18 +160,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _is_loopback(address: str) -> bool:
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere
-
-
 def _security(args: argparse.Namespace) -> dict[str, Any]:
     """serve()'s token and TLS arguments, or a usage error; checked before TensorFlow loads."""
     from lrctl.service import auth
@@ -190,12 +182,14 @@ def _security(args: argparse.Namespace) -> dict[str, Any]:
             credentials = auth.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
         except OSError as e:
             raise _UsageError(f"cannot read a TLS file: {e}") from None
-    if not (write or credentials or args.insecure or _is_loopback(args.listen)):
+    if auth.exposed(args.listen, tokens=bool(write), credentials=credentials, insecure=args.insecure):
         raise _UsageError(
             f"refusing to listen on {args.listen} without authentication: anyone who can reach it "
-            "could change the learning rate. Give --token-file PATH (or set LRCTL_TOKEN) and/or "
-            "--tls-cert/--tls-key, or --insecure to accept the risk.")
-    return {"write_tokens": write, "read_tokens": read, "credentials": credentials}
+            "could change the learning rate (TLS alone does not say who may connect). Give "
+            "--token-file PATH (or set LRCTL_TOKEN), or mutual TLS (--tls-client-ca with "
+            "--tls-cert/--tls-key), or --insecure to accept the risk.")
+    return {"write_tokens": write, "read_tokens": read, "credentials": credentials,
+            "insecure": args.insecure, "health_address": args.health_listen}
 
 
 def _guardrails(args: argparse.Namespace) -> Guardrails:
@@ -234,17 +228,29 @@ def _initial_schedule(args: argparse.Namespace) -> specs.ScheduleSpec | None:
 
 
 def _require_service() -> None:
-    """On a client-only install (`pip install lrctl`), say what to install, not a traceback."""
+    """On a client-only install (`pip install lrctl`), say what to install, not a traceback.
+    Found, not imported: TensorFlow loads for seconds, and the port is checked first."""
     for name in SERVICE_MODULES:
         try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:  # installed but broken: its own traceback says more
-                raise
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
             raise _UsageError(
                 f"{name} is not installed; the trainer needs the service extra: "
                 'pip install "lrctl[service]"'
-            ) from None
+            )
+
+
+def _check_port(address: str) -> None:
+    """A port in use fails at once, not after TensorFlow has loaded (seconds) and the model
+    is built: the same line and exit code as when the server cannot bind."""
+    from lrctl.service.server import AddressInUseError, check_free  # gRPC only, no TensorFlow
+
+    try:
+        check_free(address)
+    except AddressInUseError as e:
+        raise _StartError(str(e)) from None
 
 
 def _summary(error: BaseException) -> str:
@@ -465,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         initial = _initial_schedule(args)
         security = _security(args)
         _require_service()
+        for address in (args.listen, args.health_listen):
+            if address:
+                _check_port(address)
         _train(args, initial, security, _guardrails(args))
     except _UsageError as e:
         print(f"lrctl-trainer: error: {e}", file=sys.stderr)
