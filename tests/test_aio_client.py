@@ -71,7 +71,7 @@ async def test_async_client_gets_sets_scales_and_swaps(trainer: LiveTrainer) -> 
         assert (await client.get_change(request_id=change.request_id)).version == change.version
         assert (await client.get_change(version=change.version)).request_id == change.request_id
 
-        change = await client.update_learning_rate(lambda s: s.learning_rate * 2, wait=True)
+        change = await client.update_learning_rate(lambda s: s.learning_rate * 2)
         assert change.status == pb.CHANGE_STATUS_APPLIED
         assert _close(trainer.lr_at(change.applied_step), 0.008)
 

@@ -67,15 +67,16 @@ def test_cancel_by_request_id_then_history_shows_it_cancelled_first(
 
     code, out = lrctl(target, "cancel", request_id, "--reason", "superseded")
     assert code == 0
-    assert out == "cancelled: set lr=0.02; nothing changed (try)\n"
-    # Cancelling it again returns the record again.
+    assert out == "cancelled (superseded): set lr=0.02; nothing changed (try)\n"
+    # Cancelling it again returns the record again, the cancel's reason recorded in it.
     code, out = lrctl(target, "--json", "cancel", request_id)
     assert code == 0 and json.loads(out)["status"] == "CHANGE_STATUS_CANCELLED"
+    assert json.loads(out)["error"] == "cancelled: superseded"
 
     code, out = lrctl(target, "history")
     lines = out.splitlines()
     assert code == 0 and len(lines) == 2
-    assert lines[0] == f"cancelled: set lr=0.02; nothing changed (try)  [{request_id}]"
+    assert lines[0] == f"cancelled (superseded): set lr=0.02; nothing changed (try)  [{request_id}]"
     assert lines[1].startswith("pending (apply at the next step boundary): set lr=0.05 (older)")
     # The cancelled change never applies; the other one does.
     (applied,) = control.step_boundary()
@@ -113,6 +114,49 @@ def test_cancel_needs_exactly_one_of_request_id_and_version(idle: tuple[Training
         with pytest.raises(SystemExit) as info:
             lrctl(target, *argv)
         assert info.value.code == cli.EXIT_USAGE
+
+
+def test_a_pending_change_prints_its_request_id(idle: tuple[TrainingControl, str]) -> None:
+    control, target = idle
+    code, out = lrctl(target, "scale", "0.5", "--no-wait")
+    (pending,) = control.controller.snapshot().pending
+    assert code == 0 and out.startswith("pending (apply at the next step boundary): scale x0.5")
+    assert pending.request.request_id in out
+    code, out = lrctl(target, "state")
+    assert f"[{pending.request.request_id}]" in out  # the pending lines of the state too
+
+
+def test_a_timed_out_set_says_how_to_cancel_it(idle: tuple[TrainingControl, str],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    control, target = idle  # no step boundary comes: the wait runs out
+    code = cli.main(["--target", target, "--timeout", "0.5", "set", "0.05"], out=StringIO())
+    assert code == cli.EXIT_DEADLINE_EXCEEDED
+    (pending,) = control.controller.snapshot().pending
+    err = one_error_line(capsys)
+    assert f"lrctl cancel {pending.request.request_id}" in err
+    assert lrctl(target, "cancel", pending.request.request_id)[0] == 0
+
+
+def test_state_shows_the_guardrails_and_the_lr_at_a_future_step(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([100], [0.1, 0.01])
+    control = TrainingControl(keras.optimizers.SGD(learning_rate=schedule),
+                              guardrails=Guardrails(max_learning_rate=0.5, max_change_factor=4.0))
+    with serve(control.controller, "127.0.0.1:0") as (_, port):
+        target = f"127.0.0.1:{port}"
+        code, out = lrctl(target, "state")
+        assert code == 0
+        assert "guardrails: lr in [0, 0.5], max change factor 4, " in out
+        assert lrctl(target, "state", "--at-step", "50") == (0, "lr at step 50: 0.1\n")
+        assert lrctl(target, "state", "--at-step", "5000") == (0, "lr at step 5000: 0.01\n")
+        code, out = lrctl(target, "--json", "state", "--at-step", "5000")
+        assert json.loads(out) == {"step": 5000, "learningRate": pytest.approx(0.01)}
+        assert lrctl(target, "history") == (0, "")  # a forecast queues nothing
+        assert control.controller.snapshot().version == 0
+        control.step_boundary()  # step 0 has been run
+        code, _ = lrctl(target, "state", "--at-step", "0")
+        assert code == cli.EXIT_FAILED_PRECONDITION
+        assert "--at-step 0: only a future step" in one_error_line(capsys)
 
 
 # -- history ---------------------------------------------------------------------------------------
@@ -284,11 +328,18 @@ def test_tls_options(pki: dict[str, str], mutual: bool, capsys: pytest.CaptureFi
 
 
 # -- --json for scripts ----------------------------------------------------------------------------
-def test_json_int64_are_numbers_and_unset_fields_are_omitted(
+def test_json_int64_are_numbers_and_zero_values_are_printed(
         idle: tuple[TrainingControl, str]) -> None:
     control, target = idle
+    code, out = lrctl(target, "--json", "state")
+    state = json.loads(out)  # at version 0 and step 0: `jq .version` needs no `// 0`
+    assert (state["version"], state["step"], state["pendingChanges"]) == (0, 0, [])
     pending = submit(target, "set", "0.05")
-    assert "version" not in pending and "appliedStep" not in pending  # not 0: not set yet
+    assert pending["version"] == 0 and pending["error"] == ""
+    assert "appliedStep" not in pending  # optional and not set yet: left out
+    code, out = lrctl(target, "--json", "swap", "piecewise-linear", "--knots", "0:0.1,100:0.0",
+                      "--dry-run", "--preview-steps", "100")
+    assert json.loads(out)["preview"][-1] == {"step": 100, "learningRate": 0.0}
     assert len(control.step_boundary()) == 1
     code, out = lrctl(target, "--json", "history", "--limit", "1")
     applied = json.loads(out)

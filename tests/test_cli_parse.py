@@ -20,6 +20,18 @@ def parse(*argv: str) -> object:
     return cli.build_parser().parse_args(list(argv))
 
 
+#: The change options a command line leaves at their defaults, besides those a test names.
+UNSET = {"expected_run_id": "", "apply_after_steps": None}
+SWAP_UNSET = {**UNSET, "schedule_start_step": 0, "scale": None}
+
+
+def change_kwargs(args: object) -> dict[str, object]:
+    """`build_change_call`'s kwargs less the request id the CLI makes (checked here)."""
+    kwargs = dict(cli.build_change_call(args)[2])
+    assert re.fullmatch(r"[0-9a-f]{32}", kwargs.pop("request_id"))
+    return kwargs
+
+
 SWAP_CASES = [
     (
         ["constant", "--learning-rate", "0.01"],
@@ -110,8 +122,7 @@ def test_swap_origin_and_change_flags() -> None:
         "swap", "constant", "--learning-rate", "0.1", "--origin", "global", "--at-step", "500",
         "--expected-version", "3", "--reason", "cooldown",
     )  # fmt: skip
-    _, _, kwargs = cli.build_change_call(args)
-    assert kwargs == {
+    assert change_kwargs(args) == {
         "apply_at_step": 500,
         "expected_version": 3,
         "wait": False,  # --at-step implies --no-wait
@@ -120,13 +131,36 @@ def test_swap_origin_and_change_flags() -> None:
         "force": False,
         "preview_steps": 0,
         "origin": "global",
+        **SWAP_UNSET,
     }
 
 
+def test_the_cli_has_the_clients_change_options() -> None:
+    # --expected-run-id, --after-steps, and swap's --schedule-start-step and --scale, as the
+    # Python client takes them.
+    args = parse(
+        "swap", "--schedule-start-step", "40", "cosine-decay", "--initial-learning-rate", "0.1",
+        "--decay-steps", "100", "--scale", "0.5", "--expected-run-id", "run-7",
+        "--after-steps", "25",
+    )  # fmt: skip
+    kwargs = change_kwargs(args)
+    assert (kwargs["schedule_start_step"], kwargs["scale"]) == (40, 0.5)
+    assert (kwargs["expected_run_id"], kwargs["apply_after_steps"]) == ("run-7", 25)
+    assert kwargs["wait"] is False  # --after-steps implies --no-wait, as --at-step does
+    kwargs = change_kwargs(parse("scale", "0.5", "--expected-run-id", "r", "--after-steps", "0"))
+    assert (kwargs["expected_run_id"], kwargs["apply_after_steps"]) == ("r", 0)
+    assert parse("cancel", "abc", "--expected-run-id", "r").expected_run_id == "r"
+    assert parse("state", "--at-step", "9000").at_step == 9000
+    # Each command line gets a request id of its own.
+    assert change_kwargs(parse("set", "0.1")) == change_kwargs(parse("set", "0.1"))
+    assert cli.build_change_call(parse("set", "0.1"))[2]["request_id"] != \
+        cli.build_change_call(parse("set", "0.1"))[2]["request_id"]
+
+
 def test_set_and_scale() -> None:
-    method, call_args, kwargs = cli.build_change_call(parse("set", "0.01"))
+    method, call_args, _ = cli.build_change_call(parse("set", "0.01"))
     assert (method, call_args) == ("set_learning_rate", (0.01,))
-    assert kwargs == {
+    assert change_kwargs(parse("set", "0.01")) == {
         "apply_at_step": None,
         "expected_version": None,
         "wait": True,
@@ -134,6 +168,7 @@ def test_set_and_scale() -> None:
         "reason": "",
         "force": False,
         "preview_steps": 0,
+        **UNSET,
     }
     method, call_args, kwargs = cli.build_change_call(parse("scale", "0.5", "--no-wait"))
     assert (method, call_args, kwargs["wait"]) == ("scale_learning_rate", (0.5,), False)
@@ -267,6 +302,7 @@ def test_auth_and_tls_flags_before_and_after_subcommand() -> None:
         (["state", "--key", "c.key"], "--cert and --key go together"),
         (["scale", "0.5", "--preview-steps", "10"], "--preview-steps needs --dry-run"),
         (["cancel", ""], "REQUEST_ID must not be empty"),
+        (["set", "0.1", "--at-step", "5", "--after-steps", "5"], "exclude each other"),
     ],
 )
 def test_checked_usage_errors_exit_2(
@@ -358,6 +394,9 @@ def test_unreachable_server_exits_7(subprocess_env: dict[str, str]) -> None:
         assert result.stderr.startswith("lrctl: error: server unavailable"), result.stderr
         assert result.stderr.count("lrctl: error:") == 1, result.stderr  # reported once
         assert "127.0.0.1:1" in result.stderr
+        # One line that says where to look.
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "is the trainer running? check --target or $LRCTL_TARGET" in result.stderr
         assert result.stdout == ""
 
 
@@ -382,6 +421,16 @@ def test_target_without_a_valid_port_is_a_usage_error(
 def test_target_forms_that_grpc_dials_are_accepted(target: str) -> None:
     assert parse("--target", target, "state").target == target
     assert parse("state", "--target", target).target == target
+
+
+@pytest.mark.parametrize("target", ["http://localhost:50051", "https://trainer-0:443"])
+def test_a_url_target_is_named_as_a_url(target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # It used to be taken for an IPv6 host without brackets.
+    with pytest.raises(SystemExit) as info:
+        parse("--target", target, "state")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "use HOST:PORT, not a URL" in err and "IPv6" not in err
 
 
 def test_bad_target_from_environment_names_the_variable(
@@ -410,11 +459,12 @@ def test_swap_change_flags_before_or_after_the_kind() -> None:
                   "--at-step", "7", "--dry-run", "--reason", "r")  # fmt: skip
     expected = {"apply_at_step": 7, "expected_version": None, "wait": False,
                 "validate_only": True, "reason": "r", "force": False,
-                "preview_steps": cli.DEFAULT_PREVIEW_STEPS, "origin": "global"}  # fmt: skip
-    assert cli.build_change_call(before)[2] == expected
-    assert cli.build_change_call(after)[2] == expected
+                "preview_steps": cli.DEFAULT_PREVIEW_STEPS, "origin": "global",
+                **SWAP_UNSET}  # fmt: skip
+    assert change_kwargs(before) == expected
+    assert change_kwargs(after) == expected
     # Left out everywhere, each flag keeps its default.
-    _, _, kwargs = cli.build_change_call(parse("swap", "constant", "--learning-rate", "0.1"))
+    kwargs = change_kwargs(parse("swap", "constant", "--learning-rate", "0.1"))
     assert kwargs == {"apply_at_step": None, "expected_version": None, "wait": True,
                       "validate_only": False, "reason": "", "force": False, "preview_steps": 0,
-                      "origin": "restart"}  # fmt: skip
+                      "origin": "restart", **SWAP_UNSET}  # fmt: skip

@@ -5,7 +5,15 @@ The asyncio client is `lrctl.client.aio.TrainingControlClient`.
 """
 
 from lrctl.client import schedules
-from lrctl.client.client import DEFAULT_TARGET, Origin, TrainingControlClient, Watch
+from lrctl.client.client import (
+    DEFAULT_TARGET,
+    Origin,
+    Pin,
+    Scale,
+    Swap,
+    TrainingControlClient,
+    Watch,
+)
 from lrctl.client.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -32,7 +40,10 @@ __all__ = [
     "NotFound",
     "Origin",
     "PermissionDenied",
+    "Pin",
     "ResourceExhausted",
+    "Scale",
+    "Swap",
     "TrainingControlClient",
     "Unauthenticated",
     "Unavailable",

@@ -330,34 +330,115 @@ def wait_until_ready(timeout: float | None, poll_interval: float) -> Plan[None]:
         yield Sleep(poll_interval)
 
 
-def update_learning_rate(
-    fn: Callable[[pb.TrainingState], float],
+@dataclass(frozen=True)
+class Scale:
+    """A decision for `update`: multiply the active schedule by `factor` (the schedule keeps
+    its kind and keeps running; cumulative with earlier scales)."""
+
+    factor: float
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A decision for `update`: pin the learning rate to the constant `learning_rate`."""
+
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class Swap:
+    """A decision for `update`: replace the schedule (arguments as for `swap_schedule`)."""
+
+    schedule: ScheduleLike
+    origin: Origin = "restart"
+    schedule_start_step: int = 0
+    scale: float | None = None
+
+
+#: What `update`'s function returns: the change to make, or None for none.
+Decision = Scale | Pin | Swap | None
+
+
+def _decided(
+    decision: Scale | Pin | Swap, *, expected_version: int, reason: str, force: bool,
+    timeout: float | None, expected_run_id: str,
+) -> Plan[pb.Change]:
+    """Send `decision`, waiting until it is applied (or refused, aborted, cancelled)."""
+    options: dict[str, Any] = {
+        "apply_at_step": None, "expected_version": expected_version, "wait": True,
+        "validate_only": False, "reason": reason, "request_id": None, "force": force,
+        "preview_steps": 0, "timeout": timeout, "expected_run_id": expected_run_id,
+    }
+    if isinstance(decision, Scale):
+        return (yield from set_learning_rate(factor=decision.factor, **options))
+    if isinstance(decision, Pin):
+        return (yield from set_learning_rate(value=decision.learning_rate, **options))
+    if isinstance(decision, Swap):
+        return (yield from swap_schedule(
+            decision.schedule, origin=decision.origin,
+            schedule_start_step=decision.schedule_start_step, scale=decision.scale, **options))
+    raise TypeError(f"`update`'s function must return Scale, Pin, Swap or None. "
+                    f"Received: {decision!r}")
+
+
+def update(
+    decide: Callable[[pb.TrainingState], Decision],
     *,
     retries: int,
-    wait: bool,
     reason: str,
     force: bool,
     timeout: float | None,
-) -> Plan[pb.Change]:
-    """Read-modify-write: pin the LR to `fn(state)` with `expected_version=state.version`;
-    on VersionConflict read again, up to `retries` more times."""
+    expected_run_id: str,
+    expected_version: int | None,
+) -> Plan[pb.Change | None]:
+    """Read-modify-write: read the state, `decide(state)`, send the decision fenced by
+    `expected_version=state.version` and wait for its outcome. If another change got in first
+    (`VersionConflict` on arrival, or ABORTED at the step boundary), read the fresh state and
+    decide again, up to `retries` more times, then raise the conflict. With `expected_version`,
+    the caller decided already on that version: any other version raises at once."""
     if retries < 0:
         raise ValueError(f"Argument `retries` must be >= 0. Received: retries={retries}")
     attempt = 0
     while True:
         state = yield from get_state(timeout)
+        if expected_version is not None and state.version != expected_version:
+            conflict = errors.VersionConflict(
+                grpc.StatusCode.ABORTED,
+                f"expected version {expected_version}, the state is at version {state.version}")
+            conflict.metadata["current_version"] = str(state.version)
+            raise conflict
+        decision = decide(state)
+        if decision is None:
+            return None
         try:
-            change = yield from set_learning_rate(
-                value=float(fn(state)), apply_at_step=None, expected_version=state.version,
-                wait=wait, validate_only=False, reason=reason, request_id=None, force=force,
-                preview_steps=0, timeout=timeout,
-            )
+            return (yield from _decided(
+                decision, expected_version=state.version, reason=reason, force=force,
+                timeout=timeout, expected_run_id=expected_run_id))
         except errors.VersionConflict:
             attempt += 1
-            if attempt > retries:
+            if expected_version is not None or attempt > retries:
                 raise
-            continue
-        # A change that lost the race at the step boundary comes back ABORTED.
-        if change.status != pb.CHANGE_STATUS_ABORTED or attempt >= retries:
-            return change
-        attempt += 1
+
+
+def relative_scale(fn: Callable[[pb.TrainingState], float]) -> Callable[[pb.TrainingState], Scale]:
+    """`update_learning_rate`'s decision: the LR `fn(state)` wants now, as a scale of the
+    active schedule by `fn(state) / state.learning_rate`, so the schedule keeps its kind."""
+    def decide(state: pb.TrainingState) -> Scale:
+        target = float(fn(state))
+        if state.learning_rate == 0:
+            raise ValueError(
+                f"the schedule gives learning rate 0 at step {state.step}: no scale of it reaches "
+                f"{target}; use `update` with Pin or Swap")
+        return Scale(target / state.learning_rate)
+
+    return decide
+
+
+def learning_rate_at(step: int, timeout: float | None, expected_run_id: str = "") -> Plan[float]:
+    """The learning rate the current state gives at a future `step`: the trainer evaluates it
+    with the code that applies changes, for a validate_only no-op (`scale 1`) due at `step`
+    (nothing is queued; a step that has passed is FAILED_PRECONDITION)."""
+    request = pb.SetLearningRateRequest(scale=1.0, apply_at_step=step, validate_only=True,
+                                        preview_steps=1, expected_run_id=expected_run_id)
+    response = yield Call("SetLearningRate", request, timeout)
+    return response.change.preview_current[0].learning_rate  # type: ignore[no-any-return]

@@ -295,20 +295,47 @@ class TrainingControlClient:
         """Wait until the trainer is training (its service reports SERVING)."""
         await self._run(ops.wait_until_ready(timeout, poll_interval))
 
+    async def update(
+        self,
+        decide: Callable[[pb.TrainingState], ops.Decision],
+        *,
+        retries: int = 3,
+        reason: str = "",
+        force: bool = False,
+        timeout: float | None = None,
+        expected_run_id: str = "",
+        expected_version: int | None = None,
+    ) -> pb.Change | None:
+        """Read-modify-write: `decide(state)` returns Scale, Pin, Swap or None; sent fenced by
+        the state's version and waited for; on a conflict, decided again on the fresh state."""
+        return await self._run(ops.update(
+            decide, retries=retries, reason=reason, force=force, timeout=timeout,
+            expected_run_id=expected_run_id, expected_version=expected_version,
+        ))
+
     async def update_learning_rate(
         self,
         fn: Callable[[pb.TrainingState], float],
         *,
         retries: int = 3,
-        wait: bool = False,
         reason: str = "",
         force: bool = False,
         timeout: float | None = None,
+        expected_run_id: str = "",
+        expected_version: int | None = None,
     ) -> pb.Change:
-        """Read-modify-write with `expected_version`, retried on VersionConflict."""
-        return await self._run(ops.update_learning_rate(
-            fn, retries=retries, wait=wait, reason=reason, force=force, timeout=timeout
-        ))
+        """`update` for the LR `fn(state)` wants now, as a scale of the active schedule."""
+        change = await self.update(
+            ops.relative_scale(fn), retries=retries, reason=reason, force=force,
+            timeout=timeout, expected_run_id=expected_run_id, expected_version=expected_version,
+        )
+        assert change is not None  # relative_scale always decides
+        return change
+
+    async def learning_rate_at(self, step: int, *, timeout: float | None = None,
+                               expected_run_id: str = "") -> float:
+        """The learning rate the current state gives at a future `step` (see the sync client)."""
+        return await self._run(ops.learning_rate_at(step, timeout, expected_run_id))
 
     async def get_change(
         self, *, request_id: str | None = None, version: int | None = None,

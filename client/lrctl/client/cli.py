@@ -21,8 +21,9 @@ Exit codes:
 With --json (for scripts and jq):
   * output is protobuf JSON, one object per line, camelCase field names, enums by name;
   * int64 values (step, version, applyAtStep, ...) are JSON numbers, not strings;
-  * fields that are not set are omitted, not printed as 0 or "" (a pending change has no
-    "version" or "appliedStep" yet): use `.version // empty` in jq;
+  * every field is printed, zero values included ("version": 0, "learningRate": 0); only
+    `optional` fields that are not set are left out (a pending change has no "appliedStep"
+    or "learningRateAfter" yet): use `.appliedStep // empty` in jq;
   * an error is one JSON object on stderr, with the exit code as above:
       {"code": "ABORTED", "exit_code": 4, "message": "...", "current_version": 7,
        "field_violations": [{"field": "...", "description": "..."}]}
@@ -39,6 +40,7 @@ import logging
 import math
 import os
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -96,13 +98,16 @@ examples:
       --decay-rate 0.8 --staircase
   lrctl swap piecewise-linear --knots 0:0.0,100:0.1,1000:0.001 --origin global
   lrctl set 0.1 --dry-run --preview-steps 5000
+  lrctl state --at-step 20000
+  lrctl scale 0.5 --expected-run-id run-7 --after-steps 100
   lrctl history --limit 5
   lrctl cancel 3f2a9c0e7b8d4e1fa2b3c4d5e6f70819 --reason "superseded"
   lrctl --token-file ~/.lrctl-token --ca ca.crt state
   lrctl watch --min-interval 0.5 --json
 
---json: int64 values are numbers; unset fields are omitted; errors are one JSON object on
-  stderr: {"code", "exit_code", "message", "current_version", "field_violations"}
+--json: int64 values are numbers; zero values are printed, unset optional fields omitted;
+  errors are one JSON object on stderr:
+  {"code", "exit_code", "message", "current_version", "field_violations"}
 """
 
 
@@ -181,6 +186,10 @@ def _target(text: str) -> str:
     if text.startswith(_TARGET_SCHEMES):
         return text
     source = " (from $LRCTL_TARGET)" if text == os.environ.get("LRCTL_TARGET") else ""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"use HOST:PORT, not a URL, e.g. localhost:50051; got {text!r}{source}"
+        )
     host, _, port = text.rpartition(":")
     if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
         raise argparse.ArgumentTypeError(
@@ -278,8 +287,8 @@ def _add_global_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -
         "--json",
         action="store_true",
         default=default(False),
-        help="print messages as JSON (one object per line; int64 values as numbers, unset "
-        "fields omitted) and errors as one JSON object on stderr",
+        help="print messages as JSON (one object per line; int64 values as numbers, zero "
+        "values printed) and errors as one JSON object on stderr",
     )
     group.add_argument(
         "--timeout",
@@ -326,7 +335,7 @@ def _add_global_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -
 
 
 def _add_change_flags(
-    parser: argparse.ArgumentParser, *, in_subcommand: bool = False, origin: bool = False
+    parser: argparse.ArgumentParser, *, in_subcommand: bool = False, swap: bool = False
 ) -> None:
     # `swap` takes these flags before KIND (so `lrctl swap --help` lists them) and after it;
     # as with the global flags, the KIND parsers' defaults are SUPPRESS so as not to
@@ -335,7 +344,7 @@ def _add_change_flags(
         return argparse.SUPPRESS if in_subcommand else value
 
     group = parser.add_argument_group("change options")
-    if origin:
+    if swap:
         group.add_argument(
             "--origin",
             choices=("restart", "global"),
@@ -343,12 +352,41 @@ def _add_change_flags(
             help="restart: the schedule starts at its own step 0 when applied (default); "
             "global: evaluated at the optimizer's iteration count, as Keras does",
         )
+        group.add_argument(
+            "--schedule-start-step",
+            type=_int_at_least(0),
+            metavar="N",
+            default=default(0),
+            help="with --origin restart: the new schedule starts at its own step N (default 0)",
+        )
+        group.add_argument(
+            "--scale",
+            type=float,
+            metavar="F",
+            default=default(None),
+            help="the cumulative scale, set in the same change (default 1)",
+        )
     group.add_argument(
         "--at-step",
         type=int,
         metavar="N",
         default=default(None),
         help="apply at the first step boundary with step >= N (implies --no-wait)",
+    )
+    group.add_argument(
+        "--after-steps",
+        type=_int_at_least(0),
+        metavar="N",
+        default=default(None),
+        help="apply N steps after the first step boundary that sees the change "
+        "(excludes --at-step; implies --no-wait)",
+    )
+    group.add_argument(
+        "--expected-run-id",
+        metavar="ID",
+        default=default(""),
+        help="apply only to the run with this run id (else exit 5): fences a restarted "
+        "trainer or another job on the same address",
     )
     group.add_argument(
         "--expected-version",
@@ -409,7 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_global_flags(sub, in_subcommand=True)
         return sub
 
-    command("state", "show the training state")
+    p = command("state", "show the training state")
+    p.add_argument(
+        "--at-step",
+        type=int,
+        metavar="N",
+        help="print only the learning rate the current schedule gives at the future step N "
+        "(the trainer evaluates it: a dry-run no-op change, so it needs a write token)",
+    )
 
     p = command("set", "pin the learning rate to a constant (resets the scale to 1)")
     p.add_argument("learning_rate", type=float, metavar="LR", help="the new learning rate")
@@ -420,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_change_flags(p)
 
     swap = command("swap", "replace the learning-rate schedule")
-    _add_change_flags(swap, origin=True)
+    _add_change_flags(swap, swap=True)
     kinds = swap.add_subparsers(dest="kind", metavar="KIND", required=True)
     for name, kind in SWAP_KINDS.items():
         k = kinds.add_parser(name, help=kind.help, description=kind.help)
@@ -439,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar=field.name.upper(),
                     help=_flag_help(field),
                 )
-        _add_change_flags(k, in_subcommand=True, origin=True)
+        _add_change_flags(k, in_subcommand=True, swap=True)
 
     p = command("cancel", "cancel a pending change (see `lrctl history` for request ids)")
     which = p.add_mutually_exclusive_group(required=True)
@@ -453,7 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the change that produced state version N (applied changes cannot be "
         "cancelled: exits 5, or 9 if unknown)",
     )
-    p.add_argument("--reason", default="", metavar="TEXT", help="logged by the trainer")
+    p.add_argument(
+        "--reason", default="", metavar="TEXT", help="recorded in the cancelled change"
+    )
+    p.add_argument(
+        "--expected-run-id",
+        metavar="ID",
+        default="",
+        help="cancel only in the run with this run id (else exit 5)",
+    )
 
     p = command("history", "list changes, newest first (pending and finished)")
     p.add_argument(
@@ -525,10 +578,11 @@ def _int64_as_numbers(message: Message, data: dict[str, Any]) -> None:
 
 def _to_json(message: Message) -> str:
     """Protobuf JSON (camelCase names, enums by name), except that int64 values are
-    numbers; fields that are not set (proto3 defaults, absent optionals) are omitted."""
+    numbers. Zero values are printed (so `jq .version` is 0, not null); only fields with
+    presence that are not set (`optional` scalars, messages) are left out."""
     from google.protobuf import json_format  # only --json needs it: `lrctl state` stays quick
 
-    data = json_format.MessageToDict(message)
+    data = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
     _int64_as_numbers(message, data)
     return json.dumps(data, separators=(",", ":"))
 
@@ -572,8 +626,9 @@ def describe_change(change: pb.Change) -> str:
     if status == pb.CHANGE_STATUS_ABORTED:
         return f"aborted: the state version changed before the step boundary; nothing changed{reason}"
     if status == pb.CHANGE_STATUS_CANCELLED:
-        # By CancelChange, or because the run ended first: the record does not say which.
-        return f"cancelled: {_action(change)}; nothing changed{reason}"
+        # By CancelChange (with its reason, if one was given), or because the run ended first.
+        why = f" ({change.error.removeprefix('cancelled: ')})" if change.error else ""
+        return f"cancelled{why}: {_action(change)}; nothing changed{reason}"
     if status == pb.CHANGE_STATUS_FAILED:
         error = change.error or "no error given"
         return f"failed: {_action(change)}; nothing changed: {error}{reason}"
@@ -581,7 +636,7 @@ def describe_change(change: pb.Change) -> str:
 
 
 def _history_line(change: pb.Change) -> str:
-    # The request id is what `lrctl cancel` takes.
+    """`describe_change` and the request id, which is what `lrctl cancel` takes."""
     line = describe_change(change)
     return f"{line}  [{change.request_id}]" if change.request_id else line
 
@@ -645,12 +700,26 @@ def describe_state(state: pb.TrainingState) -> str:
         f"optimizer: {state.optimizer or '-'}",
         "metrics:   "
         + (", ".join(f"{k}={_fmt(v)}" for k, v in sorted(state.metrics.items())) or "-"),
+        f"guardrails: {describe_guardrails(state.guardrails)}",
     ]
     lines.append(f"pending:   {len(state.pending_changes) or '-'}")
-    lines.extend(f"  {describe_change(c)}" for c in state.pending_changes)
+    lines.extend(f"  {_history_line(c)}" for c in state.pending_changes)
     lines.append(f"recent:    {len(state.recent_changes) or '-'}")
     lines.extend(f"  {describe_change(c)}" for c in state.recent_changes)
     return "\n".join(lines)
+
+
+def describe_guardrails(guardrails: pb.Guardrails) -> str:
+    """One line: the trainer's limits on what a change may do ("-": no limit)."""
+    def optional(field: Any) -> str:  # a field name with presence
+        return _fmt(getattr(guardrails, field)) if guardrails.HasField(field) else "-"
+
+    return (
+        f"lr in [{_fmt(guardrails.min_learning_rate)}, {optional('max_learning_rate')}], "
+        f"max change factor {optional('max_change_factor')}, "
+        f"max changes/minute {optional('max_changes_per_minute')}, "
+        f"revert on NaN {guardrails.revert_on_nan_steps or 'off'}"
+    )
 
 
 def describe_update(state: pb.TrainingState) -> str:
@@ -669,7 +738,8 @@ def describe_update(state: pb.TrainingState) -> str:
 def _change_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     # Waiting is the default for a human at a terminal, but --at-step usually
     # targets a future step, so it returns as soon as the change is queued.
-    wait = not (args.no_wait or args.at_step is not None or args.dry_run)
+    wait = not (args.no_wait or args.at_step is not None or args.after_steps is not None
+                or args.dry_run)
     preview_steps = args.preview_steps
     if preview_steps is None:
         preview_steps = DEFAULT_PREVIEW_STEPS if args.dry_run else 0
@@ -681,6 +751,10 @@ def _change_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "reason": args.reason,
         "force": args.force,
         "preview_steps": preview_steps,
+        "expected_run_id": args.expected_run_id,
+        "apply_after_steps": args.after_steps,
+        # Made here, not by the client, so that a timed-out wait can say what to cancel.
+        "request_id": uuid.uuid4().hex,
     }
 
 
@@ -702,7 +776,12 @@ def build_change_call(
     if args.command == "scale":
         return "scale_learning_rate", (args.factor,), kwargs
     if args.command == "swap":
-        return "swap_schedule", (schedule_from_args(args),), {**kwargs, "origin": args.origin}
+        return "swap_schedule", (schedule_from_args(args),), {
+            **kwargs,
+            "origin": args.origin,
+            "schedule_start_step": args.schedule_start_step,
+            "scale": args.scale,
+        }
     raise AssertionError(args.command)
 
 
@@ -711,6 +790,15 @@ def _print(out: TextIO, args: argparse.Namespace, message: Message, text: str) -
 
 
 def _run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "state" and args.at_step is not None:
+        try:
+            lr = client.learning_rate_at(args.at_step)
+        except errors.FailedPrecondition as exc:
+            exc.message = f"--at-step {args.at_step}: only a future step has a forecast ({exc.message})"
+            raise
+        point = pb.LearningRatePoint(step=args.at_step, learning_rate=lr)
+        _print(out, args, point, f"lr at step {args.at_step}: {_fmt(lr)}")
+        return EXIT_OK
     if args.command == "state":
         state = client.get_state()
         _print(out, args, state, describe_state(state))
@@ -721,17 +809,23 @@ def _run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) -
         try:
             change: pb.Change = getattr(client, method)(*call_args, **kwargs)
         except errors.DeadlineExceeded as exc:
-            if kwargs["wait"] and "pending" not in exc.message:
-                exc.message += " (the change stays pending; see `lrctl state`)"
+            if kwargs["wait"]:
+                exc.message += (
+                    f" (the change stays pending; cancel it with "
+                    f"`lrctl cancel {kwargs['request_id']}`)"
+                )
             raise
         chart = "" if args.json else render_preview(change)
         if chart:
             print(chart, file=out)
-        _print(out, args, change, describe_change(change))
+        text = _history_line(change) if change.status == pb.CHANGE_STATUS_PENDING \
+            else describe_change(change)
+        _print(out, args, change, text)
         return _change_exit_code(change)
     if args.command == "cancel":
         change = client.cancel_change(
-            request_id=args.request_id, version=args.version, reason=args.reason
+            request_id=args.request_id, version=args.version, reason=args.reason,
+            expected_run_id=args.expected_run_id,
         )
         _print(out, args, change, describe_change(change))
         return EXIT_OK
@@ -781,7 +875,10 @@ def _report(exc: errors.LrctlError, target: str, as_json: bool = False) -> None:
     message = exc.message or exc.code.name
     if isinstance(exc, errors.Unavailable):
         where = "" if target in message else f" at {target}"
-        message = f"server unavailable{where}: {message}"
+        message = (
+            f"server unavailable{where}: {message} (is the trainer running? "
+            f"check --target or $LRCTL_TARGET)"
+        )
     elif isinstance(exc, errors.DeadlineExceeded):
         message = f"deadline exceeded: {message}"
     elif isinstance(exc, errors.Unauthenticated):
@@ -801,6 +898,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What argparse cannot check by itself (exits 2 with the usage)."""
     if (args.cert is None) != (args.key is None):
         parser.error("--cert and --key go together (mutual TLS)")
+    if getattr(args, "after_steps", None) is not None and args.at_step is not None:
+        parser.error("--at-step and --after-steps exclude each other")
     if getattr(args, "preview_steps", None) is not None and not args.dry_run:
         parser.error("--preview-steps needs --dry-run (without it the change would be applied)")
     if args.command == "cancel" and args.request_id == "":

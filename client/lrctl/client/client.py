@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from lrctl.client import _requests as ops
 from lrctl.client import errors
-from lrctl.client._requests import DEFAULT_TARGET, SERVICE_NAME, Origin
+from lrctl.client._requests import DEFAULT_TARGET, SERVICE_NAME, Origin, Pin, Scale, Swap
 from lrctl.client.schedules import ScheduleLike
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
@@ -28,6 +28,9 @@ __all__ = [
     "DEFAULT_TARGET",
     "SERVICE_NAME",
     "Origin",
+    "Pin",
+    "Scale",
+    "Swap",
     "TrainingControlClient",
     "Watch",
     "tls_credentials",
@@ -393,26 +396,70 @@ class TrainingControlClient:
         SERVING). Raises `DeadlineExceeded` after `timeout` seconds (`None`: no limit)."""
         self._run(ops.wait_until_ready(timeout, poll_interval))
 
+    def update(
+        self,
+        decide: Callable[[pb.TrainingState], ops.Decision],
+        *,
+        retries: int = 3,
+        reason: str = "",
+        force: bool = False,
+        timeout: float | None = None,
+        expected_run_id: str = "",
+        expected_version: int | None = None,
+    ) -> pb.Change | None:
+        """Read-modify-write: read the state, call `decide(state)`, and send what it returns,
+        `Scale(factor)`, `Pin(learning_rate)` or `Swap(schedule, ...)` (None: no change, returns
+        None), with `expected_version=state.version`, waiting until it is applied. If another
+        change gets in first (`VersionConflict` on arrival, or aborted at the step boundary),
+        read the fresh state and call `decide` again, up to `retries` more times; then the
+        conflict is raised. It never returns a pending change that may still abort.
+
+            client.update(lambda s: Scale(0.5) if s.metrics["loss"] > 1 else None)
+
+        Args:
+            expected_run_id: fencing, as for `set_learning_rate` (`FailedPrecondition` on
+                another run); "": no check.
+            expected_version: you decided on this version already: a state at another version
+                raises `VersionConflict` at once, with no new decision. `None`: any version.
+            timeout: each RPC's deadline, the wait for the outcome included
+                (`DeadlineExceeded`: the change stays pending).
+        """
+        return self._run(ops.update(
+            decide, retries=retries, reason=reason, force=force, timeout=timeout,
+            expected_run_id=expected_run_id, expected_version=expected_version,
+        ))
+
     def update_learning_rate(
         self,
         fn: Callable[[pb.TrainingState], float],
         *,
         retries: int = 3,
-        wait: bool = False,
         reason: str = "",
         force: bool = False,
         timeout: float | None = None,
+        expected_run_id: str = "",
+        expected_version: int | None = None,
     ) -> pb.Change:
-        """Read-modify-write: pin the LR to `fn(state)` for the current state, sent with
-        `expected_version=state.version`. If another change gets in between
-        (`VersionConflict`, or an ABORTED change with `wait`), read again and retry, up to
-        `retries` times; then the last error is raised (or the ABORTED change returned).
+        """`update` for the learning rate `fn(state)` wants now, sent as a scale of the active
+        schedule by `fn(state) / state.learning_rate`: the schedule keeps its kind and keeps
+        running (a CosineDecay stays a CosineDecay, scaled). On a conflict `fn` is called again
+        on the fresh state. `ValueError` if the schedule gives 0 now (use `update` with `Pin`).
 
             client.update_learning_rate(lambda s: s.learning_rate * 0.5, reason="plateau")
         """
-        return self._run(ops.update_learning_rate(
-            fn, retries=retries, wait=wait, reason=reason, force=force, timeout=timeout
-        ))
+        change = self.update(
+            ops.relative_scale(fn), retries=retries, reason=reason, force=force,
+            timeout=timeout, expected_run_id=expected_run_id, expected_version=expected_version,
+        )
+        assert change is not None  # relative_scale always decides
+        return change
+
+    def learning_rate_at(self, step: int, *, timeout: float | None = None,
+                         expected_run_id: str = "") -> float:
+        """The learning rate the current schedule and scale give at a future `step`, as the
+        trainer computes it (a validate_only no-op change: needs the write role; nothing is
+        queued). `FailedPrecondition` if `step` has passed."""
+        return self._run(ops.learning_rate_at(step, timeout, expected_run_id))
 
     def get_change(
         self, *, request_id: str | None = None, version: int | None = None,

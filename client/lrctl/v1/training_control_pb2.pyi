@@ -685,7 +685,8 @@ class CancelChangeRequest(_message.Message):
     it exists so that a client holding only a version gets a clear answer.
     """
     reason: _builtins.str
-    """Free-text reason, logged by the trainer; at most 1 KiB of UTF-8. Empty:
+    """Free-text reason, logged by the trainer and recorded in the cancelled
+    change's `error` as "cancelled: REASON"; at most 1 KiB of UTF-8. Empty:
     no reason given.
     """
     expected_run_id: _builtins.str
@@ -1320,9 +1321,10 @@ class Change(_message.Message):
     "swap ExponentialDecay(initial_learning_rate=0.01, ...)".
     """
     error: _builtins.str
-    """Why the change was not applied: for CHANGE_STATUS_FAILED the reason, for
-    CHANGE_STATUS_ABORTED the expected_version and the version it met at its
-    boundary. Empty for other statuses.
+    """Why the change was not applied: for CHANGE_STATUS_FAILED, the failure;
+    for CHANGE_STATUS_ABORTED, the expected_version and the version it met at
+    its boundary; for CHANGE_STATUS_CANCELLED by a CancelChange that gave a
+    reason, "cancelled: REASON". Empty otherwise.
     """
     apply_after_steps: _builtins.int
     """The request's apply_after_steps, if it set one; apply_at_step then holds

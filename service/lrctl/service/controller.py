@@ -199,7 +199,7 @@ class Change:
     schedule_after: ActiveSchedule | None = None
     applied_time: float | None = None  #: when the change ended (applied, aborted, ...)
     current_version: int | None = None  #: for ABORTED: the version that did not match
-    error: Exception | None = None  #: for FAILED: why; a domain error the servicer maps to a code
+    error: Exception | None = None  #: for FAILED: why (a domain error the servicer maps to a code); for CANCELLED: the reason given
     #: For VALIDATED with a preview horizon: (step, LR) after the change, and without it.
     preview: tuple[tuple[int, float], ...] = ()
     preview_current: tuple[tuple[int, float], ...] = ()
@@ -506,7 +506,7 @@ class Controller:
             self._republish(pending=True, history=True)
 
     def cancel(self, *, request_id: str = "", version: int | None = None,
-               expected_run_id: str = "", expected_incarnation: str = "") -> Change:
+               expected_run_id: str = "", expected_incarnation: str = "", reason: str = "") -> Change:
         """Cancel a pending change, named by its request_id or (once applied) its version.
 
         Returns the CANCELLED record (again, if it was cancelled already). Raises NotFoundError
@@ -538,7 +538,8 @@ class Controller:
             if record.id in self._applying:
                 raise FailedPreconditionError(f"the change with {name} is being applied right now")
             del self._pending[record.id]
-            final = dataclasses.replace(record, status=ChangeStatus.CANCELLED, applied_time=self._clock())
+            final = dataclasses.replace(record, status=ChangeStatus.CANCELLED, applied_time=self._clock(),
+                                        error=FailedPreconditionError(f"cancelled: {reason}") if reason else None)
             self._finish(final)
             self._republish(pending=True, history=True)
             return final

@@ -397,7 +397,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         change = self._controller.cancel(
             request_id=request.request_id,
             version=request.version if which == "version" else None,
-            expected_run_id=request.expected_run_id,
+            expected_run_id=request.expected_run_id, reason=request.reason,
             expected_incarnation=request.expected_incarnation,
         )
         logger.info("cancelled: %s%s", short(change.description),
