@@ -12,6 +12,8 @@ Exported (all prefixed `lrctl_`):
   snapshot at scrape time, so a scrape costs one lock and never touches TensorFlow;
 - `changes_total{status}`: finished changes by status (applied, aborted, cancelled, failed,
   validated), counted exactly by the controller;
+- `checkpoint_failures_total`: checkpoint writes that failed (a full or read-only disk),
+  from the controller's snapshot (training goes on; `GetState.checkpoint_error` says why);
 - `rpcs_total{method, code}`: every RPC the server answered (all services, refused ones
   included), by full method name and gRPC status code, from a server interceptor;
 - `apply_seconds`: a histogram of the time the training thread spent in
@@ -118,6 +120,8 @@ class _StateCollector(Collector):
         for status, count in self._metrics.changes().items():
             changes.add_metric([status.value], count)
         yield changes
+        yield CounterMetricFamily("lrctl_checkpoint_failures", "Checkpoint writes that failed",
+                                  value=snap.checkpoint_failures)
 
 
 class _RpcCounter(grpc.ServerInterceptor):

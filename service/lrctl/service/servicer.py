@@ -207,6 +207,8 @@ def state_to_proto(snap: Snapshot,
         steps_per_second=snap.steps_per_second,
         workers=[pb.WorkerState(index=w.index, applied_version=w.applied_version, step=w.step)
                  for w in snap.workers],
+        checkpoint_failures=snap.checkpoint_failures, checkpoint_error=snap.checkpoint_error,
+        checkpoint_step=snap.checkpoint_step,
     )
 
 
