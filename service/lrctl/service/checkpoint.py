@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import logging
@@ -304,8 +305,8 @@ class Checkpointer:
         needed = expected + expected // 4 + control_bytes + _SPARE_BYTES
         free = free_bytes(self.directory)
         if free < needed:
-            raise OSError(28, f"{free / 2**20:.1f} MiB free, a checkpoint needs about "  # ENOSPC
-                              f"{needed / 2**20:.1f} MiB", self.directory)
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free, "
+                          f"a checkpoint needs about {needed / 2**20:.1f} MiB)", self.directory)
 
     def _prune(self) -> None:
         """Keep this lineage's `keep` newest checkpoints and the one recovery used; remove
@@ -353,7 +354,7 @@ class Checkpointer:
         if not found and pointer is None and not pointer_problem:
             return None  # an empty folder (or strays only): a first start
         newest_first = sorted(found.values(), key=lambda c: (c.saved, c.step), reverse=True)
-        problems = [pointer_problem] if pointer_problem else []
+        problems = [pointer_problem or f"{LATEST} is missing"] if pointer is None else []
         if pointer is not None:
             stem = pointer["weights"].removesuffix(".weights.h5")
             named = found.get(stem)
