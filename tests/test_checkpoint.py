@@ -293,3 +293,31 @@ def test_checkpointer_in_user_fit_code_resumes_step_schedule_and_history(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ckpt-12.control.json", "ckpt-12.weights.h5", "ckpt-16.control.json", "ckpt-16.weights.h5",
         LATEST]
+
+
+def test_apply_at_step_lands_exactly_at_its_step_with_checkpoints_every_few_steps(tmp_path: Path) -> None:
+    """The checkpoint callback asks TrainingControl's one step clock when a checkpoint is due:
+    its own step read used to pull that clock's bound one step low, so a change due right after
+    a checkpoint boundary landed one step late."""
+    import tiny
+
+    from lrctl.service.checkpoint import Checkpointer
+    from lrctl.service.integration import TrainingControl
+
+    model = tiny.make_model(0.5)
+    # No throttled publication reads the step in between: only the clock and the checkpoints do.
+    control = TrainingControl(model.optimizer, publish_interval=3600.0)
+    checkpoints = Checkpointer(control, model, tmp_path, every=3)
+    steps = 24
+    rates = {at: 0.001 * at for at in range(1, steps)}  # one change due at every step
+    for at, lr in rates.items():
+        control.controller.submit(ChangeRequest(PinLearningRate(lr), apply_at_step=at, request_id=f"at-{at}"))
+    recorder = tiny.fit(model, control, steps, checkpoints.callback)
+
+    changes = {c.request.request_id: c for c in control.controller.list_changes(100)[0]}
+    landed = {at: changes[f"at-{at}"].applied_step for at in rates}
+    assert landed == {at: at for at in rates}  # on checkpoint steps (3, 6, ...) and just after
+    # And the weights say so: the step starting at `at` used the LR pinned for `at`.
+    used = {s0: round(lr, 6) for s0, _, lr in recorder.executions()}
+    assert {at: used[at] for at in rates} == {at: round(lr, 6) for at, lr in rates.items()}
+    assert checkpoints.last_step == 21  # boundaries 3, 6, ..., 21 of 24 steps

@@ -1654,6 +1654,9 @@ class TrainingState(_message.Message):
     BOUNDARY_ORIGIN_STEP_FIELD_NUMBER: _builtins.int
     EPOCH_START_STEP_FIELD_NUMBER: _builtins.int
     LR_CLAMP_COUNT_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ERROR_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifier of the training run, chosen by the trainer. Empty: not
     configured.
@@ -1734,6 +1737,21 @@ class TrainingState(_message.Message):
     a NaN or Inf becomes min_learning_rate, before the optimizer uses it.
     Nonzero means the guardrails' validation missed something (or a restore
     brought a schedule that breaks them). Carried in checkpoints. 0: never.
+    """
+    checkpoint_failures: _builtins.int
+    """Checkpoint writes that failed since the trainer started (a full or
+    read-only disk, an I/O error). Training goes on; each failure is retried at
+    the next checkpoint interval. 0: none failed, or the trainer does not
+    checkpoint.
+    """
+    checkpoint_error: _builtins.str
+    """The error of the last checkpoint attempt, if it failed, e.g. "OSError:
+    [Errno 28] No space left on device". Empty: the last attempt succeeded, or
+    none was made yet.
+    """
+    checkpoint_step: _builtins.int
+    """The step of the newest complete checkpoint, written by this trainer or
+    resumed from. Unset: none yet (or the trainer does not checkpoint).
     """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
@@ -1837,11 +1855,16 @@ class TrainingState(_message.Message):
         boundary_origin_step: _builtins.int = ...,
         epoch_start_step: _builtins.int | None = ...,
         lr_clamp_count: _builtins.int = ...,
+        checkpoint_failures: _builtins.int = ...,
+        checkpoint_error: _builtins.str = ...,
+        checkpoint_step: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "schedule", b"schedule", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "checkpoint_step", b"checkpoint_step", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "schedule", b"schedule", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "boundary_origin_step", b"boundary_origin_step", "boundary_spacing", b"boundary_spacing", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "incarnation", b"incarnation", "learning_rate", b"learning_rate", "lr_clamp_count", b"lr_clamp_count", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "boundary_origin_step", b"boundary_origin_step", "boundary_spacing", b"boundary_spacing", "checkpoint_error", b"checkpoint_error", "checkpoint_failures", b"checkpoint_failures", "checkpoint_step", b"checkpoint_step", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "incarnation", b"incarnation", "learning_rate", b"learning_rate", "lr_clamp_count", b"lr_clamp_count", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__checkpoint_step: _TypeAlias = _typing.Literal["checkpoint_step"]  # noqa: Y015
+    _WhichOneofArgType__checkpoint_step: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step"]  # noqa: Y015
     _WhichOneofReturnType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["epoch_metrics_epoch"]  # noqa: Y015
     _WhichOneofArgType__epoch_metrics_epoch: _TypeAlias = _typing.Literal["_epoch_metrics_epoch", b"_epoch_metrics_epoch"]  # noqa: Y015
     _WhichOneofReturnType__epoch_metrics_step: _TypeAlias = _typing.Literal["epoch_metrics_step"]  # noqa: Y015
@@ -1852,6 +1875,8 @@ class TrainingState(_message.Message):
     _WhichOneofArgType__metrics_step: _TypeAlias = _typing.Literal["_metrics_step", b"_metrics_step"]  # noqa: Y015
     _WhichOneofReturnType__steps_per_second: _TypeAlias = _typing.Literal["steps_per_second"]  # noqa: Y015
     _WhichOneofArgType__steps_per_second: _TypeAlias = _typing.Literal["_steps_per_second", b"_steps_per_second"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpoint_step) -> _WhichOneofReturnType__checkpoint_step | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch_metrics_epoch) -> _WhichOneofReturnType__epoch_metrics_epoch | None: ...
     @_typing.overload

@@ -2,15 +2,28 @@
 variables, hence the schedule, scale and version, are among its variables) and the
 controller's state (history, pending changes, the request ids of the dedup window).
 
-A checkpoint at step N is three files in one folder, each written to a temporary name,
-fsynced and renamed into place, the pointer last:
+A checkpoint at step N is two files in one folder, named by a pointer:
 
     ckpt-N.weights.h5     model.save_weights (the optimizer's state included)
-    ckpt-N.control.json   Controller.export_state()
-    latest.json           {"step": N, "weights": ..., "control": ...}
+    ckpt-N.control.json   Controller.export_state(), the run's lineage and when it was saved
+    latest.json           {"step": N, "weights": ..., "control": ..., "lineage": ...}
 
-A kill at any moment leaves `latest.json` naming the newest complete pair, never a torn one.
-The two newest checkpoints are kept.
+Both files are written to temporary names and fsynced, then renamed into place, the pointer
+last: a kill at any moment leaves `latest.json` naming a complete pair, never a torn one.
+
+Recovery never starts over silently. `restore` resumes from the checkpoint the pointer names;
+if the pointer is missing, unreadable or not a pointer, or the checkpoint it names is damaged,
+it falls back to the newest checkpoint that validates (with a warning naming the file and the
+fault). If the folder holds checkpoint files and none can be resumed from, it raises
+CheckpointError; `restore(fresh=True)` starts a new lineage there instead.
+
+A failed write (a full or read-only disk, an I/O error) never ends the run: it is logged,
+counted (`Controller.checkpointed`, hence GetState and the metrics), its files are removed,
+the pointer still names the last complete checkpoint, and the next interval tries again.
+
+Pruning keeps the newest `keep` complete checkpoints of this run's lineage (a resumed run
+continues its checkpoint's lineage; a fresh one starts its own), and the one it resumed from.
+Other lineages' checkpoints and stray files are left alone.
 
 With `model.fit`:
 
@@ -25,23 +38,45 @@ Not restored: the input pipeline's position (a dataset starts over) and fit's ep
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import h5py
 import keras
+import numpy as np
 
+from lrctl.service.controller import STATE_FORMAT
 from lrctl.service.integration import TrainingControl
 
 logger = logging.getLogger("lrctl.checkpoint")
 
 LATEST = "latest.json"
 KEEP = 2
+#: Free space a checkpoint folder must have at start-up (a run that cannot write even one
+#: small checkpoint is refused before it trains for hours).
+MIN_FREE_BYTES = 16 * 2**20
+#: Headroom on top of a checkpoint's expected size before a write is attempted: h5py crashes
+#: the process (SIGSEGV) when the disk fills under it, so a write that may not fit is refused.
+_SPARE_BYTES = 2**20
 _NAME = re.compile(r"^ckpt-(\d+)\.(weights\.h5|control\.json)$")
+_TMP = ".tmp-"
+#: What `Controller.import_state` reads from a control file.
+_STATE_KEYS = ("format", "step", "version", "schedule", "next_id", "pending", "finished", "history")
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder cannot be used: nothing in it can be resumed from, or it cannot be
+    written. The message is one line naming the folder and the files."""
 
 
 def _fsync_path(path: str) -> None:
@@ -52,130 +87,377 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def write_json(path: str, data: Any) -> None:
-    """Write `data` as JSON to `path` atomically: a temporary file, fsync, rename, fsync the
-    folder. A reader sees the old file or the new one, never part of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, allow_nan=True)
+def _remove(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):  # cleanup after a failure: the failure is reported
+            os.remove(path)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write `data` as JSON to `path` atomically: a temporary file, fsync, rename, fsync the
+    folder. A reader sees the old file or the new one, never part of one. Raises OSError
+    (and leaves no temporary file) if the disk refuses."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f"{_TMP}{os.getpid()}-{os.path.basename(path)}")
+    try:
+        _write_bytes(tmp, json.dumps(data, allow_nan=True).encode())
+        os.replace(tmp, path)
+    except OSError:
+        _remove(tmp)
+        raise
     _fsync_path(folder)
 
 
-def latest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The newest complete checkpoint's pointer in `directory`, or None if it holds none."""
+def free_bytes(directory: str) -> int:
+    """Bytes an unprivileged writer may still use on `directory`'s file system."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def check_writable(directory: str | os.PathLike[str], *, min_free: int = MIN_FREE_BYTES) -> None:
+    """Refuse a folder that cannot take a checkpoint (or a journal): create it if missing,
+    write, fsync and remove a probe file, and ask for `min_free` bytes free. Raises
+    CheckpointError with one line naming the folder."""
+    directory = os.fspath(directory)
+    probe = os.path.join(directory, f"{_TMP}{os.getpid()}-probe")
     try:
-        with open(os.path.join(directory, LATEST), encoding="utf-8") as f:
-            pointer: dict[str, Any] = json.load(f)
+        os.makedirs(directory, exist_ok=True)
+        _write_bytes(probe, b"lrctl")
+        os.remove(probe)
+        free = free_bytes(directory)
+    except OSError as e:
+        _remove(probe)
+        raise CheckpointError(f"{directory} is not writable: {e.strerror or e}") from None
+    if free < min_free:
+        raise CheckpointError(f"{directory} has {free / 2**20:.1f} MiB free; at least "
+                              f"{min_free / 2**20:.0f} MiB are needed")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _read_pointer(directory: str) -> tuple[dict[str, Any] | None, str]:
+    """The pointer and "", or None and what is wrong with it ("" if there is none)."""
+    try:
+        with open(os.path.join(directory, LATEST), "rb") as f:
+            data = json.loads(f.read())
     except FileNotFoundError:
-        return None
-    return pointer
+        return None, ""
+    except OSError as e:
+        return None, f"{LATEST} cannot be read ({e.strerror or e})"
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        return None, f"{LATEST} is not valid JSON ({_one_line(e)})"
+    if not isinstance(data, dict):
+        return None, f"{LATEST} holds {_one_line(json.dumps(data))[:40]}, not a checkpoint pointer"
+    for key, pattern in (("weights", "weights.h5"), ("control", "control.json")):
+        name = data.get(key)
+        m = _NAME.match(name) if isinstance(name, str) else None
+        if m is None or m.group(2) != pattern:
+            return None, f"{LATEST} has no valid {key!r} file name (got {_one_line(repr(name))[:60]})"
+    return data, ""
+
+
+def latest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The pointer to the newest complete checkpoint in `directory`, or None if there is no
+    valid pointer (`Checkpointer.restore` then looks for the newest valid checkpoint)."""
+    return _read_pointer(os.fspath(directory))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    """A complete pair of checkpoint files, validated."""
+
+    stem: str  #: "ckpt-N"
+    step: int
+    state: dict[str, Any] | None  #: the control state; None if invalid
+    problem: str  #: what is wrong ("" if valid)
+    saved: float  #: when it was saved: the control file's "saved_time", else the files' mtime
+
+    @property
+    def lineage(self) -> str:
+        return str((self.state or {}).get("lineage", ""))
+
+
+def _read_state(path: str) -> tuple[dict[str, Any] | None, str]:
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except OSError as e:
+        return None, f"{name} cannot be read ({e.strerror or e})"
+    except ValueError as e:
+        return None, f"{name} is not valid JSON ({_one_line(e)})"
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        return None, f"{name} is not an lrctl control state of format {STATE_FORMAT}"
+    missing = [k for k in _STATE_KEYS if k not in data]
+    if missing:
+        return None, f"{name} lacks {', '.join(missing)}"
+    return data, ""
+
+
+def _check_weights(path: str) -> str:
+    """"" if `path` is a readable HDF5 file, else what is wrong. Opening checks the file's
+    end against its superblock (a truncated file fails); visiting every object reads all the
+    metadata (not the data: it has no checksums to check)."""
+    try:
+        with h5py.File(path, "r") as f:
+            f.visit(lambda _: None)
+    except Exception as e:  # noqa: BLE001 -- any failure to read it makes it unusable
+        return f"{os.path.basename(path)} is not a readable HDF5 file ({_one_line(e)[:160]})"
+    return ""
 
 
 class Checkpointer:
     """Saves and restores checkpoints of `model` and `control` in `directory`. Training thread
-    only: `save` at a step boundary (the callback does that every `every` steps)."""
+    only: `save` at a step boundary (the callback does that every `every` steps). `keep`: how
+    many of this lineage's newest checkpoints pruning keeps (at least 1)."""
 
     def __init__(self, control: TrainingControl, model: keras.Model,
-                 directory: str | os.PathLike[str], every: int | None = None) -> None:
+                 directory: str | os.PathLike[str], every: int | None = None, *,
+                 keep: int = KEEP) -> None:
         if every is not None and every <= 0:
             raise ValueError(f"the checkpoint interval must be > 0 steps; got {every}")
+        if keep < 1:
+            raise ValueError(f"Argument `keep` must be >= 1. Received: keep={keep}")
         self.control = control
         self.model = model
         self.directory = os.fspath(directory)
         self.every = every
+        self.keep = keep
         self.last_step: int | None = None
+        #: This run's lineage: its checkpoint's when resumed, else a new one.
+        self.lineage = uuid.uuid4().hex[:12]
+        self.failures = 0  #: checkpoint writes that failed in this process
+        # This lineage's complete checkpoints by stem, valued by recency (higher: newer).
+        self._ours: dict[str, int] = {}
+        self._recency = itertools.count()
+        self._resumed_from: str | None = None  # the stem recovery used: never pruned
+        self._pointed: tuple[str, str] | None = None  # the files the pointer names
+        self._weights_size: int | None = None  # the last weights file written (bytes)
         os.makedirs(self.directory, exist_ok=True)
         self.callback = _CheckpointCallback(self)
 
-    def save(self) -> int:
-        """Write a checkpoint of the current step (a step boundary); returns the step."""
+    # -- saving ---------------------------------------------------------------------------
+    def save(self) -> int | None:
+        """Write a checkpoint of the current step (a step boundary); returns the step, or None
+        if the disk refused (logged, counted, and nothing partial is left or pointed to)."""
         step = self.control.step
         started = time.monotonic()
-        name = f"ckpt-{step}"
-        weights = f"{name}.weights.h5"
-        tmp = os.path.join(self.directory, f".tmp-{os.getpid()}-{weights}")
-        self.model.save_weights(tmp)
-        _fsync_path(tmp)
-        os.replace(tmp, os.path.join(self.directory, weights))
-        control = f"{name}.control.json"
-        write_json(os.path.join(self.directory, control), self.control.controller.export_state(step))
-        snap = self.control.controller.snapshot()
-        write_json(os.path.join(self.directory, LATEST), {
-            "step": step, "weights": weights, "control": control, "run_id": snap.run_id,
-            "version": snap.version, "time": time.time()})
+        stem = f"ckpt-{step}"
+        weights, control = f"{stem}.weights.h5", f"{stem}.control.json"
+        tmp_weights, tmp_control = (os.path.join(self.directory, f"{_TMP}{os.getpid()}-{name}")
+                                    for name in (weights, control))
+        controller = self.control.controller
+        data = json.dumps({**controller.export_state(step), "lineage": self.lineage,
+                           "saved_time": time.time()}, allow_nan=True).encode()
+        renamed: list[str] = []
+        try:
+            self._check_space(len(data))
+            self.model.save_weights(tmp_weights)
+            _fsync_path(tmp_weights)
+            size = os.path.getsize(tmp_weights)
+            _write_bytes(tmp_control, data)
+            for tmp, name in ((tmp_weights, weights), (tmp_control, control)):
+                os.replace(tmp, os.path.join(self.directory, name))
+                renamed.append(name)
+            _fsync_path(self.directory)
+            snap = controller.snapshot()
+            write_json(os.path.join(self.directory, LATEST), {
+                "step": step, "weights": weights, "control": control, "run_id": snap.run_id,
+                "version": snap.version, "lineage": self.lineage, "time": time.time()})
+        except OSError as e:
+            _remove(tmp_weights, tmp_control, *(os.path.join(self.directory, name) for name in renamed
+                                                if name not in (self._pointed or ())))
+            self.failures += 1
+            error = f"{type(e).__name__}: {_one_line(e)}"
+            controller.checkpointed(None, error)
+            logger.error("checkpoint at step %d in %s failed (%d failure(s) so far): %s; the "
+                         "newest checkpoint is still %s; trying again at the next interval",
+                         step, self.directory, self.failures, error,
+                         self._pointed[0] if self._pointed else "none")
+            return None
+        self._pointed = (weights, control)
+        self._weights_size = size
         self.last_step = step
-        self._prune(step)
+        controller.checkpointed(step)
+        self._ours.pop(stem, None)
+        self._ours[stem] = next(self._recency)
+        self._prune()
         logger.info("checkpoint at step %d (version %d) in %s, %.2f s", step, snap.version,
                     self.directory, time.monotonic() - started)
         return step
 
-    def restore(self) -> Mapping[str, Any] | None:
-        """Resume from the newest checkpoint, if any: weights, optimizer (step, slots, lrctl's
+    def _check_space(self, control_bytes: int) -> None:
+        """Raise ENOSPC before a write that may not fit: the last weights file's size (or the
+        variables' bytes before the first) with a quarter more and a margin."""
+        expected = self._weights_size
+        if expected is None:
+            variables = [*self.model.weights, *self.model.optimizer.variables]
+            expected = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)
+        needed = expected + expected // 4 + control_bytes + _SPARE_BYTES
+        free = free_bytes(self.directory)
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free, "
+                          f"a checkpoint needs about {needed / 2**20:.1f} MiB)", self.directory)
+
+    def _prune(self) -> None:
+        """Keep this lineage's `keep` newest checkpoints and the one recovery used; remove
+        what a killed write left behind. Nothing else in the folder is touched."""
+        newest_first = sorted(self._ours, key=self._ours.__getitem__, reverse=True)
+        for stem in newest_first[self.keep:]:
+            if stem == self._resumed_from:
+                continue
+            try:
+                for suffix in (".weights.h5", ".control.json"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.directory, stem + suffix))
+            except OSError as e:
+                logger.warning("cannot prune %s in %s: %s", stem, self.directory, e)
+                continue
+            del self._ours[stem]
+        mine = f"{_TMP}{os.getpid()}-"
+        for name in os.listdir(self.directory):
+            # Another process's temporary file: a write a kill interrupted (ours are done).
+            if name.startswith(_TMP) and not name.startswith(mine):
+                _remove(os.path.join(self.directory, name))
+
+    # -- restoring ------------------------------------------------------------------------
+    def restore(self, *, fresh: bool = False) -> Mapping[str, Any] | None:
+        """Resume from the newest valid checkpoint: weights, optimizer (step, slots, lrctl's
         schedule and version) and the controller's state. Call after TrainingControl is
-        created and before training. Returns the control state restored, or None."""
-        pointer = latest(self.directory)
-        if pointer is None:
+        created and before training. Returns the control state restored, or None for a fresh
+        start: an empty folder, or `fresh=True` (a new lineage; the checkpoints already there
+        are left alone, never pruned by this run).
+
+        Raises CheckpointError if the folder holds a pointer or checkpoint files and none can
+        be resumed from. A damaged or missing pointer, or a damaged newest checkpoint, falls
+        back to the newest checkpoint that validates and loads, with a warning."""
+        pointer, pointer_problem = _read_pointer(self.directory)
+        found, strays = self._scan()
+        if strays:
+            logger.warning("ignoring files in %s that are not complete checkpoints: %s",
+                           self.directory, ", ".join(sorted(strays)))
+        if fresh:
+            if found or pointer is not None or pointer_problem:
+                logger.warning("starting a new run (lineage %s) in %s, which holds %d checkpoint(s) "
+                               "of earlier runs: they are left alone", self.lineage, self.directory,
+                               len(found))
             return None
+        if not found and pointer is None and not pointer_problem:
+            return None  # an empty folder (or strays only): a first start
+        newest_first = sorted(found.values(), key=lambda c: (c.saved, c.step), reverse=True)
+        problems = [pointer_problem or f"{LATEST} is missing"] if pointer is None else []
+        if pointer is not None:
+            stem = pointer["weights"].removesuffix(".weights.h5")
+            named = found.get(stem)
+            if named is None or pointer["control"] != f"{stem}.control.json":
+                problems.append(f"{LATEST} names {pointer['weights']} and {pointer['control']}, "
+                                "which are not a complete checkpoint")
+            else:
+                newest_first = [named, *(c for c in newest_first if c is not named)]
+        for candidate in newest_first:
+            if candidate.problem:
+                problems.append(candidate.problem)
+                continue
+            try:
+                state = self._load(candidate)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                problems.append(f"{candidate.stem}.weights.h5 cannot be loaded into this model "
+                                f"({_one_line(e)[:160]})")
+                continue
+            if problems:
+                logger.warning("in %s: %s; resuming from %s (step %d) instead", self.directory,
+                               "; ".join(problems), candidate.stem, candidate.step)
+            # The lineage goes on: its valid checkpoints are this run's to prune, oldest first.
+            # Checkpoints from before lineages existed ("") form one lineage of their own.
+            self.lineage = candidate.lineage or self.lineage
+            for c in reversed(newest_first):
+                if not c.problem and c.lineage == candidate.lineage:
+                    self._ours[c.stem] = next(self._recency)
+            return state
+        files = ", ".join(sorted([*(f"{c}.*" for c in found), *strays,
+                                  *([LATEST] if pointer is not None or pointer_problem else [])]))
+        raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from ({files}): "
+                              + "; ".join(problems or ["none is complete"]))
+
+    def _scan(self) -> tuple[dict[str, _Found], list[str]]:
+        """The complete pairs of checkpoint files, validated, and the files that are none."""
+        names = os.listdir(self.directory)
+        halves: dict[str, set[str]] = {}
+        for name in names:
+            if m := _NAME.match(name):
+                halves.setdefault(f"ckpt-{m.group(1)}", set()).add(name)
+        found: dict[str, _Found] = {}
+        strays: list[str] = []
+        for stem, present in halves.items():
+            if len(present) < 2:
+                strays.extend(present)  # e.g. a weights file with no control file
+                continue
+            weights, control = (os.path.join(self.directory, stem + s)
+                                for s in (".weights.h5", ".control.json"))
+            state, problem = _read_state(control)
+            problem = problem or _check_weights(weights)
+            try:
+                saved = float((state or {}).get("saved_time") or max(
+                    os.path.getmtime(weights), os.path.getmtime(control)))
+            except (OSError, TypeError, ValueError):
+                saved = 0.0
+            found[stem] = _Found(stem, int(stem.removeprefix("ckpt-")), state if not problem else None,
+                                 problem, saved)
+        return found, strays
+
+    def _load(self, candidate: _Found) -> dict[str, Any]:
+        assert candidate.state is not None
         optimizer = self.model.optimizer
         if not optimizer.built:  # Keras's load_weights skips an unbuilt optimizer's state
             optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(os.path.join(self.directory, pointer["weights"]))
-        with open(os.path.join(self.directory, pointer["control"]), encoding="utf-8") as f:
-            state: dict[str, Any] = json.load(f)
+        self.model.load_weights(os.path.join(self.directory, f"{candidate.stem}.weights.h5"))
+        state = candidate.state
         self.control.controller.import_state(state)
         self.control.resync()  # the engine and the JSON come from one boundary: a no-op
         self.control.publish(force=True)
-        self.last_step = int(pointer["step"])
+        self.last_step = candidate.step
+        self.control.controller.checkpointed(candidate.step)
+        self._resumed_from = candidate.stem
+        self._pointed = (f"{candidate.stem}.weights.h5", f"{candidate.stem}.control.json")
         logger.info("resumed from the checkpoint at step %d (run %s, version %d) in %s",
-                    self.last_step, state.get("run_id"), state["version"], self.directory)
+                    candidate.step, state.get("run_id"), state["version"], self.directory)
         return state
-
-    def _prune(self, newest: int) -> None:
-        steps = sorted({int(m.group(1)) for name in os.listdir(self.directory)
-                        if (m := _NAME.match(name))}, reverse=True)
-        keep = {*steps[:KEEP], newest}
-        for name in os.listdir(self.directory):
-            m = _NAME.match(name)
-            stale = name.startswith(".tmp-")  # a write a kill interrupted (ours are done)
-            if (m and int(m.group(1)) not in keep) or stale:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.directory, name))
 
 
 class _CheckpointCallback(keras.callbacks.Callback):
-    """Saves every `every` steps at a step boundary (batch begin, on the training thread). The
-    step is read only when the count of batches says a checkpoint may be due."""
+    """Saves every `every` steps at a step boundary (batch begin, on the training thread).
+    TrainingControl's step clock says when one may be due; the step is read only then."""
 
     async_safe = True
 
     def __init__(self, checkpointer: Checkpointer) -> None:
         super().__init__()
         self._checkpointer = checkpointer
-        self._bound = 0  # at most this many steps have completed
         self._next = 0
-        self._per_batch: int | None = 1
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
-        spe = getattr(self.model, "steps_per_execution", 1)
-        self._per_batch = spe if isinstance(spe, int) and spe > 0 else None
-        self._bound = self._checkpointer.control.step
-        self._next = self._after(self._bound)
+        self._next = self._after(self._checkpointer.control.step)
 
     def _after(self, step: int) -> int:
         every = self._checkpointer.every
         return step // every * every + every if every else 2**62
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        if self._per_batch is None or self._bound >= self._next:
-            step = self._bound = self._checkpointer.control.step
-            if step >= self._next:
-                self._checkpointer.save()
-                self._next = self._after(step)
-        self._bound += self._per_batch or 0
+        control = self._checkpointer.control
+        if control.reached(self._next):
+            step = control.step
+            self._checkpointer.save()  # a failure is retried at the next interval
+            self._next = self._after(step)
 
 
-__all__ = ["KEEP", "LATEST", "Checkpointer", "latest", "write_json"]
+__all__ = ["KEEP", "LATEST", "MIN_FREE_BYTES", "CheckpointError", "Checkpointer", "check_writable",
+           "free_bytes", "latest", "write_json"]

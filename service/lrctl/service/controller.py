@@ -268,6 +268,12 @@ class Snapshot:
     epoch_start_step: int | None = None
     #: How many engine evaluations clamped the LR into the guardrails' bounds (engine.py).
     lr_clamp_count: int = 0
+    #: Checkpoint writes that failed in this process (lrctl.service.checkpoint).
+    checkpoint_failures: int = 0
+    #: The error of the last checkpoint attempt if it failed; "" after a success or none yet.
+    checkpoint_error: str = ""
+    #: The step of the newest complete checkpoint written or resumed from; None: none yet.
+    checkpoint_step: int | None = None
 
 
 class ScheduleTarget(Protocol):
@@ -885,6 +891,18 @@ class Controller:
             changes.update(metrics={}, metrics_step=None, metrics_time=None)
         self._snapshot = dataclasses.replace(self._snapshot, seq=self._snapshot.seq + 1, **changes)
         self._cond.notify_all()
+
+    def checkpointed(self, step: int | None, error: str = "") -> None:
+        """Record a checkpoint attempt: `step` of a complete one (written or resumed from), or
+        None and the `error` of a write that failed (counted)."""
+        with self._cond:
+            snap = self._snapshot
+            if step is not None:
+                self._snapshot = dataclasses.replace(snap, checkpoint_step=step, checkpoint_error="")
+            else:
+                self._snapshot = dataclasses.replace(
+                    snap, checkpoint_failures=snap.checkpoint_failures + 1, checkpoint_error=error)
+            self._republish()
 
 
 def _check_request(request: ChangeRequest) -> None:

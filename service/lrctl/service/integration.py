@@ -338,9 +338,13 @@ class TrainingControl:
         self._last_publish = -float("inf")
         self._epoch = 0
         self._run_open = False  # inside training(): the run outlives a single fit()
-        # At most this many steps have completed (until the next boundary): lets the hot path
-        # skip reading the step, a device sync. Exact right after any read of `step`.
+        # The one step clock. At most this many steps will have completed at the next
+        # boundary: lets the hot path skip reading the step, a device sync. `_in_flight` is
+        # how many steps the batch announced by `before_batch` may still run; a read of `step`
+        # sets the bound to the step read plus those, so a read by another callback after the
+        # announcement (a checkpoint) never lowers it below the coming batch's end.
         self._step_ceiling: float = 0
+        self._in_flight: float = 0
         #: The divergence guard, None when off: then nothing is ever snapshotted.
         self.divergence = DivergenceGuard(revert_on_nan, optimizer, self.schedule) if revert_on_nan else None
         self._model = model
@@ -361,11 +365,12 @@ class TrainingControl:
     def step(self) -> int:
         """Completed optimizer steps. Reads a variable (a device sync): training thread only."""
         step = int(np.asarray(self.optimizer.iterations.numpy()))
-        self._step_ceiling = step
+        self._step_ceiling = step + self._in_flight
         return step
 
     def reached(self, step: int) -> bool:
-        """Whether `step` steps have completed. Reads the step only when it may have."""
+        """Whether `step` steps have completed. Reads the step only when the step clock says
+        it may have; never moves the clock's bound below what the coming batch may reach."""
         return self._step_ceiling >= step and self.step >= step
 
     def step_boundary(self, logs: Mapping[str, Any] | None = None) -> list[Change]:
@@ -428,6 +433,7 @@ class TrainingControl:
         The step is read only when a change may be due by the bound `_step_ceiling`, so an
         idle boundary costs one lock and no device sync. Inside a `revert_on_nan` window, the
         step and the loss are read at every boundary (a device sync each)."""
+        self._in_flight = 0  # the last batch has run: a read here is exact
         if self.divergence is not None and self.divergence.watching:
             self._watch(self._current_loss())
         if self.workers is not None:  # every worker reads the step: exchanges need it exactly
@@ -438,7 +444,8 @@ class TrainingControl:
         elif self.controller.at_boundary(self._step_ceiling):
             self._apply_due(self.step)
         self.publish(logs, logs_step=logs_step, logs_time=logs_time)
-        self._step_ceiling += steps if steps is not None else math.inf
+        self._in_flight = steps if steps is not None else math.inf
+        self._step_ceiling += self._in_flight
 
     def apply_pending(self) -> list[Change]:
         """Apply the changes that are due now (at a step boundary)."""
@@ -671,6 +678,7 @@ class TrainingControl:
 
     def begin(self) -> None:
         """Training starts (or resumes after a restore): sync with the engine's variables."""
+        self._in_flight = 0  # no batch announced yet: a read is exact
         self.resync()
         self.controller.set_phase(Phase.TRAINING)
         self.publish(force=True)
@@ -775,6 +783,7 @@ class _ControlCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._control.set_epoch(epoch)
+        self._control._in_flight = 0  # the last epoch's batches have run: the read is exact
         self._epoch_start = start = self._control.step  # one scalar read an epoch
         # Executions of steps_per_execution steps from the epoch's first step (Keras runs whole
         # executions, unless the data runs out: then the next epoch starts them again).

@@ -15,6 +15,8 @@ Exported (all prefixed `lrctl_`):
 - `lr_clamped_total`: engine evaluations that clamped the learning rate into the guardrails'
   bounds (or replaced a non-finite one); as last published, like the gauges. Nonzero means
   validation missed something;
+- `checkpoint_failures_total`: checkpoint writes that failed (a full or read-only disk),
+  from the controller's snapshot (training goes on; `GetState.checkpoint_error` says why);
 - `rpcs_total{method, code}`: every RPC the server answered (all services, refused ones
   included), by full method name and gRPC status code, from a server interceptor;
 - `apply_seconds`: a histogram of the time the training thread spent in
@@ -124,6 +126,8 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("lrctl_lr_clamped", "Learning-rate evaluations the engine clamped "
                                   "into the guardrails' bounds (nonzero: validation missed something)",
                                   value=snap.lr_clamp_count)
+        yield CounterMetricFamily("lrctl_checkpoint_failures", "Checkpoint writes that failed",
+                                  value=snap.checkpoint_failures)
 
 
 class _RpcCounter(grpc.ServerInterceptor):

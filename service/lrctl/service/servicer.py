@@ -229,8 +229,9 @@ def state_to_proto(snap: Snapshot,
         boundary_spacing=snap.boundaries.spacing if snap.boundaries else 0,
         boundary_origin_step=snap.boundaries.origin if snap.boundaries else 0,
         epoch_start_step=snap.epoch_start_step,
-
         lr_clamp_count=snap.lr_clamp_count,
+        checkpoint_failures=snap.checkpoint_failures, checkpoint_error=snap.checkpoint_error,
+        checkpoint_step=snap.checkpoint_step,
     )
 
 

@@ -150,12 +150,23 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                             help="checkpoint into DIR, and resume from its newest checkpoint at start")
     durability.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                             help="also checkpoint every STEPS optimizer steps (default: only on exit)")
+    durability.add_argument("--fresh", action="store_true",
+                            help="start a new run in --checkpoint-dir even though it holds "
+                            "checkpoints (they are left alone); without it, a folder whose "
+                            "checkpoints cannot be resumed from is refused")
+    durability.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
+                            help="keep this run's N newest checkpoints (and the one it resumed "
+                            "from) (default 2)")
     durability.add_argument("--no-memory-growth", action="store_true",
                             help="let TensorFlow take all GPU memory at start (default: grow as "
                             "needed, so another process can share the GPU)")
     args = parser.parse_args(argv)
     if args.checkpoint_every is not None and (args.checkpoint_every <= 0 or not args.checkpoint_dir):
         parser.error("--checkpoint-every needs --checkpoint-dir and a number of steps > 0")
+    if args.fresh and not args.checkpoint_dir:
+        parser.error("--fresh needs --checkpoint-dir")
+    if args.keep_checkpoints < 1:
+        parser.error(f"--keep-checkpoints must be at least 1; got {args.keep_checkpoints}")
     # -- end of checkpoints, shutdown and devices --
     return args
 
@@ -370,6 +381,21 @@ def _observe(args: argparse.Namespace, control: TrainingControl, stack: contextl
 # -- end of metrics and TensorBoard --
 
 
+def _check_locations(args: argparse.Namespace) -> None:
+    """Refuse a checkpoint folder or journal location that cannot be written (read-only, full)
+    before training starts, not at the first checkpoint hours later."""
+    from lrctl.service.checkpoint import CheckpointError, check_writable
+
+    folders = {"--checkpoint-dir": args.checkpoint_dir,
+               "--journal": os.path.dirname(os.path.abspath(args.journal)) if args.journal else None}
+    for flag, folder in folders.items():
+        if folder:
+            try:
+                check_writable(folder)
+            except CheckpointError as e:
+                raise _StartError(f"{flag}: {e}") from None
+
+
 def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
            security: dict[str, Any], limits: Guardrails) -> None:
     import tensorflow as tf
@@ -379,6 +405,7 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
     from lrctl.service.journal import Journal
     from lrctl.service.server import BindError, serve
 
+    _check_locations(args)
     _use_devices(args.no_memory_growth)
     model, data = demo.build() if args.demo else _load(args.model)
     try:
@@ -413,13 +440,17 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
     # -- checkpoints (issue #8): resume, then save every N steps and when fit returns --
     checkpoints = None
     if args.checkpoint_dir:
-        from lrctl.service.checkpoint import Checkpointer
+        from lrctl.service.checkpoint import Checkpointer, CheckpointError
 
         try:
-            checkpoints = Checkpointer(control, model, args.checkpoint_dir, every=args.checkpoint_every)
-            resumed = checkpoints.restore()
-        except (OSError, ValueError, KeyError) as e:  # unreadable, or another model's checkpoint
-            raise _StartError(f"cannot resume from {args.checkpoint_dir}: {e!r}") from None
+            checkpoints = Checkpointer(control, model, args.checkpoint_dir, every=args.checkpoint_every,
+                                       keep=args.keep_checkpoints)
+            resumed = checkpoints.restore(fresh=args.fresh)
+        except CheckpointError as e:
+            raise _StartError(f"{e}. Pass --fresh to start a new run there (its files are left "
+                              "alone), or choose another --checkpoint-dir") from None
+        except OSError as e:
+            raise _StartError(f"cannot resume from {args.checkpoint_dir}: {e}") from None
         if resumed is not None and journal is not None:
             snap = control.controller.snapshot()
             journal.record(event="resumed", checkpoint=args.checkpoint_dir, step=snap.step,
