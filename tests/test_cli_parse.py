@@ -21,7 +21,7 @@ def parse(*argv: str) -> object:
 
 
 #: The change options a command line leaves at their defaults, besides those a test names.
-UNSET = {"expected_run_id": "", "apply_after_steps": None}
+UNSET = {"expected_run_id": "", "expected_incarnation": "", "apply_after_steps": None}
 SWAP_UNSET = {**UNSET, "schedule_start_step": 0, "scale": None}
 
 

@@ -151,6 +151,7 @@ def _options(
     preview_steps: int,
     expected_run_id: str = "",
     apply_after_steps: int | None = None,
+    expected_incarnation: str = "",
 ) -> None:
     """Fill the options SetLearningRateRequest and SwapScheduleRequest share."""
     request.request_id = request_id if request_id is not None else uuid.uuid4().hex
@@ -164,6 +165,7 @@ def _options(
     request.force = force
     request.preview_steps = preview_steps
     request.expected_run_id = expected_run_id
+    request.expected_incarnation = expected_incarnation
     if apply_after_steps is not None:
         request.apply_after_steps = apply_after_steps
 
@@ -204,6 +206,7 @@ def set_learning_rate(
     timeout: float | None,
     expected_run_id: str = "",
     apply_after_steps: int | None = None,
+    expected_incarnation: str = "",
 ) -> Plan[pb.Change]:
     """`value` pins the LR (set_learning_rate); `factor` scales it (scale_learning_rate)."""
     if value is not None:
@@ -213,7 +216,7 @@ def set_learning_rate(
     else:
         raise ValueError("Give `value` or `factor`.")
     _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
-             force, preview_steps, expected_run_id, apply_after_steps)
+             force, preview_steps, expected_run_id, apply_after_steps, expected_incarnation)
     response = yield Call("SetLearningRate", request, timeout)
     return response.change  # type: ignore[no-any-return]
 
@@ -235,21 +238,23 @@ def swap_schedule(
     apply_after_steps: int | None = None,
     schedule_start_step: int = 0,
     scale: float | None = None,
+    expected_incarnation: str = "",
 ) -> Plan[pb.Change]:
     request = pb.SwapScheduleRequest(schedule=to_schedule(schedule), origin=origin_value(origin),
                                      schedule_start_step=schedule_start_step, scale=scale)
     _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
-             force, preview_steps, expected_run_id, apply_after_steps)
+             force, preview_steps, expected_run_id, apply_after_steps, expected_incarnation)
     response = yield Call("SwapSchedule", request, timeout)
     return response.change  # type: ignore[no-any-return]
 
 
 def cancel_change(
     *, request_id: str | None, version: int | None, reason: str, timeout: float | None,
-    expected_run_id: str = "",
+    expected_run_id: str = "", expected_incarnation: str = "",
 ) -> Plan[pb.Change]:
     _one_of(request_id, version)
-    request = pb.CancelChangeRequest(reason=reason, expected_run_id=expected_run_id)
+    request = pb.CancelChangeRequest(reason=reason, expected_run_id=expected_run_id,
+                                     expected_incarnation=expected_incarnation)
     if request_id is not None:
         request.request_id = request_id
     else:
@@ -361,13 +366,14 @@ Decision = Scale | Pin | Swap | None
 
 def _decided(
     decision: Scale | Pin | Swap, *, expected_version: int, reason: str, force: bool,
-    timeout: float | None, expected_run_id: str,
+    timeout: float | None, expected_run_id: str, expected_incarnation: str,
 ) -> Plan[pb.Change]:
     """Send `decision`, waiting until it is applied (or refused, aborted, cancelled)."""
     options: dict[str, Any] = {
         "apply_at_step": None, "expected_version": expected_version, "wait": True,
         "validate_only": False, "reason": reason, "request_id": None, "force": force,
         "preview_steps": 0, "timeout": timeout, "expected_run_id": expected_run_id,
+        "expected_incarnation": expected_incarnation,
     }
     if isinstance(decision, Scale):
         return (yield from set_learning_rate(factor=decision.factor, **options))
@@ -390,12 +396,16 @@ def update(
     timeout: float | None,
     expected_run_id: str,
     expected_version: int | None,
+    expected_incarnation: str = "",
 ) -> Plan[pb.Change | None]:
     """Read-modify-write: read the state, `decide(state)`, send the decision fenced by
     `expected_version=state.version` and wait for its outcome. If another change got in first
     (`VersionConflict` on arrival, or ABORTED at the step boundary), read the fresh state and
     decide again, up to `retries` more times, then raise the conflict. With `expected_version`,
-    the caller decided already on that version: any other version raises at once."""
+    the caller decided already on that version: any other version raises at once. The fences
+    (`expected_run_id`, `expected_incarnation`) go with every send, so with
+    `expected_incarnation` a decision is applied only by the process whose state it read: not
+    by another one, nor by its successor if the trainer restarts before the decision lands."""
     if retries < 0:
         raise ValueError(f"Argument `retries` must be >= 0. Received: retries={retries}")
     attempt = 0
@@ -413,7 +423,8 @@ def update(
         try:
             return (yield from _decided(
                 decision, expected_version=state.version, reason=reason, force=force,
-                timeout=timeout, expected_run_id=expected_run_id))
+                timeout=timeout, expected_run_id=expected_run_id,
+                expected_incarnation=expected_incarnation))
         except errors.VersionConflict:
             attempt += 1
             if expected_version is not None or attempt > retries:

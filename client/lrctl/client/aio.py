@@ -184,6 +184,7 @@ class TrainingControlClient:
         preview_steps: int = 0,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         apply_after_steps: int | None = None,
     ) -> pb.Change:
         """Pin the learning rate to `value` (resets the scale to 1)."""
@@ -192,6 +193,7 @@ class TrainingControlClient:
             wait=wait, validate_only=validate_only, reason=reason, request_id=request_id,
             force=force, preview_steps=preview_steps, timeout=timeout,
             expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
+            expected_incarnation=expected_incarnation,
         ))
 
     async def scale_learning_rate(
@@ -208,6 +210,7 @@ class TrainingControlClient:
         preview_steps: int = 0,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         apply_after_steps: int | None = None,
     ) -> pb.Change:
         """Multiply the active schedule by `factor` (cumulative)."""
@@ -216,6 +219,7 @@ class TrainingControlClient:
             wait=wait, validate_only=validate_only, reason=reason, request_id=request_id,
             force=force, preview_steps=preview_steps, timeout=timeout,
             expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
+            expected_incarnation=expected_incarnation,
         ))
 
     async def swap_schedule(
@@ -233,6 +237,7 @@ class TrainingControlClient:
         preview_steps: int = 0,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         apply_after_steps: int | None = None,
         schedule_start_step: int = 0,
         scale: float | None = None,
@@ -243,6 +248,7 @@ class TrainingControlClient:
             expected_version=expected_version, wait=wait, validate_only=validate_only,
             reason=reason, request_id=request_id, force=force, preview_steps=preview_steps,
             timeout=timeout, expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
+            expected_incarnation=expected_incarnation,
             schedule_start_step=schedule_start_step, scale=scale,
         ))
 
@@ -262,11 +268,12 @@ class TrainingControlClient:
         reason: str = "",
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
     ) -> pb.Change:
         """Cancel a pending change by `request_id` or `version`."""
         return await self._run(ops.cancel_change(
             request_id=request_id, version=version, reason=reason, timeout=timeout,
-            expected_run_id=expected_run_id,
+            expected_run_id=expected_run_id, expected_incarnation=expected_incarnation,
         ))
 
     async def list_changes(
@@ -304,6 +311,7 @@ class TrainingControlClient:
         force: bool = False,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         expected_version: int | None = None,
     ) -> pb.Change | None:
         """Read-modify-write: `decide(state)` returns Scale, Pin, Swap or None; sent fenced by
@@ -311,6 +319,7 @@ class TrainingControlClient:
         return await self._run(ops.update(
             decide, retries=retries, reason=reason, force=force, timeout=timeout,
             expected_run_id=expected_run_id, expected_version=expected_version,
+            expected_incarnation=expected_incarnation,
         ))
 
     async def update_learning_rate(
@@ -322,12 +331,14 @@ class TrainingControlClient:
         force: bool = False,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         expected_version: int | None = None,
     ) -> pb.Change:
         """`update` for the LR `fn(state)` wants now, as a scale of the active schedule."""
         change = await self.update(
             ops.relative_scale(fn), retries=retries, reason=reason, force=force,
             timeout=timeout, expected_run_id=expected_run_id, expected_version=expected_version,
+            expected_incarnation=expected_incarnation,
         )
         assert change is not None  # relative_scale always decides
         return change

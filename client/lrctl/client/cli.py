@@ -100,6 +100,7 @@ examples:
   lrctl set 0.1 --dry-run --preview-steps 5000
   lrctl state --at-step 20000
   lrctl scale 0.5 --expected-run-id run-7 --after-steps 100
+  lrctl set 0.01 --expected-incarnation 3f2a9c0e7b8d
   lrctl history --limit 5
   lrctl cancel 3f2a9c0e7b8d4e1fa2b3c4d5e6f70819 --reason "superseded"
   lrctl --token-file ~/.lrctl-token --ca ca.crt state
@@ -389,6 +390,13 @@ def _add_change_flags(
         "trainer or another job on the same address",
     )
     group.add_argument(
+        "--expected-incarnation",
+        metavar="ID",
+        default=default(""),
+        help="apply only in the trainer process with this incarnation (`lrctl state`; else "
+        "exit 5): fences a restart, a resume from a checkpoint included",
+    )
+    group.add_argument(
         "--expected-version",
         type=int,
         metavar="V",
@@ -507,6 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="cancel only in the run with this run id (else exit 5)",
     )
+    p.add_argument(
+        "--expected-incarnation",
+        metavar="ID",
+        default="",
+        help="cancel only in the trainer process with this incarnation (else exit 5)",
+    )
 
     p = command("history", "list changes, newest first (pending and finished)")
     p.add_argument(
@@ -599,8 +613,15 @@ def _action(change: pb.Change) -> str:
         return f"set lr {_fmt(change.set_learning_rate)}"
     if which == "scale":
         return f"scale x{_fmt(change.scale)}"
-    if which == "swap_schedule":
-        return "swap " + schedules.describe_schedule(change.swap_schedule)
+    if which == "swap_schedule":  # as the server describes it
+        origin = "global" if change.origin == pb.STEP_ORIGIN_GLOBAL else "restart"
+        extra = f" start_step={change.schedule_start_step}" if change.schedule_start_step else ""
+        extra += f" scale={_fmt(change.swap_scale)}" if change.HasField("swap_scale") else ""
+        return f"swap {schedules.describe_schedule(change.swap_schedule)} origin={origin}{extra}"
+    if which == "revert":
+        restored = change.revert
+        return (f"revert to {schedules.describe_schedule(restored.schedule)} "
+                f"origin_step={restored.schedule_origin_step} scale={_fmt(restored.scale)}")
     return "(no action)"
 
 
@@ -687,9 +708,10 @@ def render_preview(change: pb.Change) -> str:
 
 def describe_state(state: pb.TrainingState) -> str:
     """A multi-line human summary of a TrainingState."""
+    incarnation = f" (incarnation {state.incarnation})" if state.incarnation else ""
     lines = [
-        f"run_id:    {state.run_id or '-'}",
-        f"phase:     {pb.Phase.Name(state.phase).removeprefix('PHASE_')}",
+        f"run_id:    {state.run_id or '-'}{incarnation}",
+        f"phase:     {_phase(state.phase)}",
         f"step:      {state.step}",
         f"epoch:     {state.epoch}",
         f"lr:        {_fmt(state.learning_rate)}",
@@ -702,11 +724,25 @@ def describe_state(state: pb.TrainingState) -> str:
         + (", ".join(f"{k}={_fmt(v)}" for k, v in sorted(state.metrics.items())) or "-"),
         f"guardrails: {describe_guardrails(state.guardrails)}",
     ]
+    if state.boundary_spacing > 1:
+        lines.append(f"boundaries: changes apply every {state.boundary_spacing} steps "
+                     f"from step {state.boundary_origin_step}")
+    if state.lr_clamp_count:
+        lines.append(f"warning:   the engine clamped the learning rate into the guardrails "
+                     f"{state.lr_clamp_count} times: their validation missed something")
     lines.append(f"pending:   {len(state.pending_changes) or '-'}")
     lines.extend(f"  {_history_line(c)}" for c in state.pending_changes)
     lines.append(f"recent:    {len(state.recent_changes) or '-'}")
     lines.extend(f"  {describe_change(c)}" for c in state.recent_changes)
     return "\n".join(lines)
+
+
+#: `lrctl state`'s phase, where the name alone would not say what happens to pending changes.
+_PHASE_NOTES = {pb.PHASE_STOPPED: " (pending changes resume after a restart)"}
+
+
+def _phase(phase: pb.Phase.ValueType) -> str:
+    return pb.Phase.Name(phase).removeprefix("PHASE_") + _PHASE_NOTES.get(phase, "")
 
 
 def describe_guardrails(guardrails: pb.Guardrails) -> str:
@@ -752,6 +788,7 @@ def _change_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "force": args.force,
         "preview_steps": preview_steps,
         "expected_run_id": args.expected_run_id,
+        "expected_incarnation": args.expected_incarnation,
         "apply_after_steps": args.after_steps,
         # Made here, not by the client, so that a timed-out wait can say what to cancel.
         "request_id": uuid.uuid4().hex,
@@ -825,7 +862,7 @@ def _run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) -
     if args.command == "cancel":
         change = client.cancel_change(
             request_id=args.request_id, version=args.version, reason=args.reason,
-            expected_run_id=args.expected_run_id,
+            expected_run_id=args.expected_run_id, expected_incarnation=args.expected_incarnation,
         )
         _print(out, args, change, describe_change(change))
         return EXIT_OK

@@ -217,6 +217,7 @@ class TrainingControlClient:
         preview_steps: int = 0,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         apply_after_steps: int | None = None,
     ) -> pb.Change:
         """Pin the learning rate to `value` (resets the scale to 1).
@@ -239,6 +240,10 @@ class TrainingControlClient:
             timeout: RPC deadline in seconds; `None` uses the client default.
             expected_run_id: fencing; refuse (`FailedPrecondition`, reason RUN_ID_MISMATCH,
                 metadata current_run_id) unless the run id is this; "": no check.
+            expected_incarnation: fencing on the trainer process (`TrainingState.incarnation`,
+                new at every start, a resume from a checkpoint included); refuse
+                (`FailedPrecondition`, reason INCARNATION_MISMATCH, metadata
+                current_incarnation) unless it is this; "": no check.
             apply_after_steps: apply N steps after the first step boundary after the
                 server accepts the change; exclusive with `apply_at_step`.
 
@@ -250,6 +255,7 @@ class TrainingControlClient:
             validate_only=validate_only, reason=reason, request_id=request_id, force=force,
             preview_steps=preview_steps, timeout=timeout,
             expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
+            expected_incarnation=expected_incarnation,
         ))
 
     def scale_learning_rate(
@@ -266,6 +272,7 @@ class TrainingControlClient:
         preview_steps: int = 0,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         apply_after_steps: int | None = None,
     ) -> pb.Change:
         """Multiply the active schedule by `factor` (cumulative with earlier scales).
@@ -277,6 +284,7 @@ class TrainingControlClient:
             validate_only=validate_only, reason=reason, request_id=request_id, force=force,
             preview_steps=preview_steps, timeout=timeout,
             expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
+            expected_incarnation=expected_incarnation,
         ))
 
     def swap_schedule(
@@ -294,6 +302,7 @@ class TrainingControlClient:
         preview_steps: int = 0,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         apply_after_steps: int | None = None,
         schedule_start_step: int = 0,
         scale: float | None = None,
@@ -320,6 +329,7 @@ class TrainingControlClient:
             validate_only=validate_only, reason=reason, request_id=request_id, force=force,
             preview_steps=preview_steps, timeout=timeout,
             expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
+            expected_incarnation=expected_incarnation,
             schedule_start_step=schedule_start_step, scale=scale,
         ))
 
@@ -348,6 +358,7 @@ class TrainingControlClient:
         reason: str = "",
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
     ) -> pb.Change:
         """Cancel a pending change, named by the `request_id` it was sent with (every change
         this client sends has one: `Change.request_id`). Returns the CANCELLED `Change`.
@@ -357,7 +368,7 @@ class TrainingControlClient:
         """
         return self._run(ops.cancel_change(
             request_id=request_id, version=version, reason=reason, timeout=timeout,
-            expected_run_id=expected_run_id,
+            expected_run_id=expected_run_id, expected_incarnation=expected_incarnation,
         ))
 
     def list_changes(
@@ -405,6 +416,7 @@ class TrainingControlClient:
         force: bool = False,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         expected_version: int | None = None,
     ) -> pb.Change | None:
         """Read-modify-write: read the state, call `decide(state)`, and send what it returns,
@@ -419,6 +431,10 @@ class TrainingControlClient:
         Args:
             expected_run_id: fencing, as for `set_learning_rate` (`FailedPrecondition` on
                 another run); "": no check.
+            expected_incarnation: fencing on the trainer process, as for `set_learning_rate`:
+                the change lands only in the process with this incarnation, never in a
+                successor that restarted (a resume included) after the state was read;
+                "": no check.
             expected_version: you decided on this version already: a state at another version
                 raises `VersionConflict` at once, with no new decision. `None`: any version.
             timeout: each RPC's deadline, the wait for the outcome included
@@ -427,6 +443,7 @@ class TrainingControlClient:
         return self._run(ops.update(
             decide, retries=retries, reason=reason, force=force, timeout=timeout,
             expected_run_id=expected_run_id, expected_version=expected_version,
+            expected_incarnation=expected_incarnation,
         ))
 
     def update_learning_rate(
@@ -438,6 +455,7 @@ class TrainingControlClient:
         force: bool = False,
         timeout: float | None = None,
         expected_run_id: str = "",
+        expected_incarnation: str = "",
         expected_version: int | None = None,
     ) -> pb.Change:
         """`update` for the learning rate `fn(state)` wants now, sent as a scale of the active
@@ -450,6 +468,7 @@ class TrainingControlClient:
         change = self.update(
             ops.relative_scale(fn), retries=retries, reason=reason, force=force,
             timeout=timeout, expected_run_id=expected_run_id, expected_version=expected_version,
+            expected_incarnation=expected_incarnation,
         )
         assert change is not None  # relative_scale always decides
         return change

@@ -108,7 +108,9 @@ class VersionConflict(LrctlError):
 
 class FailedPrecondition(LrctlError):
     """FAILED_PRECONDITION: e.g. `apply_at_step` may already have passed, the change was
-    cancelled, or training has ended."""
+    cancelled, or training has ended. A fence that did not hold sets `reason`
+    "RUN_ID_MISMATCH" (`metadata["current_run_id"]`) or "INCARNATION_MISMATCH" (the trainer
+    process restarted: `metadata["current_incarnation"]`)."""
 
 
 class DeadlineExceeded(LrctlError):
