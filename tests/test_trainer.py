@@ -90,7 +90,7 @@ def test_demo_trainer_takes_a_change_and_exits_promptly_on_sigterm(
         run.process.kill()
     assert returncode == 0, run.stderr
     assert f"v1 step {change.applied_step}: lr 0.001 -> 0.05  set lr=0.05 (from the test)" in run.stderr
-    stopped = run.when("finished at step")
+    stopped = run.when("stopped at step")  # SIGTERM: PHASE_STOPPED, not a completed run
     print(f"SIGTERM to exit {exited - sent:.1f} s, training stopped to exit {exited - stopped:.1f} s")
 
 
