@@ -19,7 +19,8 @@ With `model.fit`:
     checkpoints.restore()            # resumes if "ckpts" holds a checkpoint
     model.fit(..., callbacks=[control.callback, checkpoints.callback])
 
-Not restored: the input pipeline's position (a dataset starts over) and fit's epoch count.
+Not restored: the input pipeline's position (a dataset starts over). The epochs completed are
+`control.controller.epochs_done`: pass them to `fit` as `initial_epoch` (lrctl-trainer does).
 """
 
 from __future__ import annotations
