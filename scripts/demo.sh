@@ -29,8 +29,8 @@ lrctl-trainer --demo --listen "$LRCTL_TARGET" --run-id "$RUN_ID" --verbose 0 \
 trainer=$!
 watcher=""
 trap 'kill $watcher $trainer 2>/dev/null || true; rm -rf "$run_dir"' EXIT
-until lrctl health >/dev/null 2>&1; do
-  kill -0 $trainer 2>/dev/null || { echo "the demo trainer exited before serving" >&2; exit 1; }
+until lrctl health --service lrctl.v1.TrainingControlService >/dev/null 2>&1; do  # training
+  kill -0 $trainer 2>/dev/null || { echo "the demo trainer exited before training" >&2; exit 1; }
   sleep 0.5
 done
 fence=(--expected-run-id "$RUN_ID")

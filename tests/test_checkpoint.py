@@ -17,7 +17,7 @@ import grpc
 import pytest
 from fakes import MemoryTarget
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_trainer import LIMIT, _Trainer
+from test_trainer import GATED_TASK, LIMIT, _Trainer
 
 from lrctl.client import FailedPrecondition, TrainingControlClient, Unavailable, pb
 from lrctl.service import specs
@@ -157,6 +157,7 @@ def test_kill_9_then_restart_resumes_lr_schedule_version_step_and_dedup(
 
     again = _Trainer(*args, env=subprocess_env)
     try:
+        again.wait_until_training()  # it serves (STARTING) before it resumes
         assert f"resumed from the checkpoint at step {pointer['step']} " in again.stderr
         with TrainingControlClient(again.target, timeout=LIMIT) as client:
             state = client.get_state()
@@ -168,7 +169,6 @@ def test_kill_9_then_restart_resumes_lr_schedule_version_step_and_dedup(
                 before.schedule, before.schedule_origin_step, before.scale) and state.scale == 0.5
             assert [c.request_id for c in state.pending_changes] == ["later"]
             assert [c.request_id for c in state.recent_changes] == ["pin-1", "swap-2", "scale-3"]
-            again.wait_until_training()
             # A retry from before the kill returns the old record and applies nothing, whatever
             # its fences say: the ledger answers before any fence.
             stub = pb_grpc.TrainingControlServiceStub(client.channel)
@@ -321,3 +321,58 @@ def test_apply_at_step_lands_exactly_at_its_step_with_checkpoints_every_few_step
     used = {s0: round(lr, 6) for s0, _, lr in recorder.executions()}
     assert {at: used[at] for at in rates} == {at: round(lr, 6) for at, lr in rates.items()}
     assert checkpoints.last_step == 21  # boundaries 3, 6, ..., 21 of 24 steps
+
+
+# --- --steps and --epochs are the run's totals (issue 15) ---
+
+
+def test_a_restart_whose_steps_are_done_exits_at_once_and_saves_nothing(
+    tmp_path: Path, subprocess_env: dict[str, str],
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = ("--demo", "--checkpoint-dir", str(ckpt), "--steps", "30")
+    assert _Trainer(*args, env=subprocess_env).wait() == 0
+    pointer = _pointer(ckpt)
+    assert pointer is not None and pointer["step"] == 30
+    files = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.iterdir() if p.suffix != ".jsonl")
+
+    again = _Trainer(*args, env=subprocess_env)
+    assert again.wait() == 0, again.stderr
+    assert "already at step 30, the --steps 30 asked for; nothing to train" in again.stderr
+    assert _pointer(ckpt) == pointer  # no step trained, no checkpoint written
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.iterdir() if p.suffix != ".jsonl") == files
+
+
+def test_epochs_count_the_whole_run_and_a_resume_continues_the_epoch(
+    tmp_path: Path, subprocess_env: dict[str, str],
+) -> None:
+    (tmp_path / "gated_task.py").write_text(GATED_TASK)  # 64 rows, batches of 32: 2 steps an epoch
+    (tmp_path / "go").touch()
+    ckpt = tmp_path / "ckpt"
+    args = ("--model", "gated_task:build", "--checkpoint-dir", str(ckpt))
+    assert _Trainer(*args, "--epochs", "2", cwd=tmp_path, env=subprocess_env).wait() == 0
+    pointer = _pointer(ckpt)
+    assert pointer is not None and pointer["step"] == 4
+    assert json.loads((ckpt / pointer["control"]).read_text())["epoch"] == 2  # epochs completed
+
+    (tmp_path / "go").unlink()  # held in its start until the watch below is open
+    again = _Trainer(*args, "--epochs", "3", cwd=tmp_path, env=subprocess_env)
+    try:
+        with TrainingControlClient(again.target, timeout=LIMIT) as client, \
+                client.watch(0.001, timeout=LIMIT) as updates:
+            states = iter(updates)
+            assert next(states).phase == pb.PHASE_STARTING
+            (tmp_path / "go").touch()
+            seen = [(s.phase, s.epoch, s.step) for s in states]  # until the run ends
+    finally:
+        assert again.wait() == 0, again.stderr
+    assert seen[-1] == (pb.PHASE_FINISHED, 2, 6), seen  # one more epoch: epoch 2, steps 4 to 6
+    assert all(epoch == 2 for phase, epoch, _ in seen if phase != pb.PHASE_STARTING), seen
+    pointer = _pointer(ckpt)
+    assert pointer is not None and pointer["step"] == 6
+    assert json.loads((ckpt / pointer["control"]).read_text())["epoch"] == 3
+
+    done = _Trainer(*args, "--epochs", "3", cwd=tmp_path, env=subprocess_env)
+    assert done.wait() == 0, done.stderr
+    assert "already 3 epochs done, the --epochs 3 asked for; nothing to train" in done.stderr
+    assert _pointer(ckpt) == pointer

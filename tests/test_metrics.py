@@ -103,6 +103,33 @@ def test_scrape_shows_the_lr_change_change_counts_and_rpc_counts() -> None:
                   code="UNAUTHENTICATED") == 1
 
 
+def test_metrics_of_a_starting_trainer_then_of_the_controller_bound_later() -> None:
+    from fakes import MemoryTarget
+
+    from lrctl.client import pb
+    from lrctl.service import specs
+    from lrctl.service.controller import ChangeRequest, Controller, PinLearningRate
+    from lrctl.service.servicer import ControllerSlot
+
+    slot = ControllerSlot(run_id="r", incarnation="i")
+    metrics = TrainingMetrics(slot)
+    with serve(slot, "127.0.0.1:0", extra_interceptors=[metrics.interceptor]) as (_, port), \
+            metrics.serving("127.0.0.1", 0) as metrics_port, \
+            TrainingControlClient(f"127.0.0.1:{port}", timeout=30) as client:
+        assert client.get_state().phase == pb.PHASE_STARTING
+        text = _scrape(metrics_port)
+        assert _value(text, "lrctl_phase", phase="starting") == 1
+        assert _value(text, "lrctl_rpcs_total", method=f"{SERVICE}/GetState", code="OK") == 1
+        assert "lrctl_step " not in text  # no state before the controller exists
+        controller = Controller(MemoryTarget(specs.ActiveSchedule(specs.Constant(0.1))))
+        slot.bind(controller)
+        controller.submit(ChangeRequest(PinLearningRate(0.2)))
+        controller.apply_due(3)
+        text = _scrape(metrics_port)
+        assert _value(text, "lrctl_schedule_version") == 1 and _value(text, "lrctl_step") == 3
+        assert _value(text, "lrctl_apply_seconds_count") == 1  # its observer was added at bind
+
+
 def test_metrics_address_and_flags() -> None:
     assert split_address("0.0.0.0:9100") == ("0.0.0.0", 9100)
     assert split_address("[::1]:0") == ("::1", 0)

@@ -332,3 +332,62 @@ def test_a_port_in_use_fails_at_once_before_tensorflow_loads(subprocess_env: dic
     assert result.stdout.split("\n")[0] == "3 []", (result.stdout, result.stderr)
     assert _error_lines(result.stderr) == [
         f"lrctl-trainer: error: {address} is already in use: is another trainer running?"]
+
+
+# --- starting is visible (issue 15) ---
+
+GATED_TASK = """
+import os, time
+import keras, numpy as np
+
+def build():
+    # Holds the trainer in its start (TensorFlow loaded, no model yet) until the test says go.
+    deadline = time.monotonic() + 120
+    while not os.path.exists("go"):
+        assert time.monotonic() < deadline, "the test never said go"
+        time.sleep(0.01)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    x = np.ones((64, 3), "float32")
+    return model, (x, x.sum(axis=1, keepdims=True))
+"""
+
+
+def test_a_starting_trainer_answers_starting_then_trains(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    from lrctl.client import Unavailable
+
+    (tmp_path / "gated_task.py").write_text(GATED_TASK)
+    run = _Trainer("--model", "gated_task:build", cwd=tmp_path, env=subprocess_env)
+    readiness = "lrctl.v1.TrainingControlService"
+    try:
+        with TrainingControlClient(run.target, timeout=LIMIT) as client:
+            # The model cannot exist before "go": every answer here is the start's.
+            first = client.get_state()
+            assert first.phase == pb.PHASE_STARTING and first.run_id and first.incarnation, first
+            assert (client.health(), client.health(readiness)) == ("SERVING", "NOT_SERVING")
+            with pytest.raises(Unavailable, match="the trainer is starting") as refused:
+                client.set_learning_rate(0.05)
+            assert refused.value.reason == "STARTING"
+            with pytest.raises(Unavailable, match="the trainer is starting"):
+                client.list_changes()
+            with client.watch(0.01) as updates:
+                states = iter(updates)
+                assert next(states).phase == pb.PHASE_STARTING  # then it waits for the run
+                (tmp_path / "go").touch()
+                phases = [next(states).phase]
+                while phases[-1] != pb.PHASE_TRAINING:
+                    phases.append(next(states).phase)
+            assert set(phases) <= {pb.PHASE_STARTING, pb.PHASE_TRAINING}, phases
+            # Training: the same process and run, and everything works as before.
+            state = client.get_state()
+            assert (state.run_id, state.incarnation) == (first.run_id, first.incarnation)
+            assert client.health(readiness) == "SERVING"
+            change = client.set_learning_rate(0.05, wait=True, reason="after the start")
+            assert change.status == pb.CHANGE_STATUS_APPLIED
+            assert [c.request_id for c in client.list_changes().changes] == [change.request_id]
+    finally:
+        run.process.send_signal(signal.SIGTERM)
+        assert run.wait() == 0, run.stderr
+    assert run.stderr.index("control server on port") < run.stderr.index("training on ")  # before TensorFlow

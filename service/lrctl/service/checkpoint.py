@@ -32,7 +32,8 @@ With `model.fit`:
     checkpoints.restore()            # resumes if "ckpts" holds a checkpoint
     model.fit(..., callbacks=[control.callback, checkpoints.callback])
 
-Not restored: the input pipeline's position (a dataset starts over) and fit's epoch count.
+Not restored: the input pipeline's position (a dataset starts over). The epochs completed are
+`control.controller.epochs_done`: pass them to `fit` as `initial_epoch` (lrctl-trainer does).
 """
 
 from __future__ import annotations
@@ -56,15 +57,16 @@ import keras
 import numpy as np
 
 from lrctl.service.controller import STATE_FORMAT
+from lrctl.service.disk import MIN_FREE_BYTES, CheckpointError, check_writable, free_bytes
+from lrctl.service.disk import fsync_path as _fsync_path
+from lrctl.service.disk import remove as _remove
+from lrctl.service.disk import write_bytes as _write_bytes
 from lrctl.service.integration import TrainingControl
 
 logger = logging.getLogger("lrctl.checkpoint")
 
 LATEST = "latest.json"
 KEEP = 2
-#: Free space a checkpoint folder must have at start-up (a run that cannot write even one
-#: small checkpoint is refused before it trains for hours).
-MIN_FREE_BYTES = 16 * 2**20
 #: Headroom on top of a checkpoint's expected size before a write is attempted: h5py crashes
 #: the process (SIGSEGV) when the disk fills under it, so a write that may not fit is refused.
 _SPARE_BYTES = 2**20
@@ -72,32 +74,6 @@ _NAME = re.compile(r"^ckpt-(\d+)\.(weights\.h5|control\.json)$")
 _TMP = ".tmp-"
 #: What `Controller.import_state` reads from a control file.
 _STATE_KEYS = ("format", "step", "version", "schedule", "next_id", "pending", "finished", "history")
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder cannot be used: nothing in it can be resumed from, or it cannot be
-    written. The message is one line naming the folder and the files."""
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(*paths: str) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):  # cleanup after a failure: the failure is reported
-            os.remove(path)
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_json(path: str, data: Any) -> None:
@@ -113,31 +89,6 @@ def write_json(path: str, data: Any) -> None:
         _remove(tmp)
         raise
     _fsync_path(folder)
-
-
-def free_bytes(directory: str) -> int:
-    """Bytes an unprivileged writer may still use on `directory`'s file system."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
-
-
-def check_writable(directory: str | os.PathLike[str], *, min_free: int = MIN_FREE_BYTES) -> None:
-    """Refuse a folder that cannot take a checkpoint (or a journal): create it if missing,
-    write, fsync and remove a probe file, and ask for `min_free` bytes free. Raises
-    CheckpointError with one line naming the folder."""
-    directory = os.fspath(directory)
-    probe = os.path.join(directory, f"{_TMP}{os.getpid()}-probe")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        _write_bytes(probe, b"lrctl")
-        os.remove(probe)
-        free = free_bytes(directory)
-    except OSError as e:
-        _remove(probe)
-        raise CheckpointError(f"{directory} is not writable: {e.strerror or e}") from None
-    if free < min_free:
-        raise CheckpointError(f"{directory} has {free / 2**20:.1f} MiB free; at least "
-                              f"{min_free / 2**20:.0f} MiB are needed")
 
 
 def _one_line(text: object) -> str:

@@ -295,7 +295,10 @@ class Controller:
         history_size: int = 100,
         guardrails: Guardrails = NO_GUARDRAILS,
         clock: Callable[[], float] = time.time,
+        incarnation: str | None = None,
     ) -> None:
+        """`incarnation`: this process's (None: draw one), when it was drawn before the
+        controller existed (lrctl-trainer serves before it builds the model)."""
         self._target = target
         self._clock = clock
         self.guardrails = guardrails
@@ -329,11 +332,12 @@ class Controller:
         self._boundary_step: float = -math.inf
         self._shutting_down = False  # set by shut_down(): every new change gets UNAVAILABLE
         self._changed_step = -1  # the applied_step of the last applied change (-1: none)
+        self._epochs_done = 0  # epochs `fit` ran to their end: where a resume starts (Keras's initial_epoch)
         self._throughput = Throughput()
         # A run id given by the caller names the run; a drawn one yields to a checkpoint's.
         self._run_id_given = run_id is not None
         self._snapshot = Snapshot(
-            incarnation=uuid.uuid4().hex[:12],
+            incarnation=incarnation or uuid.uuid4().hex[:12],
             run_id=run_id or uuid.uuid4().hex[:12], phase=Phase.STARTING, step=0, epoch=0,
             learning_rate=math.nan, schedule=self._state, version=self._version, metrics={},
             optimizer=optimizer, pending=(), recent=(), updated_time=clock(), guardrails=guardrails,
@@ -452,7 +456,10 @@ class Controller:
         published, which may lag the boundary): the schedule and version in force,
         the pending changes, and every remembered finished record (the dedup window, in the
         order they finished; the history is its newest `history_size`). `import_state` in a
-        new process puts it back: a retry of any of these request ids returns its record."""
+        new process puts it back: a retry of any of these request ids returns its record.
+        "epoch" is the number of epochs completed (`complete_epoch`), which is what `fit`'s
+        `initial_epoch` takes to resume: an epoch cut short runs again from its start, as
+        with Keras's BackupAndRestore (the input pipeline starts over anyway)."""
         with self._cond:
             snap = self._snapshot
             history_ids = [c.id for c in self._history]
@@ -462,7 +469,7 @@ class Controller:
             older = [c for c in self._history if c.id not in known]
             return {
                 "format": STATE_FORMAT, "run_id": snap.run_id, "step": snap.step if step is None else step,
-                "epoch": snap.epoch,
+                "epoch": self._epochs_done,
                 "version": self._version, "schedule": _schedule_json(self._state),
                 "next_id": max([0, *self._pending, *self._finished, *history_ids]) + 1,
                 "pending": [_change_json(c) for c in self._pending.values()],
@@ -501,6 +508,7 @@ class Controller:
             self._history.clear()
             self._history.extend(history)
             step = int(data["step"])
+            self._epochs_done = int(data.get("epoch", 0))
             self._boundary_step = max(self._boundary_step, step)
             # A resumed run is the same run: it keeps its id (unless the caller named one).
             run_id = self._snapshot.run_id if self._run_id_given else str(data.get("run_id") or
@@ -777,6 +785,17 @@ class Controller:
                 changes["epoch_start_step"] = epoch_start_step
             self._snapshot = dataclasses.replace(self._snapshot, **changes)
             self._republish()
+
+    def complete_epoch(self, epoch: int) -> None:
+        """Epoch `epoch` (0-based) ran all its steps (training thread): a resume from a
+        checkpoint taken from now on starts at the next one."""
+        with self._cond:
+            self._epochs_done = epoch + 1
+
+    @property
+    def epochs_done(self) -> int:
+        """Epochs completed, counting those before a resume: `fit`'s `initial_epoch`."""
+        return self._epochs_done
 
     def set_workers(self, workers: tuple[WorkerState, ...]) -> None:
         """Record what the last exchange said about each worker of a multi-worker job."""

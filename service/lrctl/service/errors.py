@@ -82,13 +82,15 @@ class ApplyError(Exception):
 
 
 class UnavailableError(FailedPreconditionError):
-    """The trainer is shutting down (SIGTERM/SIGINT): it takes no more changes. UNAVAILABLE, not
-    FAILED_PRECONDITION, because the condition is transient: a retry with the same request_id
-    after the restart (which resumes the checkpointed state) is the right reaction. A subclass,
-    so in-process callers that catch FailedPreconditionError keep working."""
+    """The trainer takes no changes now: it is shutting down (SIGTERM/SIGINT; `reason`
+    SHUTTING_DOWN) or still starting (STARTING). UNAVAILABLE, not FAILED_PRECONDITION, because
+    the condition is transient: a retry with the same request_id once it has (re)started is the
+    right reaction. A subclass, so in-process callers that catch FailedPreconditionError keep
+    working. `reason` is the google.rpc.ErrorInfo reason."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, kind="SHUTDOWN")
+    def __init__(self, message: str, reason: str = "SHUTTING_DOWN") -> None:
+        self.reason = reason
+        super().__init__(message, kind="STARTUP" if reason == "STARTING" else "SHUTDOWN")
 
 
 class RunIdMismatchError(FailedPreconditionError):

@@ -285,7 +285,8 @@ class TrainingControl:
                  model: keras.Model | None = None,
                  variables: Sequence[keras.Variable] | None = None,
                  strategy: tf.distribute.Strategy | None = None, sync_every: int = 1,
-                 initial_schedule: specs.ScheduleSpec | None = None) -> None:
+                 initial_schedule: specs.ScheduleSpec | None = None,
+                 incarnation: str | None = None) -> None:
         """`revert_on_nan=K` (opt-in; None or 0: off) undoes a change if the loss becomes NaN or
         Inf within K steps after it: at the next step boundary, the weights and the optimizer's
         slots go back to what they were just before the change's first step, the previous
@@ -316,7 +317,8 @@ class TrainingControl:
         boundaries only. Every worker must call `step_boundary` at every step.
 
         `initial_schedule` replaces the optimizer's learning rate as version 0, the state the
-        run starts from (lrctl-trainer's --learning-rate and --schedule).
+        run starts from (lrctl-trainer's --learning-rate and --schedule). `incarnation`: the
+        process's, if drawn already (None: the controller draws one).
         """
         self.optimizer = optimizer
         self.schedule = attach(optimizer)
@@ -331,12 +333,13 @@ class TrainingControl:
                              "restores one worker's weights; restore a checkpoint on all instead")
         guardrails = dataclasses.replace(guardrails, revert_on_nan_steps=revert_on_nan or 0)
         self.controller = Controller(self._target, run_id=run_id, optimizer=type(optimizer).__name__,
-                                     history_size=history_size, guardrails=guardrails)
+                                     history_size=history_size, guardrails=guardrails,
+                                     incarnation=incarnation)
         self.schedule.set_bounds(guardrails.min_learning_rate, guardrails.max_learning_rate)
         self._publish_interval = publish_interval
         self._stop_asked = self._stop_agreed = False
         self._last_publish = -float("inf")
-        self._epoch = 0
+        self._epoch: int | None = None  # None: keep the controller's (0, or a resumed run's)
         self._run_open = False  # inside training(): the run outlives a single fit()
         # The one step clock. At most this many steps will have completed at the next
         # boundary: lets the hot path skip reading the step, a device sync. `_in_flight` is
@@ -769,6 +772,7 @@ class _ControlCallback(keras.callbacks.Callback):
         # The last train batch's logs, the step after it and when it ended; or None.
         self._last: tuple[Mapping[str, Any] | None, int | None, float] | None = None
         self._epoch_start: int | None = None  # the step when the current epoch began
+        self._batches = 0  # steps of the current epoch run so far (the last batch end's count)
         self._steps_per_batch: int | None = None  # steps one train batch call may run
         self._watch: _FitWatch | None = None
 
@@ -784,6 +788,7 @@ class _ControlCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._control.set_epoch(epoch)
         self._control._in_flight = 0  # the last epoch's batches have run: the read is exact
+        self._batches = 0
         self._epoch_start = start = self._control.step  # one scalar read an epoch
         # Executions of steps_per_execution steps from the epoch's first step (Keras runs whole
         # executions, unless the data runs out: then the next epoch starts them again).
@@ -797,6 +802,11 @@ class _ControlCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         # On the training thread (Keras runs epoch hooks there, after the batch-end ones).
+        # Complete: all its steps ran (or, their number unknown, its data ran out, not a stop).
+        steps = (self.params or {}).get("steps")
+        complete = self._batches >= steps if isinstance(steps, int) else not self.model.stop_training
+        if complete:
+            self._control.controller.complete_epoch(epoch)
         self._control.epoch_end(logs)
         self._control.publish_epoch(epoch, logs)
 
@@ -809,6 +819,7 @@ class _ControlCallback(keras.callbacks.Callback):
         # without a device sync. One reference swap: safe from Keras's helper thread.
         start = self._epoch_start
         self._last = (logs, None if start is None else start + batch + 1, time.time())
+        self._batches = batch + 1
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._watch is not None:

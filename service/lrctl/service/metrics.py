@@ -9,7 +9,8 @@ Exported (all prefixed `lrctl_`):
 
 - `step`, `epoch`, `learning_rate`, `learning_rate_scale`, `schedule_version`,
   `pending_changes`, `phase{phase}` (1 for the current phase): read from the controller's
-  snapshot at scrape time, so a scrape costs one lock and never touches TensorFlow;
+  snapshot at scrape time, so a scrape costs one lock and never touches TensorFlow. Given a
+  ControllerSlot not bound yet (the trainer is starting), only `phase{phase="starting"}` is 1;
 - `changes_total{status}`: finished changes by status (applied, aborted, cancelled, failed,
   validated), counted exactly by the controller;
 - `lr_clamped_total`: engine evaluations that clamped the learning rate into the guardrails'
@@ -37,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from lrctl.service.controller import ChangeStatus, Controller, Phase
+from lrctl.service.servicer import ControllerSlot
 
 #: Distinct `method` label values at most; further ones (a scanner's garbage) count as "other".
 MAX_METHODS = 64
@@ -45,10 +47,12 @@ _APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 
 class TrainingMetrics:
-    """The metrics of one controller, in a registry of their own (`registry`)."""
+    """The metrics of one controller, in a registry of their own (`registry`). Given a
+    ControllerSlot, the RPC counter works from the start, the rest once it is bound."""
 
-    def __init__(self, controller: Controller, registry: CollectorRegistry | None = None) -> None:
-        self.controller = controller
+    def __init__(self, controller: Controller | ControllerSlot,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.slot = controller if isinstance(controller, ControllerSlot) else ControllerSlot(controller)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.rpcs = Counter("lrctl_rpcs", "RPCs answered, by method and gRPC status code",
                             ["method", "code"], registry=self.registry)
@@ -59,10 +63,16 @@ class TrainingMetrics:
         self._lock = threading.Lock()
         self._methods: set[str] = set()
         self.registry.register(_StateCollector(self))
-        controller.apply_observers.append(self.apply_seconds.observe)
+        self.slot.on_bind(lambda bound: bound.apply_observers.append(self.apply_seconds.observe))
+
+    @property
+    def controller(self) -> Controller | None:
+        """The controller measured; None while the trainer is starting."""
+        return self.slot.get()
 
     def changes(self) -> dict[ChangeStatus, int]:
-        ended = self.controller.ended_counts()
+        controller = self.slot.get()
+        ended = controller.ended_counts() if controller is not None else {}
         return {status: ended.get(status, 0) for status in _FINAL}
 
     def count_rpc(self, method: str, code: grpc.StatusCode | None) -> None:
@@ -103,7 +113,13 @@ class _StateCollector(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._metrics.controller.snapshot()
+        snap = self._metrics.slot.snapshot()
+        phase = GaugeMetricFamily("lrctl_phase", "1 for the run's current phase", labels=["phase"])
+        for p in Phase:
+            phase.add_metric([p.value], 1.0 if p is (snap.phase if snap else Phase.STARTING) else 0.0)
+        yield phase
+        if snap is None:  # starting: no controller yet, so no state to read
+            return
 
         def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"lrctl_{name}", documentation, value=value)
@@ -115,10 +131,6 @@ class _StateCollector(Collector):
                     snap.schedule.scale)
         yield gauge("schedule_version", "Version of the schedule state", snap.version)
         yield gauge("pending_changes", "Changes queued for a later step boundary", snap.pending_count)
-        phase = GaugeMetricFamily("lrctl_phase", "1 for the run's current phase", labels=["phase"])
-        for p in Phase:
-            phase.add_metric([p.value], 1.0 if p is snap.phase else 0.0)
-        yield phase
         changes = CounterMetricFamily("lrctl_changes", "Finished changes by status", labels=["status"])
         for status, count in self._metrics.changes().items():
             changes.add_metric([status.value], count)

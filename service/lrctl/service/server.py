@@ -2,7 +2,8 @@
 
 `serve()` is a context manager yielding `(server, port)`; pass port 0 to let the OS choose.
 Health: the overall service "" is SERVING for as long as the server runs (a liveness probe);
-"lrctl.v1.TrainingControlService" is SERVING only while training (a readiness probe).
+"lrctl.v1.TrainingControlService" is SERVING only while training (a readiness probe). The
+controller may come later (a `ControllerSlot`): until then the state is STARTING.
 Beyond loopback it needs a token or mutual TLS, or `insecure=True` (lrctl.service.auth.exposed).
 """
 
@@ -25,7 +26,7 @@ from lrctl.service.auth import DeniedHook, TokenAuth, exposed
 from lrctl.service.controller import Controller, Phase
 from lrctl.service.journal import Journal
 from lrctl.service.limits import StreamLimiter, rate_limit_logs
-from lrctl.service.servicer import TrainingControlServicer
+from lrctl.service.servicer import ControllerSlot, TrainingControlServicer
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
@@ -119,12 +120,14 @@ def _set(servicer: health.HealthServicer, service: str, status: Any, sent: dict[
         sent[service] = status
 
 
-def _follow_phase(controller: Controller, servicer: health.HealthServicer, stop: threading.Event,
+def _follow_phase(slot: ControllerSlot, servicer: health.HealthServicer, stop: threading.Event,
                   sent: dict[str, Any], poll: float = 0.5) -> None:
     """Keep the training service's health in step with the run's phase (a watcher like any
-    other client's). The overall service "" is never touched: the process still serves while
-    it starts, compiles and after the run ends, and a liveness probe must not kill it then."""
-    while not stop.is_set():
+    other client's), once there is a controller. The overall service "" is never touched: the
+    process still serves while it starts, compiles and after the run ends, and a liveness probe
+    must not kill it then."""
+    controller = slot.wait(lambda: not stop.is_set())  # serve() wakes it when it stops
+    while controller is not None and not stop.is_set():
         for snap in controller.updates(min_interval=3600.0, is_active=lambda: not stop.is_set()):
             _set(servicer, SERVICE_NAME, _SERVING if snap.phase is Phase.TRAINING else _NOT_SERVING,
                  sent)
@@ -133,7 +136,7 @@ def _follow_phase(controller: Controller, servicer: health.HealthServicer, stop:
 
 
 @contextlib.contextmanager
-def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
+def serve(controller: Controller | ControllerSlot, address: str = DEFAULT_ADDRESS, *,
           max_streams: int = MAX_STREAMS, max_open_streams: int = MAX_OPEN_STREAMS,
           max_waiters: int = MAX_WAITERS, unary_reserve: int = UNARY_RESERVE,
           journal: Journal | None = None,
@@ -143,7 +146,10 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
           extra_interceptors: Sequence[grpc.ServerInterceptor] = ()) -> Iterator[tuple[grpc.Server, int]]:
     """Run the server on a background thread pool for the duration of the `with` block.
 
-    `journal`: where every mutation attempt is recorded (see lrctl.service.journal).
+    `controller`: a Controller, or a ControllerSlot to bind one into later (lrctl-trainer
+    serves while TensorFlow loads): until then, the state is STARTING, readiness NOT_SERVING,
+    and calls that need the controller get UNAVAILABLE. `journal`: where every mutation
+    attempt is recorded (see lrctl.service.journal).
     `write_tokens`/`read_tokens`: bearer tokens of each role (see lrctl.service.auth); none:
     no authentication. `credentials`: TLS (lrctl.service.auth.server_credentials); None:
     plaintext. `insecure`: allow an address beyond loopback with neither a token nor mutual
@@ -165,18 +171,19 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
             "write_tokens=[token], or mutual-TLS credentials (lrctl.service.auth."
             "server_credentials(cert, key, client_ca=...)), or insecure=True to accept the risk.")
     rate_limit_logs(("grpc._server", "grpc._common"), LOG_INTERVAL)
+    slot = controller if isinstance(controller, ControllerSlot) else ControllerSlot(controller)
     pool = futures.ThreadPoolExecutor(max_streams + max_open_streams + max_waiters + unary_reserve,
                                       thread_name_prefix="lrctl-grpc")
     auth = TokenAuth(write_tokens, read_tokens) if write_tokens or read_tokens else None
     if auth is not None and journal is not None:
-        auth.on_denied = _journal_denied(journal, controller, auth.role_name)
+        auth.on_denied = _journal_denied(journal, slot, auth.role_name)
     # Authentication runs first, so that a caller without a token never holds a stream slot.
     limiter = StreamLimiter(max_streams, max_open_streams, f"/{SERVICE_NAME}/")
     interceptors: list[grpc.ServerInterceptor] = [limiter]
     if auth is not None:
         interceptors.insert(0, auth)
     server = grpc.server(pool, interceptors=[*extra_interceptors, *interceptors], options=_OPTIONS)
-    servicer = TrainingControlServicer(controller, max_waiters=max_waiters, journal=journal,
+    servicer = TrainingControlServicer(slot, max_waiters=max_waiters, journal=journal,
                                        role_of=auth.role_name if auth else None)
     pb_grpc.add_TrainingControlServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -203,7 +210,7 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
             unused.shutdown(wait=False)
         raise
     if journal is not None:  # local changes (Keras's LR callbacks) are journaled too
-        controller.local_observers.append(servicer.record_local)
+        slot.on_bind(lambda bound: bound.local_observers.append(servicer.record_local))
     sent: dict[str, Any] = {}
     _set(health_servicer, "", _SERVING, sent)
     _set(health_servicer, SERVICE_NAME, _NOT_SERVING, sent)  # known, not ready, before any call
@@ -211,7 +218,7 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
         each.start()
     stop = threading.Event()
     follower = threading.Thread(target=_follow_phase,
-                                args=(controller, health_servicer, stop, sent),
+                                args=(slot, health_servicer, stop, sent),
                                 name="lrctl-health", daemon=True)
     follower.start()
     logger.info("lrctl listening on %s (port %d)", address, port)
@@ -220,20 +227,22 @@ def serve(controller: Controller, address: str = DEFAULT_ADDRESS, *,
     try:
         yield server, port
     finally:
-        if journal is not None:
-            controller.local_observers.remove(servicer.record_local)
+        bound = slot.get()
+        if journal is not None and bound is not None:
+            bound.local_observers.remove(servicer.record_local)
         stop.set()
+        slot.wake()  # the health follower may still wait for a controller
         health_servicer.enter_graceful_shutdown()
         for each, _ in servers:
             each.stop(grace=1.0).wait()
         follower.join(timeout=2.0)
 
 
-def _journal_denied(journal: Journal, controller: Controller,
+def _journal_denied(journal: Journal, slot: ControllerSlot,
                     role_of: Callable[[grpc.ServicerContext], str]) -> DeniedHook:
     """Record a mutation refused for its credentials, as the servicer records the others."""
     def record(method: str, request: Any, context: grpc.ServicerContext, code: grpc.StatusCode,
                message: str) -> None:
         journal.record_call(method=method, peer=context.peer(), role=role_of(context), request=request,
-                            code=code.name, error=message, snapshot=controller.snapshot())
+                            code=code.name, error=message, snapshot=slot.snapshot())
     return record

@@ -273,7 +273,7 @@ def status_of(error: Exception) -> status_pb2.Status:
                 type=error.kind, subject=error.field, description=message)])))
     elif isinstance(error, UnavailableError):  # before its base, FailedPreconditionError
         code, message = code_pb2.UNAVAILABLE, str(error)
-        detail.Pack(error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN", domain="lrctl"))
+        detail.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain="lrctl"))
     elif isinstance(error, FailedPreconditionError):
         code, message = code_pb2.FAILED_PRECONDITION, str(error)
         detail.Pack(error_details_pb2.PreconditionFailure(violations=[
@@ -302,17 +302,86 @@ def status_of(error: Exception) -> status_pb2.Status:
     return status_pb2.Status(code=code, message=message, details=[detail, *details])
 
 
+class ControllerSlot:
+    """The controller a server answers for, bound once it exists. A trainer serves health and
+    its state before TensorFlow loads (seconds) and builds the model: until `bind`, the state
+    is STARTING with the run id and incarnation chosen up front, and every call that needs the
+    controller gets UNAVAILABLE (reason STARTING): transient, retry."""
+
+    def __init__(self, controller: Controller | None = None, *, run_id: str = "",
+                 incarnation: str = "") -> None:
+        self.run_id, self.incarnation = run_id, incarnation
+        self._controller = controller
+        self._since = time.time()
+        # Guards binding and the bind callbacks; threads waiting for the binding sleep on it.
+        self._cond = threading.Condition()
+        self._on_bind: list[Callable[[Controller], None]] = []
+
+    def get(self) -> Controller | None:
+        """The controller, or None before `bind`. One attribute read: bound once, never unbound."""
+        return self._controller
+
+    def snapshot(self) -> Snapshot | None:
+        controller = self._controller
+        return controller.snapshot() if controller is not None else None
+
+    def bind(self, controller: Controller) -> None:
+        """From now on, answer for `controller` (its run id and incarnation should be this
+        slot's). The `on_bind` callbacks run first, so no call sees it without them."""
+        with self._cond:
+            if self._controller is not None:
+                raise RuntimeError("the controller is bound already")
+            for callback in self._on_bind:
+                callback(controller)
+            self._controller = controller
+            self._cond.notify_all()
+
+    def on_bind(self, callback: Callable[[Controller], None]) -> None:
+        """Call `callback(controller)` when it is bound (at once if it is)."""
+        with self._cond:
+            controller = self._controller
+            if controller is None:
+                self._on_bind.append(callback)
+                return
+        callback(controller)
+
+    def wait(self, is_active: Callable[[], bool]) -> Controller | None:
+        """Block until bound (the controller) or until `is_active()` is false (None); call
+        `wake` when that may have changed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._controller is not None or not is_active())
+            return self._controller
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def bound(self) -> Controller:
+        """The controller, or UnavailableError (STARTING) while the trainer is starting."""
+        controller = self._controller
+        if controller is None:
+            raise UnavailableError("the trainer is starting (loading TensorFlow, building the "
+                                   "model, restoring its checkpoint); retry", reason="STARTING")
+        return controller
+
+    def starting_state(self) -> pb.TrainingState:
+        """The state before `bind`: who is starting, and since when."""
+        return pb.TrainingState(run_id=self.run_id, phase=pb.PHASE_STARTING,
+                                incarnation=self.incarnation, updated_time=_timestamp(self._since))
+
+
 _DOMAIN_ERRORS = (InvalidArgumentError, VersionConflictError, FailedPreconditionError, WaitTimeoutError,
                   RequestIdReusedError, NotFoundError, ResourceExhaustedError, ApplyError)
 
 
 class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
-    """lrctl.v1.TrainingControlService backed by one Controller."""
+    """lrctl.v1.TrainingControlService backed by one Controller (or one still to come: a
+    ControllerSlot)."""
 
-    def __init__(self, controller: Controller, *, max_waiters: int = DEFAULT_MAX_WAITERS,
-                 journal: Journal | None = None,
+    def __init__(self, controller: Controller | ControllerSlot, *,
+                 max_waiters: int = DEFAULT_MAX_WAITERS, journal: Journal | None = None,
                  role_of: Callable[[grpc.ServicerContext], str] | None = None) -> None:
-        self._controller = controller
+        self._slot = controller if isinstance(controller, ControllerSlot) else ControllerSlot(controller)
         self._journal = journal
         self._role_of = role_of or (lambda context: "")
         self._waiters = threading.BoundedSemaphore(max_waiters)
@@ -363,7 +432,10 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         return pb.SwapScheduleResponse(change=self._mutate("SwapSchedule", request, context, run))
 
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
-        return pb.GetStateResponse(state=self._state_proto(self._controller.snapshot()))
+        controller = self._slot.get()
+        if controller is None:
+            return pb.GetStateResponse(state=self._slot.starting_state())
+        return pb.GetStateResponse(state=self._state_proto(controller.snapshot()))
 
     def WatchState(self, request: pb.WatchStateRequest,
                    context: grpc.ServicerContext) -> Iterator[pb.WatchStateResponse]:
@@ -375,7 +447,14 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
                 f"{duration.seconds}s {duration.nanos}ns"))
         if request.every_steps < 0:
             _abort(context, InvalidArgumentError("every_steps", "must be >= 0", request.every_steps))
-        for snap in self._controller.updates(interval or DEFAULT_WATCH_INTERVAL, context.is_active,
+        controller = self._slot.get()
+        if controller is None:  # starting: say so at once, then follow the run once it exists
+            yield pb.WatchStateResponse(state=self._slot.starting_state())
+            context.add_callback(self._slot.wake)  # a caller who leaves frees this thread
+            controller = self._slot.wait(context.is_active)
+            if controller is None:
+                return
+        for snap in controller.updates(interval or DEFAULT_WATCH_INTERVAL, context.is_active,
                                              every_steps=request.every_steps,
                                              on_epoch=request.on_epoch_end,
                                              changes_only=request.changes_only):
@@ -395,7 +474,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         if len(request.reason.encode()) > MAX_REASON_BYTES:
             raise InvalidArgumentError("reason", f"must be at most {MAX_REASON_BYTES} "
                                        "bytes", f"{len(request.reason.encode())} bytes")
-        change = self._controller.cancel(
+        change = self._slot.bound().cancel(
             request_id=request.request_id,
             version=request.version if which == "version" else None,
             expected_run_id=request.expected_run_id, reason=request.reason,
@@ -424,7 +503,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         assert self._journal is not None
         self._journal.record_call(method=method, peer=context.peer(), role=self._role_of(context),
                                   request=request, code=code, error=message,
-                                  snapshot=self._controller.snapshot(), change=change)
+                                  snapshot=self._slot.snapshot(), change=change)
 
     def record_local(self, request: ChangeRequest, outcome: Change | Exception) -> None:
         """Journal a local change (a float assigned to `optimizer.learning_rate` in the trainer's
@@ -438,16 +517,17 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         else:
             code, error, change = "OK", "", change_to_proto(outcome)
         self._journal.record_call(method="local", peer="local", role="local", request=message, code=code,
-                                  error=error, snapshot=self._controller.snapshot(), change=change)
+                                  error=error, snapshot=self._slot.snapshot(), change=change)
 
     def ListChanges(self, request: pb.ListChangesRequest,
                     context: grpc.ServicerContext) -> pb.ListChangesResponse:
-        run_id = self._controller.snapshot().run_id
         try:
+            controller = self._slot.bound()
+            run_id = controller.snapshot().run_id
             if request.page_size < 0:
                 raise InvalidArgumentError("page_size", "must be >= 0", request.page_size)
             before = _decode_page_token(request.page_token, run_id) if request.page_token else None
-            page, next_before = self._controller.list_changes(
+            page, next_before = controller.list_changes(
                 min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), before)
         except _DOMAIN_ERRORS as e:
             _abort(context, e)
@@ -465,8 +545,8 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
                 "too many calls are waiting for their change to apply; retry without "
                 "wait_until_applied and follow the change with WatchState or ListChanges")
         try:
-            change = self._controller.submit(change_request, validate_only=request.validate_only,
-                                             preview_steps=request.preview_steps)
+            change = self._slot.bound().submit(change_request, validate_only=request.validate_only,
+                                               preview_steps=request.preview_steps)
             if waits and change.status is ChangeStatus.PENDING:
                 change = self._wait(change, context)
         finally:
@@ -490,7 +570,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
             remaining = min(give_up - time.monotonic(), remaining if remaining is not None else math.inf)
             budget = min(1.0, remaining - _WAIT_MARGIN)
             try:
-                return self._controller.wait(change, max(budget, 0.0))
+                return self._slot.bound().wait(change, max(budget, 0.0))
             except WaitTimeoutError:
                 if not context.is_active() or remaining - budget <= _WAIT_MARGIN:
                     raise

@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import traceback
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,12 +37,15 @@ if TYPE_CHECKING:
 
     from lrctl.service.guardrails import Guardrails
     from lrctl.service.integration import TrainingControl
+    from lrctl.service.journal import Journal
+    from lrctl.service.servicer import ControllerSlot
 
 logger = logging.getLogger("lrctl.trainer")
 UNTIL_STOPPED_EPOCHS = 1_000_000
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # server.DEFAULT_ADDRESS, which needs the [service] extra
 DEFAULT_MAX_LR = 10.0  # above any learning rate a sane run uses: a typo guard
 DEFAULT_RATE = 600.0  # changes a minute: far above any controller's need, far below a flood
+CHECKPOINT_POINTER = "latest.json"  # checkpoint.LATEST, whose module loads Keras
 EXIT_USAGE = 2
 EXIT_START = 3
 # What `pip install "lrctl[service]"` adds to the client's dependencies.
@@ -83,8 +87,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--listen", default=DEFAULT_ADDRESS, type=_listen_address,
                         help=f"address of the control server (default {DEFAULT_ADDRESS}; port 0 picks one)")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="stop after this many optimizer steps")
-    length.add_argument("--epochs", type=int, help="stop after this many epochs")
+    length.add_argument("--steps", type=int,
+                        help="stop once the run has this many optimizer steps (a resume counts its own)")
+    length.add_argument("--epochs", type=int,
+                        help="stop once the run has this many epochs (a resume counts its own)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--learning-rate", type=float, help="initial learning rate (overrides the model's)")
     start.add_argument("--schedule", metavar="JSON",
@@ -253,17 +259,6 @@ def _require_service() -> None:
             )
 
 
-def _check_port(address: str) -> None:
-    """A port in use fails at once, not after TensorFlow has loaded (seconds) and the model
-    is built: the same line and exit code as when the server cannot bind."""
-    from lrctl.service.server import AddressInUseError, check_free  # gRPC only, no TensorFlow
-
-    try:
-        check_free(address)
-    except AddressInUseError as e:
-        raise _StartError(str(e)) from None
-
-
 def _summary(error: BaseException) -> str:
     """`Type: message (file:line)` of where a user's code failed, on one line."""
     text = " ".join(f"{type(error).__name__}: {error}".split())
@@ -348,10 +343,9 @@ def _use_devices(no_memory_growth: bool) -> None:
 
 
 # -- metrics and TensorBoard (issue #8, items 4-5) --
-def _observe(args: argparse.Namespace, control: TrainingControl, stack: contextlib.ExitStack,
-             callbacks: list[Any]) -> list[Any]:
-    """Start the metrics endpoint (`--metrics-listen`) and add the TensorBoard callback
-    (`--tensorboard-dir`); `stack` stops and closes them. Returns the gRPC interceptors to add."""
+def _metrics(args: argparse.Namespace, slot: ControllerSlot, stack: contextlib.ExitStack) -> list[Any]:
+    """Start the metrics endpoint (`--metrics-listen`) before the server, so that its RPC
+    counter sees every call; `stack` stops it. Returns the gRPC interceptors to add."""
     interceptors: list[Any] = []
     if args.metrics_listen:
         if args.metrics_listen.startswith(("unix:", "unix-abstract:")):
@@ -361,7 +355,7 @@ def _observe(args: argparse.Namespace, control: TrainingControl, stack: contextl
         except ModuleNotFoundError as e:
             raise _UsageError(f"{e.name} is not installed; --metrics-listen needs the service "
                               'extra: pip install "lrctl[service]"') from None
-        metrics = TrainingMetrics(control.controller)
+        metrics = TrainingMetrics(slot)  # the state's gauges once the controller is bound
         host, port = split_address(args.metrics_listen)
         try:
             bound = stack.enter_context(metrics.serving(host, port))
@@ -369,6 +363,12 @@ def _observe(args: argparse.Namespace, control: TrainingControl, stack: contextl
             raise _StartError(f"cannot serve metrics on {args.metrics_listen}: {e}") from None
         logger.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
         interceptors.append(metrics.interceptor)
+    return interceptors
+
+
+def _tensorboard(args: argparse.Namespace, control: TrainingControl, stack: contextlib.ExitStack,
+                 callbacks: list[Any]) -> None:
+    """Add the TensorBoard callback (`--tensorboard-dir`); `stack` closes it."""
     if args.tensorboard_dir:
         if args.tensorboard_every < 1:
             raise _UsageError("--tensorboard-every must be at least 1")
@@ -377,14 +377,13 @@ def _observe(args: argparse.Namespace, control: TrainingControl, stack: contextl
         board = TensorBoardLogger(control, args.tensorboard_dir, every=args.tensorboard_every)
         stack.callback(board.close)
         callbacks.append(board)  # after control.callback: it sees the changes applied
-    return interceptors
 # -- end of metrics and TensorBoard --
 
 
 def _check_locations(args: argparse.Namespace) -> None:
     """Refuse a checkpoint folder or journal location that cannot be written (read-only, full)
     before training starts, not at the first checkpoint hours later."""
-    from lrctl.service.checkpoint import CheckpointError, check_writable
+    from lrctl.service.disk import CheckpointError, check_writable
 
     folders = {"--checkpoint-dir": args.checkpoint_dir,
                "--journal": os.path.dirname(os.path.abspath(args.journal)) if args.journal else None}
@@ -396,21 +395,74 @@ def _check_locations(args: argparse.Namespace) -> None:
                 raise _StartError(f"{flag}: {e}") from None
 
 
+def _pointer_run_id(directory: str | None) -> str | None:
+    """The run id in `directory`'s checkpoint pointer ("" if unreadable), or None when there is
+    no checkpoint to resume. Plain JSON, read before TensorFlow loads."""
+    if not directory:
+        return None
+    try:
+        with open(os.path.join(directory, CHECKPOINT_POINTER), encoding="utf-8") as f:
+            return str(json.load(f).get("run_id") or "")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return ""  # the restore says what is wrong with it
+
+
 def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
            security: dict[str, Any], limits: Guardrails) -> None:
+    from lrctl.service.journal import Journal
+    from lrctl.service.server import BindError, serve
+    from lrctl.service.servicer import ControllerSlot
+
+    # Served before TensorFlow loads and the model is built (seconds): health and the state say
+    # STARTING, so a starting trainer is told from a dead one. Its run id and incarnation are
+    # known from now on: the one given, else the checkpoint's it resumes, else a new one.
+    _check_locations(args)
+    resumes = None if args.fresh else _pointer_run_id(args.checkpoint_dir)
+    slot = ControllerSlot(run_id=args.run_id or resumes or uuid.uuid4().hex[:12],
+                          incarnation=uuid.uuid4().hex[:12])
+    # The journal lives beside the checkpoints unless told otherwise: it outlives restarts too.
+    journal_path = args.journal or (os.path.join(args.checkpoint_dir, "lrctl-journal.jsonl")
+                                    if args.checkpoint_dir else None)
+    journal = Journal(journal_path) if journal_path else None
+    observers = contextlib.ExitStack()  # metrics and TensorBoard, stopped after serve()
+    try:
+        interceptors = _metrics(args, slot, observers)
+        with observers, serve(slot, args.listen, journal=journal,
+                              extra_interceptors=interceptors, **security) as (_, port):
+            logger.info("run %s: control server on port %d; stop with Ctrl-C or SIGTERM",
+                        slot.run_id, port)
+            control = _fit(args, initial, limits, slot, journal, observers,
+                           run_id=args.run_id or (slot.run_id if resumes is None else None))
+    except BindError as e:  # e.g. another trainer on the port: one line, not a traceback
+        raise _StartError(str(e)) from None
+    finally:
+        if journal is not None:
+            journal.close()
+    if control is not None:
+        snap = control.controller.snapshot()
+        logger.info("run %s %s at step %d, lr %.6g, version %d", snap.run_id, snap.phase.value,
+                    snap.step, snap.learning_rate, snap.version)
+
+
+def _fit(args: argparse.Namespace, initial: specs.ScheduleSpec | None, limits: Guardrails,
+         slot: ControllerSlot, journal: Journal | None, observers: contextlib.ExitStack,
+         run_id: str | None) -> TrainingControl | None:
+    """Load TensorFlow, build the model, resume, bind the controller into `slot` and train.
+    `run_id`: None lets a resumed checkpoint's name the run. Returns the control, or None when
+    the goal (`--steps`, `--epochs`) was reached already: nothing trained, nothing saved."""
     import tensorflow as tf
 
     from lrctl.service import demo
     from lrctl.service.integration import TrainingControl
-    from lrctl.service.journal import Journal
-    from lrctl.service.server import BindError, serve
 
-    _check_locations(args)
     _use_devices(args.no_memory_growth)
     model, data = demo.build() if args.demo else _load(args.model)
     try:
-        control = TrainingControl(model.optimizer, run_id=args.run_id, guardrails=limits,
-                                  revert_on_nan=args.revert_on_nan or None, initial_schedule=initial)
+        control = TrainingControl(model.optimizer, run_id=run_id, guardrails=limits,
+                                  revert_on_nan=args.revert_on_nan or None, initial_schedule=initial,
+                                  incarnation=slot.incarnation)
     except (TypeError, ValueError) as e:  # e.g. a custom schedule lrctl cannot express
         raise _UsageError(" ".join(str(e).split())) from None
 
@@ -423,76 +475,74 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
         control.controller.shut_down()  # one attribute store: new changes get UNAVAILABLE
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    fit_args: dict[str, Any] = {"epochs": args.epochs or UNTIL_STOPPED_EPOCHS, "verbose": args.verbose,
-                                "callbacks": [control.callback, *_stop_callbacks(control, stop, args.steps)]}
-    if isinstance(data, tuple):
-        fit_args.update(x=data[0], y=data[1])
-    else:
-        fit_args.update(x=data, shuffle=False)  # a dataset shuffles itself; Keras warns otherwise
-        if isinstance(data, tf.data.Dataset) and data.cardinality() == tf.data.INFINITE_CARDINALITY:
-            fit_args["steps_per_epoch"] = demo.STEPS_PER_EPOCH
-
-    # The journal lives beside the checkpoints unless told otherwise: it outlives restarts too.
-    journal_path = args.journal or (os.path.join(args.checkpoint_dir, "lrctl-journal.jsonl")
-                                    if args.checkpoint_dir else None)
-    journal = Journal(journal_path) if journal_path else None
-    # -- checkpoints (issue #8): resume, then save every N steps and when fit returns --
-    checkpoints = None
-    if args.checkpoint_dir:
-        from lrctl.service.checkpoint import Checkpointer, CheckpointError
-
-        try:
-            checkpoints = Checkpointer(control, model, args.checkpoint_dir, every=args.checkpoint_every,
-                                       keep=args.keep_checkpoints)
-            resumed = checkpoints.restore(fresh=args.fresh)
-        except CheckpointError as e:
-            raise _StartError(f"{e}. Pass --fresh to start a new run there (its files are left "
-                              "alone), or choose another --checkpoint-dir") from None
-        except OSError as e:
-            raise _StartError(f"cannot resume from {args.checkpoint_dir}: {e}") from None
-        if resumed is not None and journal is not None:
-            snap = control.controller.snapshot()
-            journal.record(event="resumed", checkpoint=args.checkpoint_dir, step=snap.step,
-                           version=snap.version, run_id=snap.run_id,
-                           checkpoint_run_id=resumed.get("run_id"),
-                           note="changes after this step in the previous run were lost")
-        fit_args["callbacks"].append(checkpoints.callback)
-    # -- end of checkpoints --
-    # -- metrics and TensorBoard (issue #8, items 4-5): started here, stopped after serve() --
-    observers = contextlib.ExitStack()
-    interceptors = _observe(args, control, observers, fit_args["callbacks"])
-    # -- end of metrics and TensorBoard --
     try:
-        with observers, serve(control.controller, args.listen, journal=journal,
-                              extra_interceptors=interceptors, **security) as (_, port):
-            logger.info("run %s: control server on port %d; stop with Ctrl-C or SIGTERM",
-                        control.controller.snapshot().run_id, port)
+        fit_args: dict[str, Any] = {"epochs": args.epochs or UNTIL_STOPPED_EPOCHS, "verbose": args.verbose,
+                                    "callbacks": [control.callback,
+                                                  *_stop_callbacks(control, stop, args.steps)]}
+        if isinstance(data, tuple):
+            fit_args.update(x=data[0], y=data[1])
+        else:
+            fit_args.update(x=data, shuffle=False)  # a dataset shuffles itself; Keras warns otherwise
+            if isinstance(data, tf.data.Dataset) and data.cardinality() == tf.data.INFINITE_CARDINALITY:
+                fit_args["steps_per_epoch"] = demo.STEPS_PER_EPOCH
+
+        # -- checkpoints (issue #8): resume, then save every N steps and when fit returns --
+        checkpoints = None
+        if args.checkpoint_dir:
+            from lrctl.service.checkpoint import Checkpointer, CheckpointError
+
             try:
-                model.fit(**fit_args)
-                if checkpoints is not None:  # issue #8: the final checkpoint, server still up
-                    checkpoints.save()
-            except BaseException:
-                control.end(failed=True)
-                raise
-            finally:
-                # `fit` leaves its tf.data iterator in a reference cycle (a generator and a
-                # traceback). Whenever the cyclic GC frees it, its destructor waits for
-                # tf.data's autotuning thread to wake up, which a long run has put to sleep
-                # for up to 60 s: SIGTERM took 52-59 s to exit. Frozen, the cycle is never
-                # collected, and the process exits without destroying the iterator.
-                gc.freeze()
-    except BindError as e:  # e.g. another trainer on the port: one line, not a traceback
-        raise _StartError(str(e)) from None
+                checkpoints = Checkpointer(control, model, args.checkpoint_dir, every=args.checkpoint_every,
+                                           keep=args.keep_checkpoints)
+                resumed = checkpoints.restore(fresh=args.fresh)
+            except CheckpointError as e:
+                raise _StartError(f"{e}. Pass --fresh to start a new run there (its files are left "
+                                  "alone), or choose another --checkpoint-dir") from None
+            except OSError as e:
+                raise _StartError(f"cannot resume from {args.checkpoint_dir}: {e}") from None
+            if resumed is not None and journal is not None:
+                snap = control.controller.snapshot()
+                journal.record(event="resumed", checkpoint=args.checkpoint_dir, step=snap.step,
+                               version=snap.version, run_id=snap.run_id,
+                               checkpoint_run_id=resumed.get("run_id"),
+                               note="changes after this step in the previous run were lost")
+            fit_args["callbacks"].append(checkpoints.callback)
+        # -- end of checkpoints --
+        # --steps and --epochs are the run's totals: a resume trains what is left, from the
+        # epoch after the last one completed (so the state's epoch goes on), or nothing.
+        done, step = control.controller.epochs_done, control.step
+        if args.steps is not None and step >= args.steps:
+            logger.info("run %s: already at step %d, the --steps %d asked for; nothing to train",
+                        control.controller.snapshot().run_id, step, args.steps)
+            return None
+        if args.epochs and done >= args.epochs:
+            logger.info("run %s: already %d epochs done, the --epochs %d asked for; nothing to train",
+                        control.controller.snapshot().run_id, done, args.epochs)
+            return None
+        fit_args["initial_epoch"] = done
+        # -- metrics and TensorBoard (issue #8, items 4-5) --
+        _tensorboard(args, control, observers, fit_args["callbacks"])
+        # -- end of metrics and TensorBoard --
+        slot.bind(control.controller)  # from now on the server answers for the run
+        try:
+            model.fit(**fit_args)
+            if checkpoints is not None:  # issue #8: the final checkpoint, server still up
+                checkpoints.save()
+        except BaseException:
+            control.end(failed=True)
+            raise
+        finally:
+            # `fit` leaves its tf.data iterator in a reference cycle (a generator and a
+            # traceback). Whenever the cyclic GC frees it, its destructor waits for
+            # tf.data's autotuning thread to wake up, which a long run has put to sleep
+            # for up to 60 s: SIGTERM took 52-59 s to exit. Frozen, the cycle is never
+            # collected, and the process exits without destroying the iterator.
+            gc.freeze()
     finally:
         # Training is over: a second Ctrl-C or SIGTERM during shutdown ends the process.
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if journal is not None:
-            journal.close()
-    snap = control.controller.snapshot()
-    logger.info("run %s %s at step %d, lr %.6g, version %d", snap.run_id, snap.phase.value,
-                snap.step, snap.learning_rate, snap.version)
+    return control
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -502,9 +552,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         initial = _initial_schedule(args)
         security = _security(args)
         _require_service()
-        for address in (args.listen, args.health_listen):
-            if address:
-                _check_port(address)
         _train(args, initial, security, _guardrails(args))
     except _UsageError as e:
         print(f"lrctl-trainer: error: {e}", file=sys.stderr)
