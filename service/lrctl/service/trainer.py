@@ -455,8 +455,9 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
             snap = control.controller.snapshot()
             journal.record(event="resumed", checkpoint=args.checkpoint_dir, step=snap.step,
                            version=snap.version, run_id=snap.run_id,
-                           checkpoint_run_id=resumed.get("run_id"),
-                           note="changes after this step in the previous run were lost")
+                           checkpoint_run_id=resumed.get("run_id"), replayed=checkpoints.replayed,
+                           note="changes acknowledged after this step were replayed from the "
+                           "write-ahead log")
         fit_args["callbacks"].append(checkpoints.callback)
     # -- end of checkpoints --
     # -- metrics and TensorBoard (issue #8, items 4-5): started here, stopped after serve() --
@@ -490,6 +491,8 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
             signal.signal(signum, handler)
         if journal is not None:
             journal.close()
+        if checkpoints is not None:
+            checkpoints.close()
     snap = control.controller.snapshot()
     logger.info("run %s %s at step %d, lr %.6g, version %d", snap.run_id, snap.phase.value,
                 snap.step, snap.learning_rate, snap.version)
