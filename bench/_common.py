@@ -3,7 +3,7 @@
 
 Run as a script, it is that child:
 
-    python bench/_common.py trainer [--steps-per-epoch N]
+    python bench/_common.py trainer [--steps-per-epoch N [--checkpoint-dir DIR]]
 
 It trains the seed model with lrctl until its stdin closes, and prints one line
 `PORTS <lrctl port> <echo port>` once the first step has run.
@@ -119,10 +119,10 @@ def echo_server(payload: bytes) -> tuple[Any, int]:
 class TrainerProcess:
     """A child process training the seed model with lrctl and an echo server beside it."""
 
-    def __init__(self, steps_per_epoch: int = 50) -> None:
+    def __init__(self, steps_per_epoch: int = 50, checkpoint_dir: str | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "_common.py"), "trainer", "--steps-per-epoch",
-             str(steps_per_epoch)],
+             str(steps_per_epoch), *(["--checkpoint-dir", checkpoint_dir] if checkpoint_dir else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
@@ -151,7 +151,7 @@ class TrainerProcess:
         self.close()
 
 
-def _trainer_main(steps_per_epoch: int) -> None:
+def _trainer_main(steps_per_epoch: int, checkpoint_dir: str | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
@@ -159,6 +159,10 @@ def _trainer_main(steps_per_epoch: int) -> None:
     from lrctl.service.server import serve
     model = seed_model()
     control = TrainingControl(model.optimizer, run_id="bench")
+    if checkpoint_dir:  # its write-ahead log: every change fsynced before the answer
+        from lrctl.service.checkpoint import Checkpointer
+
+        Checkpointer(control, model, checkpoint_dir)
     x, y = seed_data(steps_per_epoch)
     stop = threading.Event()
     started = threading.Event()
@@ -204,4 +208,5 @@ def _state_payload(port: int) -> bytes:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["trainer"]:
-        _trainer_main(int(sys.argv[3]) if len(sys.argv) > 3 else 50)
+        _trainer_main(int(sys.argv[3]) if len(sys.argv) > 3 else 50,
+                      sys.argv[5] if sys.argv[4:5] == ["--checkpoint-dir"] else None)

@@ -10,6 +10,10 @@ of: GetState, the echo (the floor), SetLearningRate (scale 1.0) without and with
 stream delivering the state with its version). Both sides deserialize a GetStateResponse.
 
 The last line is JSON with `get_state_p50_ratio` (GetState p50 over the echo's p50).
+
+`--wal` measures instead SetLearningRate (scale 1.0, no wait) against two trainers, one
+without and one with a checkpoint folder (hence the write-ahead log's fsync before each
+answer), calls alternating: `set_learning_rate` and `set_learning_rate_wal`, p50/p99.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -110,16 +115,38 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_wal(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder, TrainerProcess() as plain, \
+            TrainerProcess(checkpoint_dir=folder) as durable, \
+            grpc.insecure_channel(plain.target) as a, grpc.insecure_channel(durable.target) as b:
+        stubs = {"set_learning_rate": pb_grpc.TrainingControlServiceStub(a),
+                 "set_learning_rate_wal": pb_grpc.TrainingControlServiceStub(b)}
+        times: dict[str, list[float]] = {name: [] for name in stubs}
+        request = pb.SetLearningRateRequest(scale=1.0)
+        for _ in range(10):  # warm both channels
+            for stub in stubs.values():
+                stub.SetLearningRate(request, timeout=30)
+        for i in range(args.writes):
+            pair = list(stubs.items())
+            for name, stub in pair if i % 2 == 0 else pair[::-1]:
+                begin = time.perf_counter()
+                stub.SetLearningRate(request, timeout=30)
+                times[name].append(time.perf_counter() - begin)
+        return {name: p50_p99_ms(s) for name, s in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000, help="GetState/echo pairs")
     parser.add_argument("--writes", type=int, default=200, help="SetLearningRate pairs (no wait, wait)")
     parser.add_argument("--watches", type=int, default=100, help="changes timed through WatchState")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
+    parser.add_argument("--wal", action="store_true",
+                        help="SetLearningRate without and with a checkpoint folder (its write-ahead log)")
     args = parser.parse_args()
     if args.quick:
         args.calls, args.writes, args.watches = min(args.calls, 200), min(args.writes, 20), min(args.watches, 10)
-    result = measure(args)
+    result = measure_wal(args) if args.wal else measure(args)
     result["config"] = {"calls": args.calls, "writes": args.writes, "watches": args.watches,
                         "quick": args.quick, "cpus": os.cpu_count()}
     emit(result)

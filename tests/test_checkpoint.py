@@ -292,7 +292,7 @@ def test_checkpointer_in_user_fit_code_resumes_step_schedule_and_history(tmp_pat
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(weights, model.weights, strict=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ckpt-12.control.json", "ckpt-12.weights.h5", "ckpt-16.control.json", "ckpt-16.weights.h5",
-        LATEST]
+        LATEST, "lrctl-wal.jsonl"]
 
 
 def test_apply_at_step_lands_exactly_at_its_step_with_checkpoints_every_few_steps(tmp_path: Path) -> None:

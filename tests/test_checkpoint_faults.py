@@ -102,7 +102,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one_which_is_n
     tiny.fit(model, control, 9, checkpoints.callback)  # checkpoints at 12 (replacing the damaged one), 16
     # keep=1: the newest, and the one recovery used; the lineage's older ones are pruned.
     assert _files(directory) == {LATEST, "ckpt-8.weights.h5", "ckpt-8.control.json",
-                                 "ckpt-16.weights.h5", "ckpt-16.control.json"}
+                                 "ckpt-16.weights.h5", "ckpt-16.control.json", "lrctl-wal.jsonl"}
 
 
 def test_nothing_valid_raises_one_line_naming_the_folder_and_files(trained: Path, tmp_path: Path) -> None:
@@ -298,6 +298,6 @@ def test_a_full_disk_never_stops_training_is_reported_and_checkpoints_resume_onc
     names = _files(directory)
     assert not [n for n in names if n.startswith(".tmp-")], names
     stems = {n.split(".")[0] for n in names if n.startswith("ckpt-")}
-    assert names == {LATEST, "lrctl-journal.jsonl", *(f"{s}.weights.h5" for s in stems),
+    assert names == {LATEST, "lrctl-journal.jsonl", "lrctl-wal.jsonl", *(f"{s}.weights.h5" for s in stems),
                      *(f"{s}.control.json" for s in stems)}  # complete pairs only
     assert len(stems) == 2  # --keep-checkpoints' default

@@ -56,6 +56,7 @@ import h5py
 import keras
 import numpy as np
 
+from lrctl.service import wal
 from lrctl.service.controller import STATE_FORMAT
 from lrctl.service.disk import MIN_FREE_BYTES, CheckpointError, check_writable, free_bytes
 from lrctl.service.disk import fsync_path as _fsync_path
@@ -193,7 +194,15 @@ class Checkpointer:
         self._resumed_from: str | None = None  # the stem recovery used: never pruned
         self._pointed: tuple[str, str] | None = None  # the files the pointer names
         self._weights_size: int | None = None  # the last weights file written (bytes)
+        self._wal_seqs: dict[str, int] = {}  # this lineage's checkpoints: the last record each includes
+        self._compacted = 0  # the log holds none of this lineage's records at or below this seq
+        #: Changes put back from the write-ahead log by `restore`.
+        self.replayed = 0
         os.makedirs(self.directory, exist_ok=True)
+        #: The write-ahead log beside the checkpoints: every change's acceptance and ending is
+        #: fsynced there before it is answered, and `restore` replays what a checkpoint lacks.
+        self.wal = wal.WriteAheadLog(os.path.join(self.directory, wal.WAL_NAME), lineage=self.lineage)
+        control.controller.wal = self.wal
         self.callback = _CheckpointCallback(self)
 
     # -- saving ---------------------------------------------------------------------------
@@ -207,8 +216,9 @@ class Checkpointer:
         tmp_weights, tmp_control = (os.path.join(self.directory, f"{_TMP}{os.getpid()}-{name}")
                                     for name in (weights, control))
         controller = self.control.controller
-        data = json.dumps({**controller.export_state(step), "lineage": self.lineage,
-                           "saved_time": time.time()}, allow_nan=True).encode()
+        exported = controller.export_state(step)
+        data = json.dumps({**exported, "lineage": self.lineage, "saved_time": time.time()},
+                          allow_nan=True).encode()
         renamed: list[str] = []
         try:
             self._check_space(len(data))
@@ -241,7 +251,9 @@ class Checkpointer:
         controller.checkpointed(step)
         self._ours.pop(stem, None)
         self._ours[stem] = next(self._recency)
+        self._wal_seqs[stem] = int(exported["wal_seq"])
         self._prune()
+        self._compact()
         logger.info("checkpoint at step %d (version %d) in %s, %.2f s", step, snap.version,
                     self.directory, time.monotonic() - started)
         return step
@@ -280,6 +292,41 @@ class Checkpointer:
             if name.startswith(_TMP) and not name.startswith(mine):
                 _remove(os.path.join(self.directory, name))
 
+    def _compact(self) -> None:
+        """Drop the log's records that every checkpoint recovery may use already includes:
+        this lineage's, at or below the oldest kept checkpoint's seq. Other lineages' records
+        are left alone, like their checkpoints."""
+        floor = min((self._wal_seqs.get(stem, 0) for stem in self._ours), default=0)
+        if floor <= self._compacted:
+            return
+        try:
+            dropped = self.wal.compact(lambda r: r.get("lineage", "") != self.lineage or int(r["seq"]) > floor)
+        except OSError as e:  # the log only grows: the next checkpoint tries again
+            logger.warning("cannot compact the write-ahead log %s: %s", self.wal.path, e)
+            return
+        self._compacted = floor
+        if dropped:
+            logger.debug("dropped %d write-ahead log record(s) at or below seq %d", dropped, floor)
+
+    def close(self) -> None:
+        """Close the write-ahead log (the controller then writes to a closed file: call last)."""
+        self.wal.close()
+
+    def _replay(self, state: Mapping[str, Any] | None) -> None:
+        """Replay this lineage's log records that `state` (a checkpoint's control state; None:
+        no checkpoint yet) does not include."""
+        self.wal.lineage = self.lineage
+        records = wal.after(self.wal.records, int((state or {}).get("wal_seq", 0)), self.lineage)
+        try:
+            self.replayed = self.control.controller.replay(records)
+        except (KeyError, TypeError, ValueError) as e:  # a record lrctl did not write
+            raise CheckpointError(f"{self.wal.path} holds a record that cannot be replayed "
+                                  f"({type(e).__name__}: {_one_line(e)[:160]})") from None
+        if records:
+            logger.info("replayed %d write-ahead log record(s) after %s: %d change(s) put back",
+                        len(records), "the checkpoint" if state is not None else "no checkpoint",
+                        self.replayed)
+
     # -- restoring ------------------------------------------------------------------------
     def restore(self, *, fresh: bool = False) -> Mapping[str, Any] | None:
         """Resume from the newest valid checkpoint: weights, optimizer (step, slots, lrctl's
@@ -303,7 +350,12 @@ class Checkpointer:
                                len(found))
             return None
         if not found and pointer is None and not pointer_problem:
-            return None  # an empty folder (or strays only): a first start
+            # A first start, or a run killed before its first checkpoint: its log holds what
+            # it acknowledged, replayed from step 0 (training starts over from there too).
+            if self.wal.records:
+                self.lineage = str(self.wal.records[-1].get("lineage", "")) or self.lineage
+                self._replay(None)
+            return None
         newest_first = sorted(found.values(), key=lambda c: (c.saved, c.step), reverse=True)
         problems = [pointer_problem or f"{LATEST} is missing"] if pointer is None else []
         if pointer is not None:
@@ -333,6 +385,8 @@ class Checkpointer:
             for c in reversed(newest_first):
                 if not c.problem and c.lineage == candidate.lineage:
                     self._ours[c.stem] = next(self._recency)
+                    self._wal_seqs[c.stem] = int((c.state or {}).get("wal_seq", 0))
+            self._replay(state)
             return state
         files = ", ".join(sorted([*(f"{c}.*" for c in found), *strays,
                                   *([LATEST] if pointer is not None or pointer_problem else [])]))

@@ -13,11 +13,12 @@ import dataclasses
 import enum
 import heapq
 import itertools
+import logging
 import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +47,8 @@ from lrctl.service.specs import (
     spec_from_config,
 )
 from lrctl.service.throughput import Throughput
+
+logger = logging.getLogger("lrctl.controller")
 
 #: Finished changes remembered, newest last: a retry of any of their request ids returns the
 #: record instead of applying again, and ListChanges pages through them. Measured: ~0.9 KB a
@@ -283,6 +286,16 @@ class ScheduleTarget(Protocol):
     def read(self) -> tuple[ActiveSchedule, int]: ...
 
 
+class ChangeLog(Protocol):
+    """Where the controller writes each change's transitions before it answers: the
+    write-ahead log (`wal.WriteAheadLog`). `append` returns once the records are durable, or
+    raises OSError; `seq` is the last record's sequence number."""
+
+    @property
+    def seq(self) -> int: ...
+    def append(self, records: Sequence[Mapping[str, Any]]) -> int: ...
+
+
 class Controller:
     """Validates change requests, queues them, and applies them at step boundaries."""
 
@@ -306,6 +319,16 @@ class Controller:
         # One condition guards everything below. Submitters, readers and the training thread
         # each hold it only briefly (never across engine work); waiters and watchers sleep on it.
         self._cond = threading.Condition()
+        # Held across a whole submit or cancel, its write-ahead log append included (outside
+        # the condition: an fsync under it would stall the training thread's boundaries). It
+        # serializes submitters only, and lets `export_state` see no record half-committed.
+        self._submit_lock = threading.Lock()
+        #: The write-ahead log (None: none, e.g. no checkpoint folder): every acceptance and
+        #: ending is written to it before it is answered.
+        self.wal: ChangeLog | None = None
+        # Changes a previous process applied after its checkpoint (from the write-ahead log),
+        # in (applied_step, version) order: each is loaded again at its step with its version.
+        self._replays: list[Change] = []
         self._ids = itertools.count(1)
         self._state, self._version = target.read()  # what the engine holds
         self._pending: dict[int, Change] = {}  # in submission order
@@ -372,6 +395,39 @@ class Controller:
         _check_request(request)
         if not 0 <= preview_steps <= APPLY_HORIZON:
             raise InvalidArgumentError("preview_steps", f"must be in [0, {APPLY_HORIZON}]", preview_steps)
+        if validate_only:
+            return self._decide(request, validate_only=True, preview_steps=preview_steps)[0]
+        with self._submit_lock:
+            change, new = self._decide(request, validate_only=False, preview_steps=0)
+            if not new:
+                return change
+            try:  # durable before it is answered (or queued: the training thread may apply it)
+                self._log([change])
+            except OSError as e:
+                raise self._unwritable(e, "it was not queued") from e
+            with self._cond:
+                if request.request_id:
+                    self._by_request_id[request.request_id] = change.id
+                ended = self._snapshot.phase in (Phase.FINISHED, Phase.FAILED)
+                if ended and change.status is ChangeStatus.PENDING:
+                    # The run ended while the record was written: cancelled, like the rest.
+                    change = dataclasses.replace(change, status=ChangeStatus.CANCELLED,
+                                                 applied_time=self._clock())
+                if change.status is not ChangeStatus.PENDING:
+                    self._finish(change)
+                    self._republish(history=True)
+                else:
+                    self._pending[change.id] = change
+                    heapq.heappush(self._due, (change.due_key, change.id))
+                    self._republish(pending=True)
+            if change.status is ChangeStatus.CANCELLED:
+                self._log_after([change])
+            return change
+
+    def _decide(self, request: ChangeRequest, *, validate_only: bool,
+                preview_steps: int) -> tuple[Change, bool]:
+        """`submit`'s checks under the condition: the record to answer with, and whether it is
+        new (PENDING, or FAILED for a missed step: to log and commit) or an answer already."""
         with self._cond:
             # A retry is answered from the ledger before any fence: after a resume the fences
             # may have moved on, and the change they guarded was already decided.
@@ -380,7 +436,7 @@ class Controller:
                 if known is not None and (record := self._lookup(known)) is not None:
                     if _unfenced(record.request) != _unfenced(request):
                         raise RequestIdReusedError(request.request_id)
-                    return record
+                    return record, False
             self._check_fences(request.expected_run_id, request.expected_incarnation)
             snap = self._snapshot
             if self._shutting_down or snap.phase in (Phase.STOPPING, Phase.STOPPED):
@@ -388,14 +444,18 @@ class Controller:
                                        "Retry with the same request_id once it has restarted")
             if snap.phase in ENDED_PHASES:
                 raise FailedPreconditionError(f"the run is {snap.phase.value}; it accepts no more changes")
-            if request.expected_version is not None and request.expected_version != self._version:
-                raise VersionConflictError(request.expected_version, self._version)
+            # While replays are outstanding, a new change meets the state after the last one.
+            replayed = self._replays[-1] if self._replays else None
+            version = replayed.version if replayed else self._version
+            if request.expected_version is not None and request.expected_version != version:
+                raise VersionConflictError(request.expected_version, version)
             at = request.apply_at_step
             if at is not None and at > snap.step + APPLY_HORIZON:
                 raise InvalidArgumentError(
                     "apply_at_step", f"must be at most {APPLY_HORIZON} steps ahead of the current "
                     f"step {snap.step}", at)
-            start = max(snap.step, at or 0) + (request.apply_after_steps or 0)
+            floor = (replayed.applied_step or 0) if replayed else 0
+            start = max(snap.step, at or 0, floor) + (request.apply_after_steps or 0)
             before = self._state_before(start, snap.step)
             after, lr_after = _check_change(request.action, before, start, self.guardrails)
             if not request.force:
@@ -403,6 +463,11 @@ class Controller:
             missed = at is not None and (at < snap.step or at <= self._boundary_step)
             if at is not None and missed and validate_only:
                 raise self._missed_error(at, snap.step)
+            if at is not None and not missed and replayed is not None and at <= floor:
+                raise FailedPreconditionError(
+                    f"apply_at_step={at}: the run is repeating steps after a restart and re-applies "
+                    f"the changes acknowledged before it until step {floor}; a new change can apply "
+                    f"only after that step", field="apply_at_step")
             if at is not None and not missed and snap.boundaries and not snap.boundaries.reaches(at):
                 below, above = snap.boundaries.around(at)
                 raise InvalidArgumentError(
@@ -423,22 +488,14 @@ class Controller:
             if validate_only:
                 self._ended[ChangeStatus.VALIDATED] += 1
                 if not preview_steps:
-                    return change
+                    return change, False
                 return dataclasses.replace(
                     change, preview=tuple(guardrails.sample(after, start, preview_steps)),
-                    preview_current=tuple(guardrails.sample(before, start, preview_steps)))
-            if request.request_id:
-                self._by_request_id[request.request_id] = change.id
+                    preview_current=tuple(guardrails.sample(before, start, preview_steps))), False
             if at is not None and missed:
                 change = dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=change.requested_time,
                                              error=self._missed_error(at, snap.step))
-                self._finish(change)
-                self._republish(history=True)
-                return change
-            self._pending[change.id] = change
-            heapq.heappush(self._due, (change.due_key, change.id))
-            self._republish(pending=True)
-            return change
+            return change, True
 
     @property
     def shutting_down(self) -> bool:
@@ -459,8 +516,10 @@ class Controller:
         new process puts it back: a retry of any of these request ids returns its record.
         "epoch" is the number of epochs completed (`complete_epoch`), which is what `fit`'s
         `initial_epoch` takes to resume: an epoch cut short runs again from its start, as
-        with Keras's BackupAndRestore (the input pipeline starts over anyway)."""
-        with self._cond:
+        with Keras's BackupAndRestore (the input pipeline starts over anyway).
+        `wal_seq`: the last write-ahead log record it includes (the submit lock keeps out a
+        record written but not yet committed); `replay`: the ids of changes still to re-apply."""
+        with self._submit_lock, self._cond:
             snap = self._snapshot
             history_ids = [c.id for c in self._history]
             finished = list(self._finished.values())
@@ -475,6 +534,8 @@ class Controller:
                 "pending": [_change_json(c) for c in self._pending.values()],
                 "finished": [_change_json(c) for c in [*older, *finished]],
                 "history": history_ids,
+                "wal_seq": self.wal.seq if self.wal is not None else 0,
+                "replay": [c.id for c in self._replays],
             }
 
     def import_state(self, data: Mapping[str, Any]) -> None:
@@ -507,6 +568,8 @@ class Controller:
                     self._by_request_id[change.request.request_id] = change.id
             self._history.clear()
             self._history.extend(history)
+            self._replays = sorted((by_id[i] for i in data.get("replay", ()) if i in by_id),
+                                   key=lambda c: (c.applied_step or 0, c.version))
             step = int(data["step"])
             self._epochs_done = int(data.get("epoch", 0))
             self._boundary_step = max(self._boundary_step, step)
@@ -518,6 +581,52 @@ class Controller:
                 version=self._version, learning_rate=evaluate.learning_rate(self._state, step),
                 updated_time=self._clock())
             self._republish(pending=True, history=True)
+
+    def replay(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Put back what the write-ahead log recorded after the state `import_state` restored
+        (training thread, before training): the records with a higher seq than its `wal_seq`,
+        in seq order; a change's last record wins. Accepted: pending again. Applied: kept in
+        the ledger as it was answered, and loaded again with its version at the first boundary
+        at or after its step (training repeats those steps); pending changes and new ones wait
+        until then. Cancelled, aborted, failed: in the ledger. Ids and versions continue above
+        every one in the log. Returns how many changes were put back."""
+        last: dict[int, Change] = {}
+        run_id = ""
+        for record in records:
+            change = _change_from_json(record["change"])
+            last[change.id] = change
+            run_id = str(record.get("run_id") or run_id)
+        if not last:
+            return 0
+        with self._cond:
+            count = 0
+            for change in sorted(last.values(), key=lambda c: c.id):
+                known = self._lookup(change.id)
+                if known is not None and known.status is not ChangeStatus.PENDING:
+                    continue  # its ending is in the checkpoint already
+                count += 1
+                if change.request.request_id:
+                    self._by_request_id[change.request.request_id] = change.id
+                if change.status is ChangeStatus.PENDING:
+                    if known is None:
+                        self._pending[change.id] = change
+                        heapq.heappush(self._due, (change.due_key, change.id))
+                    continue
+                self._pending.pop(change.id, None)
+                self._finish(change, replayed=True)
+                if change.status is ChangeStatus.APPLIED:
+                    self._replays.append(change)
+            self._replays.sort(key=lambda c: (c.applied_step or 0, c.version))
+            self._ids = itertools.count(max(next(self._ids), max(last) + 1))
+            if run_id and not self._run_id_given:  # no checkpoint yet: the log names the run
+                self._snapshot = dataclasses.replace(self._snapshot, run_id=run_id)
+            self._republish(pending=True, history=True)
+        if self._replays:
+            first, final = self._replays[0], self._replays[-1]
+            logger.info("replaying %d change(s) applied before the restart: from step %s to step %s "
+                        "(v%d to v%d); other changes wait until then", len(self._replays),
+                        first.applied_step, final.applied_step, first.version, final.version)
+        return count
 
     def cancel(self, *, request_id: str = "", version: int | None = None,
                expected_run_id: str = "", expected_incarnation: str = "", reason: str = "") -> Change:
@@ -533,29 +642,41 @@ class Controller:
                                        f"{len(request_id.encode())} bytes")
         _check_run_id(expected_run_id)
         _check_run_id(expected_incarnation, "expected_incarnation")
-        with self._cond:
-            self._check_fences(expected_run_id, expected_incarnation)
-            if request_id:
-                change_id = self._by_request_id.get(request_id)
-                name = f"request_id {request_id!r}"
-            else:
-                change_id = self._by_version.get(version or 0)
-                name = f"version {version}"
-            record = None if change_id is None else self._lookup(change_id)
-            if record is None:
-                raise NotFoundError(f"no change with {name} is known (the last {DEDUP_WINDOW} are)")
-            if record.status is ChangeStatus.CANCELLED:
-                return record
-            if record.status is not ChangeStatus.PENDING:
-                raise FailedPreconditionError(
-                    f"the change with {name} is already {record.status.value}; nothing to cancel")
-            if record.id in self._applying:
-                raise FailedPreconditionError(f"the change with {name} is being applied right now")
-            del self._pending[record.id]
-            final = dataclasses.replace(record, status=ChangeStatus.CANCELLED, applied_time=self._clock(),
-                                        error=FailedPreconditionError(f"cancelled: {reason}") if reason else None)
-            self._finish(final)
-            self._republish(pending=True, history=True)
+        with self._submit_lock:
+            with self._cond:
+                self._check_fences(expected_run_id, expected_incarnation)
+                if request_id:
+                    change_id = self._by_request_id.get(request_id)
+                    name = f"request_id {request_id!r}"
+                else:
+                    change_id = self._by_version.get(version or 0)
+                    name = f"version {version}"
+                record = None if change_id is None else self._lookup(change_id)
+                if record is None:
+                    raise NotFoundError(f"no change with {name} is known (the last {DEDUP_WINDOW} are)")
+                if record.status is ChangeStatus.CANCELLED:
+                    return record
+                if record.status is not ChangeStatus.PENDING:
+                    raise FailedPreconditionError(
+                        f"the change with {name} is already {record.status.value}; nothing to cancel")
+                if record.id in self._applying:
+                    raise FailedPreconditionError(f"the change with {name} is being applied right now")
+                # Out of the queue while its record is written: the training thread must not
+                # apply what is being cancelled (its heap entry is skipped, being stale).
+                del self._pending[record.id]
+                final = dataclasses.replace(record, status=ChangeStatus.CANCELLED, applied_time=self._clock(),
+                                            error=FailedPreconditionError(f"cancelled: {reason}") if reason else None)
+            try:
+                self._log([final])
+            except OSError as e:
+                with self._cond:
+                    self._pending[record.id] = record
+                    heapq.heappush(self._due, (record.due_key, record.id))
+                    self._republish(pending=True)
+                raise self._unwritable(e, "it stays pending") from e
+            with self._cond:
+                self._finish(final)
+                self._republish(pending=True, history=True)
             return final
 
     def list_changes(self, page_size: int, before_id: int | None = None) -> tuple[list[Change], int | None]:
@@ -648,9 +769,12 @@ class Controller:
         started = time.perf_counter()
         with self._cond:
             self._boundary_step = step
+            replays = []
+            while self._replays and (self._replays[0].applied_step or 0) <= step:
+                replays.append(self._replays.pop(0))
             due_ids = []
             resolved = False
-            while self._due and self._due[0][0] <= step:
+            while not self._replays and self._due and self._due[0][0] <= step:
                 _, change_id = heapq.heappop(self._due)
                 pending = self._pending.get(change_id)
                 if pending is None:
@@ -666,7 +790,7 @@ class Controller:
                     resolved = True
                     continue
                 due_ids.append(change_id)
-            if not due_ids:
+            if not due_ids and not replays:
                 if resolved:
                     self._republish(pending=True)
                 return []
@@ -674,17 +798,49 @@ class Controller:
             self._applying.update(due_ids)
             base_state, base_version = self._state, self._version
 
-        finals, state, version = _outcomes(due, base_state, base_version, step, self._clock,
+        # Replays first, as they came in the run that answered them: their state and version.
+        replayed_state, replayed_version = base_state, base_version
+        for change in replays:
+            assert change.schedule_after is not None
+            replayed_state, replayed_version = change.schedule_after, change.version
+            logger.info("v%d step %d: re-applied as before the restart (%s)", change.version, step,
+                        change.description)
+            if change.applied_step != step:
+                logger.warning("v%d was applied at step %s before the restart; the first boundary "
+                               "at or after it is step %d: re-applied there", change.version,
+                               change.applied_step, step)
+        finals, state, version = _outcomes(due, replayed_state, replayed_version, step, self._clock,
                                            self.guardrails)
-        if version != base_version:
+        try:  # each ending durable before the engine makes it true and anyone is told
+            self._log(finals)
+        except OSError as e:
+            logger.error("step %d: the write-ahead log refused the records of %d due change(s) (%s); "
+                         "they stay pending and are tried again at the next boundary", step,
+                         len(finals), e)
+            with self._cond:
+                self._applying.difference_update(due_ids)
+                for change_id in due_ids:
+                    heapq.heappush(self._due, (self._pending[change_id].due_key, change_id))
+            finals, state, version = [], replayed_state, replayed_version
+        if (state, version) != (base_state, base_version):
             try:
                 self._target.load(state, version)
             except Exception as e:  # noqa: BLE001 -- any engine failure fails the changes, not training
                 error = ApplyError(f"the engine could not load the new schedule: {e!r}; nothing changed")
-                finals = [dataclasses.replace(f, status=ChangeStatus.FAILED, version=0, applied_step=None,
-                                              learning_rate_after=None, schedule_after=None, error=error)
-                          if f.status is ChangeStatus.APPLIED else f for f in finals]
+                corrected = [dataclasses.replace(f, status=ChangeStatus.FAILED, version=0, applied_step=None,
+                                                 learning_rate_after=None, schedule_after=None, error=error)
+                             for f in finals if f.status is ChangeStatus.APPLIED]
+                failed = {f.id: f for f in corrected}
+                finals = [failed.get(f.id, f) for f in finals]
                 state, version = base_state, base_version
+                if replays:
+                    logger.error("step %d: the replays of v%s could not be loaded: %r", step,
+                                 ", v".join(str(c.version) for c in replays), e)
+                try:
+                    self._log(corrected)
+                except OSError as log_error:
+                    logger.error("the write-ahead log refused the FAILED records of %d change(s): %s",
+                                 len(corrected), log_error)
 
         with self._cond:
             self._state, self._version = state, version
@@ -693,6 +849,10 @@ class Controller:
                 self._applying.discard(final.id)
                 self._finish(final)
             lr = self._snapshot.learning_rate
+            if version != base_version:
+                for change in replays:
+                    self._changed_step = max(self._changed_step, step)
+                    lr = change.learning_rate_after if change.learning_rate_after is not None else lr
             for final in finals:
                 lr = final.learning_rate_after if final.learning_rate_after is not None else lr
             self._snapshot = dataclasses.replace(
@@ -807,15 +967,18 @@ class Controller:
     def set_phase(self, phase: Phase) -> None:
         """Move the run to `phase`. Completing or failing cancels every pending change;
         STOPPED (a shutdown) keeps them pending, for the checkpoint and the restart."""
+        cancelled = []
         with self._cond:
             if phase in (Phase.FINISHED, Phase.FAILED):
                 for change in list(self._pending.values()):
                     if change.id not in self._applying:
                         del self._pending[change.id]
-                        self._finish(dataclasses.replace(change, status=ChangeStatus.CANCELLED,
-                                                         applied_time=self._clock()))
+                        cancelled.append(dataclasses.replace(change, status=ChangeStatus.CANCELLED,
+                                                             applied_time=self._clock()))
+                        self._finish(cancelled[-1])
             self._snapshot = dataclasses.replace(self._snapshot, phase=phase, updated_time=self._clock())
             self._republish(pending=True, history=True)
+        self._log_after(cancelled)
 
     def apply_automatic(self, state: ActiveSchedule, *, step: int, reason: str) -> Change:
         """lrctl itself puts `state` in force at this step boundary (the divergence guard
@@ -823,25 +986,49 @@ class Controller:
         a swap to `state`'s schedule with `reason`, so history, ListChanges, waiters and
         watchers see it like a client's change. `state` is loaded exactly, origin step and
         scale included. No guardrail or rate limit applies: it restores a schedule that was
-        in force. Raises what the engine raises; then nothing is recorded."""
+        in force. Raises what the engine or the write-ahead log raises; then nothing is in force."""
+        lr = evaluate.learning_rate(state, step)
         with self._cond:
             version = self._version + 1  # only the training thread moves it: no race below
-        lr = evaluate.learning_rate(state, step)
-        self._target.load(state, version)  # no lock across engine work
-        with self._cond:
             now = self._clock()
             change = Change(
                 id=next(self._ids), status=ChangeStatus.APPLIED, requested_step=step,
                 request=ChangeRequest(RevertSchedule(state), reason=reason),
-                requested_time=now, version=version, applied_step=step, learning_rate_after=lr,
-                schedule_after=state, applied_time=now,
+                requested_time=now, version=version, applied_step=step,
+                learning_rate_after=lr, schedule_after=state, applied_time=now,
             )
+        self._log([change])  # durable first, like every applied change
+        self._target.load(state, version)  # no lock across engine work
+        with self._cond:
             self._state, self._version = state, version
             self._finish(change)
             self._snapshot = dataclasses.replace(self._snapshot, step=step, schedule=state,
                                                  version=version, learning_rate=lr, updated_time=now)
             self._republish(history=True)
         return change
+
+    # -- the write-ahead log (no lock held: an fsync) ----------------------------------------
+    def _log(self, changes: Sequence[Change]) -> None:
+        """Write `changes`' records to the write-ahead log and wait until they are durable.
+        Raises OSError if the disk refuses."""
+        if self.wal is not None and changes:
+            run_id = self._snapshot.run_id
+            self.wal.append([{"run_id": run_id, "change": _change_json(c)} for c in changes])
+
+    def _log_after(self, changes: Sequence[Change]) -> None:
+        """Log endings that are already decided (the run ended): a refusal is only reported,
+        and a crash before them brings the changes back pending, which is safe."""
+        try:
+            self._log(changes)
+        except OSError as e:
+            logger.error("the write-ahead log refused the records of %d cancelled change(s): %s",
+                         len(changes), e)
+
+    @staticmethod
+    def _unwritable(error: OSError, outcome: str) -> UnavailableError:
+        return UnavailableError(
+            f"the change could not be written to the write-ahead log ({error.strerror or error}); "
+            f"{outcome}. Retry with the same request_id once the disk accepts writes")
 
     # -- internals (lock held) ---------------------------------------------------------------
     def _check_fences(self, expected_run_id: str, expected_incarnation: str) -> None:
@@ -873,9 +1060,11 @@ class Controller:
     def _lookup(self, change_id: int) -> Change | None:
         return self._pending.get(change_id) or self._finished.get(change_id)
 
-    def _finish(self, change: Change) -> None:
+    def _finish(self, change: Change, *, replayed: bool = False) -> None:
+        """Record `change`'s end (`replayed`: put back from the write-ahead log, not counted,
+        and not in force yet)."""
         self._finished[change.id] = change
-        if change.status is ChangeStatus.APPLIED and change.applied_step is not None:
+        if change.status is ChangeStatus.APPLIED and change.applied_step is not None and not replayed:
             self._changed_step = max(self._changed_step, change.applied_step)
         if change.version:
             self._by_version[change.version] = change.id
@@ -887,7 +1076,8 @@ class Controller:
                 del self._by_request_id[old.request.request_id]
             self._by_version.pop(old.version, None)
         self._history.append(change)
-        self._ended[change.status] += 1
+        if not replayed:
+            self._ended[change.status] += 1
 
     def _republish(self, *, pending: bool = False, history: bool = False) -> None:
         changes: dict[str, Any] = {}
@@ -898,7 +1088,9 @@ class Controller:
                 self._due = [(c.due_key, i) for i, c in self._pending.items()
                              if i not in self._applying]
                 heapq.heapify(self._due)
-            self._next_due = self._due[0][0] if self._due else None
+            # Replays come first: other changes wait until the last one is in force.
+            self._next_due = (self._replays[0].applied_step or 0) if self._replays else \
+                self._due[0][0] if self._due else None
             changes.update(pending=tuple(itertools.islice(self._pending.values(), SNAPSHOT_PENDING)),
                            pending_count=len(self._pending))
         if history:

@@ -52,6 +52,11 @@ class Journal:
         if folder:
             os.makedirs(folder, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- lives with the journal
+        if _torn(self.path):
+            # A crash tore the last line: end it, or the next record would be glued to it and
+            # unreadable. The torn line itself was never answered; `read` skips it.
+            self._file.write("\n")
+            self._file.flush()
         self._lock = threading.Lock()
         self._refusals = RateLimiter(refusals_per_minute, clock)
         self._dropped = 0  # refusals counted but not journaled since the last line
@@ -114,6 +119,15 @@ class Journal:
             if not self._file.closed:
                 self._write_dropped()
             self._file.close()
+
+
+def _torn(path: str) -> bool:
+    """Whether `path` is non-empty and its last byte is not a newline."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def read(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from lrctl.service import specs
 if TYPE_CHECKING:
     import keras
 
+    from lrctl.service.checkpoint import Checkpointer
     from lrctl.service.guardrails import Guardrails
     from lrctl.service.integration import TrainingControl
     from lrctl.service.journal import Journal
@@ -475,6 +476,7 @@ def _fit(args: argparse.Namespace, initial: specs.ScheduleSpec | None, limits: G
         control.controller.shut_down()  # one attribute store: new changes get UNAVAILABLE
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    checkpoints: Checkpointer | None = None
     try:
         fit_args: dict[str, Any] = {"epochs": args.epochs or UNTIL_STOPPED_EPOCHS, "verbose": args.verbose,
                                     "callbacks": [control.callback,
@@ -487,7 +489,6 @@ def _fit(args: argparse.Namespace, initial: specs.ScheduleSpec | None, limits: G
                 fit_args["steps_per_epoch"] = demo.STEPS_PER_EPOCH
 
         # -- checkpoints (issue #8): resume, then save every N steps and when fit returns --
-        checkpoints = None
         if args.checkpoint_dir:
             from lrctl.service.checkpoint import Checkpointer, CheckpointError
 
@@ -504,8 +505,9 @@ def _fit(args: argparse.Namespace, initial: specs.ScheduleSpec | None, limits: G
                 snap = control.controller.snapshot()
                 journal.record(event="resumed", checkpoint=args.checkpoint_dir, step=snap.step,
                                version=snap.version, run_id=snap.run_id,
-                               checkpoint_run_id=resumed.get("run_id"),
-                               note="changes after this step in the previous run were lost")
+                               checkpoint_run_id=resumed.get("run_id"), replayed=checkpoints.replayed,
+                               note="changes acknowledged after this step were replayed from the "
+                               "write-ahead log")
             fit_args["callbacks"].append(checkpoints.callback)
         # -- end of checkpoints --
         # --steps and --epochs are the run's totals: a resume trains what is left, from the
@@ -542,6 +544,8 @@ def _fit(args: argparse.Namespace, initial: specs.ScheduleSpec | None, limits: G
         # Training is over: a second Ctrl-C or SIGTERM during shutdown ends the process.
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if checkpoints is not None:
+            checkpoints.close()
     return control
 
 
