@@ -358,3 +358,7 @@ def test_multi_worker_job_names_its_workers_and_exposes_the_chief_alone() -> Non
     assert args.listen == "0.0.0.0:50051" and args.checkpoint_dir == "/ckpt"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert args.token_file == mounts["token"]
+    # The token never crosses the network in plaintext: the chief serves TLS from the Secret.
+    assert (args.tls_cert, args.tls_key) == (f"{mounts['tls']}/tls.crt", f"{mounts['tls']}/tls.key")
+    (tls,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == "lrctl-tls"

@@ -136,7 +136,12 @@ def test_a_restored_schedule_is_built_on_and_the_version_never_goes_back(tmp_pat
             TrainingControlClient(f"127.0.0.1:{port}", timeout=60) as client:
         change = client.scale_learning_rate(0.5, reason="after restart")
         _fit(second, callbacks, epochs=2)
-        final = client.list_changes().changes[0]
+        changes = client.list_changes().changes
+        final = next(c for c in changes if c.request_id == change.request_id)
+        # Every version the state reported has its record: the restore is one (version 2).
+        (restore_record,) = [c for c in changes if c.version == 2]
+        assert restore_record.WhichOneof("action") == "revert" and restore_record.reason.startswith("restored")
+        assert restore_record.revert.scale == 0.5 and restore_record.applied_step == 10
     assert final.request_id == change.request_id and final.status == pb.CHANGE_STATUS_APPLIED
     assert final.version == 3  # builds on the restored version 2, never back to 1
     assert final.applied_step == 10

@@ -1348,7 +1348,9 @@ class Change(_message.Message):
     def revert(self) -> Global___RestoredSchedule:
         """lrctl itself put back a schedule that was in force before: the
         divergence guard (revert_on_nan) undoing a change whose loss turned
-        NaN or Inf. Never requested by a client.
+        NaN or Inf, or a restore (BackupAndRestore, tf.train.Checkpoint) that
+        brought back a saved schedule, recorded at the version it now has
+        (reason "restored: ..."). Never requested by a client.
         """
 
     @_builtins.property

@@ -912,20 +912,36 @@ class Controller:
         """What the controller last loaded into (or read from) the engine."""
         return self._state, self._version
 
-    def restored(self, state: ActiveSchedule, version: int) -> int:
-        """The engine's variables were restored (from a checkpoint) to `state` at `version`.
+    def restored(self, state: ActiveSchedule, version: int, *, step: int) -> int:
+        """The engine's variables were restored (from a checkpoint) to `state` at `version`,
+        at step boundary `step`.
 
         Later changes build on `state`. The version never decreases: a restore to an older
-        version becomes a new version, which the caller writes back to the engine. Returns
-        the version now in force.
+        version becomes a new version, which the caller writes back to the engine. The version
+        in force gets a record (an APPLIED change, action RevertSchedule, reason "restored"),
+        so every version the state reports is in the ledger. Returns the version now in force.
         """
         with self._cond:
-            if version <= self._version and (state, version) != (self._state, self._version):
+            if (state, version) == (self._state, self._version):
+                return self._version
+            saved = version
+            if version <= self._version:
                 version = self._version + 1
-            self._state, self._version = state, max(version, self._version)
-            self._snapshot = dataclasses.replace(self._snapshot, schedule=state, version=self._version)
-            self._republish()
-            return self._version
+            now = self._clock()
+            change = Change(
+                id=next(self._ids), status=ChangeStatus.APPLIED, requested_step=step,
+                request=ChangeRequest(RevertSchedule(state), reason=f"restored: a checkpoint brought "
+                                      f"back the schedule of its version {saved}"),
+                requested_time=now, version=version, applied_step=step,
+                learning_rate_after=evaluate.learning_rate(state, step), schedule_after=state,
+                applied_time=now)
+        self._log_after([change])  # the restore has happened: a refused record is only reported
+        with self._cond:
+            self._state, self._version = state, version
+            self._finish(change)
+            self._snapshot = dataclasses.replace(self._snapshot, schedule=state, version=version)
+            self._republish(history=True)
+            return version
 
     def follow(self, state: ActiveSchedule, version: int) -> None:
         """A follower worker loaded the chief's `state` at `version`: take both as they are
@@ -1021,7 +1037,7 @@ class Controller:
         try:
             self._log(changes)
         except OSError as e:
-            logger.error("the write-ahead log refused the records of %d cancelled change(s): %s",
+            logger.error("the write-ahead log refused the records of %d change(s) already decided: %s",
                          len(changes), e)
 
     @staticmethod

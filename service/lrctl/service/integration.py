@@ -645,7 +645,7 @@ class TrainingControl:
                 # The snapshot belongs to the timeline the restore replaced: never put it back.
                 self.divergence.close()
                 logger.info("revert_on_nan: a restore replaced the state; the watch ends")
-            now = self.controller.restored(state, version)
+            now = self.controller.restored(state, version, step=self.step)
             if now != version:
                 self.schedule.set_version(now)
                 self._target.read_packed()  # what the variables hold now, version included

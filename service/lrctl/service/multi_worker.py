@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from lrctl.service import TrainingControl, demo
-from lrctl.service.auth import is_loopback, read_secret
+from lrctl.service.auth import is_loopback, read_secret, server_credentials
 from lrctl.service.checkpoint import Checkpointer
 from lrctl.service.server import serve
 
@@ -46,6 +46,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--token-file", metavar="PATH",
                         help="bearer token of the write role (default: $LRCTL_TOKEN); needed "
                              "to listen beyond loopback")
+    parser.add_argument("--tls-cert", metavar="PATH", help="the chief serves TLS with this PEM certificate")
+    parser.add_argument("--tls-key", metavar="PATH", help="... and this PEM private key")
     parser.add_argument("--steps", type=int, default=0, help="steps to run; 0: until a signal")
     parser.add_argument("--checkpoint-dir", help="the chief's checkpoints; every worker resumes from it")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
@@ -63,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not token and not is_loopback(args.listen):
         print(f"refusing to listen on {args.listen} without a token: give --token-file PATH "
               "(or set LRCTL_TOKEN)", file=sys.stderr)
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("--tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -94,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log = stack.enter_context(open(args.log, "a", buffering=1, encoding="utf-8")) if args.log else None
         if control.is_chief:
             _, port = stack.enter_context(
-                serve(control.controller, args.listen, write_tokens=[token] if token else []))
+                serve(control.controller, args.listen, write_tokens=[token] if token else [],
+                      credentials=server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None))
             print(f"control server on port {port}", file=sys.stderr, flush=True)
             if args.port_file:
                 _write_atomically(args.port_file, str(port))
