@@ -4,6 +4,7 @@ controller runs on tests/fakes.py's MemoryTarget."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -259,7 +260,14 @@ def test_replay_puts_back_pending_changes_and_reapplies_applied_ones_at_their_st
     for rid in "abcdef":
         assert _same(second.submit(answered[rid].request)) == _same(answered[rid])
     assert [c.request.request_id for c in second.snapshot().pending] == ["d", "f"]
-    assert second.snapshot().version == 1  # the engine: the checkpoint's, until the replays
+    # Clients see the newest version acknowledged (3), never an older one, while the engine
+    # holds the checkpoint's (1) until training reaches the replays' steps.
+    assert second.snapshot().version == 3 and second.engine_state[1] == 1
+    # A change meets the state after the replays and the pending f (0.07), not the
+    # checkpoint's (0.2): 0.07 -> 0.04 is within a factor of 2, 0.2 -> 0.04 is not.
+    second.guardrails = dataclasses.replace(second.guardrails, max_change_factor=2.0)
+    second.submit(ChangeRequest(PinLearningRate(0.04), expected_version=3), validate_only=True)
+    second.guardrails = dataclasses.replace(second.guardrails, max_change_factor=None)
 
     # A new change cannot land among the steps being replayed; it meets the last replay's version.
     with pytest.raises(FailedPreconditionError, match="until step 8") as refused:
@@ -272,6 +280,7 @@ def test_replay_puts_back_pending_changes_and_reapplies_applied_ones_at_their_st
     # Training repeats steps 3.. : each replay lands at its step with its version, nothing else.
     assert not second.at_boundary(4) and second.apply_due(4) == []
     assert second.apply_due(5) == [] and target.read() == (answered["b"].schedule_after, 2)
+    assert second.snapshot().version == 3  # never goes back while the replays land
     (applied,) = second.apply_due(8)
     assert target.read()[1] == 4 and (applied.request.request_id, applied.version) == ("f", 4)
     assert second.snapshot().version == 4
@@ -303,3 +312,35 @@ def test_outstanding_replays_survive_a_checkpoint_taken_among_them(tmp_path: Pat
     assert third.apply_due(5) == [] and target.version == 1
     third.apply_due(6)
     assert target.read() == (specs.ActiveSchedule(specs.Constant(0.3), specs.Origin.RESTART, 6), 2)
+
+
+def test_a_seq_is_never_handed_out_twice_even_after_compacting_everything(tmp_path: Path) -> None:
+    path = tmp_path / "wal.jsonl"
+    log = WriteAheadLog(path, lineage="L")
+    assert log.append([{"n": 1}, {"n": 2}, {"n": 3}]) == 3
+    log.compact(lambda record: False)  # every record is in a checkpoint: only the last stays
+    log.close()
+    again = WriteAheadLog(path, lineage="L")
+    assert [r["seq"] for r in again.records] == [3]
+    again.advance(7)  # a checkpoint said it includes records up to 7
+    assert again.append([{"n": 4}]) == 8
+    again.close()
+    with pytest.raises(OSError):  # a closed log refuses like a disk that refuses
+        again.append([{"n": 5}])
+
+
+def test_a_restore_during_the_replay_window_never_reuses_a_replayed_version(tmp_path: Path) -> None:
+    first = Controller(MemoryTarget(_START))
+    first.wal = WriteAheadLog(tmp_path / "wal.jsonl", lineage="L")
+    checkpoint = json.loads(json.dumps(first.export_state(0)))
+    first.submit(ChangeRequest(PinLearningRate(0.2), request_id="a"))
+    first.apply_due(5)
+    second = Controller(MemoryTarget(_START))
+    second.import_state(checkpoint)
+    second.replay(after(WriteAheadLog(tmp_path / "wal.jsonl").records, 0, "L"))
+    # A change meets the replayed state (0.2), not the checkpoint's (0.1): 0.2 -> 0.3 is within
+    # a factor of 2, 0.1 -> 0.3 is not.
+    second.guardrails = dataclasses.replace(second.guardrails, max_change_factor=2.0)
+    second.submit(ChangeRequest(PinLearningRate(0.3)), validate_only=True)
+    restored = second.restored(specs.ActiveSchedule(specs.Constant(0.4)), 0, step=1)
+    assert restored == 2  # above the replay's version 1, which stays its own

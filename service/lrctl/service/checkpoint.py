@@ -234,7 +234,7 @@ class Checkpointer:
             write_json(os.path.join(self.directory, LATEST), {
                 "step": step, "weights": weights, "control": control, "run_id": snap.run_id,
                 "version": snap.version, "lineage": self.lineage, "time": time.time()})
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 -- a disk error or h5py's own: never ends the run
             _remove(tmp_weights, tmp_control, *(os.path.join(self.directory, name) for name in renamed
                                                 if name not in (self._pointed or ())))
             self.failures += 1
@@ -316,6 +316,7 @@ class Checkpointer:
         """Replay this lineage's log records that `state` (a checkpoint's control state; None:
         no checkpoint yet) does not include."""
         self.wal.lineage = self.lineage
+        self.wal.advance(max([int((state or {}).get("wal_seq", 0)), *self._wal_seqs.values()]))
         records = wal.after(self.wal.records, int((state or {}).get("wal_seq", 0)), self.lineage)
         try:
             self.replayed = self.control.controller.replay(records)

@@ -618,6 +618,8 @@ class Controller:
                     self._replays.append(change)
             self._replays.sort(key=lambda c: (c.applied_step or 0, c.version))
             self._ids = itertools.count(max(next(self._ids), max(last) + 1))
+            # Clients see the newest version acknowledged, while training repeats its steps.
+            self._snapshot = dataclasses.replace(self._snapshot, version=self._top_version())
             if run_id and not self._run_id_given:  # no checkpoint yet: the log names the run
                 self._snapshot = dataclasses.replace(self._snapshot, run_id=run_id)
             self._republish(pending=True, history=True)
@@ -856,7 +858,7 @@ class Controller:
             for final in finals:
                 lr = final.learning_rate_after if final.learning_rate_after is not None else lr
             self._snapshot = dataclasses.replace(
-                self._snapshot, step=step, schedule=state, version=version, learning_rate=lr,
+                self._snapshot, step=step, schedule=state, version=self._top_version(), learning_rate=lr,
                 updated_time=self._clock(),
             )
             self._republish(pending=True, history=True)
@@ -925,8 +927,8 @@ class Controller:
             if (state, version) == (self._state, self._version):
                 return self._version
             saved = version
-            if version <= self._version:
-                version = self._version + 1
+            if version <= self._top_version():
+                version = self._top_version() + 1
             now = self._clock()
             change = Change(
                 id=next(self._ids), status=ChangeStatus.APPLIED, requested_step=step,
@@ -1005,7 +1007,7 @@ class Controller:
         in force. Raises what the engine or the write-ahead log raises; then nothing is in force."""
         lr = evaluate.learning_rate(state, step)
         with self._cond:
-            version = self._version + 1  # only the training thread moves it: no race below
+            version = self._top_version() + 1  # only the training thread moves it: no race below
             now = self._clock()
             change = Change(
                 id=next(self._ids), status=ChangeStatus.APPLIED, requested_step=step,
@@ -1054,11 +1056,19 @@ class Controller:
         if expected_incarnation and expected_incarnation != snap.incarnation:
             raise IncarnationMismatchError(expected_incarnation, snap.incarnation)
 
+    def _top_version(self) -> int:
+        """The newest version handed out: the engine's, or, while changes acknowledged before a
+        restart are still to be re-applied, the last of those (never handed out again)."""
+        if self._replays:
+            return max(self._version, self._replays[-1].version)
+        return self._version
+
     def _state_before(self, step: int, current_step: int) -> ActiveSchedule:
-        """The state a change due at `step` will meet: the engine's, with every pending change
-        due before it (or at the same step: submitted earlier) applied in due order."""
+        """The state a change due at `step` will meet: the engine's (or, while replays are
+        outstanding, the last replay's), with every pending change due before it (or at the
+        same step: submitted earlier) applied in due order."""
         due = sorted((_expected_due(c, current_step), c.id) for c in self._pending.values())
-        state = self._state
+        state = self._replays[-1].schedule_after or self._state if self._replays else self._state
         for due_step, change_id in due:
             if due_step > step:
                 break

@@ -397,15 +397,19 @@ def _check_locations(args: argparse.Namespace) -> None:
 
 
 def _pointer_run_id(directory: str | None) -> str | None:
-    """The run id in `directory`'s checkpoint pointer ("" if unreadable), or None when there is
-    no checkpoint to resume. Plain JSON, read before TensorFlow loads."""
+    """The run id in `directory`'s checkpoint pointer ("" if unreadable), else in its
+    write-ahead log's last record (a run killed before its first checkpoint), or None when
+    there is nothing to resume. Plain JSON, read before TensorFlow loads."""
     if not directory:
         return None
     try:
         with open(os.path.join(directory, CHECKPOINT_POINTER), encoding="utf-8") as f:
             return str(json.load(f).get("run_id") or "")
     except FileNotFoundError:
-        return None
+        from lrctl.service import wal  # pure Python
+
+        records, _, _ = wal.read_clean(os.path.join(directory, wal.WAL_NAME))
+        return str(records[-1].get("run_id") or "") if records else None
     except (OSError, ValueError, AttributeError):
         return ""  # the restore says what is wrong with it
 

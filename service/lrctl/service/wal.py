@@ -11,6 +11,7 @@ with no newline, or one that does not parse, was never acknowledged: `open` trun
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -84,6 +85,12 @@ class WriteAheadLog:
         """The seq of the last record appended (0: none)."""
         return self._seq
 
+    def advance(self, seq: int) -> None:
+        """Number the next records above `seq` (a checkpoint's `wal_seq`): a seq is never
+        handed out twice, even if the records up to it were compacted away."""
+        with self._lock:
+            self._seq = max(self._seq, seq)
+
     def append(self, records: Sequence[Mapping[str, Any]]) -> int:
         """Write `records` (each gets the next seq and the lineage), then fsync once; return
         the last seq. Raises OSError if the disk refuses: then none of them counts (the file is
@@ -92,6 +99,8 @@ class WriteAheadLog:
         if not records:
             return self._seq
         with self._lock:
+            if self._file.closed:  # the run is over: refused like a disk that refuses
+                raise OSError(errno.EBADF, f"the write-ahead log {self.path} is closed")
             if self._broken is not None:
                 raise OSError(self._broken.errno, f"the write-ahead log {self.path} is unusable "
                               f"since an earlier write failed: {self._broken.strerror or self._broken}")
@@ -127,7 +136,8 @@ class WriteAheadLog:
         log is then unchanged)."""
         with self._lock:
             records, _, _ = read_clean(self.path)
-            kept = [r for r in records if keep(r)]
+            # The last record always stays: it carries the highest seq to the next process.
+            kept = [r for i, r in enumerate(records) if keep(r) or i == len(records) - 1]
             if len(kept) == len(records):
                 return 0
             folder = os.path.dirname(os.path.abspath(self.path))
