@@ -38,6 +38,7 @@ from lrctl.service.server import (
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 DEADLINE = 10.0  # for unary calls: generous, so only a starved call runs out
+SAFETY = 120.0  # where speed is not what is tested: a hung call, never a slow one
 STREAM_DEADLINE = 300.0  # streams are cancelled by the test long before this
 TOKEN = "t" * 32
 
@@ -339,8 +340,9 @@ def test_garbage_requests_are_answered_and_logged_only_a_few_times(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="grpc")
     rng = random.Random(0)
+    # A safety limit only: what is tested is the answers, not how fast they come.
     with grpc.insecure_channel(trainer.target) as channel, \
-            TrainingControlClient(trainer.target, timeout=DEADLINE) as client:
+            TrainingControlClient(trainer.target, timeout=SAFETY) as client:
         before = client.get_state().version
         raw = channel.unary_unary("/lrctl.v1.TrainingControlService/SetLearningRate",
                                   request_serializer=None, response_deserializer=None)
@@ -348,7 +350,7 @@ def test_garbage_requests_are_answered_and_logged_only_a_few_times(
         for _ in range(200):
             # 0x0f: field 1 with wire type 7, which does not exist: never a valid message.
             with pytest.raises(grpc.RpcError) as info:
-                raw(b"\x0f" + rng.randbytes(rng.randint(0, 64)), timeout=DEADLINE)
+                raw(b"\x0f" + rng.randbytes(rng.randint(0, 64)), timeout=SAFETY)
             codes.add(info.value.code())
         assert codes == {grpc.StatusCode.INTERNAL}
         assert client.get_state().version == before
