@@ -642,8 +642,8 @@ class Controller:
         if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
             raise InvalidArgumentError("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes",
                                        f"{len(request_id.encode())} bytes")
-        _check_run_id(expected_run_id)
-        _check_run_id(expected_incarnation, "expected_incarnation")
+        _check_id_size(expected_run_id)
+        _check_id_size(expected_incarnation, "expected_incarnation")
         with self._submit_lock:
             with self._cond:
                 self._check_fences(expected_run_id, expected_incarnation)
@@ -1165,8 +1165,8 @@ def _check_request(request: ChangeRequest) -> None:
                                        "`apply_at_step`", after)
         if not 0 <= after <= APPLY_HORIZON:
             raise InvalidArgumentError("apply_after_steps", f"must be in [0, {APPLY_HORIZON}]", after)
-    _check_run_id(request.expected_run_id)
-    _check_run_id(request.expected_incarnation, "expected_incarnation")
+    _check_id_size(request.expected_run_id)
+    _check_id_size(request.expected_incarnation, "expected_incarnation")
     if isinstance(action, SwapSchedule):
         if not 0 <= action.start_step <= APPLY_HORIZON:
             raise InvalidArgumentError("schedule_start_step", f"must be in [0, {APPLY_HORIZON}]",
@@ -1178,7 +1178,8 @@ def _check_request(request: ChangeRequest) -> None:
             check_number("scale", action.scale, minimum=0, inclusive=False)
 
 
-def _check_run_id(value: str, field: str = "expected_run_id") -> None:
+def _check_id_size(value: str, field: str = "expected_run_id") -> None:
+    """A fence id (run id, incarnation) longer than any this server hands out: refused."""
     if len(value.encode()) > MAX_RUN_ID_BYTES:
         raise InvalidArgumentError(field, f"must be at most {MAX_RUN_ID_BYTES} bytes",
                                    f"{len(value.encode())} bytes")

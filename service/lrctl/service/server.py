@@ -102,15 +102,9 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
         port = 0
     if port:
         return port
-    check_free(address)
-    raise BindError(address, f"cannot listen on {address}: check the host and port")
-
-
-def check_free(address: str) -> None:
-    """Raise AddressInUseError if something already listens on `address`. The trainer asks
-    before it loads TensorFlow, so a second trainer on a port fails at once, not after it."""
     if _in_use(address):
         raise AddressInUseError(address, f"{address} is already in use: is another trainer running?")
+    raise BindError(address, f"cannot listen on {address}: check the host and port")
 
 
 def _set(servicer: health.HealthServicer, service: str, status: Any, sent: dict[str, Any]) -> None:
