@@ -33,7 +33,7 @@ COPY client client
 COPY service service
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install \
         --constraint docker/constraints.txt ".[service]" \
-    && python3 -c "import lrctl.service.server, keras, tensorflow"
+    && python3 -c "import lrctl.service.rpc.server, keras, tensorflow"
 
 # A fixed numeric non-root user, so Kubernetes' runAsNonRoot can verify it.
 RUN useradd --no-log-init --uid 10001 --user-group --create-home --shell /usr/sbin/nologin lrctl

@@ -156,11 +156,11 @@ def _trainer_main(steps_per_epoch: int, checkpoint_dir: str | None = None) -> No
     import keras
 
     from lrctl.service import TrainingControl
-    from lrctl.service.server import serve
+    from lrctl.service.rpc.server import serve
     model = seed_model()
     control = TrainingControl(model.optimizer, run_id="bench")
     if checkpoint_dir:  # its write-ahead log: every change fsynced before the answer
-        from lrctl.service.checkpoint import Checkpointer
+        from lrctl.service.training.checkpoints import Checkpointer
 
         Checkpointer(control, model, checkpoint_dir)
     x, y = seed_data(steps_per_epoch)

@@ -36,7 +36,7 @@ import keras
 import numpy as np
 
 from lrctl.service import TrainingControl
-from lrctl.service.server import serve
+from lrctl.service.rpc.server import serve
 
 VARIANTS = ("plain", "plain_twin", "keras_schedule", "lrctl_idle", "lrctl_changes", "assign_per_batch")
 BATCH = 32

@@ -9,7 +9,7 @@ training step pays, rather than throughput of evaluations run in parallel. The l
 cost is measured too (`loop_only`) and subtracted. `--jit-compile` compiles the loop with XLA
 (use more `--evals` there: an evaluation costs nanoseconds). `--baseline` measures another
 engine.py's ControllableSchedule alongside, in the same conditions (e.g. an earlier commit's:
-`git show COMMIT:service/lrctl/service/engine.py > /tmp/engine_before.py`).
+`git show COMMIT:service/lrctl/service/schedules/engine.py > /tmp/engine_before.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import tensorflow as tf
 
-from lrctl.service.engine import ControllableSchedule
+from lrctl.service.schedules.engine import ControllableSchedule
 
 S = keras.optimizers.schedules
 KINDS: dict[str, Any] = {

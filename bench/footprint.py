@@ -33,7 +33,7 @@ def _child(variant: str, steps: int) -> None:
     callbacks: list[Any] = []
     if variant == "lrctl":
         from lrctl.service import TrainingControl
-        from lrctl.service.server import serve
+        from lrctl.service.rpc.server import serve
 
         control = TrainingControl(model.optimizer)
         with serve(control.controller, "127.0.0.1:0"):

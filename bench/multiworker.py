@@ -1,5 +1,5 @@
 """What keeping every worker on the chief's schedule costs: the multi-worker demo
-(python -m lrctl.service.multi_worker, two processes on 127.0.0.1) with an exchange at every
+(python -m lrctl.service.apps.multi_worker, two processes on 127.0.0.1) with an exchange at every
 step boundary against one with none after the first (--sync-every huge), alternated.
 
     python bench/multiworker.py [--quick] [--rounds N] [--steps N]
@@ -44,7 +44,7 @@ def run_job(steps: int, sync_every: int) -> float:
             env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": "",
                    "TF_CPP_MIN_LOG_LEVEL": "3"}
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "lrctl.service.multi_worker", "--steps", str(steps),
+                [sys.executable, "-m", "lrctl.service.apps.multi_worker", "--steps", str(steps),
                  "--sync-every", str(sync_every)],
                 env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         outputs = [p.communicate(timeout=600)[1] for p in procs]

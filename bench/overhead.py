@@ -45,8 +45,8 @@ import keras
 from _common import BATCH, emit, median_ci, seed_data, seed_model
 
 from lrctl.service import TrainingControl
-from lrctl.service.integration import attach
-from lrctl.service.server import serve
+from lrctl.service.rpc.server import serve
+from lrctl.service.training.integration import attach
 
 VARIANTS = ("plain", "keras_schedule", "lrctl_schedule", "callback_only", "lrctl_full", "assign_per_batch")
 MODES = {"graph": {}, "jit": {"jit": True}, "spe8": {"steps_per_execution": 8}}

@@ -32,7 +32,7 @@ from _common import BATCH, emit, seed_data, seed_model
 
 from lrctl.client.schedules import to_schedule
 from lrctl.service import TrainingControl
-from lrctl.service.server import serve
+from lrctl.service.rpc.server import serve
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 

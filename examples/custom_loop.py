@@ -24,8 +24,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from lrctl.service import TrainingControl
-from lrctl.service.server import serve
+from lrctl.service import TrainingControl, serve
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

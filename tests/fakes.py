@@ -3,7 +3,7 @@ TensorFlow, holding whatever it was last loaded with."""
 
 from __future__ import annotations
 
-from lrctl.service.specs import ActiveSchedule
+from lrctl.service.schedules.specs import ActiveSchedule
 
 
 class MemoryTarget:

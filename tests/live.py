@@ -22,7 +22,7 @@ import tensorflow as tf
 from keras import ops
 
 from lrctl.service import TrainingControl
-from lrctl.service.server import serve
+from lrctl.service.rpc.server import serve
 
 
 class _Recorder(keras.callbacks.Callback):

@@ -28,7 +28,7 @@ from lrctl.client import (
     schedules,
 )
 from lrctl.service import TrainingControl
-from lrctl.service.server import serve
+from lrctl.service.rpc.server import serve
 
 LIMIT = 60.0  # a safety limit, never a timing check
 

@@ -22,9 +22,9 @@ from pki import make_pki
 from lrctl.client import LrctlError, TrainingControlClient, schedules
 from lrctl.client.client import tls_credentials
 from lrctl.service import TrainingControl
-from lrctl.service.auth import is_loopback, server_credentials
-from lrctl.service.journal import Journal, read
-from lrctl.service.server import serve
+from lrctl.service.rpc.auth import is_loopback, server_credentials
+from lrctl.service.rpc.journal import Journal, read
+from lrctl.service.rpc.server import serve
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 

@@ -20,9 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_trainer import GATED_TASK, LIMIT, _Trainer
 
 from lrctl.client import FailedPrecondition, TrainingControlClient, Unavailable, pb
-from lrctl.service import specs
-from lrctl.service.checkpoint import LATEST, write_json
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     ChangeRequest,
     ChangeStatus,
     Controller,
@@ -30,9 +28,11 @@ from lrctl.service.controller import (
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.errors import FailedPreconditionError, UnavailableError
-from lrctl.service.journal import read
-from lrctl.service.servicer import status_of
+from lrctl.service.control.errors import FailedPreconditionError, UnavailableError
+from lrctl.service.rpc.journal import read
+from lrctl.service.rpc.servicer import status_of
+from lrctl.service.schedules import specs
+from lrctl.service.training.checkpoints import LATEST, write_json
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 _START = specs.ActiveSchedule(specs.Constant(0.1))  # the engine's schedule in the controller-only tests
@@ -264,8 +264,8 @@ def test_checkpointer_in_user_fit_code_resumes_step_schedule_and_history(tmp_pat
     import keras
     import numpy as np
 
-    from lrctl.service.checkpoint import Checkpointer
-    from lrctl.service.integration import TrainingControl
+    from lrctl.service.training.checkpoints import Checkpointer
+    from lrctl.service.training.integration import TrainingControl
 
     def build() -> tuple[keras.Model, TrainingControl, Checkpointer]:
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
@@ -301,8 +301,8 @@ def test_apply_at_step_lands_exactly_at_its_step_with_checkpoints_every_few_step
     a checkpoint boundary landed one step late."""
     import tiny
 
-    from lrctl.service.checkpoint import Checkpointer
-    from lrctl.service.integration import TrainingControl
+    from lrctl.service.training.checkpoints import Checkpointer
+    from lrctl.service.training.integration import TrainingControl
 
     model = tiny.make_model(0.5)
     # No throttled publication reads the step in between: only the clock and the checkpoints do.

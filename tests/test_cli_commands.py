@@ -15,8 +15,8 @@ from pki import make_pki
 
 from lrctl.client import TrainingControlClient, cli
 from lrctl.service import Guardrails, TrainingControl
-from lrctl.service.auth import server_credentials
-from lrctl.service.server import serve
+from lrctl.service.rpc.auth import server_credentials
+from lrctl.service.rpc.server import serve
 
 TOKEN = "t" * 32
 

@@ -70,9 +70,9 @@ def test_the_controller_and_servicer_are_pure_python(subprocess_env: dict[str, s
     # engine and the Keras layer do, and `import lrctl.service` loads them lazily.
     imports = """
 import lrctl.service
-import lrctl.service.controller
-import lrctl.service.servicer
-import lrctl.service.server
-import lrctl.service.specs
+import lrctl.service.control.controller
+import lrctl.service.rpc.servicer
+import lrctl.service.rpc.server
+import lrctl.service.schedules.specs
 """
     assert _probe(imports, subprocess_env)["heavy"] == []

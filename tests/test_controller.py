@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lrctl.service import TrainingControl, attach, build_optimizer
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     ChangeRequest,
     ChangeStatus,
     Phase,
@@ -20,14 +20,14 @@ from lrctl.service.controller import (
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.engine import ControllableSchedule
-from lrctl.service.errors import (
+from lrctl.service.control.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     VersionConflictError,
     WaitTimeoutError,
 )
-from lrctl.service.specs import (
+from lrctl.service.schedules.engine import ControllableSchedule
+from lrctl.service.schedules.specs import (
     ActiveSchedule,
     Constant,
     ExponentialDecay,

@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 
 from lrctl.service import TrainingControl
-from lrctl.service.server import serve
+from lrctl.service.rpc.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 600  # seconds: a safety limit for a hung demo, not a timing check

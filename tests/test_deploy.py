@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from lrctl.client import cli
-from lrctl.service import trainer
+from lrctl.service.apps import trainer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -352,7 +352,7 @@ def test_multi_worker_job_names_its_workers_and_exposes_the_chief_alone() -> Non
     control = services[name]["spec"]
     assert control["selector"]["batch.kubernetes.io/job-completion-index"] == "0"
     assert control["ports"][0]["targetPort"] == "grpc" and ports["grpc"] == 50051
-    from lrctl.service import multi_worker  # TensorFlow: only this test needs it
+    from lrctl.service.apps import multi_worker  # TensorFlow: only this test needs it
 
     args = multi_worker._parse(shlex.split(script.partition("-m lrctl.service.multi_worker")[2]))
     assert args.listen == "0.0.0.0:50051" and args.checkpoint_dir == "/ckpt"

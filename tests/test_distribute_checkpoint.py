@@ -9,8 +9,13 @@ import tensorflow as tf
 from tiny import BATCH, fit, prediction_loss
 
 from lrctl.service import TrainingControl
-from lrctl.service.controller import ChangeRequest, PinLearningRate, ScaleLearningRate, SwapSchedule
-from lrctl.service.specs import ExponentialDecay, Origin, PiecewiseLinear
+from lrctl.service.control.controller import (
+    ChangeRequest,
+    PinLearningRate,
+    ScaleLearningRate,
+    SwapSchedule,
+)
+from lrctl.service.schedules.specs import ExponentialDecay, Origin, PiecewiseLinear
 
 
 def local_values(strategy, variable) -> list[np.ndarray]:

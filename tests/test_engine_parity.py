@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 from keras.optimizers import schedules as ks
 
-from lrctl.service import evaluate, specs
-from lrctl.service.engine import ControllableSchedule
-from lrctl.service.errors import InvalidArgumentError
-from lrctl.service.specs import CAPACITY, ActiveSchedule, Origin
+from lrctl.service.control.errors import InvalidArgumentError
+from lrctl.service.schedules import forms, specs
+from lrctl.service.schedules.engine import ControllableSchedule
+from lrctl.service.schedules.specs import CAPACITY, ActiveSchedule, Origin
 
 N_RANDOM = 20  # random parameter sets per kind
 STEPS = np.concatenate([np.arange(0, 5001), np.arange(10**6 - 64, 10**6 + 65)]).astype(np.int64)
@@ -148,11 +148,11 @@ def test_named_corner_cases_match_keras(engine):
 
 def test_every_form_is_used_and_constant_is_exact(engine):
     """Each spec picks its own form (one branch of the engine's switch per form)."""
-    forms = {evaluate.derive(ActiveSchedule(specs.as_spec(s))).form
+    forms = {forms.derive(ActiveSchedule(specs.as_spec(s))).form
              for kind in KINDS for s in _random_schedules(kind, seed=3)}
-    forms |= {evaluate.derive(ActiveSchedule(s)).form
+    forms |= {forms.derive(ActiveSchedule(s)).form
               for s in (specs.Constant(0.1), specs.PiecewiseLinear(((0, 0.1),)))}
-    assert forms == set(evaluate.FORMS)
+    assert forms == set(forms.FORMS)
     got = engine(specs.Constant(0.3), scale=0.5, steps=np.array([0, 1, 10**6]))
     np.testing.assert_array_equal(got, np.float32(0.15))
 
@@ -234,7 +234,7 @@ HOST_STEPS = np.concatenate([np.arange(0, 3000, 7), np.arange(10**6 - 8, 10**6 +
 
 @pytest.mark.parametrize("kind", [*KINDS, "PiecewiseLinear"])
 def test_the_host_evaluator_matches_the_graph(engine, kind):
-    """`evaluate.learning_rate` (no TensorFlow: learning_rate_after, the float32 checks)
+    """`forms.learning_rate` (no TensorFlow: learning_rate_after, the float32 checks)
     computes what the engine computes, origin and scale included."""
     if kind == "PiecewiseLinear":
         rng = np.random.default_rng(99)
@@ -245,7 +245,7 @@ def test_the_host_evaluator_matches_the_graph(engine, kind):
         cases = [specs.as_spec(s) for s in _random_schedules(kind, seed=KINDS.index(kind))]
     for index, spec in enumerate(cases):
         state = ActiveSchedule(spec, Origin.RESTART, origin_step=index * 13, scale=0.5 + index / 7)
-        got = np.array([evaluate.learning_rate(state, int(s)) for s in HOST_STEPS], np.float32)
+        got = np.array([forms.learning_rate(state, int(s)) for s in HOST_STEPS], np.float32)
         expected = engine(spec, Origin.RESTART, state.origin_step, state.scale, steps=HOST_STEPS)
         keep = _off_restart_boundaries(spec, HOST_STEPS - state.origin_step)
         assert keep.mean() > 0.95

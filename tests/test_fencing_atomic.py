@@ -11,7 +11,7 @@ from fakes import MemoryTarget
 from live import LiveTrainer
 
 from lrctl.client import FailedPrecondition, InvalidArgument, TrainingControlClient, pb, schedules
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     ChangeRequest,
     ChangeStatus,
     Controller,
@@ -19,9 +19,9 @@ from lrctl.service.controller import (
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.errors import InvalidArgumentError, RunIdMismatchError
-from lrctl.service.server import serve
-from lrctl.service.specs import ActiveSchedule, Constant, ExponentialDecay, Origin
+from lrctl.service.control.errors import InvalidArgumentError, RunIdMismatchError
+from lrctl.service.rpc.server import serve
+from lrctl.service.schedules.specs import ActiveSchedule, Constant, ExponentialDecay, Origin
 
 _START = ActiveSchedule(Constant(0.01), Origin.RESTART, 0, 1.0)  # the engine's schedule in the controller-only tests
 

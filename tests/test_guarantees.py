@@ -17,8 +17,8 @@ import tensorflow as tf
 from fakes import MemoryTarget
 
 from lrctl.client import FailedPrecondition, InvalidArgument, TrainingControlClient, pb
-from lrctl.service import TrainingControl, specs
-from lrctl.service.controller import (
+from lrctl.service import TrainingControl
+from lrctl.service.control.controller import (
     Boundaries,
     ChangeRequest,
     ChangeStatus,
@@ -27,8 +27,9 @@ from lrctl.service.controller import (
     PinLearningRate,
     ScaleLearningRate,
 )
-from lrctl.service.errors import InvalidArgumentError, UnavailableError
-from lrctl.service.server import serve
+from lrctl.service.control.errors import InvalidArgumentError, UnavailableError
+from lrctl.service.rpc.server import serve
+from lrctl.service.schedules import specs
 
 LIMIT = 120.0  # seconds: a safety limit for a hung call, never a timing check
 _START = specs.ActiveSchedule(specs.Constant(0.1))
@@ -278,7 +279,7 @@ def test_fences_on_the_process_and_retries_before_fences() -> None:
 def test_a_checkpoint_records_its_own_step(tmp_path: Any) -> None:
     import json
 
-    from lrctl.service.checkpoint import Checkpointer
+    from lrctl.service.training.checkpoints import Checkpointer
 
     model = _model()
     control = TrainingControl(model.optimizer, publish_interval=3600)  # readers' view lags the step

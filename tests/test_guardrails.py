@@ -21,11 +21,12 @@ from lrctl.client import (
     pb,
     schedules,
 )
-from lrctl.service import TrainingControl, evaluate, specs
-from lrctl.service.guardrails import Guardrails, RateLimiter
-from lrctl.service.journal import Journal, read
-from lrctl.service.server import serve
-from lrctl.service.specs import ActiveSchedule, Origin
+from lrctl.service import TrainingControl
+from lrctl.service.control.guardrails import Guardrails, RateLimiter
+from lrctl.service.rpc.journal import Journal, read
+from lrctl.service.rpc.server import serve
+from lrctl.service.schedules import forms, specs
+from lrctl.service.schedules.specs import ActiveSchedule, Origin
 
 LIMITS = Guardrails(min_learning_rate=1e-4, max_learning_rate=0.1, max_change_factor=4.0)
 
@@ -278,10 +279,10 @@ def test_extremes_match_every_step(spec) -> None:
         origin, start = rng.randint(-30, 60), rng.randint(0, 120)
         end = start + rng.randint(0, 150)
         state = ActiveSchedule(spec, Origin.RESTART, origin, rng.choice([1.0, 0.5, 3.0]))
-        got = evaluate.extremes(state, start, end)
-        every = np.array([evaluate.learning_rate(state, step) for step in range(start, end + 1)])
+        got = forms.extremes(state, start, end)
+        every = np.array([forms.learning_rate(state, step) for step in range(start, end + 1)])
         case = (origin, start, end, got)
         assert math.isclose(got.min_lr, every.min(), rel_tol=1e-6), case
         assert math.isclose(got.max_lr, every.max(), rel_tol=1e-6), case
         assert start <= got.min_step <= end and start <= got.max_step <= end, case
-        assert evaluate.learning_rate(state, got.max_step) == got.max_lr, case
+        assert forms.learning_rate(state, got.max_step) == got.max_lr, case

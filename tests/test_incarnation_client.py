@@ -14,8 +14,8 @@ from live import LiveTrainer
 
 from lrctl.client import FailedPrecondition, Scale, TrainingControlClient, aio, cli, pb, schedules
 from lrctl.service import Phase, TrainingControl
-from lrctl.service.controller import Boundaries
-from lrctl.service.server import serve
+from lrctl.service.control.controller import Boundaries
+from lrctl.service.rpc.server import serve
 
 LIMIT = 120.0  # seconds: a safety limit for a hung call, not a timing check
 WRONG = "not-this-process"

@@ -10,15 +10,15 @@ import pytest
 import tensorflow as tf
 
 from lrctl.service import TrainingControl, attach, build_optimizer, load_model
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     ChangeRequest,
     ChangeStatus,
     PinLearningRate,
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.engine import ControllableSchedule
-from lrctl.service.specs import ActiveSchedule, ExponentialDecay, Origin
+from lrctl.service.schedules.engine import ControllableSchedule
+from lrctl.service.schedules.specs import ActiveSchedule, ExponentialDecay, Origin
 
 _X = np.linspace(-1, 1, 3 * 64, dtype=np.float32).reshape(64, 3)
 _Y = (_X @ np.array([[0.5], [-1.0], [2.0]], np.float32)).astype(np.float32)

@@ -17,12 +17,18 @@ import tensorflow as tf
 from tiny import BATCH, WeightRecorder, data, fit, make_model, prediction_loss
 
 from lrctl.client import TrainingControlClient, pb
-from lrctl.service import TrainingControl, journal
-from lrctl.service.controller import ChangeRequest, ChangeStatus, ScaleLearningRate, SwapSchedule
-from lrctl.service.guardrails import Guardrails
-from lrctl.service.journal import Journal
-from lrctl.service.server import serve
-from lrctl.service.specs import ExponentialDecay
+from lrctl.service import TrainingControl
+from lrctl.service.control.controller import (
+    ChangeRequest,
+    ChangeStatus,
+    ScaleLearningRate,
+    SwapSchedule,
+)
+from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.rpc import journal
+from lrctl.service.rpc.journal import Journal
+from lrctl.service.rpc.server import serve
+from lrctl.service.schedules.specs import ExponentialDecay
 
 STEPS_PER_EPOCH = 4
 

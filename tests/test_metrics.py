@@ -20,9 +20,10 @@ import tiny
 
 from lrctl.client import TrainingControlClient
 from lrctl.client.errors import LrctlError
-from lrctl.service import TrainingControl, trainer
-from lrctl.service.metrics import TrainingMetrics, split_address
-from lrctl.service.server import serve
+from lrctl.service import TrainingControl
+from lrctl.service.apps import trainer
+from lrctl.service.observability.metrics import TrainingMetrics, split_address
+from lrctl.service.rpc.server import serve
 
 TOKEN = "metrics-test-token"
 SERVICE = "/lrctl.v1.TrainingControlService"
@@ -107,9 +108,9 @@ def test_metrics_of_a_starting_trainer_then_of_the_controller_bound_later() -> N
     from fakes import MemoryTarget
 
     from lrctl.client import pb
-    from lrctl.service import specs
-    from lrctl.service.controller import ChangeRequest, Controller, PinLearningRate
-    from lrctl.service.servicer import ControllerSlot
+    from lrctl.service.control.controller import ChangeRequest, Controller, PinLearningRate
+    from lrctl.service.rpc.servicer import ControllerSlot
+    from lrctl.service.schedules import specs
 
     slot = ControllerSlot(run_id="r", incarnation="i")
     metrics = TrainingMetrics(slot)
@@ -150,7 +151,7 @@ def test_trainer_serves_metrics_and_writes_tensorboard(
     """`lrctl-trainer --metrics-listen --tensorboard-dir`: the wiring, end to end."""
     board = tmp_path / "tb"
     process = subprocess.Popen(
-        [sys.executable, "-c", "from lrctl.service.trainer import main; raise SystemExit(main())",
+        [sys.executable, "-c", "from lrctl.service.apps.trainer import main; raise SystemExit(main())",
          "--demo", "--listen", "127.0.0.1:0", "--verbose", "0", "--metrics-listen", "127.0.0.1:0",
          "--tensorboard-dir", str(board)], stderr=subprocess.PIPE, text=True, env=subprocess_env)
     lines: list[str] = []

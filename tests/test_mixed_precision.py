@@ -14,14 +14,14 @@ import pytest
 from tiny import BATCH, WeightRecorder, fit, make_model, prediction_loss, weight
 
 from lrctl.service import TrainingControl, load_model
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     ChangeRequest,
     ChangeStatus,
     PinLearningRate,
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.specs import ExponentialDecay, Origin
+from lrctl.service.schedules.specs import ExponentialDecay, Origin
 
 
 @pytest.fixture(autouse=True)

@@ -35,7 +35,7 @@ def test_the_wheel_installs_only_under_the_lrctl_namespace(tmp_path: Path) -> No
     top_level = {n.split("/")[0] for n in names}
     assert "lrctl" in top_level
     assert all(t == "lrctl" or (t.startswith("lrctl-") and t.endswith(".dist-info")) for t in top_level)
-    for module in ("lrctl/v1/training_control_pb2.pyi", "lrctl/client/cli.py", "lrctl/service/engine.py",
+    for module in ("lrctl/v1/training_control_pb2.pyi", "lrctl/client/cli.py", "lrctl/service/schedules/engine.py",
                    "lrctl/client/py.typed", "lrctl/service/py.typed"):
         assert module in names
     assert "lrctl/__init__.py" not in names  # a namespace package: client and service merge

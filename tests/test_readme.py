@@ -65,7 +65,7 @@ def _run(block: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def trainer_target(subprocess_env: dict[str, str]) -> Iterator[str]:
     """A demo trainer in its own process, training, on a free port."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "lrctl.service.trainer", "--demo", "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "lrctl.service.apps.trainer", "--demo", "--listen", "127.0.0.1:0",
          "--verbose", "0"],
         env=subprocess_env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

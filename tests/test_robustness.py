@@ -29,7 +29,7 @@ from lrctl.client import (
     schedules,
 )
 from lrctl.service import TrainingControl
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     DEDUP_WINDOW,
     MAX_PENDING,
     ChangeRequest,
@@ -37,9 +37,9 @@ from lrctl.service.controller import (
     PinLearningRate,
     ScaleLearningRate,
 )
-from lrctl.service.errors import ApplyError, ResourceExhaustedError
-from lrctl.service.server import serve
-from lrctl.service.specs import ActiveSchedule, Constant, Origin
+from lrctl.service.control.errors import ApplyError, ResourceExhaustedError
+from lrctl.service.rpc.server import serve
+from lrctl.service.schedules.specs import ActiveSchedule, Constant, Origin
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 SERVICE = "lrctl.v1.TrainingControlService"

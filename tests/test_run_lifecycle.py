@@ -6,8 +6,8 @@ import pytest
 import tiny
 
 from lrctl.service import Phase, TrainingControl
-from lrctl.service.controller import ChangeRequest, ChangeStatus, PinLearningRate
-from lrctl.service.errors import FailedPreconditionError
+from lrctl.service.control.controller import ChangeRequest, ChangeStatus, PinLearningRate
+from lrctl.service.control.errors import FailedPreconditionError
 
 
 def test_a_lone_fit_is_the_whole_run() -> None:

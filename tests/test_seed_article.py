@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from lrctl.client import TrainingControlClient, pb, schedules
 from lrctl.service import TrainingControl
-from lrctl.service.server import serve
+from lrctl.service.rpc.server import serve
 
 
 class ArticleLoop:

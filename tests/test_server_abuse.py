@@ -25,9 +25,9 @@ from live import LiveTrainer
 
 from lrctl.client import TrainingControlClient, pb
 from lrctl.service import TrainingControl
-from lrctl.service.journal import Journal, read
-from lrctl.service.limits import RateLimitFilter, short
-from lrctl.service.server import (
+from lrctl.service.rpc.budgets import RateLimitFilter, short
+from lrctl.service.rpc.journal import Journal, read
+from lrctl.service.rpc.server import (
     MAX_OPEN_STREAMS,
     MAX_STREAMS,
     MAX_WAITERS,

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from lrctl.service import specs
-from lrctl.service.errors import InvalidArgumentError
-from lrctl.service.specs import CAPACITY
+from lrctl.service.control.errors import InvalidArgumentError
+from lrctl.service.schedules import specs
+from lrctl.service.schedules.specs import CAPACITY
 
 INVALID = [
     # (builder, field, rule fragment, received)

@@ -18,9 +18,9 @@ from live import state_until
 
 from lrctl.client import TrainingControlClient
 from lrctl.service import TrainingControl
-from lrctl.service.controller import ChangeRequest, PinLearningRate
-from lrctl.service.server import serve
-from lrctl.service.throughput import WINDOW, Throughput
+from lrctl.service.control.controller import ChangeRequest, PinLearningRate
+from lrctl.service.control.throughput import WINDOW, Throughput
+from lrctl.service.rpc.server import serve
 
 STEPS_PER_EPOCH = 8  # 64 samples, batch 8
 

@@ -12,8 +12,8 @@ import tensorflow as tf
 import tiny
 
 from lrctl.service import TrainingControl
-from lrctl.service.controller import ChangeRequest, PinLearningRate
-from lrctl.service.tensorboard import CHANGES_TAG, LR_TAG, TensorBoardLogger
+from lrctl.service.control.controller import ChangeRequest, PinLearningRate
+from lrctl.service.observability.tensorboard import CHANGES_TAG, LR_TAG, TensorBoardLogger
 
 
 def _events(logdir: Path) -> dict[str, list[tuple[int, object, str]]]:

@@ -10,7 +10,7 @@ import pytest
 from tiny import fit, make_model
 
 from lrctl.service import TrainingControl
-from lrctl.service.controller import ChangeRequest, ChangeStatus, PinLearningRate
+from lrctl.service.control.controller import ChangeRequest, ChangeStatus, PinLearningRate
 
 THREADS = 4
 PER_THREAD = 12

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from lrctl.client import TrainingControlClient, pb
-from lrctl.service import trainer
+from lrctl.service.apps import trainer
 
-TRAINER = [sys.executable, "-c", "from lrctl.service.trainer import main; raise SystemExit(main())"]
+TRAINER = [sys.executable, "-c", "from lrctl.service.apps.trainer import main; raise SystemExit(main())"]
 LIMIT = 120  # seconds: a safety limit for a hung process, never a timing check
 
 
@@ -136,14 +136,14 @@ def test_cli_reports_a_change_the_trainer_rejects_once(subprocess_env: dict[str,
 
 
 def test_help_answers_without_importing_tensorflow(subprocess_env: dict[str, str]) -> None:
-    help_run = subprocess.run([sys.executable, "-m", "lrctl.service.trainer", "--help"],
+    help_run = subprocess.run([sys.executable, "-m", "lrctl.service.apps.trainer", "--help"],
                               env=subprocess_env, capture_output=True, text=True, timeout=LIMIT,
                               check=False)  # fmt: skip
     assert help_run.returncode == 0, help_run.stderr
     assert "--model MODULE:FUNCTION" in help_run.stdout
     check = textwrap.dedent("""
         import sys
-        from lrctl.service import trainer
+        from lrctl.service.apps import trainer
         try:
             trainer.main(["--help"])
         except SystemExit as e:
@@ -234,7 +234,7 @@ class NotInstalled:
         return None
 
 sys.meta_path.insert(0, NotInstalled())
-from lrctl.service.trainer import main
+from lrctl.service.apps.trainer import main
 raise SystemExit(main())
 """
 
@@ -250,7 +250,7 @@ def test_client_only_install_says_what_to_install(subprocess_env: dict[str, str]
 
 
 def test_default_listen_address_is_the_servers() -> None:
-    from lrctl.service import server
+    from lrctl.service.rpc import server
 
     assert trainer.DEFAULT_ADDRESS == server.DEFAULT_ADDRESS
 
@@ -268,7 +268,7 @@ def test_a_secured_trainer_with_guardrails_and_a_journal_and_a_second_on_its_por
     subprocess_env: dict[str, str], tmp_path: Path,
 ) -> None:
     from lrctl.client import FailedPrecondition, Unauthenticated
-    from lrctl.service.journal import read
+    from lrctl.service.rpc.journal import read
 
     token = tmp_path / "token"
     token.write_text("s3cret-token-for-the-test\n")
@@ -317,7 +317,7 @@ def test_tls_alone_beyond_loopback_is_refused(subprocess_env: dict[str, str], tm
 def test_a_port_in_use_fails_at_once_before_tensorflow_loads(subprocess_env: dict[str, str]) -> None:
     check = textwrap.dedent("""
         import sys
-        from lrctl.service.trainer import main
+        from lrctl.service.apps.trainer import main
         code = main(sys.argv[1:])
         loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ("tensorflow", "keras"))
         print(code, loaded)

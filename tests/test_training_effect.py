@@ -14,14 +14,14 @@ import pytest
 from tiny import fit, make_model, weight
 
 from lrctl.service import TrainingControl
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     ChangeRequest,
     ChangeStatus,
     PinLearningRate,
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.specs import (
+from lrctl.service.schedules.specs import (
     CosineDecay,
     ExponentialDecay,
     Origin,

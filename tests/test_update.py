@@ -23,7 +23,7 @@ from lrctl.client import (
     schedules,
 )
 from lrctl.service import TrainingControl
-from lrctl.service.server import serve
+from lrctl.service.rpc.server import serve
 
 LIMIT = 120.0  # seconds: a safety limit for a hung call, not a timing check
 

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from fakes import MemoryTarget
 
-from lrctl.service import specs
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     Change,
     ChangeRequest,
     ChangeStatus,
@@ -25,9 +24,14 @@ from lrctl.service.controller import (
     PinLearningRate,
     ScaleLearningRate,
 )
-from lrctl.service.errors import FailedPreconditionError, UnavailableError, VersionConflictError
-from lrctl.service.journal import Journal, read
-from lrctl.service.wal import WriteAheadLog, after
+from lrctl.service.control.errors import (
+    FailedPreconditionError,
+    UnavailableError,
+    VersionConflictError,
+)
+from lrctl.service.control.wal import WriteAheadLog, after
+from lrctl.service.rpc.journal import Journal, read
+from lrctl.service.schedules import specs
 
 _START = specs.ActiveSchedule(specs.Constant(0.1))
 
@@ -79,7 +83,7 @@ def test_a_failed_append_counts_for_nothing(tmp_path: Path, monkeypatch: pytest.
             raise OSError(errno.ENOSPC, "No space left on device")
         fsync(fd)
 
-    monkeypatch.setattr("lrctl.service.wal.os.fsync", full_once)
+    monkeypatch.setattr("lrctl.service.control.wal.os.fsync", full_once)
     with pytest.raises(OSError):
         log.append([{"a": 2}, {"a": 3}])
     monkeypatch.undo()
@@ -94,7 +98,7 @@ def test_a_batch_that_cannot_be_cut_back_refuses_every_later_append(
     def broken(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr("lrctl.service.wal.os.fsync", broken)
+    monkeypatch.setattr("lrctl.service.control.wal.os.fsync", broken)
     with pytest.raises(OSError):
         log.append([{"a": 1}])
     monkeypatch.undo()

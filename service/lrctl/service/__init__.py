@@ -11,25 +11,31 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lrctl.service.controller import Controller, Phase
-    from lrctl.service.engine import ControllableSchedule
-    from lrctl.service.guardrails import Guardrails
-    from lrctl.service.integration import TrainingControl, attach, build_optimizer
-    from lrctl.service.saving import load_model
-    from lrctl.service.specs import Origin
+    from lrctl.service.control.controller import Controller, Phase
+    from lrctl.service.control.guardrails import Guardrails
+    from lrctl.service.rpc.server import serve
+    from lrctl.service.schedules.engine import ControllableSchedule
+    from lrctl.service.schedules.keras_file import load_model
+    from lrctl.service.schedules.specs import Origin
+    from lrctl.service.training.checkpoints import Checkpointer
+    from lrctl.service.training.integration import TrainingControl, attach, build_optimizer
 
+# Each public name, lazily from its home: `import lrctl.service` stays free of TensorFlow.
 _HOMES = {
-    "Controller": "controller",
-    "Phase": "controller",
-    "ControllableSchedule": "engine",
-    "Guardrails": "guardrails",
-    "TrainingControl": "integration",
-    "attach": "integration",
-    "build_optimizer": "integration",
-    "load_model": "saving",
-    "Origin": "specs",
+    "Checkpointer": "training.checkpoints",
+    "ControllableSchedule": "schedules.engine",
+    "Controller": "control.controller",
+    "Guardrails": "control.guardrails",
+    "Origin": "schedules.specs",
+    "Phase": "control.controller",
+    "TrainingControl": "training.integration",
+    "attach": "training.integration",
+    "build_optimizer": "training.integration",
+    "load_model": "schedules.keras_file",
+    "serve": "rpc.server",
 }
 __all__ = [
+    "Checkpointer",
     "ControllableSchedule",
     "Controller",
     "Guardrails",
@@ -39,6 +45,7 @@ __all__ = [
     "attach",
     "build_optimizer",
     "load_model",
+    "serve",
 ]
 
 

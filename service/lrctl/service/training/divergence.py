@@ -19,8 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lrctl.service.engine import ControllableSchedule
-from lrctl.service.specs import ActiveSchedule
+from lrctl.service.schedules.engine import ControllableSchedule
+from lrctl.service.schedules.specs import ActiveSchedule
 
 
 @dataclass

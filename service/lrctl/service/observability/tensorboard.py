@@ -28,9 +28,9 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from lrctl.service.controller import Change, ChangeStatus
-from lrctl.service.integration import TrainingControl
-from lrctl.service.limits import short
+from lrctl.service.control.controller import Change, ChangeStatus
+from lrctl.service.rpc.budgets import short
+from lrctl.service.training.integration import TrainingControl
 
 LR_TAG = "learning_rate"
 CHANGES_TAG = "lrctl/changes"

@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lrctl.service import specs
-from lrctl.service.specs import CAPACITY, ActiveSchedule
+from lrctl.service.schedules import specs
+from lrctl.service.schedules.specs import CAPACITY, ActiveSchedule
 
 #: Most coefficients a form has.
 NUM_COEFFICIENTS = 8

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from lrctl.service.errors import ResourceExhaustedError
-from lrctl.service.guardrails import RateLimiter
-from lrctl.service.limits import short
+from lrctl.service.control.errors import ResourceExhaustedError
+from lrctl.service.control.guardrails import RateLimiter
+from lrctl.service.rpc.budgets import short
 
 if TYPE_CHECKING:
-    from lrctl.service.controller import Snapshot
+    from lrctl.service.control.controller import Snapshot
 
 
 #: Refused calls journaled a minute at most (and as a burst); the rest are only counted. At

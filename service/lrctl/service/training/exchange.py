@@ -20,11 +20,11 @@ from typing import Protocol
 import numpy as np
 import tensorflow as tf
 
-from lrctl.service.controller import WorkerState
+from lrctl.service.control.controller import WorkerState
 
 
 class PackedEngine(Protocol):
-    """The engine's variables as one int64 vector (lrctl.service.packing)."""
+    """The engine's variables as one int64 vector (lrctl.service.schedules.packing)."""
 
     def read_packed(self) -> np.ndarray: ...
     def load_packed(self, vector: np.ndarray) -> None: ...

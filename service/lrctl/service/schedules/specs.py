@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
-from lrctl.service.errors import InvalidArgumentError
+from lrctl.service.control.errors import InvalidArgumentError
 
 #: Most boundaries (PiecewiseConstantDecay) or knots (PiecewiseLinear) one schedule may have.
 #: Variable-length parameters live in fixed-size variables so that a swap never retraces.

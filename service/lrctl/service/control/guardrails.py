@@ -3,7 +3,7 @@
 Pure Python. The controller checks a change when it arrives, against the state it will meet
 (the pending changes due before it applied first), and again at the step boundary where it
 applies: its learning rate must stay within the bounds at every step of the trainer's horizon
-(exact extremes, `evaluate.extremes`). A refused change names its rule.
+(exact extremes, `forms.extremes`). A refused change names its rule.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrctl.service import evaluate
-from lrctl.service.errors import FailedPreconditionError, ResourceExhaustedError
-from lrctl.service.specs import ActiveSchedule, check_number
+from lrctl.service.control.errors import FailedPreconditionError, ResourceExhaustedError
+from lrctl.service.schedules import forms
+from lrctl.service.schedules.specs import ActiveSchedule, check_number
 
 #: Points at which a validate_only request's preview shows the learning rate.
 POINTS = 33
@@ -81,10 +81,10 @@ class Guardrails:
                 raise _refused("min_learning_rate", f"the learning rate would be {lr:g} at step {step}, "
                                f"below the trainer's min_learning_rate {self.min_learning_rate:g}")
 
-    def check_schedule(self, state: ActiveSchedule, step: int) -> evaluate.Extremes:
+    def check_schedule(self, state: ActiveSchedule, step: int) -> forms.Extremes:
         """Refuse `state` if its learning rate leaves [min, max] at any step of the horizon
         from `step` (exactly: its extremes there); return them."""
-        extremes = evaluate.extremes(state, step, step + self.horizon_steps)
+        extremes = forms.extremes(state, step, step + self.horizon_steps)
         self.check_bounds([(extremes.max_step, extremes.max_lr), (extremes.min_step, extremes.min_lr)])
         return extremes
 
@@ -109,7 +109,7 @@ def sample(state: ActiveSchedule, start: int, horizon: int) -> list[tuple[int, f
     """(step, learning rate) at POINTS steps spread evenly over [start, start + horizon]: a
     preview to draw, not a check."""
     steps = np.unique(start + np.round(np.arange(POINTS) * (horizon / (POINTS - 1))).astype(np.int64))
-    return list(zip(steps.tolist(), evaluate.learning_rates(state, steps).tolist()))
+    return list(zip(steps.tolist(), forms.learning_rates(state, steps).tolist()))
 
 
 class RateLimiter:

@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 # Pure Python. TensorFlow, Keras and the server load only after the command line is checked:
 # `--help` and usage errors answer at once, and a client-only install gets a clear message.
-from lrctl.service import specs
+from lrctl.service.schedules import specs
 
 if TYPE_CHECKING:
     import keras
 
-    from lrctl.service.checkpoint import Checkpointer
-    from lrctl.service.guardrails import Guardrails
-    from lrctl.service.integration import TrainingControl
-    from lrctl.service.journal import Journal
-    from lrctl.service.servicer import ControllerSlot
+    from lrctl.service.control.guardrails import Guardrails
+    from lrctl.service.rpc.journal import Journal
+    from lrctl.service.rpc.servicer import ControllerSlot
+    from lrctl.service.training.checkpoints import Checkpointer
+    from lrctl.service.training.integration import TrainingControl
 
 logger = logging.getLogger("lrctl.trainer")
 UNTIL_STOPPED_EPOCHS = 1_000_000
@@ -180,7 +180,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _security(args: argparse.Namespace) -> dict[str, Any]:
     """serve()'s token and TLS arguments, or a usage error; checked before TensorFlow loads."""
-    from lrctl.service import auth
+    from lrctl.service.rpc import auth
 
     def token(path: str | None, variable: str) -> list[str]:
         try:
@@ -211,7 +211,7 @@ def _security(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _guardrails(args: argparse.Namespace) -> Guardrails:
-    from lrctl.service.guardrails import Guardrails  # numpy: the [service] extra
+    from lrctl.service.control.guardrails import Guardrails  # numpy: the [service] extra
 
     try:
         return Guardrails(min_learning_rate=args.min_learning_rate,
@@ -306,7 +306,7 @@ def _stop_callbacks(control: TrainingControl, stop: threading.Event,
     here, not at module level, because subclassing Keras's Callback imports TensorFlow."""
     import keras
 
-    from lrctl.service.controller import Phase
+    from lrctl.service.control.controller import Phase
 
     class StopOnSignal(keras.callbacks.Callback):
         """Ends `fit` at the next step boundary once a signal arrived (the running batch
@@ -352,7 +352,7 @@ def _metrics(args: argparse.Namespace, slot: ControllerSlot, stack: contextlib.E
         if args.metrics_listen.startswith(("unix:", "unix-abstract:")):
             raise _UsageError("--metrics-listen must be HOST:PORT")
         try:
-            from lrctl.service.metrics import TrainingMetrics, split_address
+            from lrctl.service.observability.metrics import TrainingMetrics, split_address
         except ModuleNotFoundError as e:
             raise _UsageError(f"{e.name} is not installed; --metrics-listen needs the service "
                               'extra: pip install "lrctl[service]"') from None
@@ -373,7 +373,7 @@ def _tensorboard(args: argparse.Namespace, control: TrainingControl, stack: cont
     if args.tensorboard_dir:
         if args.tensorboard_every < 1:
             raise _UsageError("--tensorboard-every must be at least 1")
-        from lrctl.service.tensorboard import TensorBoardLogger
+        from lrctl.service.observability.tensorboard import TensorBoardLogger
 
         board = TensorBoardLogger(control, args.tensorboard_dir, every=args.tensorboard_every)
         stack.callback(board.close)
@@ -384,7 +384,7 @@ def _tensorboard(args: argparse.Namespace, control: TrainingControl, stack: cont
 def _check_locations(args: argparse.Namespace) -> None:
     """Refuse a checkpoint folder or journal location that cannot be written (read-only, full)
     before training starts, not at the first checkpoint hours later."""
-    from lrctl.service.disk import CheckpointError, check_writable
+    from lrctl.service.control.disk import CheckpointError, check_writable
 
     folders = {"--checkpoint-dir": args.checkpoint_dir,
                "--journal": os.path.dirname(os.path.abspath(args.journal)) if args.journal else None}
@@ -406,7 +406,7 @@ def _pointer_run_id(directory: str | None) -> str | None:
         with open(os.path.join(directory, CHECKPOINT_POINTER), encoding="utf-8") as f:
             return str(json.load(f).get("run_id") or "")
     except FileNotFoundError:
-        from lrctl.service import wal  # pure Python
+        from lrctl.service.control import wal  # pure Python
 
         records, _, _ = wal.read_clean(os.path.join(directory, wal.WAL_NAME))
         return str(records[-1].get("run_id") or "") if records else None
@@ -416,9 +416,9 @@ def _pointer_run_id(directory: str | None) -> str | None:
 
 def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
            security: dict[str, Any], limits: Guardrails) -> None:
-    from lrctl.service.journal import Journal
-    from lrctl.service.server import BindError, serve
-    from lrctl.service.servicer import ControllerSlot
+    from lrctl.service.rpc.journal import Journal
+    from lrctl.service.rpc.server import BindError, serve
+    from lrctl.service.rpc.servicer import ControllerSlot
 
     # Served before TensorFlow loads and the model is built (seconds): health and the state say
     # STARTING, so a starting trainer is told from a dead one. Its run id and incarnation are
@@ -459,8 +459,8 @@ def _fit(args: argparse.Namespace, initial: specs.ScheduleSpec | None, limits: G
     the goal (`--steps`, `--epochs`) was reached already: nothing trained, nothing saved."""
     import tensorflow as tf
 
-    from lrctl.service import demo
-    from lrctl.service.integration import TrainingControl
+    from lrctl.service.apps import demo
+    from lrctl.service.training.integration import TrainingControl
 
     _use_devices(args.no_memory_growth)
     model, data = demo.build() if args.demo else _load(args.model)
@@ -494,7 +494,7 @@ def _fit(args: argparse.Namespace, initial: specs.ScheduleSpec | None, limits: G
 
         # -- checkpoints (issue #8): resume, then save every N steps and when fit returns --
         if args.checkpoint_dir:
-            from lrctl.service.checkpoint import Checkpointer, CheckpointError
+            from lrctl.service.training.checkpoints import Checkpointer, CheckpointError
 
             try:
                 checkpoints = Checkpointer(control, model, args.checkpoint_dir, every=args.checkpoint_every,

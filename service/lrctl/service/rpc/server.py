@@ -4,7 +4,7 @@
 Health: the overall service "" is SERVING for as long as the server runs (a liveness probe);
 "lrctl.v1.TrainingControlService" is SERVING only while training (a readiness probe). The
 controller may come later (a `ControllerSlot`): until then the state is STARTING.
-Beyond loopback it needs a token or mutual TLS, or `insecure=True` (lrctl.service.auth.exposed).
+Beyond loopback it needs a token or mutual TLS, or `insecure=True` (lrctl.service.rpc.auth.exposed).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lrctl.service.auth import DeniedHook, TokenAuth, exposed
-from lrctl.service.controller import Controller, Phase
-from lrctl.service.journal import Journal
-from lrctl.service.limits import StreamLimiter, rate_limit_logs
-from lrctl.service.servicer import ControllerSlot, TrainingControlServicer
+from lrctl.service.control.controller import Controller, Phase
+from lrctl.service.rpc.auth import DeniedHook, TokenAuth, exposed
+from lrctl.service.rpc.budgets import StreamLimiter, rate_limit_logs
+from lrctl.service.rpc.journal import Journal
+from lrctl.service.rpc.servicer import ControllerSlot, TrainingControlServicer
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
@@ -143,14 +143,14 @@ def serve(controller: Controller | ControllerSlot, address: str = DEFAULT_ADDRES
     `controller`: a Controller, or a ControllerSlot to bind one into later (lrctl-trainer
     serves while TensorFlow loads): until then, the state is STARTING, readiness NOT_SERVING,
     and calls that need the controller get UNAVAILABLE. `journal`: where every mutation
-    attempt is recorded (see lrctl.service.journal).
-    `write_tokens`/`read_tokens`: bearer tokens of each role (see lrctl.service.auth); none:
-    no authentication. `credentials`: TLS (lrctl.service.auth.server_credentials); None:
+    attempt is recorded (see lrctl.service.rpc.journal).
+    `write_tokens`/`read_tokens`: bearer tokens of each role (see lrctl.service.rpc.auth); none:
+    no authentication. `credentials`: TLS (lrctl.service.rpc.auth.server_credentials); None:
     plaintext. `insecure`: allow an address beyond loopback with neither a token nor mutual
     TLS. `health_address`: also serve the health service alone, plaintext, there (for
     kubelet's native gRPC probes, which cannot speak TLS; it tells only SERVING or not).
     `extra_interceptors`: server interceptors, run first (outermost), so they see
-    every call, refused ones included (e.g. lrctl.service.metrics' RPC counter).
+    every call, refused ones included (e.g. lrctl.service.observability.metrics' RPC counter).
 
     Raises ValueError for an address beyond loopback (e.g. 0.0.0.0) without a token or mutual
     TLS, unless `insecure`: anyone who reaches it could change the learning rate. Raises
@@ -162,7 +162,7 @@ def serve(controller: Controller | ControllerSlot, address: str = DEFAULT_ADDRES
         raise ValueError(
             f"refusing to serve on {address} without authentication: anyone who can reach it "
             "could change the learning rate (TLS alone does not say who may connect). Pass "
-            "write_tokens=[token], or mutual-TLS credentials (lrctl.service.auth."
+            "write_tokens=[token], or mutual-TLS credentials (lrctl.service.rpc.auth."
             "server_credentials(cert, key, client_ca=...)), or insecure=True to accept the risk.")
     rate_limit_logs(("grpc._server", "grpc._common"), LOG_INTERVAL)
     slot = controller if isinstance(controller, ControllerSlot) else ControllerSlot(controller)

@@ -22,8 +22,8 @@ import h5py
 import keras
 import numpy as np
 
-from lrctl.service.engine import ControllableSchedule
-from lrctl.service.integration import _lr_owner, attach
+from lrctl.service.schedules.engine import ControllableSchedule
+from lrctl.service.training.integration import _lr_owner, attach
 
 _WEIGHTS = "model.weights.h5"  # the weights inside a .keras zip archive
 _SKIPPED = "Skipping variable loading for optimizer"  # Keras's warning, moot once restored

@@ -56,13 +56,13 @@ import h5py
 import keras
 import numpy as np
 
-from lrctl.service import wal
-from lrctl.service.controller import STATE_FORMAT
-from lrctl.service.disk import MIN_FREE_BYTES, CheckpointError, check_writable, free_bytes
-from lrctl.service.disk import fsync_path as _fsync_path
-from lrctl.service.disk import remove as _remove
-from lrctl.service.disk import write_bytes as _write_bytes
-from lrctl.service.integration import TrainingControl
+from lrctl.service.control import wal
+from lrctl.service.control.controller import STATE_FORMAT
+from lrctl.service.control.disk import MIN_FREE_BYTES, CheckpointError, check_writable, free_bytes
+from lrctl.service.control.disk import fsync_path as _fsync_path
+from lrctl.service.control.disk import remove as _remove
+from lrctl.service.control.disk import write_bytes as _write_bytes
+from lrctl.service.training.integration import TrainingControl
 
 logger = logging.getLogger("lrctl.checkpoint")
 

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lrctl.service import evaluate, guardrails
-from lrctl.service.errors import (
+from lrctl.service.control import guardrails
+from lrctl.service.control.errors import (
     ApplyError,
     FailedPreconditionError,
     IncarnationMismatchError,
@@ -36,8 +36,10 @@ from lrctl.service.errors import (
     VersionConflictError,
     WaitTimeoutError,
 )
-from lrctl.service.guardrails import NO_GUARDRAILS, Guardrails, RateLimiter
-from lrctl.service.specs import (
+from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails, RateLimiter
+from lrctl.service.control.throughput import Throughput
+from lrctl.service.schedules import forms
+from lrctl.service.schedules.specs import (
     FLOAT32_MAX,
     ActiveSchedule,
     Constant,
@@ -46,7 +48,6 @@ from lrctl.service.specs import (
     check_number,
     spec_from_config,
 )
-from lrctl.service.throughput import Throughput
 
 logger = logging.getLogger("lrctl.controller")
 
@@ -271,7 +272,7 @@ class Snapshot:
     epoch_start_step: int | None = None
     #: How many engine evaluations clamped the LR into the guardrails' bounds (engine.py).
     lr_clamp_count: int = 0
-    #: Checkpoint writes that failed in this process (lrctl.service.checkpoint).
+    #: Checkpoint writes that failed in this process (lrctl.service.training.checkpoints).
     checkpoint_failures: int = 0
     #: The error of the last checkpoint attempt if it failed; "" after a success or none yet.
     checkpoint_error: str = ""
@@ -459,7 +460,7 @@ class Controller:
             before = self._state_before(start, snap.step)
             after, lr_after = _check_change(request.action, before, start, self.guardrails)
             if not request.force:
-                self.guardrails.check_factor(evaluate.learning_rate(before, start), lr_after, start)
+                self.guardrails.check_factor(forms.learning_rate(before, start), lr_after, start)
             missed = at is not None and (at < snap.step or at <= self._boundary_step)
             if at is not None and missed and validate_only:
                 raise self._missed_error(at, snap.step)
@@ -578,7 +579,7 @@ class Controller:
                                                                           self._snapshot.run_id)
             self._snapshot = dataclasses.replace(
                 self._snapshot, run_id=run_id, step=step, epoch=int(data.get("epoch", 0)), schedule=self._state,
-                version=self._version, learning_rate=evaluate.learning_rate(self._state, step),
+                version=self._version, learning_rate=forms.learning_rate(self._state, step),
                 updated_time=self._clock())
             self._republish(pending=True, history=True)
 
@@ -935,7 +936,7 @@ class Controller:
                 request=ChangeRequest(RevertSchedule(state), reason=f"restored: a checkpoint brought "
                                       f"back the schedule of its version {saved}"),
                 requested_time=now, version=version, applied_step=step,
-                learning_rate_after=evaluate.learning_rate(state, step), schedule_after=state,
+                learning_rate_after=forms.learning_rate(state, step), schedule_after=state,
                 applied_time=now)
         self._log_after([change])  # the restore has happened: a refused record is only reported
         with self._cond:
@@ -1005,7 +1006,7 @@ class Controller:
         watchers see it like a client's change. `state` is loaded exactly, origin step and
         scale included. No guardrail or rate limit applies: it restores a schedule that was
         in force. Raises what the engine or the write-ahead log raises; then nothing is in force."""
-        lr = evaluate.learning_rate(state, step)
+        lr = forms.learning_rate(state, step)
         with self._cond:
             version = self._top_version() + 1  # only the training thread moves it: no race below
             now = self._clock()
@@ -1326,13 +1327,13 @@ def _check_change(action: Action, state: ActiveSchedule, step: int,
             "scale" if isinstance(action, SwapSchedule) else field,
             f"would make the cumulative scale {after.scale:g}, outside float32's normal range",
             getattr(action, "factor", None) if not isinstance(action, SwapSchedule) else action.scale)
-    extremes = evaluate.extremes(after, step, step + limits.horizon_steps)
+    extremes = forms.extremes(after, step, step + limits.horizon_steps)
     for at, lr in ((extremes.max_step, extremes.max_lr), (extremes.min_step, extremes.min_lr)):
-        if not evaluate.is_finite_float32(lr):
+        if not forms.is_finite_float32(lr):
             raise InvalidArgumentError(field, f"would make the learning rate {lr} at step {at} in "
                                        "float32, the precision training uses", action.describe())
     limits.check_bounds([(extremes.max_step, extremes.max_lr), (extremes.min_step, extremes.min_lr)])
-    return after, evaluate.learning_rate(after, step)
+    return after, forms.learning_rate(after, step)
 
 
 def _late_error(due: int, step: int) -> FailedPreconditionError:

@@ -3,7 +3,7 @@
 The compiled train step reads these variables each step, so swapping the schedule, pinning
 or scaling the LR is a handful of variable assignments: no retrace, under `jit_compile`,
 `steps_per_execution` and `tf.distribute` alike. The LR is computed with `keras.ops` by the
-active form of `evaluate.FORMS` (picked by a switch on a variable) from float32 coefficients
+active form of `forms.FORMS` (picked by a switch on a variable) from float32 coefficients
 that `load` derives on the host, scale included, so a step runs a Keras schedule's few ops.
 """
 
@@ -21,13 +21,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from lrctl.service import evaluate, specs
-from lrctl.service.evaluate import NUM_COEFFICIENTS, Form
-from lrctl.service.specs import CAPACITY, ActiveSchedule, Origin, ScheduleSpec
+from lrctl.service.schedules import forms, specs
+from lrctl.service.schedules.forms import NUM_COEFFICIENTS, Form
+from lrctl.service.schedules.specs import CAPACITY, ActiveSchedule, Origin, ScheduleSpec
 
 _NUM_PARAMS = 8
-_FORMS = tuple(evaluate.FORMS.values())
-_FORM_INDEX = {name: i for i, name in enumerate(evaluate.FORMS)}
+_FORMS = tuple(forms.FORMS.values())
+_FORM_INDEX = {name: i for i, name in enumerate(forms.FORMS)}
 #: Reading a scalar field back from float64 (which holds every valid value exactly).
 _FROM_FLOAT64: dict[str, Callable[[float], Any]] = {
     "float": float, "int": round, "bool": bool, "float | None": lambda x: None if math.isnan(x) else x,
@@ -39,10 +39,10 @@ def _encode(state: ActiveSchedule) -> dict[str, np.ndarray]:
 
     `params`, `values` and `count` hold the spec as given, only to read it back: a scalar kind's
     fields in declaration order (None as NaN) or a knot kind's values. The graph reads the
-    derived float32 `coefficients`, `rates` and `slopes` (see `evaluate.derive`) and `steps`.
+    derived float32 `coefficients`, `rates` and `slopes` (see `forms.derive`) and `steps`.
     """
     spec = state.spec
-    derived = evaluate.derive(state)
+    derived = forms.derive(state)
     params = np.zeros(_NUM_PARAMS, np.float64)
     values = np.zeros(CAPACITY + 1, np.float64)
     count = 0
@@ -60,7 +60,7 @@ def _encode(state: ActiveSchedule) -> dict[str, np.ndarray]:
         values[: len(raw)] = raw
     coefficients = np.zeros(NUM_COEFFICIENTS, np.float32)
     coefficients[: len(derived.coefficients)] = [
-        derived.coefficients[name] for name in evaluate.FORMS[derived.form].coefficients
+        derived.coefficients[name] for name in forms.FORMS[derived.form].coefficients
     ]
     return {
         "kind": np.asarray(_FORM_INDEX[derived.form], np.int32), "params": params,
@@ -273,7 +273,7 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
         return compute
 
-    # -- the `.keras` format (see lrctl.service.saving) ----------------------------------------
+    # -- the `.keras` format (see lrctl.service.schedules.keras_file) ----------------------------------------
     #: Set by `attach`: the optimizer that holds this schedule and tracks its variables.
     optimizer_ref: weakref.ReferenceType[Any] | None = None
     #: Set by `attach`: variables of that optimizer that hold no state (the float LR replaced).

@@ -23,8 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lrctl.service import evaluate, specs
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     Boundaries,
     Change,
     ChangeRequest,
@@ -33,18 +32,19 @@ from lrctl.service.controller import (
     Phase,
     PinLearningRate,
 )
-from lrctl.service.divergence import DivergenceGuard, Window
-from lrctl.service.engine import ControllableSchedule
-from lrctl.service.errors import (
+from lrctl.service.control.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from lrctl.service.guardrails import NO_GUARDRAILS, Guardrails
-from lrctl.service.limits import short
-from lrctl.service.packing import Packer
-from lrctl.service.specs import ActiveSchedule, Constant
-from lrctl.service.workers import WorkerSync, worker_count
+from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
+from lrctl.service.rpc.budgets import short
+from lrctl.service.schedules import forms, specs
+from lrctl.service.schedules.engine import ControllableSchedule
+from lrctl.service.schedules.packing import Packer
+from lrctl.service.schedules.specs import ActiveSchedule, Constant
+from lrctl.service.training.divergence import DivergenceGuard, Window
+from lrctl.service.training.exchange import WorkerSync, worker_count
 
 logger = logging.getLogger("lrctl")
 
@@ -313,7 +313,7 @@ class TrainingControl:
         Under a MultiWorkerMirroredStrategy spanning several workers, pass `strategy=`: the
         chief (`is_chief`) serves the API and applies changes; at every `sync_every`-th step
         boundary all workers exchange the schedule in one small all-reduce, so every worker
-        switches at the same step (lrctl.service.workers). Changes then land at those
+        switches at the same step (lrctl.service.training.exchange). Changes then land at those
         boundaries only. Every worker must call `step_boundary` at every step.
 
         `initial_schedule` replaces the optimizer's learning rate as version 0, the state the
@@ -485,7 +485,7 @@ class TrainingControl:
         self.resync()
         state, _ = self.controller.engine_state
         if isinstance(state.spec, Constant) and \
-                np.float32(evaluate.learning_rate(state, step)) == np.float32(lr):
+                np.float32(forms.learning_rate(state, step)) == np.float32(lr):
             return None
         self.publish(force=True)  # the guardrails compare with the LR at this step
         try:
@@ -493,7 +493,7 @@ class TrainingControl:
         except (InvalidArgumentError, FailedPreconditionError, ResourceExhaustedError) as e:
             logger.warning("%s set optimizer.learning_rate = %g at step %d; lrctl refused it and the "
                            "learning rate stays %g: %s", source, lr, step,
-                           evaluate.learning_rate(state, step), e)
+                           forms.learning_rate(state, step), e)
             self._observe_local(request, e)
             return None
         finished = self._apply_due(step)
@@ -512,7 +512,7 @@ class TrainingControl:
         self.resync()
         before = self.controller.engine_state
         # The LR the run had at this step, not the last published one (which lags under decay).
-        lr = evaluate.learning_rate(before[0], step)
+        lr = forms.learning_rate(before[0], step)
         finished = self.controller.apply_due(step)
         for change in finished:
             reason = f" ({short(change.request.reason)})" if change.request.reason else ""
@@ -577,7 +577,7 @@ class TrainingControl:
                   f"{window.taken_at}, schedule of v{window.version}")
         # Weights first: if the engine load below fails, training still goes on from good weights.
         DivergenceGuard.restore(window)
-        lr = evaluate.learning_rate(self.controller.engine_state[0], step)
+        lr = forms.learning_rate(self.controller.engine_state[0], step)
         try:
             change = self.controller.apply_automatic(window.state, step=step, reason=reason)
         except Exception:

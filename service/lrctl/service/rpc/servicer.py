@@ -24,8 +24,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from lrctl.service import specs
-from lrctl.service.controller import (
+from lrctl.service.control.controller import (
     MAX_REASON_BYTES,
     Action,
     Change,
@@ -39,7 +38,7 @@ from lrctl.service.controller import (
     Snapshot,
     SwapSchedule,
 )
-from lrctl.service.errors import (
+from lrctl.service.control.errors import (
     ApplyError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -51,9 +50,10 @@ from lrctl.service.errors import (
     VersionConflictError,
     WaitTimeoutError,
 )
-from lrctl.service.guardrails import Guardrails
-from lrctl.service.journal import Journal
-from lrctl.service.limits import short
+from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.rpc.budgets import short
+from lrctl.service.rpc.journal import Journal
+from lrctl.service.schedules import specs
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 

@@ -1,0 +1,1 @@
+"""Programs: `lrctl-trainer`, the multi-worker demo trainer and the demo model."""

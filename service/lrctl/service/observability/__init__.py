@@ -1,0 +1,1 @@
+"""What lrctl reports about itself: Prometheus metrics and TensorBoard scalars."""
