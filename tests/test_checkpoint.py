@@ -20,14 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_trainer import GATED_TASK, LIMIT, _Trainer
 
 from lrctl.client import FailedPrecondition, TrainingControlClient, Unavailable, pb
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
-    Controller,
     PinLearningRate,
     ScaleLearningRate,
     SwapSchedule,
 )
+from lrctl.service.control.controller import Controller
 from lrctl.service.control.errors import FailedPreconditionError, UnavailableError
 from lrctl.service.rpc.journal import read
 from lrctl.service.rpc.servicer import status_of

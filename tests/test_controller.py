@@ -1,18 +1,21 @@
-"""The controller's rules (validation, versions, idempotency, waiting, end of run) and `attach`,
-against the real engine on a real Keras optimizer. The training thread's calls (`apply_due`,
-`begin`) are made directly, as a custom training loop makes them."""
+"""The controller's rules (validation, versions, idempotency, waiting, end of run), pure
+Python on tests/fakes.py's MemoryTarget: no TensorFlow. The training thread's calls
+(`apply_due`, `set_phase`, `publish`) are made directly, as a custom training loop makes them.
+`attach` and the real engine are tested in tests/test_attach.py and tests/test_engine_parity.py."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
-import keras
-import numpy as np
 import pytest
+from fakes import MemoryTarget
 
-from lrctl.service import TrainingControl, attach, build_optimizer
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
     Phase,
@@ -20,13 +23,14 @@ from lrctl.service.control.controller import (
     ScaleLearningRate,
     SwapSchedule,
 )
+from lrctl.service.control.controller import Controller
 from lrctl.service.control.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     VersionConflictError,
     WaitTimeoutError,
 )
-from lrctl.service.schedules.engine import ControllableSchedule
+from lrctl.service.schedules import forms
 from lrctl.service.schedules.specs import (
     ActiveSchedule,
     Constant,
@@ -38,17 +42,32 @@ from lrctl.service.schedules.specs import (
 )
 
 
+class Run:
+    """A run on a MemoryTarget, driven as a custom loop drives it: the step is set by hand."""
+
+    def __init__(self, learning_rate: float, step: int) -> None:
+        self.schedule = MemoryTarget(ActiveSchedule(Constant(learning_rate)))
+        self.controller = Controller(self.schedule)
+        self.step = step
+        self.controller.set_phase(Phase.TRAINING)
+        self.controller.publish(step=step, learning_rate=learning_rate)
+
+    def apply_pending(self):
+        """Apply the changes that are due now (at a step boundary)."""
+        return self.controller.apply_due(self.step)
+
+    def end(self) -> None:
+        self.controller.set_phase(Phase.FINISHED)
+
+
 @pytest.fixture
 def control():
     """A run at step 10, training, with no change yet."""
-    control = TrainingControl(keras.optimizers.SGD(learning_rate=0.1))
-    control.optimizer.iterations.assign(10)
-    control.begin()
-    return control
+    return Run(0.1, step=10)
 
 
 def lr_now(control) -> float:
-    return float(np.asarray(control.optimizer.learning_rate))
+    return forms.learning_rate(control.schedule.read()[0], control.step)
 
 
 BAD_REQUESTS = [
@@ -90,7 +109,7 @@ def test_bad_input_is_rejected_and_changes_nothing(control, build, message):
     assert isinstance(info.value, InvalidArgumentError)
     assert str(info.value) == message
     assert control.controller.snapshot() is before  # not even republished
-    assert not control.controller.has_pending
+    assert control.controller.snapshot().pending == ()
     assert control.apply_pending() == []
     assert control.schedule.read() == engine_before
     assert engine_before == (ActiveSchedule(Constant(0.1)), 0)  # as typed, not float32-rounded
@@ -108,7 +127,7 @@ def test_version_conflict_and_past_step_are_refused(control):
     assert isinstance(missed.error, FailedPreconditionError) and missed.error.field == "apply_at_step"
     assert "apply_at_step=9 may already have passed" in str(missed.error)
     after = controller.snapshot()
-    assert after.recent == (missed,) and not controller.has_pending
+    assert after.recent == (missed,) and controller.snapshot().pending == ()
     assert (after.version, after.schedule) == (before.version, before.schedule)
     # The current version and the current step are fine.
     change = controller.submit(ChangeRequest(PinLearningRate(0.01), expected_version=0, apply_at_step=10))
@@ -136,7 +155,7 @@ def test_validate_only_queues_nothing(control):
     before = controller.snapshot()
     record = controller.submit(ChangeRequest(PinLearningRate(0.5), request_id="r1"), validate_only=True)
     assert record.status is ChangeStatus.VALIDATED
-    assert controller.snapshot() is before and not controller.has_pending
+    assert controller.snapshot() is before and controller.snapshot().pending == ()
     assert control.apply_pending() == []
     assert lr_now(control) == pytest.approx(0.1)
     # validate_only does not reserve the request id either.
@@ -165,7 +184,7 @@ def test_wait_returns_the_applied_record_or_times_out(control):
     change = controller.submit(ChangeRequest(PinLearningRate(0.02), apply_at_step=12))
     with pytest.raises(WaitTimeoutError):
         controller.wait(change, timeout=0)
-    control.optimizer.iterations.assign(11)
+    control.step = 11
     assert control.apply_pending() == []  # not due yet
     with pytest.raises(WaitTimeoutError):
         controller.wait(change, timeout=0)
@@ -173,7 +192,7 @@ def test_wait_returns_the_applied_record_or_times_out(control):
     results = []
     waiter = threading.Thread(target=lambda: results.append(controller.wait(change, timeout=None)))
     waiter.start()
-    control.optimizer.iterations.assign(12)
+    control.step = 12
     (applied,) = control.apply_pending()
     waiter.join()
     assert results == [applied]
@@ -187,7 +206,7 @@ def test_ending_the_run_cancels_pending_and_rejects_new_changes(control):
     change = controller.submit(ChangeRequest(PinLearningRate(0.02), apply_at_step=1000))
     control.end()
     assert controller.snapshot().phase is Phase.FINISHED
-    assert not controller.has_pending and controller.snapshot().pending == ()
+    assert controller.snapshot().pending == ()
     cancelled = controller.wait(change, timeout=0)
     assert cancelled.status is ChangeStatus.CANCELLED and cancelled.version == 0
     with pytest.raises(FailedPreconditionError, match="finished"):
@@ -214,61 +233,23 @@ def test_pin_and_scale_semantics(control):
     assert lr_now(control) == pytest.approx(0.3)
 
 
-# -- attach ----------------------------------------------------------------------------------
+
+_PROBE = """
+import importlib, json, pkgutil, sys
+import lrctl.service.control as control
+names = sorted(m.name for m in pkgutil.iter_modules(control.__path__))
+for name in names:
+    importlib.import_module(f"lrctl.service.control.{name}")
+print(json.dumps({"modules": names, "file": control.__file__,
+                  "heavy": sorted(m for m in ("tensorflow", "keras") if m in sys.modules)}))
+"""
 
 
-def test_attach_keeps_a_float_learning_rate():
-    optimizer = keras.optimizers.SGD(learning_rate=0.05)
-    schedule = attach(optimizer)
-    assert isinstance(optimizer._learning_rate, ControllableSchedule)
-    assert schedule.read() == (ActiveSchedule(Constant(0.05)), 0)  # as typed, not float32-rounded
-    assert float(np.asarray(optimizer.learning_rate)) == np.float32(0.05)
-    assert attach(optimizer) is schedule  # idempotent
-    tracked = {id(v) for v in optimizer.variables}
-    assert all(id(v) in tracked for v in schedule.variables)
-
-
-def test_attach_continues_a_keras_schedule():
-    keras_schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
-    optimizer = keras.optimizers.Adam(learning_rate=keras_schedule)
-    schedule = attach(optimizer)
-    assert schedule.read()[0] == ActiveSchedule(ExponentialDecay(0.1, 10, 0.5))
-    for step in (0, 7, 25):
-        optimizer.iterations.assign(step)
-        assert float(np.asarray(optimizer.learning_rate)) == pytest.approx(
-            float(keras_schedule(step)), rel=1e-6)
-
-
-def test_attach_refuses_a_built_optimizer():
-    optimizer = keras.optimizers.SGD(learning_rate=0.05)
-    optimizer.build([keras.Variable(np.zeros(2, np.float32))])
-    with pytest.raises(ValueError, match="already been built"):
-        attach(optimizer)
-    assert not isinstance(optimizer._learning_rate, ControllableSchedule)
-
-
-def test_attach_refuses_custom_schedules_and_callables():
-    class Halving(keras.optimizers.schedules.LearningRateSchedule):
-        def __call__(self, step):
-            return 0.1 / (1.0 + keras.ops.cast(step, "float32"))
-
-    with pytest.raises(ValueError, match=r"custom schedule \(Halving\)"):
-        attach(keras.optimizers.SGD(learning_rate=Halving()))
-    with pytest.raises(TypeError, match="callable"):
-        attach(keras.optimizers.SGD(learning_rate=lambda: 0.1))
-
-    class Configured(Halving):  # serialisable, but not a kind lrctl knows
-        def get_config(self):
-            return {}
-
-    with pytest.raises(ValueError, match=r"custom schedule \(Configured\)"):
-        attach(keras.optimizers.SGD(learning_rate=Configured()))
-
-
-def test_build_optimizer():
-    optimizer = build_optimizer("sgd", keras.optimizers.schedules.PolynomialDecay(0.1, 100), momentum=0.9)
-    assert isinstance(optimizer, keras.optimizers.SGD) and optimizer.momentum == 0.9
-    assert isinstance(optimizer._learning_rate, ControllableSchedule)
-    optimizer.iterations.assign(50)
-    assert float(np.asarray(optimizer.learning_rate)) == pytest.approx((0.1 - 0.0001) * 0.5 + 0.0001)
-    assert isinstance(build_optimizer(keras.optimizers.Adam, 0.01), keras.optimizers.Adam)
+def test_the_control_package_imports_no_tensorflow(subprocess_env):
+    # Every module of the package, found by listing it: a new module is covered too.
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=subprocess_env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["file"].startswith(str(Path(__file__).resolve().parent.parent / "service"))
+    assert {"controller", "changes", "policy", "queue", "ledger"} <= set(result["modules"])
+    assert result["heavy"] == []

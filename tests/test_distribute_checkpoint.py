@@ -9,7 +9,7 @@ import tensorflow as tf
 from tiny import BATCH, fit, prediction_loss
 
 from lrctl.service import TrainingControl
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     ChangeRequest,
     PinLearningRate,
     ScaleLearningRate,

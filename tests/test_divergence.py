@@ -20,7 +20,7 @@ from keras import ops
 
 from lrctl.client import TrainingControlClient, pb
 from lrctl.service import TrainingControl
-from lrctl.service.control.controller import ChangeRequest, ChangeStatus, PinLearningRate
+from lrctl.service.control.changes import ChangeRequest, ChangeStatus, PinLearningRate
 from lrctl.service.rpc.server import serve
 from lrctl.service.rpc.servicer import spec_to_proto
 

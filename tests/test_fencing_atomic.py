@@ -1,4 +1,4 @@
-"""Issue 11, server side: fencing by run id, relative changes (apply_after_steps), and atomic
+"""Server side: fencing by run id, relative changes (apply_after_steps), and atomic
 swaps (schedule_start_step and scale in one version), down to the weights (tests/live.py)."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from fakes import MemoryTarget
 from live import LiveTrainer
 
 from lrctl.client import FailedPrecondition, InvalidArgument, TrainingControlClient, pb, schedules
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
-    Controller,
     PinLearningRate,
     ScaleLearningRate,
     SwapSchedule,
 )
+from lrctl.service.control.controller import Controller
 from lrctl.service.control.errors import InvalidArgumentError, RunIdMismatchError
 from lrctl.service.rpc.server import serve
 from lrctl.service.schedules.specs import ActiveSchedule, Constant, ExponentialDecay, Origin
@@ -30,10 +30,10 @@ _START = ActiveSchedule(Constant(0.01), Origin.RESTART, 0, 1.0)  # the engine's 
 def test_apply_after_steps_counts_from_the_first_boundary_that_sees_the_change() -> None:
     controller = Controller(MemoryTarget(_START))
     change = controller.submit(ChangeRequest(PinLearningRate(0.5), apply_after_steps=3))
-    assert change.status is ChangeStatus.PENDING and controller.next_due_step == 0
+    assert change.status is ChangeStatus.PENDING and controller.snapshot().pending[0].due_key == 0
     assert controller.at_boundary(10)
     assert controller.apply_due(10) == []  # first seen at step 10: due at 13
-    assert controller.next_due_step == 13
+    assert controller.snapshot().pending[0].due_key == 13
     assert controller.apply_due(12) == []
     [applied] = controller.apply_due(13)
     assert applied.status is ChangeStatus.APPLIED and applied.applied_step == 13

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live import LiveTrainer
 
-from lrctl.service.control.controller import DEDUP_WINDOW
+from lrctl.service.control.limits import DEDUP_WINDOW
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 

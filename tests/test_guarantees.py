@@ -18,15 +18,15 @@ from fakes import MemoryTarget
 
 from lrctl.client import FailedPrecondition, InvalidArgument, TrainingControlClient, pb
 from lrctl.service import TrainingControl
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     Boundaries,
     ChangeRequest,
     ChangeStatus,
-    Controller,
     Phase,
     PinLearningRate,
     ScaleLearningRate,
 )
+from lrctl.service.control.controller import Controller
 from lrctl.service.control.errors import InvalidArgumentError, UnavailableError
 from lrctl.service.rpc.server import serve
 from lrctl.service.schedules import specs

@@ -14,7 +14,7 @@ from live import LiveTrainer
 
 from lrctl.client import FailedPrecondition, Scale, TrainingControlClient, aio, cli, pb, schedules
 from lrctl.service import Phase, TrainingControl
-from lrctl.service.control.controller import Boundaries
+from lrctl.service.control.changes import Boundaries
 from lrctl.service.rpc.server import serve
 
 LIMIT = 120.0  # seconds: a safety limit for a hung call, not a timing check

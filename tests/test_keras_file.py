@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from lrctl.service import TrainingControl, attach, build_optimizer, load_model
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
     PinLearningRate,

@@ -18,7 +18,7 @@ from tiny import BATCH, WeightRecorder, data, fit, make_model, prediction_loss
 
 from lrctl.client import TrainingControlClient, pb
 from lrctl.service import TrainingControl
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
     ScaleLearningRate,

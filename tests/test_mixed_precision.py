@@ -14,7 +14,7 @@ import pytest
 from tiny import BATCH, WeightRecorder, fit, make_model, prediction_loss, weight
 
 from lrctl.service import TrainingControl, load_model
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
     PinLearningRate,

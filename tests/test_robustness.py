@@ -29,15 +29,14 @@ from lrctl.client import (
     schedules,
 )
 from lrctl.service import TrainingControl
-from lrctl.service.control.controller import (
-    DEDUP_WINDOW,
-    MAX_PENDING,
+from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
     PinLearningRate,
     ScaleLearningRate,
 )
 from lrctl.service.control.errors import ApplyError, ResourceExhaustedError
+from lrctl.service.control.limits import DEDUP_WINDOW, MAX_PENDING
 from lrctl.service.rpc.server import serve
 from lrctl.service.schedules.specs import ActiveSchedule, Constant, Origin
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc

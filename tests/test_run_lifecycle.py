@@ -6,7 +6,7 @@ import pytest
 import tiny
 
 from lrctl.service import Phase, TrainingControl
-from lrctl.service.control.controller import ChangeRequest, ChangeStatus, PinLearningRate
+from lrctl.service.control.changes import ChangeRequest, ChangeStatus, PinLearningRate
 from lrctl.service.control.errors import FailedPreconditionError
 
 

@@ -18,7 +18,7 @@ from live import state_until
 
 from lrctl.client import TrainingControlClient
 from lrctl.service import TrainingControl
-from lrctl.service.control.controller import ChangeRequest, PinLearningRate
+from lrctl.service.control.changes import ChangeRequest, PinLearningRate
 from lrctl.service.control.throughput import WINDOW, Throughput
 from lrctl.service.rpc.server import serve
 

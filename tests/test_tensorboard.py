@@ -12,7 +12,7 @@ import tensorflow as tf
 import tiny
 
 from lrctl.service import TrainingControl
-from lrctl.service.control.controller import ChangeRequest, PinLearningRate
+from lrctl.service.control.changes import ChangeRequest, PinLearningRate
 from lrctl.service.observability.tensorboard import CHANGES_TAG, LR_TAG, TensorBoardLogger
 
 

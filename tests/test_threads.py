@@ -10,7 +10,7 @@ import pytest
 from tiny import fit, make_model
 
 from lrctl.service import TrainingControl
-from lrctl.service.control.controller import ChangeRequest, ChangeStatus, PinLearningRate
+from lrctl.service.control.changes import ChangeRequest, ChangeStatus, PinLearningRate
 
 THREADS = 4
 PER_THREAD = 12
@@ -56,7 +56,7 @@ def test_changes_from_four_threads_while_fit_runs():
         def on_train_batch_end(self, batch, logs=None):
             while done.acquire(blocking=False):
                 self.finished += 1
-            if self.finished == THREADS and not controller.has_pending:
+            if self.finished == THREADS and controller.snapshot().pending == ():
                 self.model.stop_training = True
 
     threads = [threading.Thread(target=submitter, args=(t,)) for t in range(THREADS)]

@@ -14,7 +14,7 @@ import pytest
 from tiny import fit, make_model, weight
 
 from lrctl.service import TrainingControl
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
     PinLearningRate,

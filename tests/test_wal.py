@@ -1,4 +1,4 @@
-"""The write-ahead log (issue 16, items 1-2): its file format, that every acceptance and ending
+"""The write-ahead log: its file format, that every acceptance and ending
 is durable before it is answered, and the controller's replay after a crash. Pure Python: the
 controller runs on tests/fakes.py's MemoryTarget."""
 
@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 from fakes import MemoryTarget
 
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     Change,
     ChangeRequest,
     ChangeStatus,
-    Controller,
     PinLearningRate,
     ScaleLearningRate,
 )
+from lrctl.service.control.controller import Controller
 from lrctl.service.control.errors import (
     FailedPreconditionError,
     UnavailableError,

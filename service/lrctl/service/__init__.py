@@ -11,7 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lrctl.service.control.controller import Controller, Phase
+    from lrctl.service.control.changes import Phase
+    from lrctl.service.control.controller import Controller
     from lrctl.service.control.guardrails import Guardrails
     from lrctl.service.rpc.server import serve
     from lrctl.service.schedules.engine import ControllableSchedule
@@ -27,7 +28,7 @@ _HOMES = {
     "Controller": "control.controller",
     "Guardrails": "control.guardrails",
     "Origin": "schedules.specs",
-    "Phase": "control.controller",
+    "Phase": "control.changes",
     "TrainingControl": "training.integration",
     "attach": "training.integration",
     "build_optimizer": "training.integration",

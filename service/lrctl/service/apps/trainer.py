@@ -306,7 +306,7 @@ def _stop_callbacks(control: TrainingControl, stop: threading.Event,
     here, not at module level, because subclassing Keras's Callback imports TensorFlow."""
     import keras
 
-    from lrctl.service.control.controller import Phase
+    from lrctl.service.control.changes import Phase
 
     class StopOnSignal(keras.callbacks.Callback):
         """Ends `fit` at the next step boundary once a signal arrived (the running batch

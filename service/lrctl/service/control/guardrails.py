@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lrctl.service.control.errors import FailedPreconditionError, ResourceExhaustedError
+from lrctl.service.control.limits import APPLY_HORIZON
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.specs import ActiveSchedule, check_number
 
@@ -24,8 +25,6 @@ from lrctl.service.schedules.specs import ActiveSchedule, check_number
 POINTS = 33
 #: Steps from a change's step over which its learning rate must stay within the bounds.
 DEFAULT_HORIZON = 10_000
-#: The longest horizon a trainer may set (steps): the apply horizon's typo guard.
-MAX_HORIZON = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,8 @@ class Guardrails:
         if self.max_changes_per_minute is not None:
             check_number("max_changes_per_minute", self.max_changes_per_minute, minimum=0, inclusive=False)
         if isinstance(self.horizon_steps, bool) or not isinstance(self.horizon_steps, int) \
-                or not 1 <= self.horizon_steps <= MAX_HORIZON:
-            raise ValueError(f"horizon_steps must be an integer in [1, {MAX_HORIZON}]. "
+                or not 1 <= self.horizon_steps <= APPLY_HORIZON:
+            raise ValueError(f"horizon_steps must be an integer in [1, {APPLY_HORIZON}]. "
                              f"Received: horizon_steps={self.horizon_steps}")
 
     @property

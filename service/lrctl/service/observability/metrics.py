@@ -37,7 +37,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lrctl.service.control.controller import ChangeStatus, Controller, Phase
+from lrctl.service.control.changes import ChangeStatus, Phase
+from lrctl.service.control.controller import Controller
 from lrctl.service.rpc.servicer import ControllerSlot
 
 #: Distinct `method` label values at most; further ones (a scanner's garbage) count as "other".

@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from lrctl.service.control.controller import Change, ChangeStatus
+from lrctl.service.control.changes import Change, ChangeStatus
 from lrctl.service.rpc.budgets import short
 from lrctl.service.training.integration import TrainingControl
 

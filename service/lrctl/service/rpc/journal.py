@@ -28,7 +28,7 @@ from lrctl.service.control.guardrails import RateLimiter
 from lrctl.service.rpc.budgets import short
 
 if TYPE_CHECKING:
-    from lrctl.service.control.controller import Snapshot
+    from lrctl.service.control.changes import Snapshot
 
 
 #: Refused calls journaled a minute at most (and as a burst); the rest are only counted. At

@@ -22,7 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lrctl.service.control.controller import Controller, Phase
+from lrctl.service.control.changes import Phase
+from lrctl.service.control.controller import Controller
 from lrctl.service.rpc.auth import DeniedHook, TokenAuth, exposed
 from lrctl.service.rpc.budgets import StreamLimiter, rate_limit_logs
 from lrctl.service.rpc.journal import Journal

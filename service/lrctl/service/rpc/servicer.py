@@ -24,13 +24,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from lrctl.service.control.controller import (
-    MAX_REASON_BYTES,
+from lrctl.service.control.changes import (
     Action,
     Change,
     ChangeRequest,
     ChangeStatus,
-    Controller,
     Phase,
     PinLearningRate,
     RevertSchedule,
@@ -38,6 +36,7 @@ from lrctl.service.control.controller import (
     Snapshot,
     SwapSchedule,
 )
+from lrctl.service.control.controller import Controller
 from lrctl.service.control.errors import (
     ApplyError,
     FailedPreconditionError,
@@ -51,6 +50,7 @@ from lrctl.service.control.errors import (
     WaitTimeoutError,
 )
 from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.control.limits import MAX_REASON_BYTES
 from lrctl.service.rpc.budgets import short
 from lrctl.service.rpc.journal import Journal
 from lrctl.service.schedules import specs

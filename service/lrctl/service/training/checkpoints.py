@@ -57,11 +57,11 @@ import keras
 import numpy as np
 
 from lrctl.service.control import wal
-from lrctl.service.control.controller import STATE_FORMAT
 from lrctl.service.control.disk import MIN_FREE_BYTES, CheckpointError, check_writable, free_bytes
 from lrctl.service.control.disk import fsync_path as _fsync_path
 from lrctl.service.control.disk import remove as _remove
 from lrctl.service.control.disk import write_bytes as _write_bytes
+from lrctl.service.control.persistence import STATE_FORMAT
 from lrctl.service.training.integration import TrainingControl
 
 logger = logging.getLogger("lrctl.checkpoint")

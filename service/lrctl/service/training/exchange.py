@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import tensorflow as tf
 
-from lrctl.service.control.controller import WorkerState
+from lrctl.service.control.changes import WorkerState
 
 
 class PackedEngine(Protocol):

@@ -23,15 +23,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lrctl.service.control.controller import (
+from lrctl.service.control.changes import (
     Boundaries,
     Change,
     ChangeRequest,
     ChangeStatus,
-    Controller,
     Phase,
     PinLearningRate,
 )
+from lrctl.service.control.controller import Controller
 from lrctl.service.control.errors import (
     FailedPreconditionError,
     InvalidArgumentError,

@@ -1,0 +1,177 @@
+"""The broadcast: the one published `Snapshot`, and the threads that read it or wait on it.
+
+Every reader (GetState, WatchState, the health follower, metrics) takes the latest snapshot, a
+frozen object replaced whole, so a reader never sees half an update and never holds up the
+training thread. The condition here is the controller's one lock: whoever changes the state
+republishes under it, which wakes the waiters (a change leaving PENDING) and the watchers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from lrctl.service.control.changes import (
+    ENDED_PHASES,
+    Boundaries,
+    Change,
+    ChangeStatus,
+    Phase,
+    Snapshot,
+    WorkerState,
+)
+from lrctl.service.control.errors import UnavailableError, WaitTimeoutError
+from lrctl.service.control.throughput import Throughput
+
+
+class Board:
+    """The published snapshot under one condition; waiting for a change and watching the state."""
+
+    def __init__(self, snapshot: Snapshot, clock: Callable[[], float]) -> None:
+        #: Guards the snapshot and, for the controller, everything it holds. Held briefly,
+        #: never across engine work; waiters and watchers sleep on it.
+        self.cond = threading.Condition()
+        self._snapshot = snapshot
+        self._clock = clock
+        self._throughput = Throughput()
+        self._waiters: collections.Counter[int] = collections.Counter()
+        self._results: dict[int, Change] = {}  # final records of waited-for changes
+        #: The applied_step of the last applied change (-1: none): metrics taken at or before
+        #: it are cleared, never shown as if they came after it.
+        self.changed_step = -1
+
+    @property
+    def current(self) -> Snapshot:
+        """The latest snapshot, for a caller holding `cond` (or content with one attribute read)."""
+        return self._snapshot
+
+    def snapshot(self) -> Snapshot:
+        with self.cond:
+            return self._snapshot
+
+    def update(self, **changes: Any) -> None:
+        """Replace fields of the snapshot without publishing (the caller holds `cond` and
+        publishes next)."""
+        self._snapshot = dataclasses.replace(self._snapshot, **changes)
+
+    def publish(self, **changes: Any) -> None:
+        """Publish the snapshot with `changes` (the caller holds `cond`): readers and watchers
+        see it, waiters wake."""
+        taken = changes.get("metrics_step", self._snapshot.metrics_step)
+        if taken is not None and taken <= self.changed_step:
+            # Taken before the last change took effect (at its step or earlier): never present
+            # them as if they came after it.
+            changes.update(metrics={}, metrics_step=None, metrics_time=None)
+        self._snapshot = dataclasses.replace(self._snapshot, seq=self._snapshot.seq + 1, **changes)
+        self.cond.notify_all()
+
+    def ended(self, change: Change) -> None:
+        """`change` left PENDING (the caller holds `cond` and publishes next): its waiters get
+        its final record even if the ledger forgets it before they wake."""
+        if change.id in self._waiters:
+            self._results[change.id] = change
+
+    # -- the training thread's view ------------------------------------------------------------
+    def record_step(self, *, step: int, learning_rate: float, metrics: Mapping[str, float] | None,
+                    epoch: int | None, metrics_step: int | None, metrics_time: float | None,
+                    lr_clamp_count: int | None) -> None:
+        """`Controller.publish`: the training thread's view at a step boundary."""
+        with self.cond:
+            snap = self._snapshot
+            now = self._clock()
+            changes: dict[str, Any] = {}
+            if metrics is not None:
+                changes.update(metrics=dict(metrics),
+                               metrics_step=step if metrics_step is None else metrics_step,
+                               metrics_time=now if metrics_time is None else metrics_time)
+            rate = self._throughput.observe(step, now)
+            if rate is not None:
+                changes["steps_per_second"] = rate
+            if lr_clamp_count is not None:
+                changes["lr_clamp_count"] = lr_clamp_count
+            self.update(step=step, learning_rate=learning_rate,
+                        epoch=snap.epoch if epoch is None else epoch, updated_time=now, **changes)
+            self.publish()
+
+    def record_epoch(self, *, epoch: int, metrics: Mapping[str, float], step: int) -> None:
+        with self.cond:
+            now = self._clock()
+            self.update(epoch_metrics=dict(metrics), epoch_metrics_epoch=epoch,
+                        epoch_metrics_step=step, epoch_metrics_time=now, updated_time=now)
+            self.publish()
+
+    def set_boundaries(self, boundaries: Boundaries | None, epoch_start_step: int | None) -> None:
+        with self.cond:
+            changes: dict[str, Any] = {"boundaries": boundaries}
+            if epoch_start_step is not None:
+                changes["epoch_start_step"] = epoch_start_step
+            self.publish(**changes)
+
+    def set_workers(self, workers: tuple[WorkerState, ...]) -> None:
+        with self.cond:
+            if workers != self._snapshot.workers:
+                self.publish(workers=workers)
+
+    def checkpointed(self, step: int | None, error: str) -> None:
+        with self.cond:
+            snap = self._snapshot
+            if step is not None:
+                self.publish(checkpoint_step=step, checkpoint_error="")
+            else:
+                self.publish(checkpoint_failures=snap.checkpoint_failures + 1, checkpoint_error=error)
+
+    # -- readers -------------------------------------------------------------------------------
+    def wait(self, change: Change, timeout: float | None, lookup: Callable[[int], Change | None]) -> Change:
+        """`Controller.wait`: block until `change` leaves PENDING (`lookup` finds its record)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            self._waiters[change.id] += 1
+            try:
+                while True:
+                    record = self._results.get(change.id) or lookup(change.id) or change
+                    if record.status is not ChangeStatus.PENDING:
+                        return record
+                    if self._snapshot.phase is Phase.STOPPED:
+                        raise UnavailableError(
+                            f"the trainer stopped before change {change.description!r} was due; it "
+                            "stays pending in the checkpoint and applies after the restart: wait "
+                            "for it then (retry with the same request_id)")
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise WaitTimeoutError(
+                            f"change {change.description!r} was not applied in time; it stays pending"
+                        )
+                    self.cond.wait(remaining)
+            finally:
+                self._waiters[change.id] -= 1
+                if not self._waiters[change.id]:
+                    del self._waiters[change.id]
+                    self._results.pop(change.id, None)
+
+    def updates(self, min_interval: float, is_active: Callable[[], bool], poll: float, *,
+                every_steps: int, on_epoch: bool, changes_only: bool) -> Iterator[Snapshot]:
+        """`Controller.updates`: snapshots for a watcher."""
+        sent: Snapshot | None = None
+        sent_at = -math.inf
+        while is_active():
+            with self.cond:
+                snap = self._snapshot
+                urgent = sent is None or snap.version != sent.version or snap.phase != sent.phase
+                if sent is not None and not urgent:
+                    urgent = (on_epoch and snap.epoch != sent.epoch) or (
+                        every_steps > 0 and snap.step - sent.step >= every_steps)
+                since = time.monotonic() - sent_at
+                if not urgent and (changes_only or sent is None or snap.seq == sent.seq
+                                   or since < min_interval):
+                    idle = sent is not None and (changes_only or snap.seq == sent.seq)
+                    self.cond.wait(poll if idle else min(poll, max(min_interval - since, 0.0)))
+                    continue
+            sent, sent_at = snap, time.monotonic()
+            yield snap
+            if snap.phase in ENDED_PHASES:
+                return
