@@ -141,7 +141,14 @@ class SavedState:
 def state_to_json(*, run_id: str, step: int, epoch: int, schedule: ActiveSchedule, version: int,
                   pending: Iterable[Change], finished: Iterable[Change], history: Iterable[Change],
                   replay: Iterable[Change], wal_seq: int) -> dict[str, Any]:
-    """The control state as JSON-able data (`Controller.export_state` says what each part is)."""
+    """The control state as JSON-able data: the schedule and version in force, the pending
+    changes, and every remembered finished record (the dedup window, in the order they
+    finished; the history is its newest `history_size`). "epoch" is the number of epochs
+    completed (`Controller.complete_epoch`), which is what `fit`'s `initial_epoch` takes to
+    resume: an epoch cut short runs again from its start, as with Keras's BackupAndRestore (the
+    input pipeline starts over anyway). `wal_seq`: the last write-ahead log record it includes
+    (the submit lock keeps out a record written but not yet committed); `replay`: the ids of
+    changes still to re-apply."""
     pending, finished, history = list(pending), list(finished), list(history)
     history_ids = [c.id for c in history]
     # History records older than the dedup window (only with history_size > DEDUP_WINDOW).

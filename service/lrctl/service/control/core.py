@@ -1,0 +1,170 @@
+"""What the controller's operations share: the state under one lock, and the few steps every
+operation ends with (record an ending, republish, write the log).
+
+The operations live by concern in `submission` (submit, cancel), `boundary` (the training
+thread's changes at a step boundary) and `recovery` (checkpoint state and log replay); each is
+a function of this core, and `Controller` is the façade over them. The core holds no rule of its
+own: the rules are in `policy`, the queue in `queue`, the records in `ledger`, the snapshot in
+`broadcast`, the JSON in `persistence`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lrctl.service.control import persistence
+from lrctl.service.control.broadcast import Board
+from lrctl.service.control.changes import (
+    Change,
+    ChangeLog,
+    ChangeRequest,
+    ChangeStatus,
+    Phase,
+    RevertSchedule,
+    ScheduleTarget,
+    Snapshot,
+)
+from lrctl.service.control.errors import UnavailableError
+from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.control.ledger import Ledger
+from lrctl.service.control.limits import SNAPSHOT_PENDING
+from lrctl.service.control.policy import Policy
+from lrctl.service.control.queue import ChangeQueue
+from lrctl.service.schedules import forms
+from lrctl.service.schedules.specs import ActiveSchedule
+
+logger = logging.getLogger("lrctl.controller")
+
+
+class ControlCore:
+    """The controller's state. `cond` guards all of it; nobody holds it across engine work or
+    an fsync. Only the training thread moves `state`, `version` and the engine."""
+
+    def __init__(self, target: ScheduleTarget, *, run_id: str | None, optimizer: str, history_size: int,
+                 guardrails: Guardrails, clock: Callable[[], float], incarnation: str | None) -> None:
+        self.target = target
+        self.clock = clock
+        self.policy = Policy(guardrails)
+        # Held across a whole submit or cancel, its write-ahead log append included (outside
+        # the condition: an fsync under it would stall the training thread's boundaries). It
+        # serializes submitters only, and lets `export_state` see no record half-committed.
+        self.submit_lock = threading.Lock()
+        #: The write-ahead log (None: none): every acceptance and ending is written to it
+        #: before it is answered.
+        self.wal: ChangeLog | None = None
+        self.ids = itertools.count(1)
+        self.state, self.version = target.read()  # what the engine holds
+        self.queue = ChangeQueue()
+        self.ledger = Ledger(history_size)
+        #: Called by the training thread with the seconds each `apply_due` that finished a
+        #: change took (the outcomes and the one engine load): metrics hooks.
+        self.apply_observers: list[Callable[[float], None]] = []
+        #: An upper bound on the step at the latest step boundary (exact when the training
+        #: thread read it). An apply_at_step at or below it may have been passed already.
+        self.boundary_step: float = -math.inf
+        self.shutting_down = False  # every new change gets UNAVAILABLE
+        self.epochs_done = 0  # epochs `fit` ran to their end: where a resume starts (initial_epoch)
+        # A run id given by the caller names the run; a drawn one yields to a checkpoint's.
+        self.run_id_given = run_id is not None
+        self.board = Board(Snapshot(
+            incarnation=incarnation or uuid.uuid4().hex[:12],
+            run_id=run_id or uuid.uuid4().hex[:12], phase=Phase.STARTING, step=0, epoch=0,
+            learning_rate=math.nan, schedule=self.state, version=self.version, metrics={},
+            optimizer=optimizer, pending=(), recent=(), updated_time=clock(), guardrails=guardrails,
+        ), lambda: self.clock())
+        self.cond = self.board.cond
+
+    @property
+    def guardrails(self) -> Guardrails:
+        return self.policy.guardrails
+
+    @guardrails.setter
+    def guardrails(self, limits: Guardrails) -> None:
+        self.policy.guardrails = limits
+
+    # -- under `cond` ----------------------------------------------------------------------------
+    def top_version(self) -> int:
+        """The newest version handed out: the engine's, or, while changes acknowledged before a
+        restart are still to be re-applied, the last of those (never handed out again)."""
+        replays = self.queue.replays
+        return max(self.version, replays[-1].version) if replays else self.version
+
+    def lookup(self, change_id: int) -> Change | None:
+        return self.queue.get(change_id) or self.ledger.get(change_id)
+
+    def page(self, page_size: int, before_id: int | None) -> tuple[list[Change], int | None]:
+        """`Controller.list_changes` (takes `cond`)."""
+        with self.cond:
+            ids = sorted(itertools.chain(self.queue.ids(), self.ledger.finished_ids()), reverse=True)
+            if before_id is not None:
+                ids = [i for i in ids if i < before_id]
+            page = [r for i in ids[:page_size] if (r := self.lookup(i)) is not None]
+            return page, (ids[page_size - 1] if len(ids) > page_size else None)
+
+    def finish(self, change: Change, *, replayed: bool = False) -> None:
+        """Record `change`'s end (`replayed`: put back from the write-ahead log, not counted,
+        and not in force yet)."""
+        if change.status is ChangeStatus.APPLIED and change.applied_step is not None and not replayed:
+            self.board.changed_step = max(self.board.changed_step, change.applied_step)
+        self.board.ended(change)
+        self.ledger.record(change, counted=not replayed)
+
+    def republish(self, *, pending: bool = False, history: bool = False) -> None:
+        changes: dict[str, Any] = {}
+        if pending:
+            self.queue.tidy()
+            changes.update(pending=self.queue.oldest(SNAPSHOT_PENDING), pending_count=len(self.queue))
+        if history:
+            changes["recent"] = self.ledger.history()
+        self.board.publish(**changes)
+
+    def automatic(self, state: ActiveSchedule, step: int, reason: str, version: int) -> Change:
+        """The APPLIED record of lrctl itself putting `state` in force at `step`."""
+        now = self.clock()
+        return Change(id=next(self.ids), status=ChangeStatus.APPLIED, requested_step=step,
+                      request=ChangeRequest(RevertSchedule(state), reason=reason), requested_time=now,
+                      version=version, applied_step=step, learning_rate_after=forms.learning_rate(state, step),
+                      schedule_after=state, applied_time=now)
+
+    # -- without `cond` --------------------------------------------------------------------------
+    def put_in_force(self, change: Change, step: int | None = None) -> None:
+        """Record `change`, already loaded, as the state in force (and, with `step`, the
+        step and learning rate readers see)."""
+        assert change.schedule_after is not None
+        with self.cond:
+            self.state, self.version = change.schedule_after, change.version
+            self.finish(change)
+            self.board.update(schedule=self.state, version=self.version)
+            if step is not None:
+                self.board.update(step=step, learning_rate=change.learning_rate_after,
+                                  updated_time=change.applied_time)
+            self.republish(history=True)
+
+    def log(self, changes: Sequence[Change]) -> None:
+        """Write `changes`' records to the write-ahead log and wait until they are durable
+        (never under `cond`: an fsync). Raises OSError if the disk refuses."""
+        if self.wal is not None and changes:
+            run_id = self.board.current.run_id
+            self.wal.append([persistence.log_record(run_id, c) for c in changes])
+
+    def log_after(self, changes: Sequence[Change]) -> None:
+        """Log endings that are already decided (the run ended, the engine refused): a refusal
+        is only reported, and a crash before them brings the changes back pending, which is safe."""
+        try:
+            self.log(changes)
+        except OSError as e:
+            logger.error("the write-ahead log refused the records of %d change(s) already decided: %s",
+                         len(changes), e)
+
+
+def unwritable(error: OSError, outcome: str) -> UnavailableError:
+    """The answer when the write-ahead log refused a change's record."""
+    return UnavailableError(
+        f"the change could not be written to the write-ahead log ({error.strerror or error}); "
+        f"{outcome}. Retry with the same request_id once the disk accepts writes")
