@@ -174,18 +174,21 @@ def _logged() -> tuple[Controller, _Log, list[tuple[str, Any]]]:
 
 
 def test_acceptance_and_application_are_logged_before_they_are_answered() -> None:
-    controller, _, events = _logged()
+    events: list[tuple[str, Any]] = []
+    target = _Target(events)
+    controller = Controller(target)
+    controller.wal = _Log(events)
     pending = controller.submit(ChangeRequest(PinLearningRate(0.2), request_id="a"))
     assert events == [("wal", [("a", "pending")])] and pending.status is ChangeStatus.PENDING
 
     seen: list[ChangeStatus] = []
-    original = controller._target.load
+    original = target.load
 
     def load(state: specs.ActiveSchedule, version: int) -> None:  # nobody has been told yet
         seen.append(controller.list_changes(10)[0][0].status)
         original(state, version)
 
-    controller._target.load = load  # type: ignore[method-assign]
+    target.load = load  # type: ignore[method-assign]
     (applied,) = controller.apply_due(3)
     assert events == [("wal", [("a", "pending")]), ("wal", [("a", "applied")]), ("load", 1)]
     assert seen == [ChangeStatus.PENDING] and (applied.version, applied.applied_step) == (1, 3)

@@ -1,2 +1,1 @@
-"""The control domain, pure Python with no TensorFlow: changes, their queue and ledger, the
-policy (guardrails, outcomes, rate limit), snapshots and waiting, persistence and the write-ahead log."""
+"""The control domain (changes, queue, ledger, policy, snapshots, persistence, the write-ahead log): pure Python that imports only the standard library, numpy and `lrctl.service.schedules.specs`/`forms`, never TensorFlow, gRPC or another lrctl subpackage."""

@@ -54,7 +54,11 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
             if replays:
                 logger.error("step %d: the replays of v%s could not be loaded: %r", step,
                              ", v".join(str(c.version) for c in replays), e)
-            core.log_after(corrected)
+            try:
+                core.log(corrected)
+            except OSError as log_error:
+                logger.error("the write-ahead log refused the FAILED records of %d change(s): %s",
+                             len(corrected), log_error)
     with core.cond:
         core.state, core.version = state, version
         for final in finals:
@@ -112,6 +116,7 @@ def apply_automatic(core: ControlCore, state: ActiveSchedule, *, step: int, reas
     core.target.load(state, change.version)  # no lock across engine work
     core.put_in_force(change, step=step)
     return change
+
 
 def _replayed(replays: list[Change], base: tuple[ActiveSchedule, int],
               step: int) -> tuple[ActiveSchedule, int]:

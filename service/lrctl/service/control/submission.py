@@ -27,8 +27,7 @@ def submit(core: ControlCore, request: ChangeRequest, *, validate_only: bool = F
     """`Controller.submit`: check, decide, log, then queue (or record) the change."""
     policy.check_request(request)
     if not 0 <= preview_steps <= APPLY_HORIZON:
-        raise InvalidArgumentError("preview_steps", f"must be in [0, {APPLY_HORIZON}]",
-                                          preview_steps)
+        raise InvalidArgumentError("preview_steps", f"must be in [0, {APPLY_HORIZON}]", preview_steps)
     if validate_only:
         return _decide(core, request, validate_only=True, preview_steps=preview_steps)[0]
     with core.submit_lock:
