@@ -75,7 +75,7 @@ def test_control_state_round_trips_through_json_and_retries_apply_nothing() -> N
     for request_id, status in [("pin", ChangeStatus.APPLIED), ("aborted", ChangeStatus.ABORTED),
                                ("cancelled", ChangeStatus.CANCELLED), ("missed", ChangeStatus.FAILED),
                                ("later", ChangeStatus.PENDING)]:
-        record = before._lookup(before._by_request_id[request_id])
+        record = {c.request.request_id: c for c in before.list_changes(100)[0]}.get(request_id)
         assert record is not None
         assert _same([after.submit(record.request)]) == _same([record])
         assert record.status is status
