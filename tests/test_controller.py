@@ -91,7 +91,7 @@ def test_bad_input_is_rejected_and_changes_nothing(control, build, message):
     assert str(info.value) == message
     assert control.controller.snapshot() is before  # not even republished
     assert not control.controller.has_pending
-    assert control.apply_pending() == []
+    assert control.step_boundary() == []
     assert control.schedule.read() == engine_before
     assert engine_before == (ActiveSchedule(Constant(0.1)), 0)  # as typed, not float32-rounded
 
@@ -112,7 +112,7 @@ def test_version_conflict_and_past_step_are_refused(control):
     assert (after.version, after.schedule) == (before.version, before.schedule)
     # The current version and the current step are fine.
     change = controller.submit(ChangeRequest(PinLearningRate(0.01), expected_version=0, apply_at_step=10))
-    (applied,) = control.apply_pending()
+    (applied,) = control.step_boundary()
     assert (applied.id, applied.status, applied.version, applied.applied_step) == \
         (change.id, ChangeStatus.APPLIED, 1, 10)
     with pytest.raises(VersionConflictError):
@@ -123,7 +123,7 @@ def test_expected_version_is_checked_again_when_applied(control):
     controller = control.controller
     first = controller.submit(ChangeRequest(PinLearningRate(0.01), expected_version=0))
     second = controller.submit(ChangeRequest(PinLearningRate(0.02), expected_version=0))
-    applied = control.apply_pending()
+    applied = control.step_boundary()
     assert [c.status for c in applied] == [ChangeStatus.APPLIED, ChangeStatus.ABORTED]
     assert applied[1].id == second.id and applied[1].current_version == 1
     assert applied[0].id == first.id
@@ -137,7 +137,7 @@ def test_validate_only_queues_nothing(control):
     record = controller.submit(ChangeRequest(PinLearningRate(0.5), request_id="r1"), validate_only=True)
     assert record.status is ChangeStatus.VALIDATED
     assert controller.snapshot() is before and not controller.has_pending
-    assert control.apply_pending() == []
+    assert control.step_boundary() == []
     assert lr_now(control) == pytest.approx(0.1)
     # validate_only does not reserve the request id either.
     real = controller.submit(ChangeRequest(PinLearningRate(0.5), request_id="r1"))
@@ -152,10 +152,10 @@ def test_duplicate_request_id_returns_the_first_record_and_applies_once(control)
     again = controller.submit(ChangeRequest(ScaleLearningRate(0.5), request_id="retry-me"))
     assert again == first
     assert len(controller.snapshot().pending) == 1
-    assert [c.id for c in control.apply_pending()] == [first.id]
+    assert [c.id for c in control.step_boundary()] == [first.id]
     after = controller.submit(ChangeRequest(ScaleLearningRate(0.5), request_id="retry-me"))
     assert after.id == first.id and after.status is ChangeStatus.APPLIED and after.version == 1
-    assert control.apply_pending() == []
+    assert control.step_boundary() == []
     assert controller.snapshot().version == 1
     assert lr_now(control) == pytest.approx(0.05)  # scaled once, not twice
 
@@ -166,7 +166,7 @@ def test_wait_returns_the_applied_record_or_times_out(control):
     with pytest.raises(WaitTimeoutError):
         controller.wait(change, timeout=0)
     control.optimizer.iterations.assign(11)
-    assert control.apply_pending() == []  # not due yet
+    assert control.step_boundary() == []  # not due yet
     with pytest.raises(WaitTimeoutError):
         controller.wait(change, timeout=0)
 
@@ -174,7 +174,7 @@ def test_wait_returns_the_applied_record_or_times_out(control):
     waiter = threading.Thread(target=lambda: results.append(controller.wait(change, timeout=None)))
     waiter.start()
     control.optimizer.iterations.assign(12)
-    (applied,) = control.apply_pending()
+    (applied,) = control.step_boundary()
     waiter.join()
     assert results == [applied]
     assert applied.status is ChangeStatus.APPLIED and applied.applied_step == 12
@@ -201,14 +201,14 @@ def test_pin_and_scale_semantics(control):
     controller.submit(ChangeRequest(SwapSchedule(ExponentialDecay(0.2, 10, 0.5), Origin.GLOBAL)))
     controller.submit(ChangeRequest(ScaleLearningRate(0.5)))
     controller.submit(ChangeRequest(ScaleLearningRate(0.5)))
-    applied = control.apply_pending()
+    applied = control.step_boundary()
     assert [c.version for c in applied] == [1, 2, 3]
     state, version = control.schedule.read()
     assert version == 3 and state.scale == 0.25 and state.origin is Origin.GLOBAL
     assert state.origin_step == 0
     assert lr_now(control) == pytest.approx(0.25 * 0.2 * 0.5 ** (10 / 10))
     controller.submit(ChangeRequest(PinLearningRate(0.3)))
-    control.apply_pending()
+    control.step_boundary()
     assert control.schedule.read()[0] == ActiveSchedule(Constant(0.3), Origin.RESTART, 10, 1.0)
     assert controller.snapshot().schedule == control.schedule.read()[0]
     assert lr_now(control) == pytest.approx(0.3)
