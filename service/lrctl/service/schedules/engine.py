@@ -273,7 +273,7 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return ops.where(finite, ops.clip(lr, lo, hi), lo)
 
     def unbounded(self, step: Any) -> Any:
-        """The schedule's own learning rate at `step`, as `evaluate` computes it on the host."""
+        """The schedule's own learning rate at `step`, as `forms.learning_rate` computes it on the host."""
         local = ops.maximum(ops.cast(step, "int64") - self._origin_step, 0)
         # Only the active form's ops run: a switch on a variable, so still no retrace. The switch
         # is most of the cost left (its lowered Switch/Merge passes a dead tensor through every

@@ -2,16 +2,15 @@
 step boundary, from `model.fit` (its callback) or a custom loop (`step_boundary`).
 
 A façade over one module per job: `attach` (the schedule on the optimizer), `engine_target`
-(engine I/O), `step_clock`, `divergence` (revert_on_nan), `exchange` (several workers),
-`local_changes` (Keras's LR callbacks) and `fit_callback`. Training thread only, except
-`request_stop`.
+(engine I/O), `step_clock`, `boundary` (applying due changes, noticing restores),
+`publishing`, `divergence` (revert_on_nan), `exchange` (several workers), `local_changes`
+(Keras's LR callbacks) and `fit_callback`. Training thread only, except `request_stop`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.schedules import specs
 from lrctl.service.schedules.specs import ActiveSchedule
 from lrctl.service.training import local_changes
-from lrctl.service.training.attach import attach, build_optimizer
+from lrctl.service.training.attach import attach
 from lrctl.service.training.boundary import Boundary
 from lrctl.service.training.divergence import DivergenceGuard, DivergenceWatch
 from lrctl.service.training.engine_target import EngineTarget
@@ -31,8 +30,6 @@ from lrctl.service.training.exchange import WorkerSync, worker_count
 from lrctl.service.training.fit_callback import ControlCallback
 from lrctl.service.training.publishing import Publisher
 from lrctl.service.training.step_clock import StepClock
-
-logger = logging.getLogger("lrctl")
 
 
 class TrainingControl:
@@ -284,4 +281,4 @@ class TrainingControl:
             self.end(logs=logs, logs_step=logs_step, logs_time=logs_time)
 
 
-__all__ = ["TrainingControl", "attach", "build_optimizer"]
+__all__ = ["TrainingControl"]
