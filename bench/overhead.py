@@ -46,7 +46,7 @@ from _common import BATCH, emit, median_ci, seed_data, seed_model
 
 from lrctl.service import TrainingControl
 from lrctl.service.rpc.server import serve
-from lrctl.service.training.integration import attach
+from lrctl.service.training.attach import attach
 
 VARIANTS = ("plain", "keras_schedule", "lrctl_schedule", "callback_only", "lrctl_full", "assign_per_batch")
 MODES = {"graph": {}, "jit": {"jit": True}, "spe8": {"steps_per_execution": 8}}

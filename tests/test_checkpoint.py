@@ -32,7 +32,7 @@ from lrctl.service.control.errors import FailedPreconditionError, UnavailableErr
 from lrctl.service.rpc.journal import read
 from lrctl.service.rpc.servicer import status_of
 from lrctl.service.schedules import specs
-from lrctl.service.training.checkpoints import LATEST, write_json
+from lrctl.service.training.checkpoint_files import LATEST, write_json
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 _START = specs.ActiveSchedule(specs.Constant(0.1))  # the engine's schedule in the controller-only tests

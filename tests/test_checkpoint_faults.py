@@ -22,7 +22,9 @@ from live import state_until
 from test_trainer import LIMIT, TRAINER, _Trainer
 
 from lrctl.client import TrainingControlClient, pb
-from lrctl.service.training.checkpoints import LATEST, Checkpointer, CheckpointError
+from lrctl.service.control.disk import CheckpointError
+from lrctl.service.training.checkpoint_files import LATEST
+from lrctl.service.training.checkpoints import Checkpointer
 from lrctl.service.training.integration import TrainingControl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -151,7 +151,7 @@ def test_a_restored_run_keeps_accepting_changes(tmp_path):
     b_control.begin()
     assert b_control.controller.snapshot().step == 16
     change = b_control.controller.submit(ChangeRequest(PinLearningRate(0.001), expected_version=2))
-    (applied,) = b_control.apply_pending()
+    (applied,) = b_control.step_boundary()
     assert applied.id == change.id
     assert applied.version == 3 and applied.applied_step == 16
     assert float(np.asarray(b_model.optimizer.learning_rate)) == pytest.approx(0.001)

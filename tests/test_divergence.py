@@ -118,7 +118,7 @@ def test_a_change_that_makes_the_loss_nan_is_reverted_with_the_weights(change_at
     # The previous schedule is back in the engine, at the new version.
     engine_state, engine_version = control.schedule.read()
     assert engine_version == 2 and engine_state == before
-    assert float(control._target.learning_rate(10)) == pytest.approx(LR)
+    assert float(control.engine.learning_rate(10)) == pytest.approx(LR)
 
     # The divergence happened, then the weights and the momentum came back exactly as they were
     # at the change's boundary, and training went on from there at the old LR: the reference

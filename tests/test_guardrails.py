@@ -153,7 +153,7 @@ def test_the_journal_has_one_line_per_mutation_attempt(tmp_path) -> None:
         first = client.set_learning_rate(0.02, reason="PBT exploit", request_id="a")
         with pytest.raises(InvalidArgument):
             client.set_learning_rate(-1.0)
-        control.apply_pending()
+        control.step_boundary()
         with pytest.raises(VersionConflict):
             client.scale_learning_rate(0.5, expected_version=0)
         pending = client.swap_schedule(schedules.ExponentialDecay(0.01, 10, 0.5), apply_at_step=10**6)

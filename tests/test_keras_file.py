@@ -89,7 +89,7 @@ def test_load_model_restores_schedule_and_optimizer_state(tmp_path, make_optimiz
 
     # A further change builds on the restored version.
     pin = b_control.controller.submit(ChangeRequest(PinLearningRate(0.001), expected_version=2))
-    (applied,) = b_control.apply_pending()
+    (applied,) = b_control.step_boundary()
     assert (applied.id, applied.status) == (pin.id, ChangeStatus.APPLIED)
     assert (applied.version, applied.applied_step) == (3, 16)
     assert b_control.schedule.read()[1] == 3
@@ -133,7 +133,7 @@ def test_an_optimizer_saved_before_its_first_step_loads_with_keras(tmp_path):
     model.compile(optimizer=build_optimizer("adam", 0.01), loss="mse")
     control = TrainingControl(model.optimizer)
     control.controller.submit(ChangeRequest(ScaleLearningRate(0.25)))
-    control.apply_pending()
+    control.step_boundary()
     model.save(tmp_path / "m.keras")
 
     with pytest.warns(UserWarning, match="Skipping variable loading"):  # nothing lost: unbuilt

@@ -40,7 +40,7 @@ def test_host_and_graph_round_trips_are_bit_exact() -> None:
 
 def test_the_engine_reads_and_loads_through_one_vector() -> None:
     control = TrainingControl(keras.optimizers.SGD(0.1))
-    target = control._target
+    target = control.engine
     state = ActiveSchedule(CosineDecay(0.1, 1000, 0.01, 0.5, 100), Origin.RESTART, 12, 0.25)
     target.load(state, 3)
     assert target.read() == control.schedule.read() == (state, 3)

@@ -168,12 +168,12 @@ def test_values_float32_cannot_hold_are_refused_and_change_nothing(idle) -> None
         assert "float32" in str(info.value)
     # Each value fits, but the product would not: the cumulative scale, the resulting LR.
     client.scale_learning_rate(1e30)
-    control.apply_pending()
+    control.step_boundary()
     with pytest.raises(InvalidArgument, match="cumulative scale") as info:
         client.scale_learning_rate(1e30)
     assert [f for f, _ in info.value.field_violations] == ["scale"]
     client.set_learning_rate(3e38)
-    control.apply_pending()
+    control.step_boundary()
     with pytest.raises(InvalidArgument, match="learning rate inf") as info:
         client.scale_learning_rate(2.0)
     after = client.get_state()
@@ -240,7 +240,7 @@ def test_retries_in_the_dedup_window_never_apply_twice_and_pending_ids_are_kept(
     for batch in range(batches):  # more changes finish than the window holds, `keep` pending
         for i in range(per_batch):
             controller.submit(ChangeRequest(ScaleLearningRate(1.0), request_id=f"r{batch}-{i}"))
-        control.apply_pending()
+        control.step_boundary()
     total = per_batch * batches
     assert total > DEDUP_WINDOW and controller.snapshot().version == total
     retry = ChangeRequest(PinLearningRate(0.3), request_id="keep", apply_at_step=10**8)
@@ -250,7 +250,7 @@ def test_retries_in_the_dedup_window_never_apply_twice_and_pending_ids_are_kept(
         batch, i = divmod(index, per_batch)
         again = controller.submit(ChangeRequest(ScaleLearningRate(1.0), request_id=f"r{batch}-{i}"))
         assert again.status is ChangeStatus.APPLIED and again.version == index + 1
-    assert control.apply_pending() == []
+    assert control.step_boundary() == []
     assert controller.snapshot().version == total  # no retry applied anything
 
 
@@ -273,7 +273,7 @@ class _FailingOnce:
 
 def test_a_failing_engine_load_fails_the_change_and_keeps_the_schedule() -> None:
     control = TrainingControl(keras.optimizers.SGD(learning_rate=0.1))
-    control.controller._target = _FailingOnce(control._target)
+    control.controller._target = _FailingOnce(control.engine)
     control.begin()
     engine_before = control.schedule.read()
     with serve(control.controller, "127.0.0.1:0") as (_, port), \
@@ -290,14 +290,14 @@ def test_a_failing_engine_load_fails_the_change_and_keeps_the_schedule() -> None
         waiter.start()
         while client.get_state().pending_count == 0:
             time.sleep(0.01)
-        (failed,) = control.apply_pending()
+        (failed,) = control.step_boundary()
         waiter.join(timeout=60)
         assert failed.status is ChangeStatus.FAILED and isinstance(failed.error, ApplyError)
         assert outcome and "device lost" in str(outcome[0])
         assert control.schedule.read() == engine_before
         assert client.get_state().version == 0
         ok = client.scale_learning_rate(0.5, wait=False)
-        (applied,) = control.apply_pending()
+        (applied,) = control.step_boundary()
         assert applied.request.request_id == ok.request_id and applied.version == 1
 
 
@@ -310,8 +310,8 @@ def test_an_engine_load_is_all_or_nothing() -> None:
     assert control.schedule.read() == before
     # The training thread's path: one compiled assignment of all the variables.
     with pytest.raises((OverflowError, ValueError)):
-        control._target.load(bad, 7)
-    assert control.schedule.read() == control._target.read() == before
+        control.engine.load(bad, 7)
+    assert control.schedule.read() == control.engine.read() == before
 
 
 # -- a burst at one boundary -------------------------------------------------------------------
@@ -329,7 +329,7 @@ class _CountingLoads:
 
 def test_a_burst_due_at_one_boundary_costs_one_engine_load_and_no_lock() -> None:
     control = TrainingControl(keras.optimizers.SGD(learning_rate=0.1))
-    counting = _CountingLoads(control._target)
+    counting = _CountingLoads(control.engine)
     control.controller._target = counting
     control.begin()
     for i in range(MAX_PENDING):
@@ -338,14 +338,14 @@ def test_a_burst_due_at_one_boundary_costs_one_engine_load_and_no_lock() -> None
     with pytest.raises(ResourceExhaustedError, match="pending already"):
         control.controller.submit(ChangeRequest(ScaleLearningRate(1.0)))
     control.optimizer.iterations.assign(5)
-    finished = control.apply_pending()
+    finished = control.step_boundary()
     assert counting.loads == 1
     assert [c.version for c in finished] == list(range(1, MAX_PENDING + 1))
     assert all(c.applied_step == 5 for c in finished)
     state, version = control.schedule.read()
     assert version == MAX_PENDING and state == finished[-1].schedule_after
     assert finished[-1].learning_rate_after == pytest.approx(
-        float(control._target.learning_rate(5)), rel=1e-6)
+        float(control.engine.learning_rate(5)), rel=1e-6)
 
 
 # -- bounds ------------------------------------------------------------------------------------
@@ -434,11 +434,11 @@ def test_a_restore_of_another_run_at_the_same_version_is_noticed() -> None:
     for control, lr in ((mine, 0.5), (other, 0.02)):
         control.begin()
         control.controller.submit(ChangeRequest(PinLearningRate(lr)))
-        control.apply_pending()
+        control.step_boundary()
         assert control.controller.snapshot().version == 1
     for into, value in zip(mine.schedule.variables, other.schedule.variables, strict=True):
         into.assign(value.numpy())  # what a restore of the other run's checkpoint does
     mine.controller.submit(ChangeRequest(ScaleLearningRate(0.5)))
-    (change,) = mine.apply_pending()
+    (change,) = mine.step_boundary()
     assert change.learning_rate_after == pytest.approx(0.01)  # built on the restored 0.02
     assert change.version == 3  # the restore became version 2: versions never repeat

@@ -205,7 +205,7 @@ def test_controller_clears_metrics_taken_before_a_change() -> None:
     assert snap.steps_per_second == pytest.approx(10.0)
     controller.submit(ChangeRequest(PinLearningRate(0.05)))
     control.optimizer.iterations.assign(30)
-    applied = control.apply_pending()
+    applied = control.step_boundary()
     assert applied[0].applied_step == 30
     snap = controller.snapshot()
     assert snap.metrics == {} and snap.metrics_step is None and snap.metrics_time is None

@@ -16,10 +16,11 @@ if TYPE_CHECKING:
     from lrctl.service.control.guardrails import Guardrails
     from lrctl.service.rpc.server import serve
     from lrctl.service.schedules.engine import ControllableSchedule
-    from lrctl.service.schedules.keras_file import load_model
     from lrctl.service.schedules.specs import Origin
+    from lrctl.service.training.attach import attach, build_optimizer
     from lrctl.service.training.checkpoints import Checkpointer
-    from lrctl.service.training.integration import TrainingControl, attach, build_optimizer
+    from lrctl.service.training.integration import TrainingControl
+    from lrctl.service.training.keras_file import load_model
 
 # Each public name, lazily from its home: `import lrctl.service` stays free of TensorFlow.
 _HOMES = {
@@ -30,9 +31,9 @@ _HOMES = {
     "Origin": "schedules.specs",
     "Phase": "control.changes",
     "TrainingControl": "training.integration",
-    "attach": "training.integration",
-    "build_optimizer": "training.integration",
-    "load_model": "schedules.keras_file",
+    "attach": "training.attach",
+    "build_optimizer": "training.attach",
+    "load_model": "training.keras_file",
     "serve": "rpc.server",
 }
 __all__ = [

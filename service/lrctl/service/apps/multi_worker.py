@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             while not control.should_stop and (args.steps == 0 or step < args.steps):
                 loss, lr = (strategy.experimental_local_results(t)[0] for t in train_step(next(batches)))
                 if log is not None:
-                    log.write(json.dumps({"step": step, "version": control.schedule.version(),
+                    log.write(json.dumps({"step": step, "version": control.schedule.read()[1],
                                           "lr": float(lr)}) + "\n")
                 step += 1
                 control.step_boundary({"loss": loss})
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.weights_out:
             np.savez(args.weights_out, *model.get_weights())
     print(f"worker {control.workers.index if control.workers else 0} stopped at step "
-          f"{control.step}, version {control.schedule.version()}: {control.step - first_step} "
+          f"{control.step}, version {control.schedule.read()[1]}: {control.step - first_step} "
           f"steps in {time.perf_counter() - started:.3f} s", file=sys.stderr, flush=True)
     return 0
 

@@ -494,7 +494,8 @@ def _fit(args: argparse.Namespace, initial: specs.ScheduleSpec | None, limits: G
 
         # -- checkpoints (issue #8): resume, then save every N steps and when fit returns --
         if args.checkpoint_dir:
-            from lrctl.service.training.checkpoints import Checkpointer, CheckpointError
+            from lrctl.service.control.disk import CheckpointError
+            from lrctl.service.training.checkpoints import Checkpointer
 
             try:
                 checkpoints = Checkpointer(control, model, args.checkpoint_dir, every=args.checkpoint_every,

@@ -23,6 +23,7 @@ from keras import ops
 
 from lrctl.service.schedules import forms, specs
 from lrctl.service.schedules.forms import NUM_COEFFICIENTS, Form
+from lrctl.service.schedules.packing import PackedVariables
 from lrctl.service.schedules.specs import CAPACITY, ActiveSchedule, Origin, ScheduleSpec
 
 _NUM_PARAMS = 8
@@ -201,20 +202,40 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def load(self, state: ActiveSchedule, version: int) -> None:
         """Make `state` the schedule of every following step. Call between steps only.
+        All or nothing (see `load_packed`): a value that does not fit raises before anything
+        is assigned."""
+        self.load_packed(self.pack(state, version))
 
-        All or nothing: every value is converted first, and if an assignment fails the
-        previous values are put back, so no step ever sees half of one schedule and half of
-        another. (lrctl's training thread does the same in one compiled call: integration.py.)
-        """
-        new = self.values_of(state, version)
-        old = [variable.numpy() for variable in self.variables]
-        try:
-            for variable, value in zip(self.variables, new, strict=True):
-                variable.assign(value)
-        except Exception:
-            for variable, value in zip(self.variables, old, strict=True):
-                variable.assign(value)
-            raise
+    def pack(self, state: ActiveSchedule, version: int) -> np.ndarray:
+        """What `variables` must hold for `state` at `version`, as one packed vector."""
+        return self._packed.packer.pack(self.values_of(state, version))
+
+    def load_packed(self, vector: np.ndarray, previous: np.ndarray | None = None) -> None:
+        """Every load of the engine comes here: one compiled call assigns all `variables` from
+        one int64 vector (`packing`), so no step sees half of one schedule and half of another.
+        If it fails, `previous` (default: what the variables hold now) is put back."""
+        self._packed.assign(vector, previous)
+
+    def read_packed(self) -> np.ndarray:
+        """What `variables` hold, as one packed vector (one compiled call)."""
+        return self._packed.read()
+
+    def state_in(self, vector: np.ndarray) -> tuple[ActiveSchedule, int]:
+        """The schedule and version a packed vector holds (host only, no TensorFlow)."""
+        return self.state_of(self._packed.packer.unpack(vector))
+
+    def offset_of(self, variable: keras.Variable) -> int:
+        """Where a scalar variable (the stamp, the version) sits in a packed vector."""
+        return self._packed.packer.offset_of(variable)
+
+    @property
+    def _packed(self) -> PackedVariables:
+        # Built on first use, not in __init__: a schedule that is only configured or copied
+        # never creates its compiled functions.
+        packed = self.__dict__.get("_packed_variables")
+        if packed is None:
+            packed = self.__dict__["_packed_variables"] = PackedVariables(self.variables)
+        return packed
 
     @property
     def version_variable(self) -> keras.Variable:
@@ -223,10 +244,6 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     @property
     def stamp_variable(self) -> keras.Variable:
         return self._stamp
-
-    def version(self) -> int:
-        """The version variable alone: a cheap way to notice a checkpoint restore."""
-        return int(self._version.numpy())
 
     def set_version(self, version: int) -> None:
         self._version.assign(version)
@@ -238,7 +255,7 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def read(self) -> tuple[ActiveSchedule, int]:
         """Decode the variables (e.g. after a checkpoint restore) into the active schedule."""
-        return self.state_of([variable.numpy() for variable in self.variables])
+        return self.state_in(self.read_packed())
 
     # -- in the graph ---------------------------------------------------------------------
     def __call__(self, step: Any) -> Any:
@@ -256,7 +273,7 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return ops.where(finite, ops.clip(lr, lo, hi), lo)
 
     def unbounded(self, step: Any) -> Any:
-        """The schedule's own learning rate at `step`, as `evaluate` computes it on the host."""
+        """The schedule's own learning rate at `step`, as `forms.learning_rate` computes it on the host."""
         local = ops.maximum(ops.cast(step, "int64") - self._origin_step, 0)
         # Only the active form's ops run: a switch on a variable, so still no retrace. The switch
         # is most of the cost left (its lowered Switch/Merge passes a dead tensor through every
@@ -273,7 +290,7 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
         return compute
 
-    # -- the `.keras` format (see lrctl.service.schedules.keras_file) ----------------------------------------
+    # -- the `.keras` format (see lrctl.service.training.keras_file) -----------------------------
     #: Set by `attach`: the optimizer that holds this schedule and tracks its variables.
     optimizer_ref: weakref.ReferenceType[Any] | None = None
     #: Set by `attach`: variables of that optimizer that hold no state (the float LR replaced).

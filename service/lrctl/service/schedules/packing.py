@@ -53,6 +53,35 @@ class Packer:
                 for part, (shape, dtype, _) in zip(parts, self._layout, strict=True)]
 
 
+class PackedVariables:
+    """`variables` read and assigned as one vector, each in one compiled call: the only way
+    lrctl reads or loads the engine (see `ControllableSchedule.load_packed`)."""
+
+    def __init__(self, variables: Sequence[keras.Variable]) -> None:
+        self.packer = packer = Packer(variables)
+        self._read = tf.function(lambda: packer.pack_tensors([v.value for v in variables]))
+
+        @tf.function(input_signature=[tf.TensorSpec([packer.size], tf.int64)])
+        def assign(vector: tf.Tensor) -> None:
+            for variable, value in zip(variables, packer.unpack_tensor(vector), strict=True):
+                variable.assign(value)
+
+        self._assign = assign
+
+    def read(self) -> np.ndarray:
+        return np.asarray(self._read())
+
+    def assign(self, vector: np.ndarray, previous: np.ndarray | None = None) -> None:
+        """All or nothing: if the assignment fails, `previous` (what the variables hold, read
+        now if not given) is put back and the error raised."""
+        old = previous if previous is not None else self.read()
+        try:
+            self._assign(tf.constant(vector))
+        except Exception:
+            self._assign(tf.constant(old))
+            raise
+
+
 def _to_bits(value: np.ndarray) -> np.ndarray:
     if value.dtype == np.float64:
         return value.view(np.int64)

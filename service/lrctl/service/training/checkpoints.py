@@ -2,12 +2,7 @@
 variables, hence the schedule, scale and version, are among its variables) and the
 controller's state (history, pending changes, the request ids of the dedup window).
 
-A checkpoint at step N is two files in one folder, named by a pointer:
-
-    ckpt-N.weights.h5     model.save_weights (the optimizer's state included)
-    ckpt-N.control.json   Controller.export_state(), the run's lineage and when it was saved
-    latest.json           {"step": N, "weights": ..., "control": ..., "lineage": ...}
-
+A checkpoint at step N is two files in one folder, named by a pointer (`checkpoint_files`).
 Both files are written to temporary names and fsynced, then renamed into place, the pointer
 last: a kill at any moment leaves `latest.json` naming a complete pair, never a torn one.
 
@@ -39,132 +34,40 @@ Not restored: the input pipeline's position (a dataset starts over). The epochs 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import itertools
 import json
 import logging
 import math
 import os
-import re
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import h5py
 import keras
 import numpy as np
 
 from lrctl.service.control import wal
-from lrctl.service.control.disk import MIN_FREE_BYTES, CheckpointError, check_writable, free_bytes
-from lrctl.service.control.disk import fsync_path as _fsync_path
-from lrctl.service.control.disk import remove as _remove
-from lrctl.service.control.disk import write_bytes as _write_bytes
-from lrctl.service.control.persistence import STATE_FORMAT
+from lrctl.service.control.disk import CheckpointError, free_bytes, fsync_path, remove, write_bytes
+from lrctl.service.training.checkpoint_files import (
+    LATEST,
+    TMP,
+    Found,
+    one_line,
+    read_pointer,
+    scan,
+    write_json,
+)
 from lrctl.service.training.integration import TrainingControl
+from lrctl.service.training.step_clock import Periodic
 
 logger = logging.getLogger("lrctl.checkpoint")
 
-LATEST = "latest.json"
 KEEP = 2
 #: Headroom on top of a checkpoint's expected size before a write is attempted: h5py crashes
 #: the process (SIGSEGV) when the disk fills under it, so a write that may not fit is refused.
 _SPARE_BYTES = 2**20
-_NAME = re.compile(r"^ckpt-(\d+)\.(weights\.h5|control\.json)$")
-_TMP = ".tmp-"
-#: What `Controller.import_state` reads from a control file.
-_STATE_KEYS = ("format", "step", "version", "schedule", "next_id", "pending", "finished", "history")
-
-
-def write_json(path: str, data: Any) -> None:
-    """Write `data` as JSON to `path` atomically: a temporary file, fsync, rename, fsync the
-    folder. A reader sees the old file or the new one, never part of one. Raises OSError
-    (and leaves no temporary file) if the disk refuses."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f"{_TMP}{os.getpid()}-{os.path.basename(path)}")
-    try:
-        _write_bytes(tmp, json.dumps(data, allow_nan=True).encode())
-        os.replace(tmp, path)
-    except OSError:
-        _remove(tmp)
-        raise
-    _fsync_path(folder)
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _read_pointer(directory: str) -> tuple[dict[str, Any] | None, str]:
-    """The pointer and "", or None and what is wrong with it ("" if there is none)."""
-    try:
-        with open(os.path.join(directory, LATEST), "rb") as f:
-            data = json.loads(f.read())
-    except FileNotFoundError:
-        return None, ""
-    except OSError as e:
-        return None, f"{LATEST} cannot be read ({e.strerror or e})"
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        return None, f"{LATEST} is not valid JSON ({_one_line(e)})"
-    if not isinstance(data, dict):
-        return None, f"{LATEST} holds {_one_line(json.dumps(data))[:40]}, not a checkpoint pointer"
-    for key, pattern in (("weights", "weights.h5"), ("control", "control.json")):
-        name = data.get(key)
-        m = _NAME.match(name) if isinstance(name, str) else None
-        if m is None or m.group(2) != pattern:
-            return None, f"{LATEST} has no valid {key!r} file name (got {_one_line(repr(name))[:60]})"
-    return data, ""
-
-
-def latest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The pointer to the newest complete checkpoint in `directory`, or None if there is no
-    valid pointer (`Checkpointer.restore` then looks for the newest valid checkpoint)."""
-    return _read_pointer(os.fspath(directory))[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Found:
-    """A complete pair of checkpoint files, validated."""
-
-    stem: str  #: "ckpt-N"
-    step: int
-    state: dict[str, Any] | None  #: the control state; None if invalid
-    problem: str  #: what is wrong ("" if valid)
-    saved: float  #: when it was saved: the control file's "saved_time", else the files' mtime
-
-    @property
-    def lineage(self) -> str:
-        return str((self.state or {}).get("lineage", ""))
-
-
-def _read_state(path: str) -> tuple[dict[str, Any] | None, str]:
-    name = os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read())
-    except OSError as e:
-        return None, f"{name} cannot be read ({e.strerror or e})"
-    except ValueError as e:
-        return None, f"{name} is not valid JSON ({_one_line(e)})"
-    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-        return None, f"{name} is not an lrctl control state of format {STATE_FORMAT}"
-    missing = [k for k in _STATE_KEYS if k not in data]
-    if missing:
-        return None, f"{name} lacks {', '.join(missing)}"
-    return data, ""
-
-
-def _check_weights(path: str) -> str:
-    """"" if `path` is a readable HDF5 file, else what is wrong. Opening checks the file's
-    end against its superblock (a truncated file fails); visiting every object reads all the
-    metadata (not the data: it has no checksums to check)."""
-    try:
-        with h5py.File(path, "r") as f:
-            f.visit(lambda _: None)
-    except Exception as e:  # noqa: BLE001 -- any failure to read it makes it unusable
-        return f"{os.path.basename(path)} is not a readable HDF5 file ({_one_line(e)[:160]})"
-    return ""
 
 
 class Checkpointer:
@@ -213,7 +116,7 @@ class Checkpointer:
         started = time.monotonic()
         stem = f"ckpt-{step}"
         weights, control = f"{stem}.weights.h5", f"{stem}.control.json"
-        tmp_weights, tmp_control = (os.path.join(self.directory, f"{_TMP}{os.getpid()}-{name}")
+        tmp_weights, tmp_control = (os.path.join(self.directory, f"{TMP}{os.getpid()}-{name}")
                                     for name in (weights, control))
         controller = self.control.controller
         exported = controller.export_state(step)
@@ -223,22 +126,22 @@ class Checkpointer:
         try:
             self._check_space(len(data))
             self.model.save_weights(tmp_weights)
-            _fsync_path(tmp_weights)
+            fsync_path(tmp_weights)
             size = os.path.getsize(tmp_weights)
-            _write_bytes(tmp_control, data)
+            write_bytes(tmp_control, data)
             for tmp, name in ((tmp_weights, weights), (tmp_control, control)):
                 os.replace(tmp, os.path.join(self.directory, name))
                 renamed.append(name)
-            _fsync_path(self.directory)
+            fsync_path(self.directory)
             snap = controller.snapshot()
             write_json(os.path.join(self.directory, LATEST), {
                 "step": step, "weights": weights, "control": control, "run_id": snap.run_id,
                 "version": snap.version, "lineage": self.lineage, "time": time.time()})
         except Exception as e:  # noqa: BLE001 -- a disk error or h5py's own: never ends the run
-            _remove(tmp_weights, tmp_control, *(os.path.join(self.directory, name) for name in renamed
+            remove(tmp_weights, tmp_control, *(os.path.join(self.directory, name) for name in renamed
                                                 if name not in (self._pointed or ())))
             self.failures += 1
-            error = f"{type(e).__name__}: {_one_line(e)}"
+            error = f"{type(e).__name__}: {one_line(e)}"
             controller.checkpointed(None, error)
             logger.error("checkpoint at step %d in %s failed (%d failure(s) so far): %s; the "
                          "newest checkpoint is still %s; trying again at the next interval",
@@ -286,11 +189,11 @@ class Checkpointer:
                 logger.warning("cannot prune %s in %s: %s", stem, self.directory, e)
                 continue
             del self._ours[stem]
-        mine = f"{_TMP}{os.getpid()}-"
+        mine = f"{TMP}{os.getpid()}-"
         for name in os.listdir(self.directory):
             # Another process's temporary file: a write a kill interrupted (ours are done).
-            if name.startswith(_TMP) and not name.startswith(mine):
-                _remove(os.path.join(self.directory, name))
+            if name.startswith(TMP) and not name.startswith(mine):
+                remove(os.path.join(self.directory, name))
 
     def _compact(self) -> None:
         """Drop the log's records that every checkpoint recovery may use already includes:
@@ -322,7 +225,7 @@ class Checkpointer:
             self.replayed = self.control.controller.replay(records)
         except (KeyError, TypeError, ValueError) as e:  # a record lrctl did not write
             raise CheckpointError(f"{self.wal.path} holds a record that cannot be replayed "
-                                  f"({type(e).__name__}: {_one_line(e)[:160]})") from None
+                                  f"({type(e).__name__}: {one_line(e)[:160]})") from None
         if records:
             logger.info("replayed %d write-ahead log record(s) after %s: %d change(s) put back",
                         len(records), "the checkpoint" if state is not None else "no checkpoint",
@@ -339,8 +242,8 @@ class Checkpointer:
         Raises CheckpointError if the folder holds a pointer or checkpoint files and none can
         be resumed from. A damaged or missing pointer, or a damaged newest checkpoint, falls
         back to the newest checkpoint that validates and loads, with a warning."""
-        pointer, pointer_problem = _read_pointer(self.directory)
-        found, strays = self._scan()
+        pointer, pointer_problem = read_pointer(self.directory)
+        found, strays = scan(self.directory)
         if strays:
             logger.warning("ignoring files in %s that are not complete checkpoints: %s",
                            self.directory, ", ".join(sorted(strays)))
@@ -375,7 +278,7 @@ class Checkpointer:
                 state = self._load(candidate)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 problems.append(f"{candidate.stem}.weights.h5 cannot be loaded into this model "
-                                f"({_one_line(e)[:160]})")
+                                f"({one_line(e)[:160]})")
                 continue
             if problems:
                 logger.warning("in %s: %s; resuming from %s (step %d) instead", self.directory,
@@ -394,33 +297,7 @@ class Checkpointer:
         raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from ({files}): "
                               + "; ".join(problems or ["none is complete"]))
 
-    def _scan(self) -> tuple[dict[str, _Found], list[str]]:
-        """The complete pairs of checkpoint files, validated, and the files that are none."""
-        names = os.listdir(self.directory)
-        halves: dict[str, set[str]] = {}
-        for name in names:
-            if m := _NAME.match(name):
-                halves.setdefault(f"ckpt-{m.group(1)}", set()).add(name)
-        found: dict[str, _Found] = {}
-        strays: list[str] = []
-        for stem, present in halves.items():
-            if len(present) < 2:
-                strays.extend(present)  # e.g. a weights file with no control file
-                continue
-            weights, control = (os.path.join(self.directory, stem + s)
-                                for s in (".weights.h5", ".control.json"))
-            state, problem = _read_state(control)
-            problem = problem or _check_weights(weights)
-            try:
-                saved = float((state or {}).get("saved_time") or max(
-                    os.path.getmtime(weights), os.path.getmtime(control)))
-            except (OSError, TypeError, ValueError):
-                saved = 0.0
-            found[stem] = _Found(stem, int(stem.removeprefix("ckpt-")), state if not problem else None,
-                                 problem, saved)
-        return found, strays
-
-    def _load(self, candidate: _Found) -> dict[str, Any]:
+    def _load(self, candidate: Found) -> dict[str, Any]:
         assert candidate.state is not None
         optimizer = self.model.optimizer
         if not optimizer.built:  # Keras's load_weights skips an unbuilt optimizer's state
@@ -448,22 +325,14 @@ class _CheckpointCallback(keras.callbacks.Callback):
     def __init__(self, checkpointer: Checkpointer) -> None:
         super().__init__()
         self._checkpointer = checkpointer
-        self._next = 0
+        self._due: Periodic | None = None
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
-        self._next = self._after(self._checkpointer.control.step)
-
-    def _after(self, step: int) -> int:
-        every = self._checkpointer.every
-        return step // every * every + every if every else 2**62
+        self._due = Periodic(self._checkpointer.control.clock, self._checkpointer.every)
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        control = self._checkpointer.control
-        if control.reached(self._next):
-            step = control.step
+        if self._due is not None and self._due.due() is not None:
             self._checkpointer.save()  # a failure is retried at the next interval
-            self._next = self._after(step)
 
 
-__all__ = ["KEEP", "LATEST", "MIN_FREE_BYTES", "CheckpointError", "Checkpointer", "check_writable",
-           "free_bytes", "latest", "write_json"]
+__all__ = ["KEEP", "CheckpointError", "Checkpointer"]

@@ -6,21 +6,29 @@ boundary where a change is applied, the guard copies the weights and the optimiz
 to host memory; if the loss turns non-finite within the next K steps, the training thread
 assigns them back and the controller records the old schedule as a new version.
 
-TensorFlow work only: the training thread alone calls this module (see integration.py).
+`DivergenceGuard` holds the snapshot; `DivergenceWatch` decides when to take, check and
+restore it at the training thread's step boundaries. The training thread alone calls this module.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from lrctl.service.control.controller import Controller
+from lrctl.service.schedules import forms
 from lrctl.service.schedules.engine import ControllableSchedule
 from lrctl.service.schedules.specs import ActiveSchedule
+from lrctl.service.training.step_clock import StepClock
+
+logger = logging.getLogger("lrctl")
 
 
 @dataclass
@@ -145,3 +153,117 @@ class DivergenceGuard:
                 skip.add(id(variable))  # a variable listed twice is copied once
                 watched.append(variable)
         return watched
+
+
+class DivergenceWatch:
+    """`revert_on_nan` at the step boundaries: opens a window where changes apply, reads the
+    loss inside it, and reverts weights and schedule when the loss turns non-finite.
+
+    The loss is fit's loss tracker while `fit` runs (exact, on the training thread), else the
+    `logs["loss"]` given to the custom loop's boundary. `resync` notices a restore (it returns
+    whether it found one); `reverted` is told after a revert so readers see it at once.
+    """
+
+    def __init__(self, guard: DivergenceGuard, controller: Controller, clock: StepClock,
+                 model: keras.Model | None, variables: Sequence[keras.Variable] | None,
+                 resync: Callable[[], bool], reverted: Callable[[], None]) -> None:
+        self.guard = guard
+        self._controller = controller
+        self._clock = clock
+        self._model = model
+        self._variables = list(variables) if variables is not None else None
+        self._resync = resync
+        self._reverted = reverted
+        self._fit_loss: Callable[[], float | None] | None = None
+        #: The logs the custom loop gave at its last boundary.
+        self.boundary_logs: Mapping[str, Any] | None = None
+        self._warned_no_loss = False
+
+    @property
+    def knows_weights(self) -> bool:
+        """Whether there are weights to snapshot (fit's model, or the model or variables given)."""
+        return self._model is not None or self._variables is not None
+
+    def fit_begins(self, model: keras.Model) -> None:
+        """fit starts: its model is the one to snapshot unless another was given, and its loss
+        tracker (Keras's running mean of the loss) is the loss to watch."""
+        if self._model is None and self._variables is None:
+            self._model = model
+        tracker = next((m for m in model.metrics if m.name == "loss"), None)
+        self._fit_loss = (lambda: float(np.asarray(tracker.result()))) if tracker is not None else None
+
+    def fit_ends(self) -> None:
+        self._fit_loss = None
+
+    def current_loss(self) -> float | None:
+        if self._fit_loss is not None:
+            return self._fit_loss()
+        return self.logged_loss(self.boundary_logs)
+
+    @staticmethod
+    def logged_loss(logs: Mapping[str, Any] | None) -> float | None:
+        value = (logs or {}).get("loss")
+        return None if value is None else float(np.asarray(value))  # a tensor: a device sync
+
+    def opened(self, step: int, before: tuple[ActiveSchedule, int], applied: list[int]) -> None:
+        """Changes `applied` were just loaded at this boundary: watch the next K steps."""
+        if self._model is not None:
+            weights, trainable = self._model.weights, self._model.trainable_variables
+        elif self._variables is not None:
+            weights, trainable = self._variables, [v for v in self._variables if v.trainable]
+        else:  # a change applied before fit or step_boundary ever ran
+            logger.warning("revert_on_nan: no model known yet; v%d is not watched", applied[-1])
+            return
+        loss = self.current_loss()
+        if loss is not None and not math.isfinite(loss):
+            logger.warning("revert_on_nan: the loss is already %s at step %d; v%d is not watched "
+                           "(a snapshot now would hold the diverged weights)", loss, step, applied[-1])
+            return
+        window = self.guard.open(step, weights, trainable, *before, applied)
+        logger.info("v%d step %d: watching the loss until step %d (revert_on_nan; host copy %.3g MB "
+                    "of the state at step %d)", applied[-1], step, window.until, window.nbytes / 1e6,
+                    window.taken_at)
+
+    def check(self, loss: float | None) -> None:
+        """A boundary inside the window: revert if the loss is not finite, else maybe close."""
+        step = self._clock.read()
+        if loss is None and not self._warned_no_loss:
+            self._warned_no_loss = True
+            logger.warning("revert_on_nan: no loss to watch (fit's loss tracker, or logs['loss'] "
+                           "given to step_boundary); changes cannot be reverted")
+        window = self.guard.check(step, loss)
+        if window is not None:
+            self._revert(window, step, loss)
+
+    def epoch_end(self, logs: Mapping[str, Any] | None) -> None:
+        """At the end of a fit epoch: Keras resets its loss tracker before the next epoch's
+        first boundary, so the epoch's last steps are checked here, with the epoch's training
+        loss (validation, if any, has replaced the tracker's value by now)."""
+        if self.guard.watching:
+            self.check(self.logged_loss(logs))
+
+    def _revert(self, window: Window, step: int, loss: float | None) -> None:
+        if self._resync():  # a checkpoint was restored by hand since the change
+            logger.warning("revert_on_nan: loss %s at step %d, but a restore replaced the state "
+                           "since the change; not reverting", loss, step)
+            return
+        versions = "v" + ", v".join(str(v) for v in window.versions)
+        reason = (f"auto-revert: loss was {loss} at step {step}, within {self.guard.steps} "
+                  f"steps of {versions}; weights and optimizer state restored from step "
+                  f"{window.taken_at}, schedule of v{window.version}")
+        # Weights first: if the engine load below fails, training still goes on from good weights.
+        DivergenceGuard.restore(window)
+        lr = forms.learning_rate(self._controller.engine_state[0], step)
+        try:
+            change = self._controller.apply_automatic(window.state, step=step, reason=reason)
+        except Exception:
+            logger.exception("revert_on_nan: weights restored but the old schedule could not be "
+                             "loaded: %s", reason)
+        else:
+            logger.warning("v%d step %d: lr %.6g -> %.6g  %s", change.version, step, lr,
+                           change.learning_rate_after, reason)
+        if self._fit_loss is not None and self._model is not None:
+            # Keras's loss tracker averages over the epoch: it would stay NaN until the epoch
+            # ends, hiding the recovery from readers and from the next window's checks.
+            self._model.reset_metrics()
+        self._reverted()

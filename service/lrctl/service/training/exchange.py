@@ -15,20 +15,17 @@ transport (gRPC or NCCL), already set up and authenticated by the job.
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
 
 import numpy as np
 import tensorflow as tf
 
 from lrctl.service.control.changes import WorkerState
+from lrctl.service.control.controller import Controller
+from lrctl.service.rpc.budgets import short
+from lrctl.service.training.engine_target import EngineTarget
 
-
-class PackedEngine(Protocol):
-    """The engine's variables as one int64 vector (lrctl.service.schedules.packing)."""
-
-    def read_packed(self) -> np.ndarray: ...
-    def load_packed(self, vector: np.ndarray) -> None: ...
-    def version_in(self, vector: np.ndarray) -> int: ...
+logger = logging.getLogger("lrctl")
 
 
 def worker_count(strategy: tf.distribute.Strategy | None) -> int:
@@ -44,8 +41,8 @@ class WorkerSync:
     """Keeps the engine equal on every worker, switched at the same boundary. Training thread
     only; every worker must call `exchange` at the same boundaries."""
 
-    def __init__(self, strategy: tf.distribute.MultiWorkerMirroredStrategy, engine: PackedEngine,
-                 every: int = 1) -> None:
+    def __init__(self, strategy: tf.distribute.MultiWorkerMirroredStrategy, engine: EngineTarget,
+                 controller: Controller, every: int = 1) -> None:
         if every < 1:
             raise ValueError(f"sync_every must be >= 1 step; got {every}")
         self.every = every
@@ -56,6 +53,7 @@ class WorkerSync:
         self.index = int(resolver.task_id) + (1 if has_chief and resolver.task_type == "worker" else 0)
         self.is_chief = self.index == 0
         self._engine = engine
+        self._controller = controller
         self._width = len(engine.read_packed())
         size = self._width + 2 * self.count + 1  # engine, (version, step) per worker, stop votes
         # Only this worker's first replica contributes: with several local replicas (GPUs),
@@ -76,6 +74,25 @@ class WorkerSync:
     def due(self, step: int) -> bool:
         """Whether the boundary before step `step` is an exchange."""
         return step % self.every == 0
+
+    def may_apply(self, step: int) -> bool:
+        """Only the chief applies changes, and only where all workers exchange."""
+        return self.is_chief and self.due(step)
+
+    def boundary(self, step: int, stop: bool) -> bool:
+        """At the boundary before step `step` on every worker: exchange if one is due, tell the
+        controller what the others report (a follower: the chief's schedule it took). Returns
+        whether any worker voted to stop."""
+        if not self.due(step):
+            return False
+        taken, reports, stop_all = self.exchange(step, stop)
+        if taken is not None:
+            state, version = self._engine.state_in(taken)
+            self._controller.follow(state, version)
+            logger.info("v%d step %d: took the chief's schedule: %s", version, step,
+                        short(state.spec.describe()))
+        self._controller.set_workers(reports)
+        return stop_all
 
     def exchange(self, step: int, stop: bool) -> tuple[np.ndarray | None, tuple[WorkerState, ...], bool]:
         """Send the chief's engine to every worker, this worker's (version, step) and its vote

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from lrctl.service.schedules.engine import ControllableSchedule
-from lrctl.service.training.integration import _lr_owner, attach
+from lrctl.service.training.attach import attach, lr_owner
 
 _WEIGHTS = "model.weights.h5"  # the weights inside a .keras zip archive
 _SKIPPED = "Skipping variable loading for optimizer"  # Keras's warning, moot once restored
@@ -37,7 +37,7 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> keras.Model:
     with warnings.catch_warnings(record=True) as caught:
         model = keras.models.load_model(path, **kwargs)
     optimizer = getattr(model, "optimizer", None)  # None when loaded with compile=False
-    schedule = _lr_owner(optimizer)._learning_rate if optimizer is not None else None
+    schedule = lr_owner(optimizer)._learning_rate if optimizer is not None else None
     restored = False
     if isinstance(schedule, ControllableSchedule):
         layout = schedule.saved_optimizer_layout
