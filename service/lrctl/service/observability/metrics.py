@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from lrctl.service.control.controller import ChangeStatus, Controller, Phase
-from lrctl.service.rpc.servicer import ControllerSlot
+from lrctl.service.rpc.slot import ControllerSlot
 
 #: Distinct `method` label values at most; further ones (a scanner's garbage) count as "other".
 MAX_METHODS = 64
