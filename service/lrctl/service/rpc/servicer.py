@@ -65,8 +65,8 @@ _WAIT_MARGIN = 0.05  # answer DEADLINE_EXCEEDED ourselves, with a message, just 
 
 
 class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
-    """lrctl.v1.TrainingControlService backed by one Controller (or one still to come: a
-    ControllerSlot)."""
+    """lrctl.v1.TrainingControlService backed by one Controller, or by a ControllerSlot that the
+    trainer binds once it has built one."""
 
     def __init__(self, controller: Controller | ControllerSlot, *,
                  max_waiters: int = DEFAULT_MAX_WAITERS, journal: Journal | None = None,
