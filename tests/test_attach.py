@@ -9,7 +9,8 @@ import pytest
 
 from lrctl.service import attach, build_optimizer
 from lrctl.service.schedules.engine import ControllableSchedule
-from lrctl.service.schedules.specs import ActiveSchedule, Constant, ExponentialDecay
+from lrctl.service.schedules.kinds import Constant, ExponentialDecay
+from lrctl.service.schedules.specs import ActiveSchedule
 
 
 def test_attach_keeps_a_float_learning_rate():

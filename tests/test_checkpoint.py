@@ -30,7 +30,7 @@ from lrctl.service.control.changes import (
 from lrctl.service.control.controller import Controller
 from lrctl.service.control.errors import FailedPreconditionError, UnavailableError
 from lrctl.service.rpc.journal import read
-from lrctl.service.rpc.servicer import status_of
+from lrctl.service.rpc.status import status_of
 from lrctl.service.schedules import specs
 from lrctl.service.training.checkpoint_files import LATEST, write_json
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc

@@ -31,15 +31,13 @@ from lrctl.service.control.errors import (
     WaitTimeoutError,
 )
 from lrctl.service.schedules import forms
-from lrctl.service.schedules.specs import (
-    ActiveSchedule,
+from lrctl.service.schedules.kinds import (
     Constant,
     ExponentialDecay,
-    Origin,
     PiecewiseConstantDecay,
     PiecewiseLinear,
-    spec_from_config,
 )
+from lrctl.service.schedules.specs import ActiveSchedule, Origin, spec_from_config
 
 
 class Run:

@@ -15,7 +15,8 @@ from lrctl.service.control.changes import (
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.schedules.specs import ExponentialDecay, Origin, PiecewiseLinear
+from lrctl.service.schedules.kinds import ExponentialDecay, PiecewiseLinear
+from lrctl.service.schedules.specs import Origin
 
 
 def local_values(strategy, variable) -> list[np.ndarray]:

@@ -21,8 +21,8 @@ from keras import ops
 from lrctl.client import TrainingControlClient, pb
 from lrctl.service import TrainingControl
 from lrctl.service.control.changes import ChangeRequest, ChangeStatus, PinLearningRate
+from lrctl.service.rpc.convert import spec_to_proto
 from lrctl.service.rpc.server import serve
-from lrctl.service.rpc.servicer import spec_to_proto
 
 LR = 0.05
 HUGE = 1e30

@@ -21,7 +21,8 @@ from lrctl.service.control.changes import (
 from lrctl.service.control.controller import Controller
 from lrctl.service.control.errors import InvalidArgumentError, RunIdMismatchError
 from lrctl.service.rpc.server import serve
-from lrctl.service.schedules.specs import ActiveSchedule, Constant, ExponentialDecay, Origin
+from lrctl.service.schedules.kinds import Constant, ExponentialDecay
+from lrctl.service.schedules.specs import ActiveSchedule, Origin
 
 _START = ActiveSchedule(Constant(0.01), Origin.RESTART, 0, 1.0)  # the engine's schedule in the controller-only tests
 

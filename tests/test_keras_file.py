@@ -18,7 +18,8 @@ from lrctl.service.control.changes import (
     SwapSchedule,
 )
 from lrctl.service.schedules.engine import ControllableSchedule
-from lrctl.service.schedules.specs import ActiveSchedule, ExponentialDecay, Origin
+from lrctl.service.schedules.kinds import ExponentialDecay
+from lrctl.service.schedules.specs import ActiveSchedule, Origin
 
 _X = np.linspace(-1, 1, 3 * 64, dtype=np.float32).reshape(64, 3)
 _Y = (_X @ np.array([[0.5], [-1.0], [2.0]], np.float32)).astype(np.float32)

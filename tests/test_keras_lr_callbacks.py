@@ -28,7 +28,7 @@ from lrctl.service.control.guardrails import Guardrails
 from lrctl.service.rpc import journal
 from lrctl.service.rpc.journal import Journal
 from lrctl.service.rpc.server import serve
-from lrctl.service.schedules.specs import ExponentialDecay
+from lrctl.service.schedules.kinds import ExponentialDecay
 
 STEPS_PER_EPOCH = 4
 

@@ -110,7 +110,7 @@ def test_metrics_of_a_starting_trainer_then_of_the_controller_bound_later() -> N
     from lrctl.client import pb
     from lrctl.service.control.changes import ChangeRequest, PinLearningRate
     from lrctl.service.control.controller import Controller
-    from lrctl.service.rpc.servicer import ControllerSlot
+    from lrctl.service.rpc.slot import ControllerSlot
     from lrctl.service.schedules import specs
 
     slot = ControllerSlot(run_id="r", incarnation="i")

@@ -21,7 +21,8 @@ from lrctl.service.control.changes import (
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.schedules.specs import ExponentialDecay, Origin
+from lrctl.service.schedules.kinds import ExponentialDecay
+from lrctl.service.schedules.specs import Origin
 
 
 @pytest.fixture(autouse=True)

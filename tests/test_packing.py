@@ -8,8 +8,9 @@ import numpy as np
 import tensorflow as tf
 
 from lrctl.service import TrainingControl
+from lrctl.service.schedules.kinds import CosineDecay
 from lrctl.service.schedules.packing import Packer
-from lrctl.service.schedules.specs import ActiveSchedule, CosineDecay, Origin
+from lrctl.service.schedules.specs import ActiveSchedule, Origin
 
 
 def _variables() -> list[keras.Variable]:

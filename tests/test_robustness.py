@@ -38,7 +38,8 @@ from lrctl.service.control.changes import (
 from lrctl.service.control.errors import ApplyError, ResourceExhaustedError
 from lrctl.service.control.limits import DEDUP_WINDOW, MAX_PENDING
 from lrctl.service.rpc.server import serve
-from lrctl.service.schedules.specs import ActiveSchedule, Constant, Origin
+from lrctl.service.schedules.kinds import Constant
+from lrctl.service.schedules.specs import ActiveSchedule, Origin
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 SERVICE = "lrctl.v1.TrainingControlService"

@@ -21,13 +21,13 @@ from lrctl.service.control.changes import (
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.schedules.specs import (
+from lrctl.service.schedules.kinds import (
     CosineDecay,
     ExponentialDecay,
-    Origin,
     PiecewiseConstantDecay,
     PolynomialDecay,
 )
+from lrctl.service.schedules.specs import Origin
 
 
 @pytest.mark.parametrize("steps_per_execution", [1, 8])

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from lrctl.service.control.guardrails import Guardrails
     from lrctl.service.rpc.journal import Journal
-    from lrctl.service.rpc.servicer import ControllerSlot
+    from lrctl.service.rpc.slot import ControllerSlot
     from lrctl.service.training.checkpoints import Checkpointer
     from lrctl.service.training.integration import TrainingControl
 
@@ -418,7 +418,7 @@ def _train(args: argparse.Namespace, initial: specs.ScheduleSpec | None,
            security: dict[str, Any], limits: Guardrails) -> None:
     from lrctl.service.rpc.journal import Journal
     from lrctl.service.rpc.server import BindError, serve
-    from lrctl.service.rpc.servicer import ControllerSlot
+    from lrctl.service.rpc.slot import ControllerSlot
 
     # Served before TensorFlow loads and the model is built (seconds): health and the state say
     # STARTING, so a starting trainer is told from a dead one. Its run id and incarnation are

@@ -19,7 +19,8 @@ import numpy as np
 from lrctl.service.control.errors import FailedPreconditionError, ResourceExhaustedError
 from lrctl.service.control.limits import APPLY_HORIZON
 from lrctl.service.schedules import forms
-from lrctl.service.schedules.specs import ActiveSchedule, check_number
+from lrctl.service.schedules.registry import check_number
+from lrctl.service.schedules.specs import ActiveSchedule
 
 #: Points at which a validate_only request's preview shows the learning rate.
 POINTS = 33

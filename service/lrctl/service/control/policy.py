@@ -47,13 +47,9 @@ from lrctl.service.control.limits import (
     MAX_RUN_ID_BYTES,
 )
 from lrctl.service.schedules import forms
-from lrctl.service.schedules.specs import (
-    FLOAT32_MAX,
-    ActiveSchedule,
-    Constant,
-    Origin,
-    check_number,
-)
+from lrctl.service.schedules.kinds import Constant
+from lrctl.service.schedules.registry import FLOAT32_MAX, check_number
+from lrctl.service.schedules.specs import ActiveSchedule, Origin
 
 #: The smallest normal float32: a smaller cumulative scale could never be scaled back up.
 _MIN_SCALE = 1.1754944e-38

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 
 from lrctl.service.control.changes import ChangeStatus, Phase
 from lrctl.service.control.controller import Controller
-from lrctl.service.rpc.servicer import ControllerSlot
+from lrctl.service.rpc.slot import ControllerSlot
 
 #: Distinct `method` label values at most; further ones (a scanner's garbage) count as "other".
 MAX_METHODS = 64

@@ -27,7 +27,8 @@ from lrctl.service.control.controller import Controller
 from lrctl.service.rpc.auth import DeniedHook, TokenAuth, exposed
 from lrctl.service.rpc.budgets import StreamLimiter, rate_limit_logs
 from lrctl.service.rpc.journal import Journal
-from lrctl.service.rpc.servicer import ControllerSlot, TrainingControlServicer
+from lrctl.service.rpc.servicer import TrainingControlServicer
+from lrctl.service.rpc.slot import ControllerSlot
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 

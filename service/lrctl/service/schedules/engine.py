@@ -22,9 +22,9 @@ import numpy as np
 from keras import ops
 
 from lrctl.service.schedules import forms, specs
-from lrctl.service.schedules.forms import NUM_COEFFICIENTS, Form
 from lrctl.service.schedules.packing import PackedVariables
-from lrctl.service.schedules.specs import CAPACITY, ActiveSchedule, Origin, ScheduleSpec
+from lrctl.service.schedules.registry import CAPACITY, NUM_COEFFICIENTS, Form
+from lrctl.service.schedules.specs import ActiveSchedule, Origin, ScheduleSpec
 
 _NUM_PARAMS = 8
 _FORMS = tuple(forms.FORMS.values())

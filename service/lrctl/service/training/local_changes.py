@@ -23,7 +23,7 @@ from lrctl.service.control.errors import (
 from lrctl.service.rpc.budgets import short
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.engine import ControllableSchedule
-from lrctl.service.schedules.specs import Constant
+from lrctl.service.schedules.kinds import Constant
 
 if TYPE_CHECKING:
     from lrctl.service.training.integration import TrainingControl

@@ -1,0 +1,219 @@
+"""Protobuf <-> domain: specs from the descriptor, changes, states and guardrails to protobuf,
+and the ListChanges page tokens. Every conversion of lrctl's messages lives here."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lrctl.service.control.changes import (
+    Action,
+    Change,
+    ChangeRequest,
+    ChangeStatus,
+    Phase,
+    PinLearningRate,
+    RevertSchedule,
+    ScaleLearningRate,
+    Snapshot,
+)
+from lrctl.service.control.errors import InvalidArgumentError
+from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.schedules import specs
+from lrctl.v1 import training_control_pb2 as pb
+
+# Each registered kind's field in the `Schedule.kind` oneof, whose message is named after the
+# spec class: ExponentialDecay -> "exponential_decay" (tests/test_specs.py: one for each).
+_FIELD_BY_TYPE: dict[type[specs.ScheduleSpec], str] = {
+    spec_type: field.name
+    for spec_type in specs.SPEC_TYPES for field in pb.Schedule.DESCRIPTOR.oneofs_by_name["kind"].fields
+    if field.message_type is not None and field.message_type.name == spec_type.keras_name
+}
+_TYPE_BY_FIELD = {name: t for t, name in _FIELD_BY_TYPE.items()}
+ORIGIN_FROM_PB = {
+    pb.STEP_ORIGIN_UNSPECIFIED: specs.Origin.RESTART,
+    pb.STEP_ORIGIN_RESTART: specs.Origin.RESTART,
+    pb.STEP_ORIGIN_GLOBAL: specs.Origin.GLOBAL,
+}
+_ORIGIN_TO_PB = {specs.Origin.RESTART: pb.STEP_ORIGIN_RESTART, specs.Origin.GLOBAL: pb.STEP_ORIGIN_GLOBAL}
+_PHASE_TO_PB = {phase: pb.Phase.Value(f"PHASE_{phase.name}") for phase in Phase}
+_STATUS_TO_PB = {status: pb.ChangeStatus.Value(f"CHANGE_STATUS_{status.name}") for status in ChangeStatus}
+
+
+# -- protobuf -> domain ------------------------------------------------------------------------
+def spec_from_proto(schedule: pb.Schedule, path: str = "schedule") -> specs.ScheduleSpec:
+    """Build a validated spec; errors name the field by its full request path. Each spec field
+    is its message's field of the same name; a repeated message (Knot) becomes a tuple of its
+    fields' values, an unset `optional` field keeps the spec's (Keras's) default."""
+    kind = schedule.WhichOneof("kind")
+    if kind is None or kind not in _TYPE_BY_FIELD:
+        raise InvalidArgumentError(path, f"must set one of {sorted(_TYPE_BY_FIELD)}", kind or "nothing")
+    message = getattr(schedule, kind)
+    spec_type = _TYPE_BY_FIELD[kind]
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(spec_type):
+        descriptor = message.DESCRIPTOR.fields_by_name[f.name]
+        value = getattr(message, f.name)
+        if descriptor.is_repeated:
+            kwargs[f.name] = tuple(map(_plain, value))
+        elif not descriptor.has_presence or message.HasField(f.name):
+            kwargs[f.name] = value
+    try:
+        return spec_type(**kwargs)
+    except InvalidArgumentError as e:
+        raise e.with_prefix(f"{path}.{kind}.") from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Message):
+        return tuple(getattr(value, f.name) for f in value.DESCRIPTOR.fields)
+    return value
+
+
+def change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
+                    action: Action) -> ChangeRequest:
+    return ChangeRequest(
+        action=action,
+        request_id=request.request_id,
+        expected_version=request.expected_version if request.HasField("expected_version") else None,
+        apply_at_step=request.apply_at_step if request.HasField("apply_at_step") else None,
+        reason=request.reason,
+        force=request.force,
+        expected_run_id=request.expected_run_id,
+        expected_incarnation=request.expected_incarnation,
+        apply_after_steps=request.apply_after_steps if request.HasField("apply_after_steps") else None,
+    )
+
+
+# -- domain -> protobuf ------------------------------------------------------------------------
+def spec_to_proto(spec: specs.ScheduleSpec) -> pb.Schedule:
+    """The inverse of `spec_from_proto` (a None field stays unset)."""
+    schedule = pb.Schedule()
+    message = getattr(schedule, _FIELD_BY_TYPE[type(spec)])
+    message.SetInParent()
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        descriptor = message.DESCRIPTOR.fields_by_name[f.name]
+        if descriptor.message_type is not None and descriptor.is_repeated:
+            names = [field.name for field in descriptor.message_type.fields]
+            for item in value:
+                getattr(message, f.name).add(**dict(zip(names, item)))
+        elif isinstance(value, tuple):
+            getattr(message, f.name).extend(value)
+        elif value is not None:
+            setattr(message, f.name, value)
+    return schedule
+
+
+def reported_rate(value: float) -> float:
+    """A learning rate as the engine holds it, float32, written as the shortest decimal that
+    is that float32 (0.001, not 0.0010000000474974513): what a user typed reads back alike."""
+    return float(str(np.float32(value))) if math.isfinite(value) else value
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def change_to_proto(change: Change) -> pb.Change:
+    request, action = change.request, change.request.action
+    message = pb.Change(
+        version=change.version, status=_STATUS_TO_PB[change.status], request_id=request.request_id,
+        reason=request.reason, requested_step=change.requested_step,
+        apply_at_step=change.due_step if change.due_step is not None else request.apply_at_step,
+        apply_after_steps=request.apply_after_steps, applied_step=change.applied_step,
+        learning_rate_after=None if change.learning_rate_after is None
+        else reported_rate(change.learning_rate_after),
+        requested_time=timestamp(change.requested_time),
+        applied_time=timestamp(change.applied_time) if change.status is ChangeStatus.APPLIED else None,
+        description=change.description, error=str(change.error) if change.error else "",
+    )
+    if isinstance(action, PinLearningRate):
+        message.set_learning_rate = action.learning_rate
+    elif isinstance(action, ScaleLearningRate):
+        message.scale = action.factor
+    elif isinstance(action, RevertSchedule):
+        message.revert.CopyFrom(pb.RestoredSchedule(
+            schedule=spec_to_proto(action.state.spec), origin=_ORIGIN_TO_PB[action.state.origin],
+            schedule_origin_step=action.state.origin_step, scale=action.state.scale))
+    else:
+        message.swap_schedule.CopyFrom(spec_to_proto(action.schedule))
+        message.origin = _ORIGIN_TO_PB[action.origin]
+        message.schedule_start_step = action.start_step
+        if action.scale is not None:
+            message.swap_scale = action.scale
+    if change.schedule_after is not None:
+        message.schedule.CopyFrom(spec_to_proto(change.schedule_after.spec))
+        message.scale_after = change.schedule_after.scale
+    message.preview.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
+                           for s, lr in change.preview)
+    message.preview_current.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
+                                   for s, lr in change.preview_current)
+    return message
+
+
+def guardrails_to_proto(limits: Guardrails) -> pb.Guardrails:
+    def bound(value: float | None) -> float | None:
+        return value if value is not None and math.isfinite(value) else None
+
+    return pb.Guardrails(
+        min_learning_rate=limits.min_learning_rate, max_learning_rate=bound(limits.max_learning_rate),
+        max_change_factor=bound(limits.max_change_factor),
+        max_changes_per_minute=bound(limits.max_changes_per_minute),
+        revert_on_nan_steps=limits.revert_on_nan_steps, horizon_steps=limits.horizon_steps,
+    )
+
+
+def state_to_proto(snap: Snapshot,
+                   convert_change: Callable[[Change], pb.Change] = change_to_proto) -> pb.TrainingState:
+    return pb.TrainingState(
+        run_id=snap.run_id, phase=_PHASE_TO_PB[snap.phase], step=snap.step, epoch=snap.epoch,
+        learning_rate=reported_rate(snap.learning_rate), schedule=spec_to_proto(snap.schedule.spec),
+        schedule_origin_step=snap.schedule.origin_step, scale=snap.schedule.scale,
+        version=snap.version, metrics=dict(snap.metrics), optimizer=snap.optimizer,
+        pending_changes=[convert_change(c) for c in snap.pending],
+        recent_changes=[convert_change(c) for c in snap.recent],
+        updated_time=timestamp(snap.updated_time), pending_count=snap.pending_count,
+        guardrails=guardrails_to_proto(snap.guardrails),
+        metrics_step=snap.metrics_step, metrics_time=timestamp(snap.metrics_time),
+        epoch_metrics=dict(snap.epoch_metrics), epoch_metrics_epoch=snap.epoch_metrics_epoch,
+        epoch_metrics_step=snap.epoch_metrics_step,
+        epoch_metrics_time=timestamp(snap.epoch_metrics_time),
+        steps_per_second=snap.steps_per_second,
+        workers=[pb.WorkerState(index=w.index, applied_version=w.applied_version, step=w.step)
+                 for w in snap.workers],
+        incarnation=snap.incarnation,
+        boundary_spacing=snap.boundaries.spacing if snap.boundaries else 0,
+        boundary_origin_step=snap.boundaries.origin if snap.boundaries else 0,
+        epoch_start_step=snap.epoch_start_step,
+        lr_clamp_count=snap.lr_clamp_count,
+        checkpoint_failures=snap.checkpoint_failures, checkpoint_error=snap.checkpoint_error,
+        checkpoint_step=snap.checkpoint_step,
+    )
+
+
+def encode_page_token(before_id: int, run_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{run_id}:{before_id}".encode()).decode()
+
+
+def decode_page_token(token: str, run_id: str) -> int:
+    """The change id a page token continues before; INVALID_ARGUMENT for a foreign token."""
+    try:
+        token_run, _, before = base64.urlsafe_b64decode(token.encode()).decode().rpartition(":")
+        if token_run == run_id and before.isdigit():
+            return int(before)
+    except (binascii.Error, UnicodeError, ValueError):
+        pass
+    raise InvalidArgumentError("page_token", "must be a next_page_token of this run", token[:64])
