@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 
 from lrctl.service.control.errors import ResourceExhaustedError
 from lrctl.service.control.guardrails import RateLimiter
-from lrctl.service.rpc.budgets import short
+from lrctl.service.observability.logs import short
 
 if TYPE_CHECKING:
     from lrctl.service.control.controller import Snapshot

@@ -51,7 +51,8 @@ from lrctl.service.control.errors import (
     WaitTimeoutError,
 )
 from lrctl.service.control.guardrails import Guardrails
-from lrctl.service.rpc.budgets import short
+from lrctl.service.observability.logs import short
+from lrctl.service.rpc.budgets import MAX_WAITERS
 from lrctl.service.rpc.journal import Journal
 from lrctl.service.schedules import specs
 from lrctl.v1 import training_control_pb2 as pb
@@ -82,8 +83,6 @@ _STATUS_TO_PB = {status: pb.ChangeStatus.Value(f"CHANGE_STATUS_{status.name}") f
 DEFAULT_WATCH_INTERVAL = 1.0  # seconds, when WatchStateRequest.min_interval is unset or zero
 MAX_WATCH_INTERVAL = 3600  # seconds
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 100  # ListChanges (AIP-158)
-#: Calls that may block in `wait_until_applied` at once, each holding a server thread.
-DEFAULT_MAX_WAITERS = 32
 #: Seconds one call may wait for its change to apply; then DEADLINE_EXCEEDED (it stays pending).
 MAX_WAIT = 600.0
 _WAIT_MARGIN = 0.05  # answer DEADLINE_EXCEEDED ourselves, with a message, just before the deadline
@@ -379,7 +378,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
     ControllerSlot)."""
 
     def __init__(self, controller: Controller | ControllerSlot, *,
-                 max_waiters: int = DEFAULT_MAX_WAITERS, journal: Journal | None = None,
+                 max_waiters: int = MAX_WAITERS, journal: Journal | None = None,
                  role_of: Callable[[grpc.ServicerContext], str] | None = None) -> None:
         self._slot = controller if isinstance(controller, ControllerSlot) else ControllerSlot(controller)
         self._journal = journal

@@ -38,7 +38,7 @@ from lrctl.service.control.errors import (
     ResourceExhaustedError,
 )
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
-from lrctl.service.rpc.budgets import short
+from lrctl.service.observability.logs import short
 from lrctl.service.schedules import forms, specs
 from lrctl.service.schedules.engine import ControllableSchedule
 from lrctl.service.schedules.packing import Packer
