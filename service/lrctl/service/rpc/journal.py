@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from lrctl.service.control.controller import Snapshot
 
 
+#: The journal's file name in a checkpoint folder, lrctl-trainer's default location.
+JOURNAL_NAME = "lrctl-journal.jsonl"
 #: Refused calls journaled a minute at most (and as a burst); the rest are only counted. At
 #: about 1 KiB each, a client hammering the trainer without a token adds at most ~14 MB a day.
 REFUSALS_PER_MINUTE = 10.0
