@@ -15,6 +15,7 @@ import pytest
 import lrctl.client
 from lrctl.service.apps import trainer_args
 from lrctl.service.control import controller, disk, guardrails
+from lrctl.service.observability import logs
 from lrctl.service.rpc import auth, budgets, journal, servicer
 from lrctl.service.schedules import forms, specs
 
@@ -87,12 +88,15 @@ def test_docs_quote_the_codes_limits(doc: str, pattern: str, values: tuple[float
     assert tuple(_number(n) for n in match.groups()) == tuple(float(v) for v in values), match.group(0)
 
 
-def test_docs_quote_the_default_addresses_and_file_names() -> None:
+def test_docs_quote_the_default_address_log_rate_and_journal_name() -> None:
     readme = (DOCS / "README.md").read_text(encoding="utf-8")
     match = re.search(r"--target defaults to \$LRCTL_TARGET or (\S+)\b", readme)
     assert match, "README no longer says the CLI's default target"
     # The client package cannot import the service, so each states its own default; they
     # must agree, or `lrctl` would not reach a trainer started with defaults.
     assert match.group(1) == lrctl.client.DEFAULT_TARGET == auth.DEFAULT_ADDRESS
+    assert "| gRPC's own log records | at most one per call site per minute |" in (
+        DOCS / OPS).read_text(encoding="utf-8")
+    assert logs.LOG_INTERVAL == 60
     for doc in (OPS, DESIGN):
         assert f"`DIR/{journal.JOURNAL_NAME}`" in (DOCS / doc).read_text(encoding="utf-8"), doc

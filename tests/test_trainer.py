@@ -334,7 +334,7 @@ def test_a_port_in_use_fails_at_once_before_tensorflow_loads(subprocess_env: dic
         f"lrctl-trainer: error: {address} is already in use: is another trainer running?"]
 
 
-# --- starting is visible (issue 15) ---
+# --- starting is visible ---
 
 GATED_TASK = """
 import os, time
