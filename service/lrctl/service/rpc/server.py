@@ -118,6 +118,7 @@ def _follow_phase(slot: ControllerSlot, servicer: health.HealthServicer, stop: t
     must not kill it then."""
     controller = slot.wait(lambda: not stop.is_set())  # serve() wakes it when it stops
     while controller is not None and not stop.is_set():
+        # Phase changes come at once; an hour's interval keeps the other updates rare.
         for snap in controller.updates(min_interval=3600.0, is_active=lambda: not stop.is_set()):
             _set(servicer, SERVICE_NAME, _SERVING if snap.phase is Phase.TRAINING else _NOT_SERVING,
                  sent)
