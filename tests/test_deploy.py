@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from lrctl.client import cli
-from lrctl.service.apps import trainer
+from lrctl.service.apps import trainer_args
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -147,7 +147,7 @@ def test_image_runs_the_demo_as_a_non_root_user_on_all_interfaces_with_a_token()
     assert user.isdigit() and int(user) != 0, "a numeric non-root USER (runAsNonRoot checks it)"
     entrypoint, cmd = _exec_form("ENTRYPOINT"), _exec_form("CMD")
     assert entrypoint[0] == "lrctl-trainer" and cmd == ["--demo"]
-    args = trainer._parse(entrypoint[1:] + cmd)  # the trainer accepts it, without loading TF
+    args = trainer_args.parse(entrypoint[1:] + cmd)  # the trainer accepts it, without loading TF
     assert args.demo and args.listen.startswith("0.0.0.0:") and not args.insecure
     assert args.token_file == "/run/secrets/lrctl-token"
     # TLS keeps the token off the wire; the health port is plaintext for kubelet's probes.
@@ -296,12 +296,12 @@ def test_service_reaches_the_trainer_ports() -> None:
 def test_job_args_are_accepted_by_the_trainer(capsys: pytest.CaptureFixture[str]) -> None:
     argv = _exec_form("ENTRYPOINT")[1:] + _container()["args"]
     with pytest.raises(SystemExit):
-        trainer._parse(["--help"])
+        trainer_args.parse(["--help"])
     known = set(re.findall(r"--[\w-]+", capsys.readouterr().out))
     used = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     assert used - known <= PENDING_FLAGS, f"unknown trainer flags: {used - known - PENDING_FLAGS}"
     missing = used - known
-    args = trainer._parse([a for a in argv if a.split("=", 1)[0] not in missing])
+    args = trainer_args.parse([a for a in argv if a.split("=", 1)[0] not in missing])
     assert args.demo
     if missing:
         pytest.skip(f"lrctl-trainer has no {', '.join(sorted(missing))} yet (issue 8, items 1, 4)")
@@ -316,7 +316,7 @@ def test_readme_derived_image_lints_and_its_command_is_accepted(tmp_path: Path) 
     match = re.search(r"^CMD (.*)$", block, flags=re.MULTILINE)
     assert match, "the derived image sets its own CMD"
     cmd = json.loads(match.group(1))
-    args = trainer._parse(_exec_form("ENTRYPOINT")[1:] + cmd)
+    args = trainer_args.parse(_exec_form("ENTRYPOINT")[1:] + cmd)
     assert args.model and not args.demo
     binary = Path(sys.executable).with_name("hadolint")
     if binary.exists():
@@ -354,7 +354,7 @@ def test_multi_worker_job_names_its_workers_and_exposes_the_chief_alone() -> Non
     assert control["ports"][0]["targetPort"] == "grpc" and ports["grpc"] == 50051
     from lrctl.service.apps import multi_worker  # TensorFlow: only this test needs it
 
-    args = multi_worker._parse(shlex.split(script.partition("-m lrctl.service.multi_worker")[2]))
+    args = multi_worker.parse(shlex.split(script.partition("-m lrctl.service.multi_worker")[2]))
     assert args.listen == "0.0.0.0:50051" and args.checkpoint_dir == "/ckpt"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert args.token_file == mounts["token"]

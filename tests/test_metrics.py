@@ -21,7 +21,7 @@ import tiny
 from lrctl.client import TrainingControlClient
 from lrctl.client.errors import LrctlError
 from lrctl.service import TrainingControl
-from lrctl.service.apps import trainer
+from lrctl.service.apps import trainer_args
 from lrctl.service.observability.metrics import TrainingMetrics, split_address
 from lrctl.service.rpc.server import serve
 
@@ -137,10 +137,10 @@ def test_metrics_address_and_flags() -> None:
     assert split_address("[::1]:0") == ("::1", 0)
     with pytest.raises(ValueError):
         split_address("localhost")
-    args = trainer._parse(["--demo", "--metrics-listen", "127.0.0.1:0", "--tensorboard-dir", "tb",
+    args = trainer_args.parse(["--demo", "--metrics-listen", "127.0.0.1:0", "--tensorboard-dir", "tb",
                            "--tensorboard-every", "5"])
     assert (args.metrics_listen, args.tensorboard_dir, args.tensorboard_every) == ("127.0.0.1:0", "tb", 5)
-    assert trainer._parse(["--demo"]).metrics_listen is None
+    assert trainer_args.parse(["--demo"]).metrics_listen is None
 
 
 LIMIT = 120  # seconds: a safety limit for a hung process, never a timing check

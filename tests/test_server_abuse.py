@@ -25,16 +25,10 @@ from live import LiveTrainer
 
 from lrctl.client import TrainingControlClient, pb
 from lrctl.service import TrainingControl
-from lrctl.service.rpc.budgets import RateLimitFilter, short
+from lrctl.service.observability.logs import RateLimitFilter, short
+from lrctl.service.rpc.budgets import MAX_OPEN_STREAMS, MAX_STREAMS, MAX_WAITERS
 from lrctl.service.rpc.journal import Journal, read
-from lrctl.service.rpc.server import (
-    MAX_OPEN_STREAMS,
-    MAX_STREAMS,
-    MAX_WAITERS,
-    SERVICE_NAME,
-    AddressInUseError,
-    serve,
-)
+from lrctl.service.rpc.server import SERVICE_NAME, AddressInUseError, serve
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 DEADLINE = 10.0  # for unary calls: generous, so only a starved call runs out

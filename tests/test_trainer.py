@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lrctl.client import TrainingControlClient, pb
-from lrctl.service.apps import trainer
+from lrctl.service.apps import trainer_args
 
 TRAINER = [sys.executable, "-c", "from lrctl.service.apps.trainer import main; raise SystemExit(main())"]
 LIMIT = 120  # seconds: a safety limit for a hung process, never a timing check
@@ -163,14 +163,14 @@ def test_listen_without_a_valid_port_is_a_usage_error(
     listen: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as info:
-        trainer._parse(["--demo", "--listen", listen])
+        trainer_args.parse(["--demo", "--listen", listen])
     assert info.value.code == 2
     assert "argument --listen:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:0", "0.0.0.0:65535", "[::1]:50051", "unix:/tmp/lrctl.sock"])
 def test_listen_forms_grpc_binds_are_accepted(listen: str) -> None:
-    assert trainer._parse(["--demo", "--listen", listen]).listen == listen
+    assert trainer_args.parse(["--demo", "--listen", listen]).listen == listen
 
 
 BAD_TASK = """
@@ -252,7 +252,7 @@ def test_client_only_install_says_what_to_install(subprocess_env: dict[str, str]
 def test_default_listen_address_is_the_servers() -> None:
     from lrctl.service.rpc import server
 
-    assert trainer.DEFAULT_ADDRESS == server.DEFAULT_ADDRESS
+    assert trainer_args.DEFAULT_ADDRESS == server.DEFAULT_ADDRESS
 
 
 def test_listening_beyond_loopback_without_auth_is_refused(subprocess_env: dict[str, str]) -> None:
@@ -334,7 +334,7 @@ def test_a_port_in_use_fails_at_once_before_tensorflow_loads(subprocess_env: dic
         f"lrctl-trainer: error: {address} is already in use: is another trainer running?"]
 
 
-# --- starting is visible (issue 15) ---
+# --- starting is visible ---
 
 GATED_TASK = """
 import os, time

@@ -1,1 +1,2 @@
-"""Programs: `lrctl-trainer`, the multi-worker demo trainer and the demo model."""
+"""Programs: `lrctl-trainer`, the multi-worker demo trainer and the demo model. May import
+every other subpackage; nothing imports them."""

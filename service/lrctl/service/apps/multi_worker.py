@@ -3,7 +3,7 @@ the learning rate controlled through the chief. Start one per worker with its TF
 
     TF_CONFIG='{"cluster": {"worker": ["127.0.0.1:12345", "127.0.0.1:12346"]},
                 "task": {"type": "worker", "index": 0}}' \\
-        python -m lrctl.service.apps.multi_worker --listen 127.0.0.1:50051 --checkpoint-dir ckpts
+        python -m lrctl.service.multi_worker --listen 127.0.0.1:50051 --checkpoint-dir ckpts
     (the same with "index": 1 in a second shell)
     lrctl --target 127.0.0.1:50051 set 0.01      # every worker switches at the same step
 
@@ -41,7 +41,7 @@ from lrctl.service.rpc.server import serve
 from lrctl.service.training.checkpoints import Checkpointer
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", default="127.0.0.1:0", help="the chief's control address")
     parser.add_argument("--token-file", metavar="PATH",
@@ -61,7 +61,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
+    args = parse(argv)
     token = read_secret(args.token_file) if args.token_file else os.environ.get("LRCTL_TOKEN", "").strip()
     if not token and not is_loopback(args.listen):
         print(f"refusing to listen on {args.listen} without a token: give --token-file PATH "

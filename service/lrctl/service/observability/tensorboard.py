@@ -29,7 +29,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from lrctl.service.control.changes import Change, ChangeStatus
-from lrctl.service.rpc.budgets import short
+from lrctl.service.observability.logs import short
 from lrctl.service.training.integration import TrainingControl
 
 LR_TAG = "learning_rate"

@@ -23,6 +23,8 @@ import grpc
 
 from lrctl.v1 import training_control_pb2 as pb
 
+#: Where a server listens unless told otherwise: loopback, so it needs no token.
+DEFAULT_ADDRESS = "127.0.0.1:50051"
 _SERVICE = "/" + pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name + "/"
 #: Methods the read role may call; every other method of the service needs the write role.
 READ_METHODS = frozenset(_SERVICE + name for name in ("GetState", "WatchState", "ListChanges"))

@@ -1,30 +1,31 @@
-"""Guards for the embedded server: a bound on long-lived RPCs and a rate limit on gRPC's logs.
+"""The server's thread budgets: how many streaming and waiting calls may run at once, and
+the limiter that enforces the stream caps (RESOURCE_EXHAUSTED beyond them).
 
-Pure Python and gRPC, like the server: no TensorFlow.
+Every streaming call (WatchState, Health/Watch, reflection) and every waiting call
+(`wait_until_applied`) holds a worker thread while it lasts. All are capped, and the server's
+pool has UNARY_RESERVE threads beyond the caps, so unary calls and health checks always run.
+Pure Python and gRPC: no TensorFlow.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
+MAX_STREAMS = 64  # concurrent WatchState calls; then RESOURCE_EXHAUSTED
+#: Concurrent Health/Watch and reflection streams: these need no token, so they have a budget
+#: of their own, and anonymous callers can never take the slots of authenticated ones.
+MAX_OPEN_STREAMS = 16
+MAX_WAITERS = 32  # concurrent waiting SetLearningRate/SwapSchedule calls; then RESOURCE_EXHAUSTED
+UNARY_RESERVE = 16  # threads left for everything else
+
 STREAMS_EXHAUSTED = (
     "too many open streams: the server allows {cap} at a time ({which}); close one or poll "
     "with a unary call instead"
 )
-
-
-def short(text: str, limit: int = 80) -> str:
-    """`text` on one line and at most `limit` characters, for logging client-supplied strings
-    (a `reason` could otherwise flood the log or forge extra log lines)."""
-    flat = text.replace("\r", " ").replace("\n", " ")
-    return flat if len(flat) <= limit else flat[: max(limit - 1, 0)] + "…"
 
 
 class StreamLimiter(grpc.ServerInterceptor):
@@ -111,48 +112,3 @@ class _Slots:
                 self._free.release()
 
         return unary
-
-
-class RateLimitFilter(logging.Filter):
-    """Lets through at most one record per `interval` seconds from each logging call site.
-
-    gRPC logs a full traceback for every request it cannot deserialize: a client sending
-    garbage in a loop would otherwise fill the disk. The first record passes; later ones in
-    the window are counted and the next record to pass says how many were dropped.
-    """
-
-    def __init__(self, interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__()
-        self.interval = interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        # (logger, file, line) -> (when one last passed, how many dropped since). Call sites
-        # are finitely many, so this stays small whatever the messages say.
-        self._sites: dict[tuple[str, str, int], tuple[float, int]] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.pathname, record.lineno)
-        now = self._clock()
-        with self._lock:
-            passed_at, dropped = self._sites.get(key, (-math.inf, 0))
-            if now - passed_at < self.interval:
-                self._sites[key] = (passed_at, dropped + 1)
-                return False
-            self._sites[key] = (now, 0)
-        if dropped:
-            record.msg = (f"{record.getMessage()} [{dropped} more like this in the last "
-                          f"{now - passed_at:.0f} s were not logged]")
-            record.args = None
-        return True
-
-
-def rate_limit_logs(logger_names: tuple[str, ...], interval: float = 60.0) -> None:
-    """Install one RateLimitFilter on each named logger, once per process."""
-    shared: RateLimitFilter | None = None
-    for name in logger_names:
-        target = logging.getLogger(name)
-        if any(isinstance(f, RateLimitFilter) for f in target.filters):
-            continue
-        shared = shared or RateLimitFilter(interval)
-        target.addFilter(shared)

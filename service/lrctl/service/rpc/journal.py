@@ -25,16 +25,18 @@ from google.protobuf.message import Message
 
 from lrctl.service.control.errors import ResourceExhaustedError
 from lrctl.service.control.guardrails import RateLimiter
-from lrctl.service.rpc.budgets import short
+from lrctl.service.observability.logs import short
 
 if TYPE_CHECKING:
     from lrctl.service.control.changes import Snapshot
 
 
+#: The journal's file name in a checkpoint folder, lrctl-trainer's default location.
+JOURNAL_NAME = "lrctl-journal.jsonl"
 #: Refused calls journaled a minute at most (and as a burst); the rest are only counted. At
 #: about 1 KiB each, a client hammering the trainer without a token adds at most ~14 MB a day.
 REFUSALS_PER_MINUTE = 10.0
-_TEXT = 200  # characters kept of a refusal's error message and peer
+MAX_REFUSAL_TEXT = 200  # characters kept of a refusal's error message and peer
 
 
 def _now() -> str:
@@ -108,8 +110,8 @@ class Journal:
         # `request` holds only its size: a refused payload (a 1 MB reason) is the client's
         # text, and writing it would let anyone who reaches the port fill the disk.
         self.record(
-            method=short(method, _TEXT), peer=short(peer, _TEXT), role=role,
-            request={"bytes": request.ByteSize()}, code=code, error=short(error, _TEXT),
+            method=short(method, MAX_REFUSAL_TEXT), peer=short(peer, MAX_REFUSAL_TEXT), role=role,
+            request={"bytes": request.ByteSize()}, code=code, error=short(error, MAX_REFUSAL_TEXT),
             version=snapshot.version if snapshot else None, step=snapshot.step if snapshot else None,
             run_id=snapshot.run_id if snapshot else None,
         )

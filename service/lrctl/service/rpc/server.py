@@ -24,26 +24,22 @@ from grpc_reflection.v1alpha import reflection
 
 from lrctl.service.control.changes import Phase
 from lrctl.service.control.controller import Controller
-from lrctl.service.rpc.auth import DeniedHook, TokenAuth, exposed
-from lrctl.service.rpc.budgets import StreamLimiter, rate_limit_logs
+from lrctl.service.observability.logs import rate_limit_logs
+from lrctl.service.rpc.auth import DEFAULT_ADDRESS, DeniedHook, TokenAuth, exposed
+from lrctl.service.rpc.budgets import (
+    MAX_OPEN_STREAMS,
+    MAX_STREAMS,
+    MAX_WAITERS,
+    UNARY_RESERVE,
+    StreamLimiter,
+)
 from lrctl.service.rpc.journal import Journal
 from lrctl.service.rpc.servicer import TrainingControlServicer
 from lrctl.service.rpc.slot import ControllerSlot
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name
-# Every streaming call (WatchState, Health/Watch, reflection) and every waiting call
-# (`wait_until_applied`) holds a worker thread while it lasts. All are capped, and the pool
-# has UNARY_RESERVE threads beyond the caps, so unary calls and health checks always run.
-MAX_STREAMS = 64  # concurrent WatchState calls; then RESOURCE_EXHAUSTED
-#: Concurrent Health/Watch and reflection streams: these need no token, so they have a budget
-#: of their own, and anonymous callers can never take the slots of authenticated ones.
-MAX_OPEN_STREAMS = 16
-MAX_WAITERS = 32  # concurrent waiting SetLearningRate/SwapSchedule calls (the servicer's cap)
-UNARY_RESERVE = 16  # threads left for everything else
-LOG_INTERVAL = 60.0  # seconds: at most one record per gRPC logging call site in this window
 logger = logging.getLogger("lrctl.server")
 
 #: SO_REUSEPORT off: one trainer per port. Keepalive pings find peers that vanished without
@@ -124,6 +120,7 @@ def _follow_phase(slot: ControllerSlot, servicer: health.HealthServicer, stop: t
     must not kill it then."""
     controller = slot.wait(lambda: not stop.is_set())  # serve() wakes it when it stops
     while controller is not None and not stop.is_set():
+        # Phase changes come at once; an hour's interval keeps the other updates rare.
         for snap in controller.updates(min_interval=3600.0, is_active=lambda: not stop.is_set()):
             _set(servicer, SERVICE_NAME, _SERVING if snap.phase is Phase.TRAINING else _NOT_SERVING,
                  sent)
@@ -166,8 +163,10 @@ def serve(controller: Controller | ControllerSlot, address: str = DEFAULT_ADDRES
             "could change the learning rate (TLS alone does not say who may connect). Pass "
             "write_tokens=[token], or mutual-TLS credentials (lrctl.service.rpc.auth."
             "server_credentials(cert, key, client_ca=...)), or insecure=True to accept the risk.")
-    rate_limit_logs(("grpc._server", "grpc._common"), LOG_INTERVAL)
+    rate_limit_logs(("grpc._server", "grpc._common"))
     slot = controller if isinstance(controller, ControllerSlot) else ControllerSlot(controller)
+    # Every capped call holds a thread; unary_reserve more keep unary calls and health checks
+    # running whatever the streams and waiters do (lrctl.service.rpc.budgets).
     pool = futures.ThreadPoolExecutor(max_streams + max_open_streams + max_waiters + unary_reserve,
                                       thread_name_prefix="lrctl-grpc")
     auth = TokenAuth(write_tokens, read_tokens) if write_tokens or read_tokens else None

@@ -35,7 +35,8 @@ from lrctl.service.control.errors import (
     VersionConflictError,
     WaitTimeoutError,
 )
-from lrctl.service.rpc.budgets import short
+from lrctl.service.observability.logs import short
+from lrctl.service.rpc.budgets import MAX_WAITERS
 from lrctl.service.rpc.convert import (
     ORIGIN_FROM_PB,
     change_request,
@@ -56,8 +57,6 @@ logger = logging.getLogger("lrctl")
 DEFAULT_WATCH_INTERVAL = 1.0  # seconds, when WatchStateRequest.min_interval is unset or zero
 MAX_WATCH_INTERVAL = 3600  # seconds
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 100  # ListChanges (AIP-158)
-#: Calls that may block in `wait_until_applied` at once, each holding a server thread.
-DEFAULT_MAX_WAITERS = 32
 #: Seconds one call may wait for its change to apply; then DEADLINE_EXCEEDED (it stays pending).
 MAX_WAIT = 600.0
 _WAIT_MARGIN = 0.05  # answer DEADLINE_EXCEEDED ourselves, with a message, just before the deadline
@@ -68,7 +67,7 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
     trainer binds once it has built one."""
 
     def __init__(self, controller: Controller | ControllerSlot, *,
-                 max_waiters: int = DEFAULT_MAX_WAITERS, journal: Journal | None = None,
+                 max_waiters: int = MAX_WAITERS, journal: Journal | None = None,
                  role_of: Callable[[grpc.ServicerContext], str] | None = None) -> None:
         self._slot = controller if isinstance(controller, ControllerSlot) else ControllerSlot(controller)
         self._journal = journal

@@ -10,7 +10,7 @@ import numpy as np
 
 from lrctl.service.control.changes import Change, ChangeStatus
 from lrctl.service.control.controller import Controller
-from lrctl.service.rpc.budgets import short
+from lrctl.service.observability.logs import short
 from lrctl.service.schedules import forms
 from lrctl.service.training.divergence import DivergenceWatch
 from lrctl.service.training.engine_target import EngineTarget

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from lrctl.service.control.changes import WorkerState
 from lrctl.service.control.controller import Controller
-from lrctl.service.rpc.budgets import short
+from lrctl.service.observability.logs import short
 from lrctl.service.training.engine_target import EngineTarget
 
 logger = logging.getLogger("lrctl")

@@ -20,7 +20,7 @@ from lrctl.service.control.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from lrctl.service.rpc.budgets import short
+from lrctl.service.observability.logs import short
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.engine import ControllableSchedule
 from lrctl.service.schedules.kinds import Constant
