@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lrctl.client import cli, schedules
+from lrctl.client import ChangeOptions, cli, schedules
 from lrctl.v1 import training_control_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -468,3 +469,52 @@ def test_swap_change_flags_before_or_after_the_kind() -> None:
     assert kwargs == {"apply_at_step": None, "expected_version": None, "wait": True,
                       "validate_only": False, "reason": "", "force": False, "preview_steps": 0,
                       "origin": "restart", **SWAP_UNSET}  # fmt: skip
+
+
+def _help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps at the terminal's width
+    with pytest.raises(SystemExit) as info:
+        parse(*argv, "--help")
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_a_commands_help_is_its_own(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _help(monkeypatch, capsys, "set")
+    assert len(out.splitlines()) <= 30, out
+    for flag in ("--at-step", "--after-steps", "--expected-version", "--expected-run-id",
+                 "--dry-run", "--preview-steps", "--force", "--no-wait"):  # fmt: skip
+        assert flag in out
+    assert "lrctl set 0.01" in out  # an example of it
+    # The global options and the exit codes are `lrctl --help`'s, not repeated here.
+    for text in ("--token-file", "--target", "exit codes", "3 invalid argument"):
+        assert text not in out
+    # The globals still work after the command.
+    assert parse("set", "0.1", "--target", "h:9", "--token-file", "t").target == "h:9"
+
+
+def test_the_main_help_has_the_globals_and_the_exit_codes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _help(monkeypatch, capsys)
+    for text in ("--target", "--token-file", "--ca", "--timeout", "exit codes",
+                 "0 ok", "2 usage", "13 permission denied"):  # fmt: skip
+        assert text in out
+    for command in ("state", "set", "scale", "swap", "cancel", "history", "watch", "health"):
+        assert f"    {command} " in out
+
+
+def test_the_change_flags_help_is_the_change_options_docs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One description: each flagged `ChangeOptions` field's help, as the Python docs state it.
+    out = " ".join(_help(monkeypatch, capsys, "scale").split())
+    flagged = [f for f in dataclasses.fields(ChangeOptions) if "flag" in f.metadata]
+    assert len(flagged) == 10
+    for field in flagged:
+        assert field.metadata["flag"] in out
+        if field.name != "wait":  # --no-wait says what clearing it does
+            assert field.metadata["help"] in out
+        assert field.metadata["help"] in (ChangeOptions.__doc__ or "")

@@ -5,6 +5,7 @@ The asyncio client is `lrctl.client.aio.TrainingControlClient`.
 """
 
 from lrctl.client import schedules
+from lrctl.client.changes import ChangeOptions
 from lrctl.client.client import (
     DEFAULT_TARGET,
     Origin,
@@ -32,6 +33,7 @@ from lrctl.v1 import training_control_pb2 as pb
 
 __all__ = [
     "DEFAULT_TARGET",
+    "ChangeOptions",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",

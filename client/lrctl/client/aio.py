@@ -1,7 +1,7 @@
 """`lrctl.client.aio.TrainingControlClient`: the client on `grpc.aio`, for asyncio programs.
 
 The same methods, arguments, errors, retry policy and automatic `request_id` as the sync
-`lrctl.client.TrainingControlClient`; both run the same plans from `_requests`, and only
+`lrctl.client.TrainingControlClient`; both run the same plans from `calls`, and only
 the transport differs. Use it as an async context manager::
 
     async with TrainingControlClient("127.0.0.1:50051") as client:
@@ -25,9 +25,9 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2_grpc
 
-from lrctl.client import _requests as ops
-from lrctl.client import errors
-from lrctl.client._requests import DEFAULT_TARGET, Origin
+from lrctl.client import calls, errors
+from lrctl.client.calls import DEFAULT_TARGET, T
+from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, pick
 from lrctl.client.schedules import ScheduleLike
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
@@ -100,12 +100,12 @@ class TrainingControlClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        options = ops.channel_options(channel_options)
+        options = calls.channel_options(channel_options)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._metadata = ops.call_metadata(token)
+        self._metadata = calls.call_metadata(token)
         self._stub = pb_grpc.TrainingControlServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -128,16 +128,16 @@ class TrainingControlClient:
     ) -> None:
         await self.close()
 
-    # --- the transport (everything else is in `_requests`) ---
+    # --- the transport (everything else is in `calls`) ---
 
     def _error(self, exc: grpc.RpcError) -> errors.LrctlError:
         transient = (
             self._channel.get_state(try_to_connect=False)
             == grpc.ChannelConnectivity.TRANSIENT_FAILURE
         )
-        return ops.map_error(exc, self.target, transient)
+        return calls.map_error(exc, self.target, transient)
 
-    async def _invoke(self, call: ops.Call) -> Any:
+    async def _invoke(self, call: calls.Call) -> Any:
         stub: Any = self._health if call.health else self._stub
         timeout = self.timeout if call.timeout is None else call.timeout
         try:
@@ -146,12 +146,12 @@ class TrainingControlClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
 
-    async def _run(self, plan: ops.Plan[ops._T]) -> ops._T:
-        """`ops.drive`, awaiting each call."""
+    async def _run(self, plan: calls.Plan[T]) -> T:
+        """`calls.drive`, awaiting each call."""
         try:
             step = next(plan)
             while True:
-                if isinstance(step, ops.Sleep):
+                if isinstance(step, calls.Sleep):
                     await asyncio.sleep(step.seconds)
                     step = plan.send(None)
                     continue
@@ -164,123 +164,69 @@ class TrainingControlClient:
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
-    # --- RPCs: see the sync client for the arguments ---
+    # --- RPCs: the sync client's methods, arguments and results (see its docs), awaited ---
 
     async def get_state(self, *, timeout: float | None = None) -> pb.TrainingState:
         """A snapshot of the training state."""
-        return await self._run(ops.get_state(timeout))
+        return await self._run(calls.get_state(timeout))
 
     async def set_learning_rate(
-        self,
-        value: float,
-        *,
-        apply_at_step: int | None = None,
-        expected_version: int | None = None,
-        wait: bool = False,
-        validate_only: bool = False,
-        reason: str = "",
-        request_id: str | None = None,
-        force: bool = False,
-        preview_steps: int = 0,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
-        apply_after_steps: int | None = None,
+        self, value: float, *, apply_at_step: int | None = None,
+        expected_version: int | None = None, wait: bool = False, validate_only: bool = False,
+        reason: str = "", request_id: str | None = None, force: bool = False,
+        preview_steps: int = 0, timeout: float | None = None, expected_run_id: str = "",
+        expected_incarnation: str = "", apply_after_steps: int | None = None,
     ) -> pb.Change:
-        """Pin the learning rate to `value` (resets the scale to 1)."""
-        return await self._run(ops.set_learning_rate(
-            value=value, apply_at_step=apply_at_step, expected_version=expected_version,
-            wait=wait, validate_only=validate_only, reason=reason, request_id=request_id,
-            force=force, preview_steps=preview_steps, timeout=timeout,
-            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
-            expected_incarnation=expected_incarnation,
-        ))
+        """Pin the learning rate to `value` (resets the scale to 1); options: `ChangeOptions`."""
+        return await self._run(calls.send_change(Pin(value), pick(ChangeOptions, locals()),
+                                                 timeout))
 
     async def scale_learning_rate(
-        self,
-        factor: float,
-        *,
-        apply_at_step: int | None = None,
-        expected_version: int | None = None,
-        wait: bool = False,
-        validate_only: bool = False,
-        reason: str = "",
-        request_id: str | None = None,
-        force: bool = False,
-        preview_steps: int = 0,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
-        apply_after_steps: int | None = None,
+        self, factor: float, *, apply_at_step: int | None = None,
+        expected_version: int | None = None, wait: bool = False, validate_only: bool = False,
+        reason: str = "", request_id: str | None = None, force: bool = False,
+        preview_steps: int = 0, timeout: float | None = None, expected_run_id: str = "",
+        expected_incarnation: str = "", apply_after_steps: int | None = None,
     ) -> pb.Change:
-        """Multiply the active schedule by `factor` (cumulative)."""
-        return await self._run(ops.set_learning_rate(
-            factor=factor, apply_at_step=apply_at_step, expected_version=expected_version,
-            wait=wait, validate_only=validate_only, reason=reason, request_id=request_id,
-            force=force, preview_steps=preview_steps, timeout=timeout,
-            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
-            expected_incarnation=expected_incarnation,
-        ))
+        """Multiply the active schedule by `factor` (cumulative); options: `ChangeOptions`."""
+        return await self._run(calls.send_change(Scale(factor), pick(ChangeOptions, locals()),
+                                                 timeout))
 
     async def swap_schedule(
-        self,
-        schedule: ScheduleLike,
-        *,
-        origin: Origin = "restart",
-        apply_at_step: int | None = None,
-        expected_version: int | None = None,
-        wait: bool = False,
-        validate_only: bool = False,
-        reason: str = "",
-        request_id: str | None = None,
-        force: bool = False,
-        preview_steps: int = 0,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
-        apply_after_steps: int | None = None,
-        schedule_start_step: int = 0,
+        self, schedule: ScheduleLike, *, origin: Origin = "restart",
+        apply_at_step: int | None = None, expected_version: int | None = None,
+        wait: bool = False, validate_only: bool = False, reason: str = "",
+        request_id: str | None = None, force: bool = False, preview_steps: int = 0,
+        timeout: float | None = None, expected_run_id: str = "", expected_incarnation: str = "",
+        apply_after_steps: int | None = None, schedule_start_step: int = 0,
         scale: float | None = None,
     ) -> pb.Change:
-        """Replace the active schedule (resets the scale to 1)."""
-        return await self._run(ops.swap_schedule(
-            schedule, origin=origin, apply_at_step=apply_at_step,
-            expected_version=expected_version, wait=wait, validate_only=validate_only,
-            reason=reason, request_id=request_id, force=force, preview_steps=preview_steps,
-            timeout=timeout, expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
-            expected_incarnation=expected_incarnation,
-            schedule_start_step=schedule_start_step, scale=scale,
-        ))
+        """Replace the active schedule (resets the scale to 1): `Swap` and `ChangeOptions`."""
+        return await self._run(calls.send_change(
+            pick(Swap, locals()), pick(ChangeOptions, locals()), timeout))
 
     def watch(self, min_interval: float = 1.0, *, timeout: float | None = None,
               every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False) -> AsyncWatch:
         """An `AsyncWatch` of `TrainingState` updates (`async for`); `timeout` bounds the
         whole stream (`None`: no deadline)."""
-        request = ops.watch_request(min_interval, every_steps, on_epoch_end, changes_only)
+        request = calls.watch_request(min_interval, every_steps, on_epoch_end, changes_only)
         call = self._stub.WatchState(request, timeout=timeout, metadata=self._metadata)
         return AsyncWatch(call, self._error)
 
     async def cancel_change(
-        self,
-        *,
-        request_id: str | None = None,
-        version: int | None = None,
-        reason: str = "",
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
+        self, *, request_id: str | None = None, version: int | None = None, reason: str = "",
+        timeout: float | None = None, expected_run_id: str = "", expected_incarnation: str = "",
     ) -> pb.Change:
         """Cancel a pending change by `request_id` or `version`."""
-        return await self._run(ops.cancel_change(
+        return await self._run(calls.cancel_change(
             request_id=request_id, version=version, reason=reason, timeout=timeout,
-            expected_run_id=expected_run_id, expected_incarnation=expected_incarnation,
-        ))
+            expected_run_id=expected_run_id, expected_incarnation=expected_incarnation))
 
     async def list_changes(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
     ) -> pb.ListChangesResponse:
         """One page of changes, newest first."""
-        return await self._run(ops.list_changes(page_size, page_token, timeout))
+        return await self._run(calls.list_changes(page_size, page_token, timeout))
 
     async def iter_changes(
         self, *, page_size: int = 0, timeout: float | None = None
@@ -295,58 +241,40 @@ class TrainingControlClient:
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status name, e.g. "SERVING"."""
-        return await self._run(ops.health(service, timeout))
+        return await self._run(calls.health(service, timeout))
 
     async def wait_until_ready(self, timeout: float | None = 60.0, *,
-                               poll_interval: float = ops.POLL_INTERVAL) -> None:
+                               poll_interval: float = calls.POLL_INTERVAL) -> None:
         """Wait until the trainer is training (its service reports SERVING)."""
-        await self._run(ops.wait_until_ready(timeout, poll_interval))
+        await self._run(calls.wait_until_ready(timeout, poll_interval))
 
     async def update(
-        self,
-        decide: Callable[[pb.TrainingState], ops.Decision],
-        *,
-        retries: int = 3,
-        reason: str = "",
-        force: bool = False,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
+        self, decide: Callable[[pb.TrainingState], Decision], *, retries: int = 3,
+        reason: str = "", force: bool = False, timeout: float | None = None,
+        expected_run_id: str = "", expected_incarnation: str = "",
         expected_version: int | None = None,
     ) -> pb.Change | None:
         """Read-modify-write: `decide(state)` returns Scale, Pin, Swap or None; sent fenced by
         the state's version and waited for; on a conflict, decided again on the fresh state."""
-        return await self._run(ops.update(
-            decide, retries=retries, reason=reason, force=force, timeout=timeout,
-            expected_run_id=expected_run_id, expected_version=expected_version,
-            expected_incarnation=expected_incarnation,
-        ))
+        return await self._run(calls.update(
+            decide, retries=retries, options=pick(ChangeOptions, locals()), timeout=timeout))
 
     async def update_learning_rate(
-        self,
-        fn: Callable[[pb.TrainingState], float],
-        *,
-        retries: int = 3,
-        reason: str = "",
-        force: bool = False,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
-        expected_version: int | None = None,
+        self, fn: Callable[[pb.TrainingState], float], *, retries: int = 3, reason: str = "",
+        force: bool = False, timeout: float | None = None, expected_run_id: str = "",
+        expected_incarnation: str = "", expected_version: int | None = None,
     ) -> pb.Change:
         """`update` for the LR `fn(state)` wants now, as a scale of the active schedule."""
-        change = await self.update(
-            ops.relative_scale(fn), retries=retries, reason=reason, force=force,
-            timeout=timeout, expected_run_id=expected_run_id, expected_version=expected_version,
-            expected_incarnation=expected_incarnation,
-        )
+        change = await self._run(calls.update(
+            calls.relative_scale(fn), retries=retries, options=pick(ChangeOptions, locals()),
+            timeout=timeout))
         assert change is not None  # relative_scale always decides
         return change
 
     async def learning_rate_at(self, step: int, *, timeout: float | None = None,
                                expected_run_id: str = "") -> float:
         """The learning rate the current state gives at a future `step` (see the sync client)."""
-        return await self._run(ops.learning_rate_at(step, timeout, expected_run_id))
+        return await self._run(calls.learning_rate_at(step, timeout, expected_run_id))
 
     async def get_change(
         self, *, request_id: str | None = None, version: int | None = None,
@@ -354,14 +282,14 @@ class TrainingControlClient:
     ) -> pb.Change:
         """The change sent with `request_id` (or applied as `version`); NotFound if gone."""
         return await self._run(
-            ops.get_change(request_id=request_id, version=version, timeout=timeout)
+            calls.get_change(request_id=request_id, version=version, timeout=timeout)
         )
 
     async def wait_change(
         self, *, request_id: str | None = None, version: int | None = None,
-        timeout: float | None = 60.0, poll_interval: float = ops.POLL_INTERVAL,
+        timeout: float | None = 60.0, poll_interval: float = calls.POLL_INTERVAL,
     ) -> pb.Change:
         """Poll until the change is no longer PENDING and return it."""
-        return await self._run(ops.wait_change(
+        return await self._run(calls.wait_change(
             request_id=request_id, version=version, timeout=timeout, poll_interval=poll_interval
         ))

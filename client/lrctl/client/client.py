@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from lrctl.client import _requests as ops
-from lrctl.client import errors
-from lrctl.client._requests import DEFAULT_TARGET, SERVICE_NAME, Origin, Pin, Scale, Swap
+from lrctl.client import calls, errors
+from lrctl.client.calls import DEFAULT_TARGET, SERVICE_NAME, T
+from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, pick
 from lrctl.client.schedules import ScheduleLike
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # typing.Self is 3.11+; typing_extensions is only needed by t
 __all__ = [
     "DEFAULT_TARGET",
     "SERVICE_NAME",
+    "ChangeOptions",
     "Origin",
     "Pin",
     "Scale",
@@ -48,6 +49,20 @@ def tls_credentials(ca: str | None = None, cert: str | None = None,
             return f.read()
 
     return grpc.ssl_channel_credentials(data(ca), data(key), data(cert))
+
+
+def _transient_failure(channel: grpc.Channel) -> bool:
+    """Whether the channel is failing to connect, so that a deadline that expires while
+    retrying against an unreachable server is reported as Unavailable. The sync channel
+    has no public getter; `subscribe()` would cost every `close()` up to 0.2 s (gRPC's
+    connectivity thread polls at that period), which `lrctl state` cannot afford."""
+    check = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
+    if not callable(check):
+        return False
+    try:
+        return bool(check(False) == grpc.ChannelConnectivity.TRANSIENT_FAILURE.value[0])
+    except Exception:  # noqa: BLE001 -- a best-effort refinement of the error only
+        return False
 
 
 class Watch:
@@ -126,22 +141,18 @@ class TrainingControlClient:
     """
 
     def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float | None = 10.0,
+        self, target: str = DEFAULT_TARGET, *, timeout: float | None = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
-        channel_options: Sequence[tuple[str, Any]] | None = None,
-        token: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] | None = None, token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        options = ops.channel_options(channel_options)
+        options = calls.channel_options(channel_options)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._metadata = ops.call_metadata(token)
+        self._metadata = calls.call_metadata(token)
         self._stub = pb_grpc.TrainingControlServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -159,33 +170,16 @@ class TrainingControlClient:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
-    # --- helpers: the transport (everything else is in `_requests`) ---
+    # --- the transport (everything else is in `calls`) ---
 
     def _error(self, exc: grpc.RpcError) -> errors.LrctlError:
-        return ops.map_error(exc, self.target, self._transient_failure())
+        return calls.map_error(exc, self.target, _transient_failure(self._channel))
 
-    def _transient_failure(self) -> bool:
-        """Whether the channel is failing to connect, so that a deadline that expires while
-        retrying against an unreachable server is reported as Unavailable. The sync channel
-        has no public getter; `subscribe()` would cost every `close()` up to 0.2 s (gRPC's
-        connectivity thread polls at that period), which `lrctl state` cannot afford."""
-        check = getattr(getattr(self._channel, "_channel", None), "check_connectivity_state", None)
-        if not callable(check):
-            return False
-        try:
-            return bool(check(False) == grpc.ChannelConnectivity.TRANSIENT_FAILURE.value[0])
-        except Exception:  # noqa: BLE001 -- a best-effort refinement of the error only
-            return False
-
-    def _invoke(self, call: ops.Call) -> Any:
+    def _invoke(self, call: calls.Call) -> Any:
         stub: Any = self._health if call.health else self._stub
         timeout = self.timeout if call.timeout is None else call.timeout
         try:
@@ -194,192 +188,92 @@ class TrainingControlClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
 
-    def _run(self, plan: ops.Plan[ops._T]) -> ops._T:
-        return ops.drive(plan, self._invoke)
+    def _run(self, plan: calls.Plan[T]) -> T:
+        return calls.drive(plan, self._invoke)
 
     # --- RPCs ---
 
     def get_state(self, *, timeout: float | None = None) -> pb.TrainingState:
         """Return a snapshot of the training state (`TrainingState`)."""
-        return self._run(ops.get_state(timeout))
+        return self._run(calls.get_state(timeout))
+
+    # The change methods' keyword arguments other than `timeout` are `ChangeOptions`' fields
+    # (and `Swap`'s); `pick(..., locals())` hands them on, so they are named once here.
 
     def set_learning_rate(
-        self,
-        value: float,
-        *,
-        apply_at_step: int | None = None,
-        expected_version: int | None = None,
-        wait: bool = False,
-        validate_only: bool = False,
-        reason: str = "",
-        request_id: str | None = None,
-        force: bool = False,
-        preview_steps: int = 0,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
-        apply_after_steps: int | None = None,
+        self, value: float, *, apply_at_step: int | None = None,
+        expected_version: int | None = None, wait: bool = False, validate_only: bool = False,
+        reason: str = "", request_id: str | None = None, force: bool = False,
+        preview_steps: int = 0, timeout: float | None = None, expected_run_id: str = "",
+        expected_incarnation: str = "", apply_after_steps: int | None = None,
     ) -> pb.Change:
-        """Pin the learning rate to `value` (resets the scale to 1).
+        """Pin the learning rate to `value` (resets the scale to 1). The keyword arguments
+        are `ChangeOptions`; `timeout` is the RPC deadline in seconds (None: the client's).
 
-        Args:
-            value: the new constant learning rate.
-            apply_at_step: apply at the first step boundary with step >= this;
-                `None`: the next boundary.
-            expected_version: apply only if the state version still equals this;
-                otherwise `VersionConflict` (or status ABORTED if it changes before
-                the boundary).
-            wait: block until applied; on timeout `DeadlineExceeded` is raised and the
-                change stays pending.
-            validate_only: validate only; returns status VALIDATED, changes nothing.
-            reason: free text recorded in the history.
-            request_id: idempotency key; `None` generates a UUID4, so retries are safe.
-            force: skip the trainer's max_change_factor guardrail (never its bounds).
-            preview_steps: with `validate_only`, the horizon of the returned preview
-                (`Change.preview`, `Change.preview_current`) and of the guardrail checks.
-            timeout: RPC deadline in seconds; `None` uses the client default.
-            expected_run_id: fencing; refuse (`FailedPrecondition`, reason RUN_ID_MISMATCH,
-                metadata current_run_id) unless the run id is this; "": no check.
-            expected_incarnation: fencing on the trainer process (`TrainingState.incarnation`,
-                new at every start, a resume from a checkpoint included); refuse
-                (`FailedPrecondition`, reason INCARNATION_MISMATCH, metadata
-                current_incarnation) unless it is this; "": no check.
-            apply_after_steps: apply N steps after the first step boundary after the
-                server accepts the change; exclusive with `apply_at_step`.
-
-        Returns:
-            The `Change` (status PENDING, APPLIED, ABORTED, CANCELLED or VALIDATED).
-        """
-        return self._run(ops.set_learning_rate(
-            value=value, apply_at_step=apply_at_step, expected_version=expected_version, wait=wait,
-            validate_only=validate_only, reason=reason, request_id=request_id, force=force,
-            preview_steps=preview_steps, timeout=timeout,
-            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
-            expected_incarnation=expected_incarnation,
-        ))
+        Returns the `Change` (status PENDING, APPLIED, ABORTED, CANCELLED or VALIDATED)."""
+        return self._run(calls.send_change(Pin(value), pick(ChangeOptions, locals()), timeout))
 
     def scale_learning_rate(
-        self,
-        factor: float,
-        *,
-        apply_at_step: int | None = None,
-        expected_version: int | None = None,
-        wait: bool = False,
-        validate_only: bool = False,
-        reason: str = "",
-        request_id: str | None = None,
-        force: bool = False,
-        preview_steps: int = 0,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
-        apply_after_steps: int | None = None,
+        self, factor: float, *, apply_at_step: int | None = None,
+        expected_version: int | None = None, wait: bool = False, validate_only: bool = False,
+        reason: str = "", request_id: str | None = None, force: bool = False,
+        preview_steps: int = 0, timeout: float | None = None, expected_run_id: str = "",
+        expected_incarnation: str = "", apply_after_steps: int | None = None,
     ) -> pb.Change:
         """Multiply the active schedule by `factor` (cumulative with earlier scales).
-
-        Arguments and result as for `set_learning_rate`.
-        """
-        return self._run(ops.set_learning_rate(
-            factor=factor, apply_at_step=apply_at_step, expected_version=expected_version, wait=wait,
-            validate_only=validate_only, reason=reason, request_id=request_id, force=force,
-            preview_steps=preview_steps, timeout=timeout,
-            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
-            expected_incarnation=expected_incarnation,
-        ))
+        Arguments and result as for `set_learning_rate`."""
+        return self._run(calls.send_change(Scale(factor), pick(ChangeOptions, locals()), timeout))
 
     def swap_schedule(
-        self,
-        schedule: ScheduleLike,
-        *,
-        origin: Origin = "restart",
-        apply_at_step: int | None = None,
-        expected_version: int | None = None,
-        wait: bool = False,
-        validate_only: bool = False,
-        reason: str = "",
-        request_id: str | None = None,
-        force: bool = False,
-        preview_steps: int = 0,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
-        apply_after_steps: int | None = None,
-        schedule_start_step: int = 0,
+        self, schedule: ScheduleLike, *, origin: Origin = "restart",
+        apply_at_step: int | None = None, expected_version: int | None = None,
+        wait: bool = False, validate_only: bool = False, reason: str = "",
+        request_id: str | None = None, force: bool = False, preview_steps: int = 0,
+        timeout: float | None = None, expected_run_id: str = "", expected_incarnation: str = "",
+        apply_after_steps: int | None = None, schedule_start_step: int = 0,
         scale: float | None = None,
     ) -> pb.Change:
-        """Replace the active schedule (resets the scale to 1).
-
-        Args:
-            schedule: a `Schedule`, a kind message (e.g. `pb.ExponentialDecay`), a
-                `keras.optimizers.schedules.serialize()` dict, or a Keras schedule
-                object; see `lrctl.client.schedules.to_schedule`.
-            origin: "restart" (the schedule starts at its own step 0 where it is
-                applied), "global" (evaluated at the optimizer's iteration count,
-                as Keras does), or a `pb.StepOrigin` value.
-            schedule_start_step: with origin "restart", the new schedule starts at its
-                own step N (e.g. another trainer's `step - schedule_origin_step`).
-            scale: the cumulative scale set in the same change; `None`: 1.
-            Others as for `set_learning_rate`.
-
-        Returns:
-            The `Change`.
-        """
-        return self._run(ops.swap_schedule(
-            schedule, origin=origin, apply_at_step=apply_at_step, expected_version=expected_version, wait=wait,
-            validate_only=validate_only, reason=reason, request_id=request_id, force=force,
-            preview_steps=preview_steps, timeout=timeout,
-            expected_run_id=expected_run_id, apply_after_steps=apply_after_steps,
-            expected_incarnation=expected_incarnation,
-            schedule_start_step=schedule_start_step, scale=scale,
-        ))
+        """Replace the active schedule (resets the scale to 1): `schedule`, `origin`,
+        `schedule_start_step` and `scale` are `Swap`'s; the rest as for `set_learning_rate`."""
+        return self._run(calls.send_change(
+            pick(Swap, locals()), pick(ChangeOptions, locals()), timeout))
 
     def watch(self, min_interval: float = 1.0, *, timeout: float | None = None,
               every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False) -> Watch:
         """Stream `TrainingState` updates until training ends or the watch is cancelled.
 
-        Updates come at most every `min_interval` seconds while training advances,
-        and at once after each applied change. Returns a `Watch`: iterate it
-        (`for state in client.watch(): ...`), and end it with `cancel()` from any
-        thread or by leaving `with client.watch(...) as updates:`; either cancels the
-        RPC. `timeout` bounds the whole stream; `None` (the default) means no deadline,
-        not the client default. Triggers: `every_steps` (an update each time training is
-        that many steps on), `on_epoch_end` (one per new epoch), `changes_only` (no
-        time-based updates; changes, phase changes and the triggers still send).
-        """
-        request = ops.watch_request(min_interval, every_steps, on_epoch_end, changes_only)
+        Updates come at most every `min_interval` seconds while training advances, and at
+        once after each applied change. Returns a `Watch`: iterate it, and end it with
+        `cancel()` from any thread or by leaving `with client.watch(...) as updates:`; either
+        cancels the RPC. `timeout` bounds the whole stream (`None`, the default: no deadline,
+        not the client's). Triggers: `every_steps` (an update each time training is that many
+        steps on), `on_epoch_end` (one per new epoch), `changes_only` (no time-based updates;
+        changes, phase changes and the triggers still send)."""
+        request = calls.watch_request(min_interval, every_steps, on_epoch_end, changes_only)
         call = self._stub.WatchState(request, timeout=timeout, metadata=self._metadata)
         return Watch(call, self._error)
 
     def cancel_change(
-        self,
-        *,
-        request_id: str | None = None,
-        version: int | None = None,
-        reason: str = "",
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
+        self, *, request_id: str | None = None, version: int | None = None, reason: str = "",
+        timeout: float | None = None, expected_run_id: str = "", expected_incarnation: str = "",
     ) -> pb.Change:
         """Cancel a pending change, named by the `request_id` it was sent with (every change
-        this client sends has one: `Change.request_id`). Returns the CANCELLED `Change`.
+        this client sends has one: `Change.request_id`) or by its `version`: give exactly one.
+        Returns the CANCELLED `Change`; `reason` and the fences are as in `ChangeOptions`.
 
         Raises `NotFound` for an unknown change and `FailedPrecondition` for one that has
-        already been applied, aborted or failed. Give exactly one of `request_id`, `version`.
-        """
-        return self._run(ops.cancel_change(
+        already been applied, aborted or failed."""
+        return self._run(calls.cancel_change(
             request_id=request_id, version=version, reason=reason, timeout=timeout,
-            expected_run_id=expected_run_id, expected_incarnation=expected_incarnation,
-        ))
+            expected_run_id=expected_run_id, expected_incarnation=expected_incarnation))
 
     def list_changes(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
     ) -> pb.ListChangesResponse:
         """One page of changes, newest first (pending and the last 10,000 finished ones).
-
         `page_size` 0 asks for the server's default (50); pass the response's
-        `next_page_token` as `page_token` for the next page (empty: the last page).
-        """
-        return self._run(ops.list_changes(page_size, page_token, timeout))
+        `next_page_token` as `page_token` for the next page (empty: the last page)."""
+        return self._run(calls.list_changes(page_size, page_token, timeout))
 
     def iter_changes(self, *, page_size: int = 0, timeout: float | None = None) -> Iterator[pb.Change]:
         """Every change `list_changes` pages through, newest first."""
@@ -393,30 +287,22 @@ class TrainingControlClient:
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Return the standard gRPC health status name, e.g. "SERVING" or "NOT_SERVING".
-
-        `service=""` asks about the server as a whole; the training service registers
-        as "lrctl.v1.TrainingControlService". An unknown service raises `NotFound`.
-        """
-        return self._run(ops.health(service, timeout))
+        `service=""` asks about the server as a whole; the training service registers as
+        "lrctl.v1.TrainingControlService". An unknown service raises `NotFound`."""
+        return self._run(calls.health(service, timeout))
 
     # --- conveniences built on the RPCs above ---
 
     def wait_until_ready(self, timeout: float | None = 60.0, *,
-                         poll_interval: float = ops.POLL_INTERVAL) -> None:
+                         poll_interval: float = calls.POLL_INTERVAL) -> None:
         """Block until the trainer is reachable and training (its training service reports
         SERVING). Raises `DeadlineExceeded` after `timeout` seconds (`None`: no limit)."""
-        self._run(ops.wait_until_ready(timeout, poll_interval))
+        self._run(calls.wait_until_ready(timeout, poll_interval))
 
     def update(
-        self,
-        decide: Callable[[pb.TrainingState], ops.Decision],
-        *,
-        retries: int = 3,
-        reason: str = "",
-        force: bool = False,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
+        self, decide: Callable[[pb.TrainingState], Decision], *, retries: int = 3,
+        reason: str = "", force: bool = False, timeout: float | None = None,
+        expected_run_id: str = "", expected_incarnation: str = "",
         expected_version: int | None = None,
     ) -> pb.Change | None:
         """Read-modify-write: read the state, call `decide(state)`, and send what it returns,
@@ -428,48 +314,30 @@ class TrainingControlClient:
 
             client.update(lambda s: Scale(0.5) if s.metrics["loss"] > 1 else None)
 
-        Args:
-            expected_run_id: fencing, as for `set_learning_rate` (`FailedPrecondition` on
-                another run); "": no check.
-            expected_incarnation: fencing on the trainer process, as for `set_learning_rate`:
-                the change lands only in the process with this incarnation, never in a
-                successor that restarted (a resume included) after the state was read;
-                "": no check.
-            expected_version: you decided on this version already: a state at another version
-                raises `VersionConflict` at once, with no new decision. `None`: any version.
-            timeout: each RPC's deadline, the wait for the outcome included
-                (`DeadlineExceeded`: the change stays pending).
+        `reason`, `force` and the fences are as in `ChangeOptions` (they go with every send);
+        `expected_version` says you decided on that version already: a state at another
+        version raises `VersionConflict` at once, with no new decision. `timeout` is each
+        RPC's deadline, the wait for the outcome included (`DeadlineExceeded`: it stays pending).
         """
-        return self._run(ops.update(
-            decide, retries=retries, reason=reason, force=force, timeout=timeout,
-            expected_run_id=expected_run_id, expected_version=expected_version,
-            expected_incarnation=expected_incarnation,
-        ))
+        return self._run(calls.update(
+            decide, retries=retries, options=pick(ChangeOptions, locals()), timeout=timeout))
 
     def update_learning_rate(
-        self,
-        fn: Callable[[pb.TrainingState], float],
-        *,
-        retries: int = 3,
-        reason: str = "",
-        force: bool = False,
-        timeout: float | None = None,
-        expected_run_id: str = "",
-        expected_incarnation: str = "",
-        expected_version: int | None = None,
+        self, fn: Callable[[pb.TrainingState], float], *, retries: int = 3, reason: str = "",
+        force: bool = False, timeout: float | None = None, expected_run_id: str = "",
+        expected_incarnation: str = "", expected_version: int | None = None,
     ) -> pb.Change:
         """`update` for the learning rate `fn(state)` wants now, sent as a scale of the active
         schedule by `fn(state) / state.learning_rate`: the schedule keeps its kind and keeps
         running (a CosineDecay stays a CosineDecay, scaled). On a conflict `fn` is called again
         on the fresh state. `ValueError` if the schedule gives 0 now (use `update` with `Pin`).
+        Other arguments as for `update`.
 
             client.update_learning_rate(lambda s: s.learning_rate * 0.5, reason="plateau")
         """
-        change = self.update(
-            ops.relative_scale(fn), retries=retries, reason=reason, force=force,
-            timeout=timeout, expected_run_id=expected_run_id, expected_version=expected_version,
-            expected_incarnation=expected_incarnation,
-        )
+        change = self._run(calls.update(
+            calls.relative_scale(fn), retries=retries, options=pick(ChangeOptions, locals()),
+            timeout=timeout))
         assert change is not None  # relative_scale always decides
         return change
 
@@ -478,7 +346,7 @@ class TrainingControlClient:
         """The learning rate the current schedule and scale give at a future `step`, as the
         trainer computes it (a validate_only no-op change: needs the write role; nothing is
         queued). `FailedPrecondition` if `step` has passed."""
-        return self._run(ops.learning_rate_at(step, timeout, expected_run_id))
+        return self._run(calls.learning_rate_at(step, timeout, expected_run_id))
 
     def get_change(
         self, *, request_id: str | None = None, version: int | None = None,
@@ -486,14 +354,14 @@ class TrainingControlClient:
     ) -> pb.Change:
         """The change sent with `request_id` (or applied as `version`), found by paging
         `list_changes`. Raises `NotFound` if the server no longer has it."""
-        return self._run(ops.get_change(request_id=request_id, version=version, timeout=timeout))
+        return self._run(calls.get_change(request_id=request_id, version=version, timeout=timeout))
 
     def wait_change(
         self, *, request_id: str | None = None, version: int | None = None,
-        timeout: float | None = 60.0, poll_interval: float = ops.POLL_INTERVAL,
+        timeout: float | None = 60.0, poll_interval: float = calls.POLL_INTERVAL,
     ) -> pb.Change:
         """Poll `get_change` until the change is no longer PENDING and return it. Raises
         `DeadlineExceeded` after `timeout` seconds (`None`: no limit); it stays pending."""
-        return self._run(ops.wait_change(
+        return self._run(calls.wait_change(
             request_id=request_id, version=version, timeout=timeout, poll_interval=poll_interval
         ))

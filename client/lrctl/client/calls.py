@@ -9,12 +9,13 @@ Errors from a call are thrown into the plan as `LrctlError`s, so a plan can retr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -22,7 +23,8 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from lrctl.client import errors
-from lrctl.client.schedules import ScheduleLike, to_schedule
+from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap
+from lrctl.client.schedules import to_schedule
 from lrctl.v1 import training_control_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -50,15 +52,15 @@ SERVICE_CONFIG = json.dumps(
     }
 )
 
-#: `swap_schedule(origin=...)`: "restart", "global", or a `pb.StepOrigin` value.
-Origin = Literal["restart", "global"] | int
-
 _ORIGINS = {"restart": pb.STEP_ORIGIN_RESTART, "global": pb.STEP_ORIGIN_GLOBAL}
+
+#: The request field of each `ChangeOptions` field not named as it is.
+_PROTO_NAMES = {"wait": "wait_until_applied"}
 
 #: How often `wait_until_ready` and `wait_change` poll.
 POLL_INTERVAL = 0.05
 
-_T = TypeVar("_T")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class Sleep:
 
 
 Step = Call | Sleep
-Plan = Generator[Step, Any, _T]
+Plan = Generator[Step, Any, T]
 
 
 def channel_options(extra: Any) -> list[tuple[str, Any]]:
@@ -103,7 +105,7 @@ def map_error(exc: grpc.RpcError, target: str, transient_failure: bool) -> error
     return error
 
 
-def drive(plan: Plan[_T], invoke: Callable[[Call], Any]) -> _T:
+def drive(plan: Plan[T], invoke: Callable[[Call], Any]) -> T:
     """Run `plan` over a blocking `invoke` (which raises `LrctlError`)."""
     try:
         step = next(plan)
@@ -139,35 +141,28 @@ def origin_value(origin: Origin) -> pb.StepOrigin.ValueType:
     return pb.StepOrigin.ValueType(origin)
 
 
-def _options(
-    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
-    apply_at_step: int | None,
-    expected_version: int | None,
-    wait: bool,
-    validate_only: bool,
-    reason: str,
-    request_id: str | None,
-    force: bool,
-    preview_steps: int,
-    expected_run_id: str = "",
-    apply_after_steps: int | None = None,
-    expected_incarnation: str = "",
-) -> None:
-    """Fill the options SetLearningRateRequest and SwapScheduleRequest share."""
-    request.request_id = request_id if request_id is not None else uuid.uuid4().hex
-    if apply_at_step is not None:
-        request.apply_at_step = apply_at_step
-    if expected_version is not None:
-        request.expected_version = expected_version
-    request.wait_until_applied = wait
-    request.validate_only = validate_only
-    request.reason = reason
-    request.force = force
-    request.preview_steps = preview_steps
-    request.expected_run_id = expected_run_id
-    request.expected_incarnation = expected_incarnation
-    if apply_after_steps is not None:
-        request.apply_after_steps = apply_after_steps
+def change_request(
+    change: Pin | Scale | Swap, options: ChangeOptions
+) -> pb.SetLearningRateRequest | pb.SwapScheduleRequest:
+    """The request that makes `change` with `options`. Unset options (None) stay unset."""
+    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest
+    if isinstance(change, Pin):
+        request = pb.SetLearningRateRequest(learning_rate=change.learning_rate)
+    elif isinstance(change, Scale):
+        request = pb.SetLearningRateRequest(scale=change.factor)
+    elif isinstance(change, Swap):
+        request = pb.SwapScheduleRequest(
+            schedule=to_schedule(change.schedule), origin=origin_value(change.origin),
+            schedule_start_step=change.schedule_start_step, scale=change.scale)
+    else:
+        raise TypeError(f"A change is Scale, Pin or Swap. Received: {change!r}")
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        if value is not None:
+            setattr(request, _PROTO_NAMES.get(field.name, field.name), value)
+    if options.request_id is None:
+        request.request_id = uuid.uuid4().hex
+    return request
 
 
 def _one_of(request_id: str | None, version: int | None) -> None:
@@ -191,60 +186,12 @@ def get_state(timeout: float | None) -> Plan[pb.TrainingState]:
     return response.state  # type: ignore[no-any-return]
 
 
-def set_learning_rate(
-    *,
-    value: float | None = None,
-    factor: float | None = None,
-    apply_at_step: int | None,
-    expected_version: int | None,
-    wait: bool,
-    validate_only: bool,
-    reason: str,
-    request_id: str | None,
-    force: bool,
-    preview_steps: int,
-    timeout: float | None,
-    expected_run_id: str = "",
-    apply_after_steps: int | None = None,
-    expected_incarnation: str = "",
-) -> Plan[pb.Change]:
-    """`value` pins the LR (set_learning_rate); `factor` scales it (scale_learning_rate)."""
-    if value is not None:
-        request = pb.SetLearningRateRequest(learning_rate=value)
-    elif factor is not None:
-        request = pb.SetLearningRateRequest(scale=factor)
-    else:
-        raise ValueError("Give `value` or `factor`.")
-    _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
-             force, preview_steps, expected_run_id, apply_after_steps, expected_incarnation)
-    response = yield Call("SetLearningRate", request, timeout)
-    return response.change  # type: ignore[no-any-return]
-
-
-def swap_schedule(
-    schedule: ScheduleLike,
-    *,
-    origin: Origin,
-    apply_at_step: int | None,
-    expected_version: int | None,
-    wait: bool,
-    validate_only: bool,
-    reason: str,
-    request_id: str | None,
-    force: bool,
-    preview_steps: int,
-    timeout: float | None,
-    expected_run_id: str = "",
-    apply_after_steps: int | None = None,
-    schedule_start_step: int = 0,
-    scale: float | None = None,
-    expected_incarnation: str = "",
-) -> Plan[pb.Change]:
-    request = pb.SwapScheduleRequest(schedule=to_schedule(schedule), origin=origin_value(origin),
-                                     schedule_start_step=schedule_start_step, scale=scale)
-    _options(request, apply_at_step, expected_version, wait, validate_only, reason, request_id,
-             force, preview_steps, expected_run_id, apply_after_steps, expected_incarnation)
-    response = yield Call("SwapSchedule", request, timeout)
+def send_change(change: Pin | Scale | Swap, options: ChangeOptions, timeout: float | None
+                ) -> Plan[pb.Change]:
+    """One change: SetLearningRate for a pin or a scale, SwapSchedule for a swap."""
+    request = change_request(change, options)
+    method = "SwapSchedule" if isinstance(change, Swap) else "SetLearningRate"
+    response = yield Call(method, request, timeout)
     return response.change  # type: ignore[no-any-return]
 
 
@@ -335,99 +282,42 @@ def wait_until_ready(timeout: float | None, poll_interval: float) -> Plan[None]:
         yield Sleep(poll_interval)
 
 
-@dataclass(frozen=True)
-class Scale:
-    """A decision for `update`: multiply the active schedule by `factor` (the schedule keeps
-    its kind and keeps running; cumulative with earlier scales)."""
-
-    factor: float
-
-
-@dataclass(frozen=True)
-class Pin:
-    """A decision for `update`: pin the learning rate to the constant `learning_rate`."""
-
-    learning_rate: float
-
-
-@dataclass(frozen=True)
-class Swap:
-    """A decision for `update`: replace the schedule (arguments as for `swap_schedule`)."""
-
-    schedule: ScheduleLike
-    origin: Origin = "restart"
-    schedule_start_step: int = 0
-    scale: float | None = None
-
-
-#: What `update`'s function returns: the change to make, or None for none.
-Decision = Scale | Pin | Swap | None
-
-
-def _decided(
-    decision: Scale | Pin | Swap, *, expected_version: int, reason: str, force: bool,
-    timeout: float | None, expected_run_id: str, expected_incarnation: str,
-) -> Plan[pb.Change]:
-    """Send `decision`, waiting until it is applied (or refused, aborted, cancelled)."""
-    options: dict[str, Any] = {
-        "apply_at_step": None, "expected_version": expected_version, "wait": True,
-        "validate_only": False, "reason": reason, "request_id": None, "force": force,
-        "preview_steps": 0, "timeout": timeout, "expected_run_id": expected_run_id,
-        "expected_incarnation": expected_incarnation,
-    }
-    if isinstance(decision, Scale):
-        return (yield from set_learning_rate(factor=decision.factor, **options))
-    if isinstance(decision, Pin):
-        return (yield from set_learning_rate(value=decision.learning_rate, **options))
-    if isinstance(decision, Swap):
-        return (yield from swap_schedule(
-            decision.schedule, origin=decision.origin,
-            schedule_start_step=decision.schedule_start_step, scale=decision.scale, **options))
-    raise TypeError(f"`update`'s function must return Scale, Pin, Swap or None. "
-                    f"Received: {decision!r}")
-
-
 def update(
-    decide: Callable[[pb.TrainingState], Decision],
-    *,
-    retries: int,
-    reason: str,
-    force: bool,
+    decide: Callable[[pb.TrainingState], Decision], *, retries: int, options: ChangeOptions,
     timeout: float | None,
-    expected_run_id: str,
-    expected_version: int | None,
-    expected_incarnation: str = "",
 ) -> Plan[pb.Change | None]:
     """Read-modify-write: read the state, `decide(state)`, send the decision fenced by
     `expected_version=state.version` and wait for its outcome. If another change got in first
     (`VersionConflict` on arrival, or ABORTED at the step boundary), read the fresh state and
-    decide again, up to `retries` more times, then raise the conflict. With `expected_version`,
-    the caller decided already on that version: any other version raises at once. The fences
-    (`expected_run_id`, `expected_incarnation`) go with every send, so with
-    `expected_incarnation` a decision is applied only by the process whose state it read: not
-    by another one, nor by its successor if the trainer restarts before the decision lands."""
+    decide again, up to `retries` more times, then raise the conflict. With
+    `options.expected_version`, the caller decided already on that version: any other version
+    raises at once. The fences (`expected_run_id`, `expected_incarnation`) go with every send,
+    so with `expected_incarnation` a decision is applied only by the process whose state it
+    read: not by another one, nor by its successor if the trainer restarts before it lands."""
     if retries < 0:
         raise ValueError(f"Argument `retries` must be >= 0. Received: retries={retries}")
     attempt = 0
     while True:
         state = yield from get_state(timeout)
-        if expected_version is not None and state.version != expected_version:
+        expected = options.expected_version
+        if expected is not None and state.version != expected:
             conflict = errors.VersionConflict(
                 grpc.StatusCode.ABORTED,
-                f"expected version {expected_version}, the state is at version {state.version}")
+                f"expected version {expected}, the state is at version {state.version}")
             conflict.metadata["current_version"] = str(state.version)
             raise conflict
         decision = decide(state)
         if decision is None:
             return None
+        if not isinstance(decision, (Scale, Pin, Swap)):
+            raise TypeError(f"`update`'s function must return Scale, Pin, Swap or None. "
+                            f"Received: {decision!r}")
+        fenced = dataclasses.replace(options, expected_version=state.version, wait=True)
         try:
-            return (yield from _decided(
-                decision, expected_version=state.version, reason=reason, force=force,
-                timeout=timeout, expected_run_id=expected_run_id,
-                expected_incarnation=expected_incarnation))
+            return (yield from send_change(decision, fenced, timeout))
         except errors.VersionConflict:
             attempt += 1
-            if expected_version is not None or attempt > retries:
+            if expected is not None or attempt > retries:
                 raise
 
 
