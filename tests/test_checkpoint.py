@@ -28,7 +28,7 @@ from lrctl.service.control.changes import (
     SwapSchedule,
 )
 from lrctl.service.control.controller import Controller
-from lrctl.service.control.errors import FailedPreconditionError, UnavailableError
+from lrctl.service.errors import FailedPreconditionError, UnavailableError
 from lrctl.service.rpc.journal import read
 from lrctl.service.rpc.status import status_of
 from lrctl.service.schedules import specs

@@ -24,7 +24,7 @@ from lrctl.service.control.changes import (
     SwapSchedule,
 )
 from lrctl.service.control.controller import Controller
-from lrctl.service.control.errors import (
+from lrctl.service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     VersionConflictError,

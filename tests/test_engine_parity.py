@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from keras.optimizers import schedules as ks
 
-from lrctl.service.control.errors import InvalidArgumentError
+from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.schedules import forms, specs
 from lrctl.service.schedules.engine import ControllableSchedule
 from lrctl.service.schedules.registry import CAPACITY

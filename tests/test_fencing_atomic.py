@@ -19,7 +19,7 @@ from lrctl.service.control.changes import (
     SwapSchedule,
 )
 from lrctl.service.control.controller import Controller
-from lrctl.service.control.errors import InvalidArgumentError, RunIdMismatchError
+from lrctl.service.errors import InvalidArgumentError, RunIdMismatchError
 from lrctl.service.rpc.server import serve
 from lrctl.service.schedules.kinds import Constant, ExponentialDecay
 from lrctl.service.schedules.specs import ActiveSchedule, Origin

@@ -27,7 +27,7 @@ from lrctl.service.control.changes import (
     ScaleLearningRate,
 )
 from lrctl.service.control.controller import Controller
-from lrctl.service.control.errors import InvalidArgumentError, UnavailableError
+from lrctl.service.errors import InvalidArgumentError, UnavailableError
 from lrctl.service.rpc.server import serve
 from lrctl.service.schedules import specs
 

@@ -35,8 +35,8 @@ from lrctl.service.control.changes import (
     PinLearningRate,
     ScaleLearningRate,
 )
-from lrctl.service.control.errors import ApplyError, ResourceExhaustedError
 from lrctl.service.control.limits import DEDUP_WINDOW, MAX_PENDING
+from lrctl.service.errors import ApplyError, ResourceExhaustedError
 from lrctl.service.rpc.server import serve
 from lrctl.service.schedules.kinds import Constant
 from lrctl.service.schedules.specs import ActiveSchedule, Origin

@@ -7,7 +7,7 @@ import tiny
 
 from lrctl.service import Phase, TrainingControl
 from lrctl.service.control.changes import ChangeRequest, ChangeStatus, PinLearningRate
-from lrctl.service.control.errors import FailedPreconditionError
+from lrctl.service.errors import FailedPreconditionError
 
 
 def test_a_lone_fit_is_the_whole_run() -> None:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from lrctl.service.control.errors import InvalidArgumentError
+from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.schedules import specs
 from lrctl.service.schedules.registry import CAPACITY
 

@@ -24,12 +24,12 @@ from lrctl.service.control.changes import (
     ScaleLearningRate,
 )
 from lrctl.service.control.controller import Controller
-from lrctl.service.control.errors import (
+from lrctl.service.control.wal import WriteAheadLog, after
+from lrctl.service.errors import (
     FailedPreconditionError,
     UnavailableError,
     VersionConflictError,
 )
-from lrctl.service.control.wal import WriteAheadLog, after
 from lrctl.service.rpc.journal import Journal, read
 from lrctl.service.schedules import specs
 

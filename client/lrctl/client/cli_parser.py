@@ -141,11 +141,11 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 #: `lrctl swap KIND`: one subcommand per schedule kind, named after its field in
 #: `Schedule.kind` (kebab case); its flags are the builder's arguments. Flags left
 #: out fall back to the builder's (Keras) defaults.
-SWAP_KINDS: dict[str, schedules._Kind] = {
-    kind.oneof_field.replace("_", "-"): kind for kind in schedules._KINDS
+SWAP_KINDS: dict[str, schedules.Kind] = {
+    kind.oneof_field.replace("_", "-"): kind for kind in schedules.KINDS
 }
 
-# How a flag's text becomes the builder's argument, by `_Field.kind`. "bool"
+# How a flag's text becomes the builder's argument, by `Field.kind`. "bool"
 # arguments are switches (--staircase) and take no text.
 _FROM_TEXT: dict[str, Callable[[str], Any]] = {
     "float": float,
@@ -156,7 +156,7 @@ _FROM_TEXT: dict[str, Callable[[str], Any]] = {
 }
 
 
-def _flag_help(field: schedules._Field) -> str:
+def _flag_help(field: schedules.Field) -> str:
     # The table holds each default once; the help shows it where a flag may be left out.
     if field.required or field.kind == "bool":
         return field.help

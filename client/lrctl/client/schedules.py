@@ -120,7 +120,7 @@ def _help(key: str, fallback: str, suffix: str = "") -> str:
 
 
 @dataclass(frozen=True)
-class _Field:
+class Field:
     message: str  # the proto message this is a field of
     name: str
     kind: str  # from the proto type: "float" | "int" | "bool" | "ints" | "floats" | "knots"
@@ -136,11 +136,11 @@ class _Field:
 
 
 @dataclass(frozen=True)
-class _Kind:
+class Kind:
     class_name: str  # the proto message name: the Keras class name (or ours)
     oneof_field: str  # field name in Schedule.kind
     message: type[Message]
-    args: tuple[_Field, ...]  # the message's fields, in proto (= builder argument) order
+    args: tuple[Field, ...]  # the message's fields, in proto (= builder argument) order
     keras_name: str | None  # default `name` Keras puts in get_config(); None if not Keras
 
     @property
@@ -175,23 +175,23 @@ def _field_kind(field: FieldDescriptor) -> str:
     return kind + "s" if field.is_repeated else kind
 
 
-def _kind_from_proto(oneof_field: FieldDescriptor) -> _Kind:
+def _kind_from_proto(oneof_field: FieldDescriptor) -> Kind:
     message = oneof_field.message_type
     assert message is not None, oneof_field.full_name  # each Schedule.kind is a message
     builder = _public_builder(message.name)
     params = inspect.signature(builder).parameters if builder is not None else {}
 
-    def field(f: FieldDescriptor) -> _Field:
+    def field(f: FieldDescriptor) -> Field:
         default = params[f.name].default if f.name in params else None
         required = default is inspect.Parameter.empty
         kind = _field_kind(f)
-        return _Field(
+        return Field(
             message.name, f.name, kind, required, None if required else default, f.has_presence
         )
 
     args = tuple(map(field, message.fields))
     keras_name = _KERAS_DEFAULT_NAMES.get(message.name, message.name) if "name" in params else None
-    return _Kind(message.name, oneof_field.name, GetMessageClass(message), args, keras_name)
+    return Kind(message.name, oneof_field.name, GetMessageClass(message), args, keras_name)
 
 
 # --- conversions (types and shapes only; values are the server's business) ---
@@ -250,7 +250,7 @@ def _to_knots(arg: str, value: Any) -> list[pb.Knot]:
     return knots
 
 
-def _set_field(message: Message, field: _Field, value: Any) -> None:
+def _set_field(message: Message, field: Field, value: Any) -> None:
     name = field.name
     if field.kind == "float":
         setattr(message, name, _to_float(name, value))
@@ -270,7 +270,7 @@ def _set_field(message: Message, field: _Field, value: Any) -> None:
         raise AssertionError(field.kind)
 
 
-def _get_field(message: Message, field: _Field) -> Any:
+def _get_field(message: Message, field: Field) -> Any:
     if field.presence and not message.HasField(field.name):
         return field.default
     value = getattr(message, field.name)
@@ -404,13 +404,13 @@ def PiecewiseLinear(knots: Iterable[tuple[int, float] | pb.Knot]) -> pb.Schedule
     return _build("PiecewiseLinear", locals())
 
 
-_KINDS = tuple(map(_kind_from_proto, pb.Schedule.DESCRIPTOR.oneofs_by_name["kind"].fields))
-_BY_CLASS_NAME = {k.class_name: k for k in _KINDS}
-_BY_ONEOF = {k.oneof_field: k for k in _KINDS}
-_BY_MESSAGE: dict[type[Message], _Kind] = {k.message: k for k in _KINDS}
+KINDS = tuple(map(_kind_from_proto, pb.Schedule.DESCRIPTOR.oneofs_by_name["kind"].fields))
+_BY_CLASS_NAME = {k.class_name: k for k in KINDS}
+_BY_ONEOF = {k.oneof_field: k for k in KINDS}
+_BY_MESSAGE: dict[type[Message], Kind] = {k.message: k for k in KINDS}
 
 #: The `class_name`s accepted by `from_keras_config`, in proto field order.
-SUPPORTED_CLASS_NAMES: tuple[str, ...] = tuple(k.class_name for k in _KINDS)
+SUPPORTED_CLASS_NAMES: tuple[str, ...] = tuple(k.class_name for k in KINDS)
 
 
 # --- Keras config <-> Schedule ---
@@ -450,7 +450,7 @@ def from_keras_config(config: Mapping[str, Any]) -> pb.Schedule:
     return _build(kind.class_name, args)
 
 
-def _kind_of(schedule: pb.Schedule) -> _Kind:
+def _kind_of(schedule: pb.Schedule) -> Kind:
     which = schedule.WhichOneof("kind")
     if which is None:
         raise _invalid("The schedule is empty: no kind is set.")

@@ -1,1 +1,3 @@
-"""The control domain (changes, queue, ledger, policy, snapshots, persistence, the write-ahead log): pure Python that imports only the standard library, numpy and `lrctl.service.schedules.specs`/`forms`, never TensorFlow, gRPC or another lrctl subpackage."""
+"""The control domain: changes, their queue and ledger, the policy (guardrails, outcomes, rate
+limit), snapshots and waiting, persistence and the write-ahead log. Pure Python: imports
+`schedules`' pure modules (specs, forms) and `errors`, never TensorFlow, gRPC or another layer."""

@@ -25,8 +25,8 @@ from lrctl.service.control.changes import (
     Snapshot,
     WorkerState,
 )
-from lrctl.service.control.errors import UnavailableError, WaitTimeoutError
 from lrctl.service.control.throughput import Throughput
+from lrctl.service.errors import UnavailableError, WaitTimeoutError
 
 
 class Board:

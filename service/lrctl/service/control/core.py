@@ -30,12 +30,12 @@ from lrctl.service.control.changes import (
     ScheduleTarget,
     Snapshot,
 )
-from lrctl.service.control.errors import UnavailableError
 from lrctl.service.control.guardrails import Guardrails
 from lrctl.service.control.ledger import Ledger
 from lrctl.service.control.limits import SNAPSHOT_PENDING
 from lrctl.service.control.policy import Policy
 from lrctl.service.control.queue import ChangeQueue
+from lrctl.service.errors import UnavailableError
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.specs import ActiveSchedule
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrctl.service.control.errors import FailedPreconditionError, ResourceExhaustedError
 from lrctl.service.control.limits import APPLY_HORIZON
+from lrctl.service.errors import FailedPreconditionError, ResourceExhaustedError
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.registry import check_number
 from lrctl.service.schedules.specs import ActiveSchedule

@@ -21,7 +21,7 @@ from lrctl.service.control.changes import (
     ScaleLearningRate,
     SwapSchedule,
 )
-from lrctl.service.control.errors import ApplyError, FailedPreconditionError, VersionConflictError
+from lrctl.service.errors import ApplyError, FailedPreconditionError, VersionConflictError
 from lrctl.service.schedules.specs import ActiveSchedule, Origin, spec_from_config
 
 #: The layout of `Controller.export_state()`; `import_state` refuses any other.

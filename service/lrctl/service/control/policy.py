@@ -28,7 +28,15 @@ from lrctl.service.control.changes import (
     Snapshot,
     SwapSchedule,
 )
-from lrctl.service.control.errors import (
+from lrctl.service.control.guardrails import Guardrails, RateLimiter
+from lrctl.service.control.limits import (
+    APPLY_HORIZON,
+    MAX_PENDING,
+    MAX_REASON_BYTES,
+    MAX_REQUEST_ID_BYTES,
+    MAX_RUN_ID_BYTES,
+)
+from lrctl.service.errors import (
     ApplyError,
     FailedPreconditionError,
     IncarnationMismatchError,
@@ -37,14 +45,6 @@ from lrctl.service.control.errors import (
     RunIdMismatchError,
     UnavailableError,
     VersionConflictError,
-)
-from lrctl.service.control.guardrails import Guardrails, RateLimiter
-from lrctl.service.control.limits import (
-    APPLY_HORIZON,
-    MAX_PENDING,
-    MAX_REASON_BYTES,
-    MAX_REQUEST_ID_BYTES,
-    MAX_RUN_ID_BYTES,
 )
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.kinds import Constant

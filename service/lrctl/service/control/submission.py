@@ -13,13 +13,13 @@ import dataclasses
 from lrctl.service.control import policy
 from lrctl.service.control.changes import Change, ChangeRequest, ChangeStatus, Phase
 from lrctl.service.control.core import ControlCore, unwritable
-from lrctl.service.control.errors import (
+from lrctl.service.control.limits import APPLY_HORIZON, DEDUP_WINDOW
+from lrctl.service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     RequestIdReusedError,
 )
-from lrctl.service.control.limits import APPLY_HORIZON, DEDUP_WINDOW
 
 
 def submit(core: ControlCore, request: ChangeRequest, *, validate_only: bool = False,

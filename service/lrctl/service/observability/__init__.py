@@ -1,2 +1,3 @@
-"""What lrctl reports about itself: Prometheus metrics, TensorBoard scalars and its logs' hygiene.
-May import control, rpc and training; `logs` imports nothing, so every layer may use it."""
+"""What lrctl reports about itself: Prometheus metrics, TensorBoard scalars, and its logs'
+hygiene. `logs` imports nothing of lrctl, so every layer may use it; `metrics` reads `control`
+and `rpc`, `tensorboard` reads `training`."""

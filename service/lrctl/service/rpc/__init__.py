@@ -1,2 +1,3 @@
 """The gRPC face: proto <-> domain conversion, status mapping, the servicer, the server, auth,
-stream budgets and the journal. Imports no TensorFlow."""
+stream budgets and the journal. Imports `control`, `schedules`' pure modules, `errors` and
+`observability.logs`; never TensorFlow."""

@@ -25,8 +25,8 @@ from lrctl.service.control.changes import (
     ScaleLearningRate,
     Snapshot,
 )
-from lrctl.service.control.errors import InvalidArgumentError
 from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.schedules import specs
 from lrctl.v1 import training_control_pb2 as pb
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from lrctl.service.control.errors import ResourceExhaustedError
 from lrctl.service.control.guardrails import RateLimiter
+from lrctl.service.errors import ResourceExhaustedError
 from lrctl.service.observability.logs import short
 
 if TYPE_CHECKING:

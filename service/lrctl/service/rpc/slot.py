@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from lrctl.service.control.changes import Snapshot
 from lrctl.service.control.controller import Controller
-from lrctl.service.control.errors import UnavailableError
+from lrctl.service.errors import UnavailableError
 from lrctl.service.rpc.convert import timestamp
 from lrctl.v1 import training_control_pb2 as pb
 

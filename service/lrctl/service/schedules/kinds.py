@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lrctl.service.control.errors import InvalidArgumentError
+from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.schedules.registry import (
     CAPACITY,
     Derived,

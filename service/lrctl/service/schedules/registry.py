@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 
-from lrctl.service.control.errors import InvalidArgumentError
+from lrctl.service.errors import InvalidArgumentError
 
 #: Most boundaries (PiecewiseConstantDecay) or knots (PiecewiseLinear) one schedule may have.
 #: Variable-length parameters live in fixed-size variables so that a swap never retraces.

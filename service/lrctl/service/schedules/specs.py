@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from lrctl.service.control.errors import InvalidArgumentError
+from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.schedules.kinds import (
     Constant,
     CosineDecay,

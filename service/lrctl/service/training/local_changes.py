@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from lrctl.service.control.changes import Change, ChangeRequest, ChangeStatus, PinLearningRate
-from lrctl.service.control.errors import (
+from lrctl.service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,

@@ -1,4 +1,5 @@
-"""Domain errors. The servicer maps each class to one gRPC status code, in one place."""
+"""Domain errors, raised by every layer (a leaf: imports nothing of lrctl). The servicer maps each
+class to one gRPC status code, in one place."""
 
 from __future__ import annotations
 
