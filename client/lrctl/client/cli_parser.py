@@ -23,6 +23,7 @@ from lrctl.client.cli_output import (
     EXIT_VERSION_CONFLICT,
     describe_exit_codes,
 )
+from lrctl.client.schedule_fields import Field
 from lrctl.v1 import training_control_pb2 as pb
 
 __all__ = [
@@ -156,7 +157,7 @@ _FROM_TEXT: dict[str, Callable[[str], Any]] = {
 }
 
 
-def _flag_help(field: schedules.Field) -> str:
+def _flag_help(field: Field) -> str:
     # The table holds each default once; the help shows it where a flag may be left out.
     if field.required or field.kind == "bool":
         return field.help
