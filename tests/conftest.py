@@ -31,6 +31,7 @@ QUICK = (
     "test_cli_parse.py",
     "test_client_import.py",
     "test_controller.py",
+    "test_docs_limits.py",
     "test_protos.py",
     "test_quick.py",
     "test_specs.py",

@@ -14,7 +14,7 @@ import pytest
 
 import lrctl.client
 from lrctl.service.apps import trainer_args
-from lrctl.service.control import controller, disk, guardrails
+from lrctl.service.control import disk, guardrails, limits
 from lrctl.service.observability import logs
 from lrctl.service.rpc import auth, budgets, journal, servicer
 from lrctl.service.schedules import forms, specs
@@ -42,13 +42,13 @@ KIB, MIB = 1024, 2**20
 OPS, README, DESIGN = "docs/operations.md", "README.md", "docs/design.md"
 QUOTES: list[tuple[str, str, str, tuple[float, ...]]] = [
     # docs/operations.md, the limits table
-    ("pending", OPS, rf"\| pending changes \| {N} \[", (controller.MAX_PENDING,)),
+    ("pending", OPS, rf"\| pending changes \| {N} \[", (limits.MAX_PENDING,)),
     ("reason-request-id", OPS, rf"\| `reason` / `request_id` \| {N} KiB / {N} bytes",
-     (controller.MAX_REASON_BYTES / KIB, controller.MAX_REQUEST_ID_BYTES)),
-    ("apply-horizon", OPS, rf"`apply_at_step` \| ≤ current step \+ {N} ", (controller.APPLY_HORIZON,)),
+     (limits.MAX_REASON_BYTES / KIB, limits.MAX_REQUEST_ID_BYTES)),
+    ("apply-horizon", OPS, rf"`apply_at_step` \| ≤ current step \+ {N} ", (limits.APPLY_HORIZON,)),
     ("dedup-window", OPS, rf"\| dedup window \| every pending id \+ the last {N} finished",
-     (controller.DEDUP_WINDOW,)),
-    ("snapshot-pending", OPS, rf"\| changes in a state \| {N} oldest pending", (controller.SNAPSHOT_PENDING,)),
+     (limits.DEDUP_WINDOW,)),
+    ("snapshot-pending", OPS, rf"\| changes in a state \| {N} oldest pending", (limits.SNAPSHOT_PENDING,)),
     ("page-size", OPS, rf"\| `ListChanges` page \| {N} by default, {N} at most",
      (servicer.DEFAULT_PAGE_SIZE, servicer.MAX_PAGE_SIZE)),
     ("watch-interval", OPS, rf"\| `WatchState.min_interval` \| \[0, {N} h\]", (servicer.MAX_WATCH_INTERVAL / 3600,)),
@@ -73,8 +73,8 @@ QUOTES: list[tuple[str, str, str, tuple[float, ...]]] = [
     ("readme-limits", README,
      (rf"\*\*Limits\*\*: {N} pending changes, a {N} KiB `reason`, a {N}-byte `request_id`,\s+"
       rf"`apply_at_step` at most {N} steps ahead, {N} open streams, {N} waiting calls"),
-     (controller.MAX_PENDING, controller.MAX_REASON_BYTES / KIB, controller.MAX_REQUEST_ID_BYTES,
-      controller.APPLY_HORIZON, budgets.MAX_STREAMS, budgets.MAX_WAITERS)),
+     (limits.MAX_PENDING, limits.MAX_REASON_BYTES / KIB, limits.MAX_REQUEST_ID_BYTES,
+      limits.APPLY_HORIZON, budgets.MAX_STREAMS, budgets.MAX_WAITERS)),
     # docs/design.md
     ("design-engine", DESIGN, rf"form, {N} float32\s+coefficients, {N} boundary/knot steps with {N} rates",
      (forms.NUM_COEFFICIENTS, specs.CAPACITY, specs.CAPACITY + 1)),
