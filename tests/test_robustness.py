@@ -32,14 +32,18 @@ from lrctl.service import TrainingControl
 from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
+    Phase,
     PinLearningRate,
     ScaleLearningRate,
 )
+from lrctl.service.control.controller import Controller
 from lrctl.service.control.limits import DEDUP_WINDOW, MAX_PENDING
 from lrctl.service.errors import ApplyError, ResourceExhaustedError
 from lrctl.service.rpc.server import serve
 from lrctl.service.schedules.kinds import Constant
 from lrctl.service.schedules.specs import ActiveSchedule, Origin
+from lrctl.service.training.attach import attach
+from lrctl.service.training.engine_target import EngineTarget
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 SERVICE = "lrctl.v1.TrainingControlService"
@@ -273,11 +277,11 @@ class _FailingOnce:
 
 
 def test_a_failing_engine_load_fails_the_change_and_keeps_the_schedule() -> None:
-    control = TrainingControl(keras.optimizers.SGD(learning_rate=0.1))
-    control.controller._target = _FailingOnce(control.engine)
-    control.begin()
-    engine_before = control.schedule.read()
-    with serve(control.controller, "127.0.0.1:0") as (_, port), \
+    engine = EngineTarget(attach(keras.optimizers.SGD(learning_rate=0.1)))
+    controller = Controller(_FailingOnce(engine))
+    controller.set_phase(Phase.TRAINING)
+    engine_before = engine.read()
+    with serve(controller, "127.0.0.1:0") as (_, port), \
             TrainingControlClient(f"127.0.0.1:{port}", timeout=60) as client:
         outcome: list[BaseException] = []
 
@@ -291,14 +295,14 @@ def test_a_failing_engine_load_fails_the_change_and_keeps_the_schedule() -> None
         waiter.start()
         while client.get_state().pending_count == 0:
             time.sleep(0.01)
-        (failed,) = control.step_boundary()
+        (failed,) = controller.apply_due(0)
         waiter.join(timeout=60)
         assert failed.status is ChangeStatus.FAILED and isinstance(failed.error, ApplyError)
         assert outcome and "device lost" in str(outcome[0])
-        assert control.schedule.read() == engine_before
+        assert engine.read() == engine_before
         assert client.get_state().version == 0
         ok = client.scale_learning_rate(0.5, wait=False)
-        (applied,) = control.step_boundary()
+        (applied,) = controller.apply_due(0)
         assert applied.request.request_id == ok.request_id and applied.version == 1
 
 
@@ -329,24 +333,23 @@ class _CountingLoads:
 
 
 def test_a_burst_due_at_one_boundary_costs_one_engine_load_and_no_lock() -> None:
-    control = TrainingControl(keras.optimizers.SGD(learning_rate=0.1))
-    counting = _CountingLoads(control.engine)
-    control.controller._target = counting
-    control.begin()
+    engine = EngineTarget(attach(keras.optimizers.SGD(learning_rate=0.1)))
+    counting = _CountingLoads(engine)
+    controller = Controller(counting)
+    controller.set_phase(Phase.TRAINING)
     for i in range(MAX_PENDING):
-        control.controller.submit(ChangeRequest(ScaleLearningRate(1.0 + 1e-4), apply_at_step=5,
+        controller.submit(ChangeRequest(ScaleLearningRate(1.0 + 1e-4), apply_at_step=5,
                                                 request_id=f"b{i}"))
     with pytest.raises(ResourceExhaustedError, match="pending already"):
-        control.controller.submit(ChangeRequest(ScaleLearningRate(1.0)))
-    control.optimizer.iterations.assign(5)
-    finished = control.step_boundary()
+        controller.submit(ChangeRequest(ScaleLearningRate(1.0)))
+    finished = controller.apply_due(5)
     assert counting.loads == 1
     assert [c.version for c in finished] == list(range(1, MAX_PENDING + 1))
     assert all(c.applied_step == 5 for c in finished)
-    state, version = control.schedule.read()
+    state, version = engine.read()
     assert version == MAX_PENDING and state == finished[-1].schedule_after
     assert finished[-1].learning_rate_after == pytest.approx(
-        float(control.engine.learning_rate(5)), rel=1e-6)
+        float(engine.learning_rate(5)), rel=1e-6)
 
 
 # -- bounds ------------------------------------------------------------------------------------

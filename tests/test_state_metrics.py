@@ -14,13 +14,17 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
+from fakes import MemoryTarget
 from live import state_until
 
 from lrctl.client import TrainingControlClient
 from lrctl.service import TrainingControl
-from lrctl.service.control.changes import ChangeRequest, PinLearningRate
+from lrctl.service.control.changes import ChangeRequest, Phase, PinLearningRate
+from lrctl.service.control.controller import Controller
 from lrctl.service.control.throughput import WINDOW, Throughput
 from lrctl.service.rpc.server import serve
+from lrctl.service.schedules.kinds import Constant
+from lrctl.service.schedules.specs import ActiveSchedule
 
 STEPS_PER_EPOCH = 8  # 64 samples, batch 8
 
@@ -192,11 +196,8 @@ def test_controller_clears_metrics_taken_before_a_change() -> None:
     """The rule itself, on the controller with an injected clock: metrics taken at or before a
     change's step disappear when it applies; throughput comes from the publications."""
     now = [100.0]
-    control = TrainingControl(keras.optimizers.SGD(0.1))
-    controller = control.controller
-    controller._clock = lambda: now[0]
-    control.optimizer.iterations.assign(10)
-    control.begin()
+    controller = Controller(MemoryTarget(ActiveSchedule(Constant(0.1))), clock=lambda: now[0])
+    controller.set_phase(Phase.TRAINING)
     controller.publish(step=10, learning_rate=0.1, metrics={"loss": 1.0})
     now[0] += 2.0
     controller.publish(step=30, learning_rate=0.1, metrics={"loss": 0.5}, metrics_step=30)
@@ -204,8 +205,7 @@ def test_controller_clears_metrics_taken_before_a_change() -> None:
     assert snap.metrics == {"loss": 0.5} and snap.metrics_step == 30 and snap.metrics_time == 102.0
     assert snap.steps_per_second == pytest.approx(10.0)
     controller.submit(ChangeRequest(PinLearningRate(0.05)))
-    control.optimizer.iterations.assign(30)
-    applied = control.step_boundary()
+    applied = controller.apply_due(30)
     assert applied[0].applied_step == 30
     snap = controller.snapshot()
     assert snap.metrics == {} and snap.metrics_step is None and snap.metrics_time is None

@@ -40,7 +40,7 @@ class _Shared(Generic[T]):
     """An attribute of the controller that lives in its core: read and assigned there."""
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self._name = name.lstrip("_")
+        self._name = name
 
     def __get__(self, controller: Controller, owner: type | None = None) -> T:
         return cast(T, getattr(controller._core, self._name))
@@ -81,9 +81,6 @@ class Controller:
     wal: _Shared[ChangeLog | None] = _Shared()
     #: The limits changes are checked against (the rate limit is fixed at construction).
     guardrails: _Shared[Guardrails] = _Shared()
-    # Tests swap the engine and the clock of a controller that TrainingControl built.
-    _target: _Shared[ScheduleTarget] = _Shared()
-    _clock: _Shared[Callable[[], float]] = _Shared()
 
     # -- any thread ------------------------------------------------------------------------
 
