@@ -89,6 +89,40 @@ as Keras does for a schedule passed to the optimizer
 """
 Global___StepOrigin: _TypeAlias = StepOrigin  # noqa: Y015
 
+class _StateView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StateViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StateView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STATE_VIEW_UNSPECIFIED: _StateView.ValueType  # 0
+    """Unset: STATE_VIEW_FULL, so that callers written before views see no
+    change.
+    """
+    STATE_VIEW_BASIC: _StateView.ValueType  # 1
+    """Everything but the change lists: TrainingState.pending_changes and
+    TrainingState.recent_changes are left empty. For callers that want the
+    step, the learning rate and the phase (use ListChanges for the changes).
+    """
+    STATE_VIEW_FULL: _StateView.ValueType  # 2
+    """The whole state, the change lists included."""
+
+class StateView(_StateView, metaclass=_StateViewEnumTypeWrapper):
+    """How much of the training state a response carries (AIP-157)."""
+
+STATE_VIEW_UNSPECIFIED: StateView.ValueType  # 0
+"""Unset: STATE_VIEW_FULL, so that callers written before views see no
+change.
+"""
+STATE_VIEW_BASIC: StateView.ValueType  # 1
+"""Everything but the change lists: TrainingState.pending_changes and
+TrainingState.recent_changes are left empty. For callers that want the
+step, the learning rate and the phase (use ListChanges for the changes).
+"""
+STATE_VIEW_FULL: StateView.ValueType  # 2
+"""The whole state, the change lists included."""
+Global___StateView: _TypeAlias = StateView  # noqa: Y015
+
 class _ChangeStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -577,16 +611,21 @@ Global___SwapScheduleResponse: _TypeAlias = SwapScheduleResponse  # noqa: Y015
 
 @_typing.final
 class GetStateRequest(_message.Message):
-    """Request for GetState. No fields yet."""
+    """Request for GetState."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    VIEW_FIELD_NUMBER: _builtins.int
+    view: Global___StateView.ValueType
+    """How much of the state to return. Unset: STATE_VIEW_FULL."""
     def __init__(
         self,
+        *,
+        view: Global___StateView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -626,6 +665,7 @@ class WatchStateRequest(_message.Message):
     EVERY_STEPS_FIELD_NUMBER: _builtins.int
     ON_EPOCH_END_FIELD_NUMBER: _builtins.int
     CHANGES_ONLY_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     every_steps: _builtins.int
     """Also send an update, at once, whenever the published step is at least
     this many steps past the step of the last update sent (checked at each
@@ -642,6 +682,8 @@ class WatchStateRequest(_message.Message):
     min_interval is then ignored. False: time-based updates every
     min_interval as well.
     """
+    view: Global___StateView.ValueType
+    """How much of the state each update carries. Unset: STATE_VIEW_FULL."""
     @_builtins.property
     def min_interval(self) -> _duration_pb2.Duration:
         """The minimum time between two updates while training advances. An update
@@ -657,10 +699,11 @@ class WatchStateRequest(_message.Message):
         every_steps: _builtins.int = ...,
         on_epoch_end: _builtins.bool = ...,
         changes_only: _builtins.bool = ...,
+        view: Global___StateView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["min_interval", b"min_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes_only", b"changes_only", "every_steps", b"every_steps", "min_interval", b"min_interval", "on_epoch_end", b"on_epoch_end"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes_only", b"changes_only", "every_steps", b"every_steps", "min_interval", b"min_interval", "on_epoch_end", b"on_epoch_end", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -751,6 +794,7 @@ class ListChangesRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of changes to return; the server may return fewer.
     Zero or unset: 50. Values above 100 are treated as 100. Negative:
@@ -761,15 +805,25 @@ class ListChangesRequest(_message.Message):
     to get the following page. Empty: the first page. A token that is not
     one the server issued for this run fails with INVALID_ARGUMENT.
     """
+    filter: _builtins.str
+    """Which changes to list (AIP-160): conditions joined by AND, each one of
+    `status = NAME` (a ChangeStatus name, with or without its
+    CHANGE_STATUS_ prefix, e.g. `status = PENDING`), `version >= N` (or
+    >, <=, <, =, != with an integer), `request_id = "ID"`. For example
+    `status = APPLIED AND version >= 12`. A page token is valid only with
+    the filter it was issued for. Anything else fails with INVALID_ARGUMENT
+    naming `filter`. Empty: every change.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -802,6 +856,118 @@ class ListChangesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListChangesResponse: _TypeAlias = ListChangesResponse  # noqa: Y015
+
+@_typing.final
+class GetChangeRequest(_message.Message):
+    """Request for GetChange."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The change's name, "changes/{id}" (Change.name). Required: empty fails
+    with INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChangeRequest: _TypeAlias = GetChangeRequest  # noqa: Y015
+
+@_typing.final
+class GetChangeResponse(_message.Message):
+    """Response to GetChange."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___Change:
+        """The change as the server remembers it now."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___Change | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChangeResponse: _TypeAlias = GetChangeResponse  # noqa: Y015
+
+@_typing.final
+class WaitChangeRequest(_message.Message):
+    """Request for WaitChange."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The change's name, "changes/{id}" (Change.name). Required: empty fails
+    with INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long to wait at most; the server answers with the current record at
+        the timeout (or just before the call's deadline, if that comes first).
+        Unset or zero: 60 seconds. Must be in [0, 600 s], otherwise
+        INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitChangeRequest: _TypeAlias = WaitChangeRequest  # noqa: Y015
+
+@_typing.final
+class WaitChangeResponse(_message.Message):
+    """Response to WaitChange."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    done: _builtins.bool
+    """Whether `change` is terminal. False: the timeout came first; wait again."""
+    @_builtins.property
+    def change(self) -> Global___Change:
+        """The change: terminal (applied, failed, aborted or cancelled), or still
+        pending if the timeout came first.
+        """
+
+    def __init__(
+        self,
+        *,
+        change: Global___Change | None = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "done", b"done"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitChangeResponse: _TypeAlias = WaitChangeResponse  # noqa: Y015
 
 @_typing.final
 class WatchStateResponse(_message.Message):
@@ -1274,6 +1440,7 @@ class Change(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     PREVIEW_FIELD_NUMBER: _builtins.int
     PREVIEW_CURRENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
     SCHEDULE_START_STEP_FIELD_NUMBER: _builtins.int
     SWAP_SCALE_FIELD_NUMBER: _builtins.int
@@ -1325,6 +1492,12 @@ class Change(_message.Message):
     for CHANGE_STATUS_ABORTED, the expected_version and the version it met at
     its boundary; for CHANGE_STATUS_CANCELLED by a CancelChange that gave a
     reason, "cancelled: REASON". Empty otherwise.
+    """
+    name: _builtins.str
+    """The change's resource name, "changes/{id}" (AIP-122): stable and unique
+    within a run, assigned when the change is accepted; GetChange,
+    WaitChange and ListChanges know it by this name. Empty for a
+    validate_only answer, which is not kept.
     """
     apply_after_steps: _builtins.int
     """The request's apply_after_steps, if it set one; apply_at_step then holds
@@ -1407,13 +1580,14 @@ class Change(_message.Message):
         error: _builtins.str = ...,
         preview: _abc.Iterable[Global___LearningRatePoint] | None = ...,
         preview_current: _abc.Iterable[Global___LearningRatePoint] | None = ...,
+        name: _builtins.str = ...,
         apply_after_steps: _builtins.int | None = ...,
         schedule_start_step: _builtins.int = ...,
         swap_scale: _builtins.float | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "_swap_scale", b"_swap_scale", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "learning_rate_after", b"learning_rate_after", "requested_time", b"requested_time", "revert", b"revert", "scale", b"scale", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "swap_scale", b"swap_scale", "swap_schedule", b"swap_schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "_swap_scale", b"_swap_scale", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "origin", b"origin", "preview", b"preview", "preview_current", b"preview_current", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "revert", b"revert", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_scale", b"swap_scale", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "_swap_scale", b"_swap_scale", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "name", b"name", "origin", b"origin", "preview", b"preview", "preview_current", b"preview_current", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "revert", b"revert", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_scale", b"swap_scale", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__applied_step: _TypeAlias = _typing.Literal["applied_step"]  # noqa: Y015
     _WhichOneofArgType__applied_step: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step"]  # noqa: Y015

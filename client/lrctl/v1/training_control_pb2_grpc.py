@@ -65,6 +65,16 @@ class TrainingControlServiceStub:
                 request_serializer=lrctl_dot_v1_dot_training__control__pb2.ListChangesRequest.SerializeToString,
                 response_deserializer=lrctl_dot_v1_dot_training__control__pb2.ListChangesResponse.FromString,
                 _registered_method=True)
+        self.GetChange = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/GetChange',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.GetChangeRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.GetChangeResponse.FromString,
+                _registered_method=True)
+        self.WaitChange = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/WaitChange',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.WaitChangeRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.WaitChangeResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingControlServiceServicer:
@@ -130,7 +140,29 @@ class TrainingControlServiceServicer:
 
     def ListChanges(self, request, context):
         """Lists pending and remembered finished changes (the last 10,000), newest
-        (by submission) first, in pages (AIP-158).
+        (by submission) first, in pages (AIP-158), optionally filtered (AIP-160).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetChange(self, request, context):
+        """Returns one change by its name (AIP-131). Errors: INVALID_ARGUMENT for a
+        name that is not "changes/{id}"; NOT_FOUND for a change the server does
+        not remember (it remembers the last 10,000 finished changes and every
+        pending one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitChange(self, request, context):
+        """Waits until a change is terminal (applied, failed, aborted or cancelled)
+        and returns it; at the timeout, returns its current record (still
+        pending) instead. A waiting call costs the server no thread. Errors are
+        as for GetChange, plus UNAVAILABLE when the trainer stops (SIGTERM)
+        before the change is terminal: it stays pending in the checkpoint, and
+        the same name finds it after the restart.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,6 +200,16 @@ def add_TrainingControlServiceServicer_to_server(servicer, server):
                     servicer.ListChanges,
                     request_deserializer=lrctl_dot_v1_dot_training__control__pb2.ListChangesRequest.FromString,
                     response_serializer=lrctl_dot_v1_dot_training__control__pb2.ListChangesResponse.SerializeToString,
+            ),
+            'GetChange': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetChange,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.GetChangeRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.GetChangeResponse.SerializeToString,
+            ),
+            'WaitChange': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitChange,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.WaitChangeRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.WaitChangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -333,6 +375,60 @@ class TrainingControlService:
             '/lrctl.v1.TrainingControlService/ListChanges',
             lrctl_dot_v1_dot_training__control__pb2.ListChangesRequest.SerializeToString,
             lrctl_dot_v1_dot_training__control__pb2.ListChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetChange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/GetChange',
+            lrctl_dot_v1_dot_training__control__pb2.GetChangeRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.GetChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitChange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/WaitChange',
+            lrctl_dot_v1_dot_training__control__pb2.WaitChangeRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.WaitChangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -101,7 +101,21 @@ class TrainingControlServiceStub:
     """
     ListChanges: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.ListChangesRequest, _training_control_pb2.ListChangesResponse]
     """Lists pending and remembered finished changes (the last 10,000), newest
-    (by submission) first, in pages (AIP-158).
+    (by submission) first, in pages (AIP-158), optionally filtered (AIP-160).
+    """
+    GetChange: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.GetChangeRequest, _training_control_pb2.GetChangeResponse]
+    """Returns one change by its name (AIP-131). Errors: INVALID_ARGUMENT for a
+    name that is not "changes/{id}"; NOT_FOUND for a change the server does
+    not remember (it remembers the last 10,000 finished changes and every
+    pending one).
+    """
+    WaitChange: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.WaitChangeRequest, _training_control_pb2.WaitChangeResponse]
+    """Waits until a change is terminal (applied, failed, aborted or cancelled)
+    and returns it; at the timeout, returns its current record (still
+    pending) instead. A waiting call costs the server no thread. Errors are
+    as for GetChange, plus UNAVAILABLE when the trainer stops (SIGTERM)
+    before the change is terminal: it stays pending in the checkpoint, and
+    the same name finds it after the restart.
     """
 
 @_typing.type_check_only
@@ -147,7 +161,21 @@ class TrainingControlServiceAsyncStub(TrainingControlServiceStub):
     """
     ListChanges: _aio.UnaryUnaryMultiCallable[_training_control_pb2.ListChangesRequest, _training_control_pb2.ListChangesResponse]  # type: ignore[assignment]
     """Lists pending and remembered finished changes (the last 10,000), newest
-    (by submission) first, in pages (AIP-158).
+    (by submission) first, in pages (AIP-158), optionally filtered (AIP-160).
+    """
+    GetChange: _aio.UnaryUnaryMultiCallable[_training_control_pb2.GetChangeRequest, _training_control_pb2.GetChangeResponse]  # type: ignore[assignment]
+    """Returns one change by its name (AIP-131). Errors: INVALID_ARGUMENT for a
+    name that is not "changes/{id}"; NOT_FOUND for a change the server does
+    not remember (it remembers the last 10,000 finished changes and every
+    pending one).
+    """
+    WaitChange: _aio.UnaryUnaryMultiCallable[_training_control_pb2.WaitChangeRequest, _training_control_pb2.WaitChangeResponse]  # type: ignore[assignment]
+    """Waits until a change is terminal (applied, failed, aborted or cancelled)
+    and returns it; at the timeout, returns its current record (still
+    pending) instead. A waiting call costs the server no thread. Errors are
+    as for GetChange, plus UNAVAILABLE when the trainer stops (SIGTERM)
+    before the change is terminal: it stays pending in the checkpoint, and
+    the same name finds it after the restart.
     """
 
 class TrainingControlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -226,7 +254,33 @@ class TrainingControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_control_pb2.ListChangesResponse, _abc.Awaitable[_training_control_pb2.ListChangesResponse]]:
         """Lists pending and remembered finished changes (the last 10,000), newest
-        (by submission) first, in pages (AIP-158).
+        (by submission) first, in pages (AIP-158), optionally filtered (AIP-160).
+        """
+
+    @_abc_1.abstractmethod
+    def GetChange(
+        self,
+        request: _training_control_pb2.GetChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.GetChangeResponse, _abc.Awaitable[_training_control_pb2.GetChangeResponse]]:
+        """Returns one change by its name (AIP-131). Errors: INVALID_ARGUMENT for a
+        name that is not "changes/{id}"; NOT_FOUND for a change the server does
+        not remember (it remembers the last 10,000 finished changes and every
+        pending one).
+        """
+
+    @_abc_1.abstractmethod
+    def WaitChange(
+        self,
+        request: _training_control_pb2.WaitChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.WaitChangeResponse, _abc.Awaitable[_training_control_pb2.WaitChangeResponse]]:
+        """Waits until a change is terminal (applied, failed, aborted or cancelled)
+        and returns it; at the timeout, returns its current record (still
+        pending) instead. A waiting call costs the server no thread. Errors are
+        as for GetChange, plus UNAVAILABLE when the trainer stops (SIGTERM)
+        before the change is terminal: it stays pending in the checkpoint, and
+        the same name finds it after the restart.
         """
 
 def add_TrainingControlServiceServicer_to_server(servicer: TrainingControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
