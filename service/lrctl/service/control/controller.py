@@ -178,6 +178,15 @@ class Controller:
         return self._core.board.updates(min_interval, is_active, poll, every_steps=every_steps,
                                    on_epoch=on_epoch, changes_only=changes_only)
 
+    def listen(self, listener: Callable[[Snapshot, tuple[Change, ...]], None]) -> Callable[[], None]:
+        """Call `listener(snapshot, ended)` after every publish: the snapshot just published and
+        the changes that left PENDING since the previous one (their final records). It runs on
+        the publishing thread (often the training thread, up to hundreds of times a second)
+        under the controller's lock, so it must be cheap and must not block or call back into
+        the controller: hand the news to another thread or event loop. Returns the call that
+        unsubscribes it. For a server without a thread per waiter (rpc/wakeups.py)."""
+        return self._core.board.listen(listener)
+
     # -- training thread -------------------------------------------------------------------
     def at_boundary(self, step_bound: float) -> bool:
         """A step boundary, where at most `step_bound` steps have completed (an upper bound
