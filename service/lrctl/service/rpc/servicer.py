@@ -28,6 +28,7 @@ from lrctl.service.control.changes import (
     SwapSchedule,
 )
 from lrctl.service.control.controller import Controller
+from lrctl.service.control.filters import parse_filter
 from lrctl.service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -43,6 +44,7 @@ from lrctl.service.rpc.convert import (
     change_to_proto,
     decode_page_token,
     encode_page_token,
+    parse_change_name,
     spec_from_proto,
     state_to_proto,
 )
@@ -123,6 +125,8 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
         controller = self._slot.get()
         if controller is None:
             return pb.GetStateResponse(state=self._slot.starting_state())
+        if request.view == pb.STATE_VIEW_BASIC:  # TEMP sync handler (helper AIO replaces it)
+            return pb.GetStateResponse(state=state_to_proto(controller.snapshot(), view=request.view))
         return pb.GetStateResponse(state=self._state_proto(controller.snapshot()))
 
     def WatchState(self, request: pb.WatchStateRequest,
@@ -146,7 +150,8 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
                                              every_steps=request.every_steps,
                                              on_epoch=request.on_epoch_end,
                                              changes_only=request.changes_only):
-            yield pb.WatchStateResponse(state=self._state_proto(snap))
+            yield pb.WatchStateResponse(state=state_to_proto(snap, view=request.view)
+                                        if request.view == pb.STATE_VIEW_BASIC else self._state_proto(snap))
 
     def CancelChange(self, request: pb.CancelChangeRequest,
                      context: grpc.ServicerContext) -> pb.CancelChangeResponse:
@@ -211,14 +216,42 @@ class TrainingControlServicer(pb_grpc.TrainingControlServiceServicer):
             run_id = controller.snapshot().run_id
             if request.page_size < 0:
                 raise InvalidArgumentError("page_size", "must be >= 0", request.page_size)
-            before = decode_page_token(request.page_token, run_id) if request.page_token else None
+            where = parse_filter(request.filter)
+            before = decode_page_token(request.page_token, run_id, request.filter) if request.page_token else None
             page, next_before = controller.list_changes(
-                min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), before)
+                min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), before, where=where)
         except DOMAIN_ERRORS as e:
             abort(context, e)
         return pb.ListChangesResponse(
             changes=[change_to_proto(c) for c in page],
-            next_page_token="" if next_before is None else encode_page_token(next_before, run_id))
+            next_page_token="" if next_before is None else encode_page_token(next_before, run_id, request.filter))
+
+    # TEMP sync handlers, for the client tests until helper AIO's async ones land.
+    def GetChange(self, request: pb.GetChangeRequest, context: grpc.ServicerContext) -> pb.GetChangeResponse:
+        try:
+            change = self._slot.bound().get_change(parse_change_name(request.name))
+        except DOMAIN_ERRORS as e:
+            abort(context, e)
+        return pb.GetChangeResponse(change=change_to_proto(change))
+
+    def WaitChange(self, request: pb.WaitChangeRequest, context: grpc.ServicerContext) -> pb.WaitChangeResponse:
+        try:
+            controller = self._slot.bound()
+            change = controller.get_change(parse_change_name(request.name))
+            timeout = request.timeout.ToNanoseconds() / 1e9 or 60.0
+            if not 0 <= timeout <= MAX_WAIT:
+                raise InvalidArgumentError("timeout", f"must be in [0, {MAX_WAIT:g} s]", f"{timeout}s")
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout = max(min(timeout, remaining - _WAIT_MARGIN), 0.0)
+            try:
+                change = controller.wait(change, timeout)
+            except WaitTimeoutError:
+                change = controller.get_change(change.id)
+        except DOMAIN_ERRORS as e:
+            abort(context, e)
+        return pb.WaitChangeResponse(change=change_to_proto(change),
+                                     done=change.status is not ChangeStatus.PENDING)
 
     def _submit(self, change_request: ChangeRequest,
                 request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
