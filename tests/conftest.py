@@ -27,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 #: `--quick`: the test files that import neither TensorFlow nor Keras (enforced) and start no
 #: trainer. A new TensorFlow-free test file belongs here.
 QUICK = (
+    "test_change_filters.py",
+    "test_change_listing.py",
     "test_change_options.py",
     "test_cli_parse.py",
     "test_client_import.py",

@@ -51,6 +51,8 @@ QUOTES: list[tuple[str, str, str, tuple[float, ...]]] = [
     ("snapshot-pending", OPS, rf"\| changes in a state \| {N} oldest pending", (limits.SNAPSHOT_PENDING,)),
     ("page-size", OPS, rf"\| `ListChanges` page \| {N} by default, {N} at most",
      (servicer.DEFAULT_PAGE_SIZE, servicer.MAX_PAGE_SIZE)),
+    ("filter", OPS, rf"\| `ListChanges.filter` \| {N} KiB \[`INVALID_ARGUMENT`\]; a call examines at most {N} changes",
+     (limits.MAX_FILTER_BYTES / KIB, limits.LIST_SCAN_LIMIT)),
     ("watch-interval", OPS,
      (rf"\| `WatchState.min_interval` \| \[0, {N} h\] \[`INVALID_ARGUMENT`\]; "
       rf"time-based updates at most every {N} s"),

@@ -32,6 +32,7 @@ from lrctl.service.control.changes import (
     SwapSchedule,
 )
 from lrctl.service.control.controller import Controller
+from lrctl.service.control.filters import parse_filter
 from lrctl.service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -48,6 +49,7 @@ from lrctl.service.rpc.convert import (
     change_to_proto,
     decode_page_token,
     encode_page_token,
+    parse_change_name,
     spec_from_proto,
     state_to_proto,
 )
@@ -65,8 +67,10 @@ logger = logging.getLogger("lrctl")
 DEFAULT_WATCH_INTERVAL = 1.0  # seconds, when WatchStateRequest.min_interval is unset or zero
 MAX_WATCH_INTERVAL = 3600  # seconds
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 100  # ListChanges (AIP-158)
-#: Seconds one call may wait for its change to apply; then DEADLINE_EXCEEDED (it stays pending).
+#: Seconds one call may wait for its change to apply (SetLearningRate/SwapSchedule: then
+#: DEADLINE_EXCEEDED; it stays pending), and the longest WaitChange timeout.
 MAX_WAIT = 600.0
+DEFAULT_WAIT = 60.0  # seconds, when WaitChangeRequest.timeout is unset or zero
 _WAIT_MARGIN = 0.05  # answer DEADLINE_EXCEEDED ourselves, with a message, just before the deadline
 #: Converted change records kept (immutable, so converted once); cleared beyond.
 _CHANGE_CACHE = 4096
@@ -89,7 +93,7 @@ class TrainingControlServicer:
         # state holds up to a hundred changes, and watchers and pollers ask for it often.
         # Only the loop touches these: no lock.
         self._changes: dict[tuple[int, ChangeStatus, int | None], pb.Change] = {}
-        self._responses: dict[type[Message], tuple[int, bytes]] = {}
+        self._responses: dict[tuple[type[Message], int], tuple[int, bytes]] = {}
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The service's handlers by method name, as the generated code builds them, each
@@ -110,14 +114,15 @@ class TrainingControlServicer:
                 for name, handler in captured.items()}
 
     def _state_response(self, kind: type[pb.GetStateResponse | pb.WatchStateResponse],
-                        snap: Snapshot) -> bytes:
-        """`kind(state=...)` for `snap`, serialized once per publish for every reader."""
-        cached = self._responses.get(kind)
+                        snap: Snapshot, view: int) -> bytes:
+        """`kind(state=...)` for `snap` in `view`, serialized once per publish for every reader."""
+        cached = self._responses.get((kind, view))
         if cached is None or cached[0] != snap.seq:
             if len(self._changes) > _CHANGE_CACHE:
                 self._changes.clear()
-            cached = (snap.seq, kind(state=state_to_proto(snap, self._change_proto)).SerializeToString())
-            self._responses[kind] = cached
+            state = state_to_proto(snap, self._change_proto, view)
+            cached = (snap.seq, kind(state=state).SerializeToString())
+            self._responses[(kind, view)] = cached
         return cached[1]
 
     def _change_proto(self, change: Change) -> pb.Change:
@@ -154,10 +159,14 @@ class TrainingControlServicer:
 
     async def GetState(self, request: pb.GetStateRequest,
                        context: aio.ServicerContext) -> pb.GetStateResponse | bytes:
+        try:
+            view = _view(request.view)
+        except InvalidArgumentError as e:
+            await abort(context, e)
         controller = self._slot.get()
         if controller is None:
             return pb.GetStateResponse(state=self._slot.starting_state())
-        return self._state_response(pb.GetStateResponse, controller.snapshot())
+        return self._state_response(pb.GetStateResponse, controller.snapshot(), view)
 
     async def WatchState(self, request: pb.WatchStateRequest,
                          context: aio.ServicerContext) -> AsyncIterator[pb.WatchStateResponse | bytes]:
@@ -169,6 +178,10 @@ class TrainingControlServicer:
                 f"{duration.seconds}s {duration.nanos}ns"))
         if request.every_steps < 0:
             await abort(context, InvalidArgumentError("every_steps", "must be >= 0", request.every_steps))
+        try:
+            view = _view(request.view)
+        except InvalidArgumentError as e:
+            await abort(context, e)
         controller = self._slot.get()
         if controller is None:  # starting: say so at once, then follow the run once it exists
             yield pb.WatchStateResponse(state=self._slot.starting_state())
@@ -179,7 +192,7 @@ class TrainingControlServicer:
         async for snap in updates(self._wakeups, controller.snapshot, interval or DEFAULT_WATCH_INTERVAL,
                                   every_steps=request.every_steps, on_epoch=request.on_epoch_end,
                                   changes_only=request.changes_only):
-            yield self._state_response(pb.WatchStateResponse, snap)
+            yield self._state_response(pb.WatchStateResponse, snap, view)
 
     async def CancelChange(self, request: pb.CancelChangeRequest,
                            context: aio.ServicerContext) -> pb.CancelChangeResponse:
@@ -239,11 +252,43 @@ class TrainingControlServicer:
         self._journal.record_call(method="local", peer="local", role="local", request=message, code=code,
                                   error=error, snapshot=self._slot.snapshot(), change=change)
 
-    async def GetChange(self, request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetChange is not served yet")
+    async def GetChange(self, request: pb.GetChangeRequest,
+                        context: aio.ServicerContext) -> pb.GetChangeResponse:
+        try:
+            change = self._slot.bound().get_change(parse_change_name(request.name))
+        except DOMAIN_ERRORS as e:
+            await abort(context, e)
+        return pb.GetChangeResponse(change=self._change_proto(change))
 
-    async def WaitChange(self, request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WaitChange is not served yet")
+    async def WaitChange(self, request: pb.WaitChangeRequest,
+                         context: aio.ServicerContext) -> pb.WaitChangeResponse:
+        """The change once it ends, or as it is at the timeout (`done` false), answered before
+        the call's deadline; UNAVAILABLE while the run is STOPPED and the change pending."""
+        taken = False
+        try:
+            change_id = parse_change_name(request.name)
+            timeout = request.timeout.seconds + request.timeout.nanos / 1e9 or DEFAULT_WAIT
+            if not 0 <= timeout <= MAX_WAIT or not 0 <= request.timeout.nanos < 1_000_000_000:
+                raise InvalidArgumentError("timeout", f"must be in [0s, {MAX_WAIT:g}s]",
+                                           f"{request.timeout.seconds}s {request.timeout.nanos}ns")
+            controller = self._slot.bound()
+            change = controller.get_change(change_id)
+            if change.status is ChangeStatus.PENDING:
+                if not self._waiting.take():
+                    raise ResourceExhaustedError(
+                        f"too many calls are waiting for changes ({self._waiting.cap}); retry later, "
+                        "or follow the changes with WatchState")
+                taken = True
+                # No `await` since get_change: the waiter is registered before the loop can
+                # hear of the change's end.
+                change = await self._wait(controller, change, context, timeout, give_up=False)
+        except DOMAIN_ERRORS as e:
+            await abort(context, e)
+        finally:
+            if taken:
+                self._waiting.give_back()
+        return pb.WaitChangeResponse(change=self._change_proto(change),
+                                     done=change.status is not ChangeStatus.PENDING)
 
     async def ListChanges(self, request: pb.ListChangesRequest,
                           context: aio.ServicerContext) -> pb.ListChangesResponse:
@@ -252,14 +297,15 @@ class TrainingControlServicer:
             run_id = controller.snapshot().run_id
             if request.page_size < 0:
                 raise InvalidArgumentError("page_size", "must be >= 0", request.page_size)
-            before = decode_page_token(request.page_token, run_id) if request.page_token else None
+            where = parse_filter(request.filter)
+            before = decode_page_token(request.page_token, run_id, request.filter) if request.page_token else None
             page, next_before = controller.list_changes(
-                min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), before)
+                min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), before, where=where)
         except DOMAIN_ERRORS as e:
             await abort(context, e)
         return pb.ListChangesResponse(
             changes=[change_to_proto(c) for c in page],
-            next_page_token="" if next_before is None else encode_page_token(next_before, run_id))
+            next_page_token="" if next_before is None else encode_page_token(next_before, run_id, request.filter))
 
     async def _submit(self, change_request: ChangeRequest,
                       request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
@@ -290,12 +336,14 @@ class TrainingControlServicer:
             raise change.error
         return change_to_proto(change)
 
-    async def _wait(self, controller: Controller, change: Change, context: aio.ServicerContext) -> Change:
-        """`change`'s final record; UnavailableError when the run stops first, WaitTimeoutError
-        just before the call's deadline or after MAX_WAIT, whatever deadline (or none) it set."""
+    async def _wait(self, controller: Controller, change: Change, context: aio.ServicerContext,
+                    timeout: float = MAX_WAIT, *, give_up: bool = True) -> Change:
+        """`change`'s final record; UnavailableError when the run stops first. At `timeout`
+        seconds, or just before the call's deadline: WaitTimeoutError if `give_up`, else the
+        change as it is then (pending)."""
         loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
-        deadline = loop.time() + min(MAX_WAIT, math.inf if remaining is None else remaining - _WAIT_MARGIN)
+        deadline = loop.time() + min(timeout, math.inf if remaining is None else remaining - _WAIT_MARGIN)
         with self._wakeups.waiting(change.id) as waiter:
             while waiter.record is None:
                 if controller.snapshot().phase is Phase.STOPPED:
@@ -307,7 +355,16 @@ class TrainingControlServicer:
                     raise UnavailableError("the server is stopping; retry once it is back")
                 left = deadline - loop.time()
                 if left <= 0:
-                    raise WaitTimeoutError(
-                        f"change {change.description!r} was not applied in time; it stays pending")
+                    if give_up:
+                        raise WaitTimeoutError(
+                            f"change {change.description!r} was not applied in time; it stays pending")
+                    return controller.get_change(change.id)
                 await self._wakeups.sleep(waiter, left)
             return waiter.record
+
+
+def _view(view: int) -> int:
+    """A request's StateView, UNSPECIFIED as FULL; INVALID_ARGUMENT naming `view` for another value."""
+    if view not in pb.StateView.values():
+        raise InvalidArgumentError("view", f"must be one of {', '.join(pb.StateView.keys())}", view)
+    return pb.STATE_VIEW_FULL if view == pb.STATE_VIEW_UNSPECIFIED else view
