@@ -37,6 +37,7 @@ QUICK = (
     "test_protos.py",
     "test_quick.py",
     "test_specs.py",
+    "test_wait_change_server.py",
     "test_wal.py",
 )
 

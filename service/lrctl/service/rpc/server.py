@@ -127,6 +127,11 @@ class RunningServer:
     _stop: asyncio.Event
     _servicer: TrainingControlServicer
 
+    @property
+    def waiting_calls(self) -> int:
+        """Calls waiting for a change now (`wait_until_applied` and WaitChange), of `max_waiters`."""
+        return self._servicer.waiting_calls
+
 
 @dataclasses.dataclass(frozen=True)
 class _Config:

@@ -95,6 +95,11 @@ class TrainingControlServicer:
         self._changes: dict[tuple[int, ChangeStatus, int | None], pb.Change] = {}
         self._responses: dict[tuple[type[Message], int], tuple[int, bytes]] = {}
 
+    @property
+    def waiting_calls(self) -> int:
+        """Calls waiting for a change now (one int: any thread may read it)."""
+        return self._waiting.taken
+
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The service's handlers by method name, as the generated code builds them, each
         response serializer letting bytes serialized already pass (see `_state_response`),
