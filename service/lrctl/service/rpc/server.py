@@ -208,13 +208,15 @@ async def _serve(config: _Config, started: concurrent.futures.Future[RunningServ
     follower = asyncio.create_task(_follow_phase(wakeups, health_servicer, sent))
     stop = asyncio.Event()
     started.set_result(RunningServer(server, loop, port, health_port, stop, servicer))
-    await stop.wait()
-    await health_servicer.enter_graceful_shutdown()
-    await asyncio.gather(*(each.stop(STOP_GRACE) for each in servers))
-    wakeups.close()
-    follower.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await follower
+    try:
+        await stop.wait()
+        await health_servicer.enter_graceful_shutdown()
+        await asyncio.gather(*(each.stop(STOP_GRACE) for each in servers))
+    finally:
+        wakeups.close()  # before the loop closes: no publisher may schedule on a closed loop
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
 
 
 def _run(config: _Config, started: concurrent.futures.Future[RunningServer]) -> None:
