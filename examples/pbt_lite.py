@@ -101,7 +101,7 @@ def _wait_ready(clients: list[TrainingControlClient], last_step: dict[str, int],
     """Every trainer's state, once each is training with `--ready-steps` steps behind it."""
     deadline = time.monotonic() + args.max_seconds
     while True:
-        states = [client.get_state() for client in clients]
+        states = [client.get_state(view="basic") for client in clients]
         if all(s.phase == pb.PHASE_TRAINING and args.metric in s.metrics
                and s.step - last_step[c.target] >= args.ready_steps
                for c, s in zip(clients, states, strict=True)):

@@ -67,7 +67,7 @@ async def _main(args: argparse.Namespace) -> int:
     best, stalled, changes, updates = math.inf, 0, 0, 0
     async with TrainingControlClient(args.target) as client:
         try:
-            async with client.watch(args.interval, timeout=args.max_seconds) as watch:
+            async with client.watch(args.interval, timeout=args.max_seconds, view="basic") as watch:
                 async for state in watch:
                     updates += 1
                     if state.phase != pb.PHASE_TRAINING:
@@ -110,7 +110,7 @@ async def _reduce(client: TrainingControlClient, state: pb.TrainingState,
     except VersionConflict:
         change = None
     if change is None or change.status != pb.CHANGE_STATUS_APPLIED:
-        fresh = await client.get_state()  # re-read: the next plateau is judged on the new state
+        fresh = await client.get_state(view="basic")  # re-read: the next plateau is judged on the new state
         print(f"version {state.version} is stale (now {fresh.version}); not scaling")
         return False
     print(f"{time.strftime('%H:%M:%S')} v{change.version} step {change.applied_step}: "

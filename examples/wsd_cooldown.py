@@ -79,7 +79,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _start_cooldown(client: TrainingControlClient, args: argparse.Namespace) -> pb.Change | None:
     for _ in range(ATTEMPTS):
-        state = client.get_state()
+        state = client.get_state(view="basic")
         schedule = cooldown(state.learning_rate, args.decay_steps, args.floor)
         at = args.cooldown_after_steps
         if at is not None and state.step >= at:
@@ -105,7 +105,7 @@ def _start_cooldown(client: TrainingControlClient, args: argparse.Namespace) -> 
 
 def _follow(client: TrainingControlClient, end_step: int, args: argparse.Namespace) -> None:
     try:
-        for state in client.watch(args.interval, timeout=args.max_seconds):
+        for state in client.watch(args.interval, timeout=args.max_seconds, view="basic"):
             print(f"step {state.step}: lr {state.learning_rate:.6g}")
             if state.step >= end_step:
                 print("cooldown complete")

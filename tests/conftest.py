@@ -27,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 #: `--quick`: the test files that import neither TensorFlow nor Keras (enforced) and start no
 #: trainer. A new TensorFlow-free test file belongs here.
 QUICK = (
+    "test_change_filters.py",
+    "test_change_listing.py",
     "test_change_options.py",
     "test_cli_parse.py",
     "test_client_import.py",
@@ -35,6 +37,7 @@ QUICK = (
     "test_protos.py",
     "test_quick.py",
     "test_specs.py",
+    "test_wait_change_server.py",
     "test_wal.py",
 )
 

@@ -101,8 +101,9 @@ class LiveTrainer:
 
 
 def wait_for_health(client: Any, service: str, status: str, limit: float = 60.0) -> None:
-    """Poll `client.health(service)` until it reports `status`: health follows the run on a
-    thread of its own, so it lags a phase change a little (a safety limit, not a timing check)."""
+    """Poll `client.health(service)` until it reports `status`: health follows the run on the
+    server's loop, told of each publish, so it lags a phase change a little (a safety limit, not a
+    timing check)."""
     deadline = time.monotonic() + limit
     while client.health(service) != status:
         if time.monotonic() > deadline:

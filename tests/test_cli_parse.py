@@ -282,6 +282,22 @@ def test_cancel_and_history() -> None:
     assert parse("history", "--limit", "5").limit == 5
 
 
+def test_change_wait_and_history_filter(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse("history").filter == ""
+    assert parse("history", "--filter", "status = PENDING").filter == "status = PENDING"
+    for command in ("change", "wait"):
+        args = parse(command, "changes/7")
+        assert (args.command, args.change, args.version) == (command, "changes/7", None)
+        assert (parse(command, "abc").change, parse(command, "--version", "3").version) == ("abc", 3)
+        for argv in ([command], [command, "abc", "--version", "1"], [command, ""]):
+            with pytest.raises(SystemExit) as info:
+                cli.main(["--target", "127.0.0.1:1", *argv])  # checked before any connection
+            assert info.value.code == 2
+        out = _help(monkeypatch, capsys, command)
+        assert len(out.splitlines()) <= 30 and "NAME | REQUEST_ID" in out and "changes/7" in out
+
+
 def test_auth_and_tls_flags_before_and_after_subcommand() -> None:
     args = parse("state")
     assert (args.token_file, args.ca, args.cert, args.key) == (None, None, None, None)
@@ -502,7 +518,8 @@ def test_the_main_help_has_the_globals_and_the_exit_codes(
     for text in ("--target", "--token-file", "--ca", "--timeout", "exit codes",
                  "0 ok", "2 usage", "13 permission denied"):  # fmt: skip
         assert text in out
-    for command in ("state", "set", "scale", "swap", "cancel", "history", "watch", "health"):
+    for command in ("state", "set", "scale", "swap", "cancel", "history", "change", "wait", "watch",
+                    "health"):
         assert f"    {command} " in out
 
 

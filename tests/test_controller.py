@@ -251,3 +251,30 @@ def test_the_control_package_imports_no_tensorflow(subprocess_env):
     assert result["file"].startswith(str(Path(__file__).resolve().parent.parent / "service"))
     assert {"controller", "changes", "policy", "queue", "ledger"} <= set(result["modules"])
     assert result["heavy"] == []
+
+
+def test_listeners_hear_every_publish_with_the_changes_that_ended_since_the_last(control, caplog):
+    controller = control.controller
+    heard: list[tuple[int, list[tuple[str, ChangeStatus]]]] = []
+
+    def failing(snapshot, ended):
+        raise RuntimeError("a listener's bug")
+
+    stop_failing = controller.listen(failing)  # logged, and the publisher goes on
+    unsubscribe = controller.listen(
+        lambda snap, ended: heard.append((snap.seq, [(c.request.request_id, c.status) for c in ended])))
+    controller.submit(ChangeRequest(PinLearningRate(0.2), request_id="a"))
+    controller.submit(ChangeRequest(PinLearningRate(0.3), request_id="b"))
+    assert [ended for _, ended in heard] == [[], []]  # accepted: published, nothing ended
+    control.apply_pending()
+    assert heard[-1][1] == [("a", ChangeStatus.APPLIED), ("b", ChangeStatus.APPLIED)]
+    assert heard[-1][0] == controller.snapshot().seq and controller.snapshot().version == 2
+    assert "a listener failed" in caplog.text
+    stop_failing()
+    controller.submit(ChangeRequest(PinLearningRate(0.4), request_id="c"))
+    control.end()  # cancels "c"
+    assert heard[-1][1] == [("c", ChangeStatus.CANCELLED)]
+    unsubscribe()
+    seen = len(heard)
+    controller.publish(step=11, learning_rate=0.4)
+    assert len(heard) == seen

@@ -16,7 +16,7 @@ import lrctl.client
 from lrctl.service.apps import trainer_args
 from lrctl.service.control import disk, guardrails, limits
 from lrctl.service.observability import logs
-from lrctl.service.rpc import auth, budgets, journal, servicer
+from lrctl.service.rpc import auth, budgets, journal, servicer, watch
 from lrctl.service.schedules import forms, specs
 
 DOCS = Path(__file__).resolve().parent.parent
@@ -51,12 +51,15 @@ QUOTES: list[tuple[str, str, str, tuple[float, ...]]] = [
     ("snapshot-pending", OPS, rf"\| changes in a state \| {N} oldest pending", (limits.SNAPSHOT_PENDING,)),
     ("page-size", OPS, rf"\| `ListChanges` page \| {N} by default, {N} at most",
      (servicer.DEFAULT_PAGE_SIZE, servicer.MAX_PAGE_SIZE)),
-    ("watch-interval", OPS, rf"\| `WatchState.min_interval` \| \[0, {N} h\]", (servicer.MAX_WATCH_INTERVAL / 3600,)),
+    ("filter", OPS, rf"\| `ListChanges.filter` \| {N} KiB \[`INVALID_ARGUMENT`\]; a call examines at most {N} changes",
+     (limits.MAX_FILTER_BYTES / KIB, limits.LIST_SCAN_LIMIT)),
+    ("watch-interval", OPS,
+     (rf"\| `WatchState.min_interval` \| \[0, {N} h\] \[`INVALID_ARGUMENT`\]; "
+      rf"time-based updates at most every {N} s"),
+     (servicer.MAX_WATCH_INTERVAL / 3600, watch.MIN_TIMED_INTERVAL)),
     ("open-streams", OPS,
      rf"\| open streams \| `WatchState` {N}; Health/Watch and reflection {N} .*?; waiting calls {N} ",
      (budgets.MAX_STREAMS, budgets.MAX_OPEN_STREAMS, budgets.MAX_WAITERS)),
-    ("server-threads", OPS, rf"\| server threads \| {N} \+ {N} \+ {N} \+ {N} reserved",
-     (budgets.MAX_STREAMS, budgets.MAX_OPEN_STREAMS, budgets.MAX_WAITERS, budgets.UNARY_RESERVE)),
     # docs/operations.md, prose
     ("horizon", OPS, rf"`horizon_steps` \(default {N},", (guardrails.DEFAULT_HORIZON,)),
     ("open-budget", OPS,

@@ -13,6 +13,7 @@ from lrctl.client.client import (
     Scale,
     Swap,
     TrainingControlClient,
+    View,
     Watch,
 )
 from lrctl.client.errors import (
@@ -50,6 +51,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
+    "View",
     "Watch",
     "from_keras_config",
     "pb",

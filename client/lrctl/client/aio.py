@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from lrctl.client import calls, errors
 from lrctl.client.calls import DEFAULT_TARGET, T
-from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, pick
+from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, View, pick
 from lrctl.client.schedules import ScheduleLike
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
@@ -166,9 +166,9 @@ class TrainingControlClient:
 
     # --- RPCs: the sync client's methods, arguments and results (see its docs), awaited ---
 
-    async def get_state(self, *, timeout: float | None = None) -> pb.TrainingState:
-        """A snapshot of the training state."""
-        return await self._run(calls.get_state(timeout))
+    async def get_state(self, *, timeout: float | None = None, view: View = "full") -> pb.TrainingState:
+        """A snapshot of the training state (`view="basic"`: without the change lists)."""
+        return await self._run(calls.get_state(timeout, view))
 
     async def set_learning_rate(
         self, value: float, *, apply_at_step: int | None = None,
@@ -206,10 +206,11 @@ class TrainingControlClient:
             pick(Swap, locals()), pick(ChangeOptions, locals()), timeout))
 
     def watch(self, min_interval: float = 1.0, *, timeout: float | None = None,
-              every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False) -> AsyncWatch:
+              every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False,
+              view: View = "full") -> AsyncWatch:
         """An `AsyncWatch` of `TrainingState` updates (`async for`); `timeout` bounds the
-        whole stream (`None`: no deadline)."""
-        request = calls.watch_request(min_interval, every_steps, on_epoch_end, changes_only)
+        whole stream (`None`: no deadline); `view="basic"`: without the change lists."""
+        request = calls.watch_request(min_interval, every_steps, on_epoch_end, changes_only, view)
         call = self._stub.WatchState(request, timeout=timeout, metadata=self._metadata)
         return AsyncWatch(call, self._error)
 
@@ -223,18 +224,20 @@ class TrainingControlClient:
             expected_run_id=expected_run_id, expected_incarnation=expected_incarnation))
 
     async def list_changes(
-        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None,
+        filter: str = "",
     ) -> pb.ListChangesResponse:
-        """One page of changes, newest first."""
-        return await self._run(calls.list_changes(page_size, page_token, timeout))
+        """One page of changes, newest first (those matching `filter`)."""
+        return await self._run(calls.list_changes(page_size, page_token, timeout, filter))
 
     async def iter_changes(
-        self, *, page_size: int = 0, timeout: float | None = None
+        self, *, page_size: int = 0, timeout: float | None = None, filter: str = ""
     ) -> AsyncIterator[pb.Change]:
-        """Every change `list_changes` pages through, newest first."""
+        """Every change `list_changes` pages through, newest first (those matching `filter`)."""
         token: str | None = ""
         while token is not None:
-            page = await self.list_changes(page_size=page_size, page_token=token, timeout=timeout)
+            page = await self.list_changes(page_size=page_size, page_token=token, timeout=timeout,
+                                           filter=filter)
             for change in page.changes:
                 yield change
             token = page.next_page_token or None
@@ -277,19 +280,17 @@ class TrainingControlClient:
         return await self._run(calls.learning_rate_at(step, timeout, expected_run_id))
 
     async def get_change(
-        self, *, request_id: str | None = None, version: int | None = None,
+        self, name: str | None = None, *, request_id: str | None = None, version: int | None = None,
         timeout: float | None = None,
     ) -> pb.Change:
-        """The change sent with `request_id` (or applied as `version`); NotFound if gone."""
-        return await self._run(
-            calls.get_change(request_id=request_id, version=version, timeout=timeout)
-        )
+        """The change named `name` ("changes/{id}"), or sent with `request_id`, or applied as
+        `version`; NotFound if gone."""
+        return await self._run(calls.get_change(name, request_id=request_id, version=version, timeout=timeout))
 
     async def wait_change(
-        self, *, request_id: str | None = None, version: int | None = None,
-        timeout: float | None = 60.0, poll_interval: float = calls.POLL_INTERVAL,
+        self, name: str | None = None, *, request_id: str | None = None, version: int | None = None,
+        timeout: float | None = 60.0, poll_interval: float | None = None,
     ) -> pb.Change:
-        """Poll until the change is no longer PENDING and return it."""
-        return await self._run(calls.wait_change(
-            request_id=request_id, version=version, timeout=timeout, poll_interval=poll_interval
-        ))
+        """Wait (WaitChange: no polling; `poll_interval` is ignored) until the change is
+        terminal and return it; DeadlineExceeded after `timeout` seconds."""
+        return await self._run(calls.wait_change(name, request_id=request_id, version=version, timeout=timeout))

@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from lrctl.client import errors
-from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap
+from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, View
 from lrctl.client.schedules import to_schedule
 from lrctl.v1 import training_control_pb2 as pb
 
@@ -53,12 +53,21 @@ SERVICE_CONFIG = json.dumps(
 )
 
 _ORIGINS = {"restart": pb.STEP_ORIGIN_RESTART, "global": pb.STEP_ORIGIN_GLOBAL}
+_VIEWS = {"basic": pb.STATE_VIEW_BASIC, "full": pb.STATE_VIEW_FULL}
 
 #: The request field of each `ChangeOptions` field not named as it is.
 _PROTO_NAMES = {"wait": "wait_until_applied"}
 
-#: How often `wait_until_ready` and `wait_change` poll.
+#: How often `wait_until_ready` polls.
 POLL_INTERVAL = 0.05
+
+#: `wait_change`: the longest one WaitChange call waits (the server's default); a longer wait
+#: is several calls. Each call's deadline is its wait plus WAIT_MARGIN: the server answers at
+#: the wait's end, so the margin only covers the network.
+WAIT_SLICE, WAIT_MARGIN = 60.0, 5.0
+#: `wait_change` while the trainer is unavailable (restarting): the first pause before it asks
+#: again, doubled up to the second.
+UNAVAILABLE_BACKOFF = (0.2, 2.0)
 
 T = TypeVar("T")
 
@@ -141,6 +150,20 @@ def origin_value(origin: Origin) -> pb.StepOrigin.ValueType:
     return pb.StepOrigin.ValueType(origin)
 
 
+def view_value(view: View) -> pb.StateView.ValueType:
+    """A state view: "basic" (no change lists), "full", or a `pb.StateView` value."""
+    if isinstance(view, str):
+        try:
+            return _VIEWS[view.lower()]
+        except KeyError:
+            raise ValueError(
+                f"Argument `view` must be one of {sorted(_VIEWS)} or a StateView. Received: view={view!r}"
+            ) from None
+    if view not in pb.StateView.values():
+        raise ValueError(f"Argument `view` is not a StateView value. Received: view={view!r}")
+    return pb.StateView.ValueType(view)
+
+
 def change_request(
     change: Pin | Scale | Swap, options: ChangeOptions
 ) -> pb.SetLearningRateRequest | pb.SwapScheduleRequest:
@@ -170,19 +193,32 @@ def _one_of(request_id: str | None, version: int | None) -> None:
         raise ValueError("Give exactly one of `request_id` and `version`.")
 
 
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
+
+
 def watch_request(min_interval: float, every_steps: int = 0, on_epoch_end: bool = False,
-                  changes_only: bool = False) -> pb.WatchStateRequest:
-    interval = duration_pb2.Duration()
-    interval.FromNanoseconds(round(min_interval * 1e9))
-    return pb.WatchStateRequest(min_interval=interval, every_steps=every_steps,
-                                on_epoch_end=on_epoch_end, changes_only=changes_only)
+                  changes_only: bool = False, view: View = "full") -> pb.WatchStateRequest:
+    return pb.WatchStateRequest(min_interval=_duration(min_interval), every_steps=every_steps,
+                                on_epoch_end=on_epoch_end, changes_only=changes_only,
+                                view=view_value(view))
+
+
+def _filter_naming(request_id: str | None, version: int | None) -> str:
+    """The ListChanges filter that finds the change sent with `request_id` (or applied as
+    `version`)."""
+    if request_id is not None:
+        return 'request_id = "{}"'.format(request_id.replace("\\", "\\\\").replace('"', '\\"'))
+    return f"version = {version}"
 
 
 # --- plans: one per client method ---
 
 
-def get_state(timeout: float | None) -> Plan[pb.TrainingState]:
-    response = yield Call("GetState", pb.GetStateRequest(), timeout)
+def get_state(timeout: float | None, view: View = "full") -> Plan[pb.TrainingState]:
+    response = yield Call("GetState", pb.GetStateRequest(view=view_value(view)), timeout)
     return response.state  # type: ignore[no-any-return]
 
 
@@ -210,9 +246,9 @@ def cancel_change(
     return response.change  # type: ignore[no-any-return]
 
 
-def list_changes(page_size: int, page_token: str, timeout: float | None
+def list_changes(page_size: int, page_token: str, timeout: float | None, filter: str = ""
                  ) -> Plan[pb.ListChangesResponse]:
-    request = pb.ListChangesRequest(page_size=page_size, page_token=page_token)
+    request = pb.ListChangesRequest(page_size=page_size, page_token=page_token, filter=filter)
     response = yield Call("ListChanges", request, timeout)
     return response  # type: ignore[no-any-return]
 
@@ -223,41 +259,76 @@ def health(service: str, timeout: float | None) -> Plan[str]:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-def get_change(
-    *, request_id: str | None, version: int | None, timeout: float | None
-) -> Plan[pb.Change]:
-    """Page through ListChanges (newest first) for the change; NotFound if it is not there."""
+def find_change(*, request_id: str | None, version: int | None, timeout: float | None
+                ) -> Plan[pb.Change]:
+    """The change sent with `request_id` (or applied as `version`): ListChanges with a filter
+    that names it, which the server answers from an index in one page (the pages are followed
+    if not, and each change is checked here too). NotFound if the server does not have it."""
     _one_of(request_id, version)
-    token = ""
+    what = f"request_id={request_id!r}" if request_id is not None else f"version={version}"
+    if version is not None and version <= 0:  # no change produces version 0
+        raise errors.NotFound(grpc.StatusCode.NOT_FOUND, f"no change with {what}")
+    token, filter = "", _filter_naming(request_id, version)
     while True:
-        page = yield from list_changes(100, token, timeout)
+        page = yield from list_changes(100, token, timeout, filter)
         for change in page.changes:
-            if (change.request_id == request_id) if request_id is not None \
-                    else (change.version == version and change.version != 0):
+            if (change.request_id == request_id) if request_id is not None else change.version == version:
                 return change
         token = page.next_page_token
         if not token:
-            what = f"request_id={request_id!r}" if request_id is not None else f"version={version}"
             raise errors.NotFound(grpc.StatusCode.NOT_FOUND, f"no change with {what}")
 
 
+def get_change(name: str | None = None, *, request_id: str | None = None, version: int | None = None,
+               timeout: float | None) -> Plan[pb.Change]:
+    """The change named `name` ("changes/{id}", GetChange), or sent with `request_id`, or
+    applied as `version` (`find_change`)."""
+    if name is None:
+        return (yield from find_change(request_id=request_id, version=version, timeout=timeout))
+    if request_id is not None or version is not None:
+        raise ValueError("Give exactly one of `name`, `request_id` and `version`.")
+    response = yield Call("GetChange", pb.GetChangeRequest(name=name), timeout)
+    return response.change  # type: ignore[no-any-return]
+
+
 def wait_change(
-    *, request_id: str | None, version: int | None, timeout: float | None,
-    poll_interval: float,
+    name: str | None = None, *, request_id: str | None = None, version: int | None = None,
+    timeout: float | None,
 ) -> Plan[pb.Change]:
-    """Poll `get_change` until the change is no longer PENDING; DeadlineExceeded after
-    `timeout` seconds (None: wait for ever)."""
+    """WaitChange until the change is terminal, and return it; DeadlineExceeded after
+    `timeout` seconds (None: wait for ever), the change still pending. A change given by
+    `request_id` or `version` is looked up once (`find_change`), then waited for by name.
+    While the trainer is unavailable (restarting) it asks again, backing off, until the
+    timeout: a change keeps its name across a restart of the same run."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        change = yield from get_change(request_id=request_id, version=version, timeout=None)
+    if name is None:
+        change = yield from find_change(request_id=request_id, version=version, timeout=None)
         if change.status != pb.CHANGE_STATUS_PENDING:
             return change
+        name = change.name
+    elif request_id is not None or version is not None:
+        raise ValueError("Give exactly one of `name`, `request_id` and `version`.")
+    pause, longest = UNAVAILABLE_BACKOFF
+    while True:
+        # At least a millisecond: a zero timeout is the server's default (60 s), not "now".
+        wait = WAIT_SLICE if deadline is None else min(max(deadline - time.monotonic(), 1e-3), WAIT_SLICE)
+        try:
+            response = yield Call("WaitChange", pb.WaitChangeRequest(name=name, timeout=_duration(wait)),
+                                  wait + WAIT_MARGIN)
+        except (errors.Unavailable, errors.DeadlineExceeded):
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                raise
+            yield Sleep(pause)
+            pause = min(2 * pause, longest)
+            continue
+        pause = UNAVAILABLE_BACKOFF[0]
+        if response.done:
+            return response.change  # type: ignore[no-any-return]
         if deadline is not None and time.monotonic() >= deadline:
             raise errors.DeadlineExceeded(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"change {change.request_id or change.version} still pending after {timeout}s",
-            )
-        yield Sleep(poll_interval)
+                f"change {name} ({response.change.request_id or 'no request id'}) still pending "
+                f"after {timeout}s")
 
 
 def wait_until_ready(timeout: float | None, poll_interval: float) -> Plan[None]:

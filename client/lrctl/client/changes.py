@@ -13,6 +13,10 @@ from lrctl.client.schedules import ScheduleLike
 
 #: `swap_schedule(origin=...)`: "restart", "global", or a `pb.StepOrigin` value.
 Origin = Literal["restart", "global"] | int
+#: `get_state(view=...)`, `watch(view=...)`: "full" (the default: everything), "basic" (no
+#: pending or recent change lists: the step, LR, phase and metrics, for a fraction of the
+#: bytes), or a `pb.StateView` value.
+View = Literal["basic", "full"] | int
 
 T = TypeVar("T")
 

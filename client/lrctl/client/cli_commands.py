@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from google.protobuf.message import Message
 
 from lrctl.client import errors
-from lrctl.client.changes import ChangeOptions, Swap
+from lrctl.client.changes import ChangeOptions, Swap, View
 from lrctl.client.cli_output import (
     EXIT_FAILED_PRECONDITION,
     EXIT_NOT_SERVING,
@@ -75,9 +75,16 @@ def build_change_call(
 def _change_exit_code(change: pb.Change) -> int:
     if change.status == pb.CHANGE_STATUS_ABORTED:
         return EXIT_VERSION_CONFLICT
-    if change.status == pb.CHANGE_STATUS_CANCELLED:
+    if change.status in (pb.CHANGE_STATUS_CANCELLED, pb.CHANGE_STATUS_FAILED):
         return EXIT_FAILED_PRECONDITION
     return EXIT_OK
+
+
+def _which_change(args: argparse.Namespace) -> dict[str, Any]:
+    """`lrctl change` / `lrctl wait`'s change: a name (changes/N), else a request id, or --version."""
+    if args.version is not None:
+        return {"version": args.version}
+    return {"name" if args.change.startswith("changes/") else "request_id": args.change}
 
 
 def _print(out: TextIO, args: argparse.Namespace, message: Message, text: str) -> None:
@@ -109,10 +116,17 @@ def run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) ->
         _print(out, args, change, describe_change(change))
         return EXIT_OK
     if args.command == "history":
-        changes = client.iter_changes(page_size=min(args.limit, _MAX_PAGE_SIZE))
+        changes = client.iter_changes(page_size=min(args.limit, _MAX_PAGE_SIZE), filter=args.filter)
         for change in itertools.islice(changes, args.limit):
             _print(out, args, change, history_line(change))
         return EXIT_OK
+    if args.command in ("change", "wait"):
+        if args.command == "change":
+            change = client.get_change(**_which_change(args))
+        else:
+            change = client.wait_change(**_which_change(args), timeout=client.timeout)
+        _print(out, args, change, f"{change.name}: {history_line(change)}")
+        return EXIT_OK if args.command == "change" else _change_exit_code(change)
     if args.command == "watch":
         return _watch(client, args, out)
     if args.command == "health":
@@ -146,7 +160,9 @@ def _change(client: TrainingControlClient, args: argparse.Namespace, out: TextIO
 
 def _watch(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) -> int:
     seen = 0
-    with client.watch(args.min_interval) as updates:  # leaving it cancels the RPC
+    # A line per update needs no change lists; --json prints the whole state.
+    view: View = "full" if args.json else "basic"
+    with client.watch(args.min_interval, view=view) as updates:  # leaving it cancels the RPC
         try:
             for state in updates:
                 _print(out, args, state, describe_update(state))

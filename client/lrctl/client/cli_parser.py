@@ -289,6 +289,9 @@ exit codes:
 )}"""
 
 
+_ONE_CHANGE = "%(prog)s (NAME | REQUEST_ID | --version N) [options]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lrctl",
@@ -365,9 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
                       names=("reason", "expected_run_id", "expected_incarnation"))
 
     p = command("history", "list changes, newest first (pending and finished)",
-                "lrctl history --limit 5")
+                "lrctl history --limit 5", "lrctl history --filter 'status = APPLIED AND version >= 12'")
     p.add_argument("--limit", type=_int_at_least(1), default=DEFAULT_HISTORY_LIMIT, metavar="N",
                    help=f"show at most N changes (default {DEFAULT_HISTORY_LIMIT})")
+    p.add_argument("--filter", default="", metavar="EXPR",
+                   help='only the changes that match: conditions joined by AND, each `status = '
+                        'PENDING` (or !=; any status), `version >= N` (or >, <=, <, =, !=) or '
+                        '`request_id = "ID"`')
+
+    for p in (command("change", "show one change", "lrctl change changes/7", usage=_ONE_CHANGE),
+              command("wait", "wait until a change is applied, failed, aborted or cancelled",
+                      "lrctl --timeout 600 wait changes/7    (--timeout 0: no limit)", usage=_ONE_CHANGE)):
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("change", nargs="?", metavar="NAME | REQUEST_ID",
+                           help="the change's name (changes/7: Change.name, in --json output) "
+                                "or the request id it was sent with")
+        which.add_argument("--version", type=int, metavar="N", help="the change that produced version N")
 
     p = command("watch", "stream training state updates (Ctrl-C to stop)",
                 "lrctl watch --min-interval 0.5 --json")
@@ -393,3 +409,5 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--preview-steps needs --dry-run (without it the change would be applied)")
     if args.command == "cancel" and args.request_id == "":
         parser.error("REQUEST_ID must not be empty")
+    if args.command in ("change", "wait") and args.change == "":
+        parser.error("NAME | REQUEST_ID must not be empty")

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from lrctl.client import calls, errors
 from lrctl.client.calls import DEFAULT_TARGET, SERVICE_NAME, T
-from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, pick
+from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, View, pick
 from lrctl.client.schedules import ScheduleLike
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
@@ -33,6 +33,7 @@ __all__ = [
     "Scale",
     "Swap",
     "TrainingControlClient",
+    "View",
     "Watch",
     "tls_credentials",
 ]
@@ -193,9 +194,10 @@ class TrainingControlClient:
 
     # --- RPCs ---
 
-    def get_state(self, *, timeout: float | None = None) -> pb.TrainingState:
-        """Return a snapshot of the training state (`TrainingState`)."""
-        return self._run(calls.get_state(timeout))
+    def get_state(self, *, timeout: float | None = None, view: View = "full") -> pb.TrainingState:
+        """Return a snapshot of the training state (`TrainingState`). `view="basic"` leaves
+        out the pending and recent change lists (`list_changes` has them)."""
+        return self._run(calls.get_state(timeout, view))
 
     # The change methods' keyword arguments other than `timeout` are `ChangeOptions`' fields
     # (and `Swap`'s); `pick(..., locals())` hands them on, so they are named once here.
@@ -239,7 +241,8 @@ class TrainingControlClient:
             pick(Swap, locals()), pick(ChangeOptions, locals()), timeout))
 
     def watch(self, min_interval: float = 1.0, *, timeout: float | None = None,
-              every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False) -> Watch:
+              every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False,
+              view: View = "full") -> Watch:
         """Stream `TrainingState` updates until training ends or the watch is cancelled.
 
         Updates come at most every `min_interval` seconds while training advances, and at
@@ -248,8 +251,9 @@ class TrainingControlClient:
         cancels the RPC. `timeout` bounds the whole stream (`None`, the default: no deadline,
         not the client's). Triggers: `every_steps` (an update each time training is that many
         steps on), `on_epoch_end` (one per new epoch), `changes_only` (no time-based updates;
-        changes, phase changes and the triggers still send)."""
-        request = calls.watch_request(min_interval, every_steps, on_epoch_end, changes_only)
+        changes, phase changes and the triggers still send). `view="basic"`: updates without
+        the change lists."""
+        request = calls.watch_request(min_interval, every_steps, on_epoch_end, changes_only, view)
         call = self._stub.WatchState(request, timeout=timeout, metadata=self._metadata)
         return Watch(call, self._error)
 
@@ -268,18 +272,24 @@ class TrainingControlClient:
             expected_run_id=expected_run_id, expected_incarnation=expected_incarnation))
 
     def list_changes(
-        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None,
+        filter: str = "",
     ) -> pb.ListChangesResponse:
         """One page of changes, newest first (pending and the last 10,000 finished ones).
         `page_size` 0 asks for the server's default (50); pass the response's
-        `next_page_token` as `page_token` for the next page (empty: the last page)."""
-        return self._run(calls.list_changes(page_size, page_token, timeout))
+        `next_page_token` as `page_token` for the next page (empty: the last page), with the
+        same `filter`: conditions joined by AND, e.g. `status = APPLIED AND version >= 12`
+        (`status`, `version`, `request_id`; see ListChangesRequest.filter). With a selective
+        filter a page may be short, even empty, and still have a next page."""
+        return self._run(calls.list_changes(page_size, page_token, timeout, filter))
 
-    def iter_changes(self, *, page_size: int = 0, timeout: float | None = None) -> Iterator[pb.Change]:
-        """Every change `list_changes` pages through, newest first."""
+    def iter_changes(self, *, page_size: int = 0, timeout: float | None = None,
+                     filter: str = "") -> Iterator[pb.Change]:
+        """Every change `list_changes` pages through, newest first (those matching `filter`)."""
         token = ""
         while True:
-            page = self.list_changes(page_size=page_size, page_token=token, timeout=timeout)
+            page = self.list_changes(page_size=page_size, page_token=token, timeout=timeout,
+                                     filter=filter)
             yield from page.changes
             token = page.next_page_token
             if not token:
@@ -349,19 +359,22 @@ class TrainingControlClient:
         return self._run(calls.learning_rate_at(step, timeout, expected_run_id))
 
     def get_change(
-        self, *, request_id: str | None = None, version: int | None = None,
+        self, name: str | None = None, *, request_id: str | None = None, version: int | None = None,
         timeout: float | None = None,
     ) -> pb.Change:
-        """The change sent with `request_id` (or applied as `version`), found by paging
-        `list_changes`. Raises `NotFound` if the server no longer has it."""
-        return self._run(calls.get_change(request_id=request_id, version=version, timeout=timeout))
+        """The change named `name` (`Change.name`, "changes/{id}", on every change the server
+        accepted), or the one sent with `request_id`, or applied as `version`: give exactly one.
+        Raises `NotFound` if the server no longer has it (it keeps every pending change and the
+        last 10,000 finished ones), `InvalidArgument` for a malformed name."""
+        return self._run(calls.get_change(name, request_id=request_id, version=version, timeout=timeout))
 
     def wait_change(
-        self, *, request_id: str | None = None, version: int | None = None,
-        timeout: float | None = 60.0, poll_interval: float = calls.POLL_INTERVAL,
+        self, name: str | None = None, *, request_id: str | None = None, version: int | None = None,
+        timeout: float | None = 60.0, poll_interval: float | None = None,
     ) -> pb.Change:
-        """Poll `get_change` until the change is no longer PENDING and return it. Raises
-        `DeadlineExceeded` after `timeout` seconds (`None`: no limit); it stays pending."""
-        return self._run(calls.wait_change(
-            request_id=request_id, version=version, timeout=timeout, poll_interval=poll_interval
-        ))
+        """Wait until the change (named as for `get_change`) is terminal (applied, failed,
+        aborted or cancelled) and return it. The server answers the moment it is (WaitChange):
+        nothing polls, and `poll_interval` is accepted and ignored. While the trainer restarts
+        it asks again until `timeout`. Raises `DeadlineExceeded` after `timeout` seconds
+        (`None`: no limit); the change stays pending."""
+        return self._run(calls.wait_change(name, request_id=request_id, version=version, timeout=timeout))

@@ -1,15 +1,17 @@
-"""The broadcast: the one published `Snapshot`, and the threads that read it or wait on it.
+"""The broadcast: the one published `Snapshot`, and who reads it, waits on it or listens to it.
 
 Every reader (GetState, WatchState, the health follower, metrics) takes the latest snapshot, a
 frozen object replaced whole, so a reader never sees half an update and never holds up the
 training thread. The condition here is the controller's one lock: whoever changes the state
-republishes under it, which wakes the waiters (a change leaving PENDING) and the watchers.
+republishes under it, which wakes the threads waiting (a change leaving PENDING) or watching,
+and calls the listeners (the server's event loop hears of each publish through one).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import threading
 import time
@@ -28,6 +30,12 @@ from lrctl.service.control.changes import (
 from lrctl.service.control.throughput import Throughput
 from lrctl.service.errors import UnavailableError, WaitTimeoutError
 
+logger = logging.getLogger("lrctl.controller")
+
+#: Told of each publish, by the publishing thread holding the controller's lock: the snapshot
+#: just published and the changes that left PENDING since the previous publish (final records).
+Listener = Callable[[Snapshot, tuple[Change, ...]], None]
+
 
 class Board:
     """The published snapshot under one condition; waiting for a change and watching the state."""
@@ -41,6 +49,9 @@ class Board:
         self._throughput = Throughput()
         self._waiters: collections.Counter[int] = collections.Counter()
         self._results: dict[int, Change] = {}  # final records of waited-for changes
+        # Replaced, never mutated: a listener may unsubscribe while the list is being called.
+        self._listeners: tuple[Listener, ...] = ()
+        self._ended: list[Change] = []  # since the last publish, for the listeners
         #: The applied_step of the last applied change (-1: none): metrics taken at or before
         #: it are cleared, never shown as if they came after it.
         self.changed_step = -1
@@ -69,12 +80,35 @@ class Board:
             changes.update(metrics={}, metrics_step=None, metrics_time=None)
         self._snapshot = dataclasses.replace(self._snapshot, seq=self._snapshot.seq + 1, **changes)
         self.cond.notify_all()
+        if self._listeners:
+            ended, self._ended = tuple(self._ended), []
+            for listener in self._listeners:
+                try:
+                    listener(self._snapshot, ended)
+                except Exception:
+                    logger.exception("a listener failed on publish %d", self._snapshot.seq)
 
     def ended(self, change: Change) -> None:
         """`change` left PENDING (the caller holds `cond` and publishes next): its waiters get
-        its final record even if the ledger forgets it before they wake."""
+        its final record even if the ledger forgets it before they wake, and so do the
+        listeners, with the next publish."""
         if change.id in self._waiters:
             self._results[change.id] = change
+        if self._listeners:
+            self._ended.append(change)
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """`Controller.listen`: call `listener` after every publish; returns the unsubscribe."""
+        with self.cond:
+            self._listeners = (*self._listeners, listener)
+
+        def unsubscribe() -> None:
+            with self.cond:
+                self._listeners = tuple(x for x in self._listeners if x is not listener)
+                if not self._listeners:
+                    self._ended.clear()
+
+        return unsubscribe
 
     # -- the training thread's view ------------------------------------------------------------
     def record_step(self, *, step: int, learning_rate: float, metrics: Mapping[str, float] | None,

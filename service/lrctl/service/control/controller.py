@@ -30,7 +30,10 @@ from lrctl.service.control.changes import (
     WorkerState,
 )
 from lrctl.service.control.core import ControlCore
+from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
+from lrctl.service.control.limits import DEDUP_WINDOW
+from lrctl.service.errors import NotFoundError
 from lrctl.service.schedules.specs import ActiveSchedule
 
 T = TypeVar("T")
@@ -151,12 +154,27 @@ class Controller:
                                  expected_run_id=expected_run_id,
                                  expected_incarnation=expected_incarnation, reason=reason)
 
-    def list_changes(self, page_size: int, before_id: int | None = None) -> tuple[list[Change], int | None]:
-        """Pending and remembered finished changes, newest (by submission) first.
+    def list_changes(self, page_size: int, before_id: int | None = None, *,
+                     where: ChangeFilter | None = None) -> tuple[list[Change], int | None]:
+        """Pending and remembered finished changes, newest (by submission) first, those that
+        match `where` if given (`filters.parse_filter`).
 
-        Returns one page and the id to continue before, or None on the last page.
+        Returns one page and the id to continue before, or None on the last page. A page costs
+        what it holds: with a selective filter it may be short, even empty, after examining
+        `limits.LIST_SCAN_LIMIT` changes, and still name where to continue. Raises
+        InvalidArgumentError for a `page_size` < 1.
         """
-        return self._core.page(page_size, before_id)
+        return self._core.page(page_size, before_id, where)
+
+    def get_change(self, change_id: int) -> Change:
+        """The change `change_id` as it is now: pending, or finished and remembered (the last
+        `limits.DEDUP_WINDOW`). Raises NotFoundError for any other id."""
+        with self._core.cond:
+            record = self._core.lookup(change_id)
+        if record is None:
+            raise NotFoundError(f"no change {change_id} is known (every pending change and the "
+                                f"last {DEDUP_WINDOW} finished ones are)")
+        return record
 
     def wait(self, change: Change, timeout: float | None) -> Change:
         """Block until `change` leaves PENDING; return its final record.
@@ -177,6 +195,15 @@ class Controller:
         updates (the triggers, changes and phase changes still send)."""
         return self._core.board.updates(min_interval, is_active, poll, every_steps=every_steps,
                                    on_epoch=on_epoch, changes_only=changes_only)
+
+    def listen(self, listener: Callable[[Snapshot, tuple[Change, ...]], None]) -> Callable[[], None]:
+        """Call `listener(snapshot, ended)` after every publish: the snapshot just published and
+        the changes that left PENDING since the previous one (their final records). It runs on
+        the publishing thread (often the training thread, up to hundreds of times a second)
+        under the controller's lock, so it must be cheap and must not block or call back into
+        the controller: hand the news to another thread or event loop. Returns the call that
+        unsubscribes it. For a server without a thread per waiter (rpc/wakeups.py)."""
+        return self._core.board.listen(listener)
 
     # -- training thread -------------------------------------------------------------------
     def at_boundary(self, step_bound: float) -> bool:

@@ -30,12 +30,13 @@ from lrctl.service.control.changes import (
     ScheduleTarget,
     Snapshot,
 )
+from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import Guardrails
 from lrctl.service.control.ledger import Ledger
-from lrctl.service.control.limits import SNAPSHOT_PENDING
+from lrctl.service.control.limits import LIST_SCAN_LIMIT, SNAPSHOT_PENDING
 from lrctl.service.control.policy import Policy
 from lrctl.service.control.queue import ChangeQueue
-from lrctl.service.errors import UnavailableError
+from lrctl.service.errors import InvalidArgumentError, UnavailableError
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.specs import ActiveSchedule
 
@@ -98,14 +99,40 @@ class ControlCore:
     def lookup(self, change_id: int) -> Change | None:
         return self.queue.get(change_id) or self.ledger.get(change_id)
 
-    def page(self, page_size: int, before_id: int | None) -> tuple[list[Change], int | None]:
-        """`Controller.list_changes` (takes `cond`)."""
+    def page(self, page_size: int, before_id: int | None,
+             where: ChangeFilter | None = None) -> tuple[list[Change], int | None]:
+        """`Controller.list_changes` (takes `cond`): walks the ledger's ascending ids down from
+        `before_id`, so a page costs what it holds, not a sort of every id; and stops after
+        `LIST_SCAN_LIMIT` records, a short page with a place to go on from."""
+        if page_size <= 0:
+            raise InvalidArgumentError("page_size", "must be > 0", page_size)
         with self.cond:
-            ids = sorted(itertools.chain(self.queue.ids(), self.ledger.finished_ids()), reverse=True)
-            if before_id is not None:
-                ids = [i for i in ids if i < before_id]
-            page = [r for i in ids[:page_size] if (r := self.lookup(i)) is not None]
-            return page, (ids[page_size - 1] if len(ids) > page_size else None)
+            if where is not None and (indexed := self._indexed(where)) is not None:
+                return [c for c in indexed if before_id is None or c.id < before_id], None
+            page: list[Change] = []
+            ids = self.ledger.ids_before(before_id, max(LIST_SCAN_LIMIT, page_size))
+            pending, finished = self.queue.get, self.ledger.get
+            last = None  # the last id examined: the next page continues below it
+            for last in ids:
+                record = finished(last) or pending(last)  # None: being cancelled right now
+                if record is not None and (where is None or where.matches(record)):
+                    page.append(record)
+                    if len(page) == page_size:
+                        break
+            oldest = self.ledger.oldest_id()
+            return page, (last if last is not None and oldest is not None and last > oldest else None)
+
+    def _indexed(self, where: ChangeFilter) -> list[Change] | None:
+        """The matches of a filter that fixes a request id or a version, found by the
+        ledger's index (at most one change has either); None: the filter fixes neither."""
+        if where.request_id:
+            change_id = self.ledger.by_request_id(where.request_id)
+        elif where.version is not None and where.version > 0:
+            change_id = self.ledger.by_version(where.version)
+        else:
+            return None
+        record = None if change_id is None else self.lookup(change_id)
+        return [record] if record is not None and where.matches(record) else []
 
     def finish(self, change: Change, *, replayed: bool = False) -> None:
         """Record `change`'s end (`replayed`: put back from the write-ahead log, not counted,

@@ -3,13 +3,16 @@
 The dedup window (the last `DEDUP_WINDOW` finished records, by id, request id and version)
 answers a retry of a known request id with its first record instead of applying it again; the
 history is the newest `history_size` records that snapshots show; the counts by status feed the
-metrics. Not thread-safe: the controller calls it holding its lock.
+metrics. The ids of every change known (accepted and pending, or finished and in the window) are
+kept ascending, so that a listing walks down from where it left off instead of sorting them all:
+ids are handed out in increasing order, so a new one is appended, and a forgotten one, among
+the oldest, is found by bisection. Not thread-safe: the controller calls it holding its lock.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
-from collections.abc import Iterable
 
 from lrctl.service.control.changes import Change, ChangeStatus
 from lrctl.service.control.limits import DEDUP_WINDOW
@@ -24,6 +27,7 @@ class Ledger:
         self._by_version: dict[int, int] = {}
         self._history: collections.deque[Change] = collections.deque(maxlen=history_size)
         self._ended: collections.Counter[ChangeStatus] = collections.Counter()
+        self._ids: list[int] = []  # every known id (pending or remembered), ascending
 
     def get(self, change_id: int) -> Change | None:
         """The finished record of `change_id`, if it is in the window."""
@@ -38,7 +42,9 @@ class Ledger:
         return self._by_version.get(version)
 
     def name(self, change: Change) -> None:
-        """Remember `change`'s request id (from its acceptance: a retry finds it pending too)."""
+        """Remember `change` from its acceptance: its id (listings find it pending) and its
+        request id (a retry finds it pending too)."""
+        self._know(change.id)
         if change.request.request_id:
             self._by_request_id[change.request.request_id] = change.id
 
@@ -46,10 +52,14 @@ class Ledger:
         """Remember `change`'s end; the oldest record beyond the window is forgotten.
         `counted`: whether it ends in this process (a replayed ending was counted before)."""
         self._finished[change.id] = change
+        self._know(change.id)
         if change.version:
             self._by_version[change.version] = change.id
         while len(self._finished) > DEDUP_WINDOW:
             _, old = self._finished.popitem(last=False)
+            index = bisect.bisect_left(self._ids, old.id)
+            if index < len(self._ids) and self._ids[index] == old.id:
+                del self._ids[index]
             if self._by_request_id.get(old.request.request_id) == old.id:
                 del self._by_request_id[old.request.request_id]
             self._by_version.pop(old.version, None)
@@ -64,8 +74,22 @@ class Ledger:
     def ended_counts(self) -> dict[ChangeStatus, int]:
         return dict(self._ended)
 
-    def finished_ids(self) -> Iterable[int]:
-        return self._finished.keys()
+    def ids_before(self, before_id: int | None, limit: int) -> list[int]:
+        """The newest `limit` known ids below `before_id` (None: all), newest first."""
+        ids = self._ids
+        end = len(ids) if before_id is None else bisect.bisect_left(ids, before_id)
+        return ids[max(end - limit, 0):end][::-1]
+
+    def oldest_id(self) -> int | None:
+        return self._ids[0] if self._ids else None
+
+    def _know(self, change_id: int) -> None:
+        if not self._ids or change_id > self._ids[-1]:
+            self._ids.append(change_id)  # the usual case: a new id, above every other
+            return
+        index = bisect.bisect_left(self._ids, change_id)
+        if index == len(self._ids) or self._ids[index] != change_id:
+            self._ids.insert(index, change_id)
 
     def finished(self) -> list[Change]:
         """The remembered finished records, in the order they finished."""
@@ -88,3 +112,4 @@ class Ledger:
             self.name(change)
         self._history.clear()
         self._history.extend(history)
+        self._ids = sorted({c.id for c in [*finished[-DEDUP_WINDOW:], *pending]})

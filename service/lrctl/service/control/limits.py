@@ -23,3 +23,9 @@ APPLY_HORIZON = 1_000_000_000
 #: Pending changes listed in a snapshot, oldest first; ListChanges lists them all. Keeps every
 #: GetState/WatchState response far below gRPC's 4 MB default limit.
 SNAPSHOT_PENDING = 100
+#: A ListChanges filter, in UTF-8 bytes (a few conditions need a few dozen).
+MAX_FILTER_BYTES = 1024
+#: Records one ListChanges call examines at most under the controller's lock: a selective
+#: filter returns a short page (even an empty one) and a token to go on, never a scan of the
+#: whole ledger in one call.
+LIST_SCAN_LIMIT = 1000

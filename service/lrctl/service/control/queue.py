@@ -43,9 +43,6 @@ class ChangeQueue:
         """The pending changes, in submission order."""
         return list(self._pending.values())
 
-    def ids(self) -> Iterable[int]:
-        return self._pending.keys()
-
     def oldest(self, count: int) -> tuple[Change, ...]:
         return tuple(itertools.islice(self._pending.values(), count))
 

@@ -27,18 +27,20 @@ Exported (all prefixed `lrctl_`):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
+from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lrctl.service.control.changes import ChangeStatus, Phase
 from lrctl.service.control.controller import Controller
+from lrctl.service.rpc.handlers import wrap_handler
 from lrctl.service.rpc.slot import ControllerSlot
 
 #: Distinct `method` label values at most; further ones (a scanner's garbage) count as "other".
@@ -60,7 +62,7 @@ class TrainingMetrics:
         self.apply_seconds = Histogram(
             "lrctl_apply_seconds", "Time the training thread spent applying due changes at a step "
             "boundary (Controller.apply_due)", buckets=_APPLY_BUCKETS, registry=self.registry)
-        self.interceptor: grpc.ServerInterceptor = _RpcCounter(self)
+        self.interceptor: aio.ServerInterceptor = _RpcCounter(self)
         self._lock = threading.Lock()
         self._methods: set[str] = set()
         self.registry.register(_StateCollector(self))
@@ -143,71 +145,46 @@ class _StateCollector(Collector):
                                   value=snap.checkpoint_failures)
 
 
-class _RpcCounter(grpc.ServerInterceptor):
+class _RpcCounter(aio.ServerInterceptor):
     """Counts every answered RPC by method and code. The code is known only once the
     handler has returned or aborted, so the handler's behaviour is wrapped."""
 
     def __init__(self, metrics: TrainingMetrics) -> None:
         self._metrics = metrics
 
-    def intercept_service(
+    # gRPC passes None for a method it does not know; its stubs do not say so.
+    async def intercept_service(  # type: ignore[override]
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
+        handler = await continuation(details)
         if handler is None:
             return None  # UNIMPLEMENTED: a scanner's names never become labels
         method = details.method
-        args = (handler.request_deserializer, handler.response_serializer)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), *args)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(self._unary(method, handler.stream_unary),
-                                                        *args)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, handler.unary_stream), *args)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming(method, handler.stream_stream), *args)
-        return handler
-
-    def _unary(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]
-               ) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                response = behavior(request, context)
-            except BaseException:
-                self._metrics.count_rpc(method, _code(context) or grpc.StatusCode.UNKNOWN)
-                raise
-            self._metrics.count_rpc(method, _code(context))
-            return response
-        return unary
-
-    def _streaming(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
-                   ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
-        # Called with two arguments, as StreamLimiter does: a non-blocking handler (the health
-        # servicer's Watch) takes its blocking form.
-        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            code: grpc.StatusCode | None = grpc.StatusCode.UNKNOWN
-            try:
-                yield from behavior(request, context)
-                code = _code(context)
-            except GeneratorExit:  # the call ended under the stream (cancelled, deadline)
-                code = _code(context) or grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                code = _code(context) or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                self._metrics.count_rpc(method, code)
-        return streaming
+        return wrap_handler(handler, lambda request, context: _Count(self._metrics, method, context))
 
 
-def _code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    code = getattr(context, "code", None)  # grpcio >= 1.38; set by abort/set_code, else None
+class _Count:
+    """Counts one call when its handler ends: with the code it set or aborted with, OK if
+    none, CANCELLED when the call ended under it (cancelled, deadline), else UNKNOWN."""
+
+    def __init__(self, metrics: TrainingMetrics, method: str, context: aio.ServicerContext) -> None:
+        self._metrics, self._method, self._context = metrics, method, context
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        code = _code(self._context)
+        if code is None and kind is not None:
+            cancelled = issubclass(kind, (asyncio.CancelledError, GeneratorExit))
+            code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
+        self._metrics.count_rpc(self._method, code)
+
+
+def _code(context: aio.ServicerContext) -> grpc.StatusCode | None:
     try:
-        return code() if code is not None else None  # type: ignore[no-any-return]
+        return context.code()  # set by abort or set_code, else None
     except NotImplementedError:
         return None

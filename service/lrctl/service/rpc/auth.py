@@ -1,6 +1,7 @@
 """Bearer-token authentication for lrctl's service, and TLS server credentials.
 
-Two roles: `read` may call GetState, WatchState and ListChanges; `write` may call everything.
+Two roles: `read` may call GetState, WatchState, ListChanges, GetChange and WaitChange; `write`
+may call everything.
 Tokens travel as `authorization: Bearer <token>` metadata and are compared in constant time.
 Health checking and reflection stay open, so that Kubernetes probes and `buf curl` work
 without a token: they reveal no training state and change nothing.
@@ -16,10 +17,11 @@ import hmac
 import ipaddress
 import os
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
+from grpc import aio
 
 from lrctl.v1 import training_control_pb2 as pb
 
@@ -27,11 +29,12 @@ from lrctl.v1 import training_control_pb2 as pb
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 _SERVICE = "/" + pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name + "/"
 #: Methods the read role may call; every other method of the service needs the write role.
-READ_METHODS = frozenset(_SERVICE + name for name in ("GetState", "WatchState", "ListChanges"))
+READ_METHODS = frozenset(_SERVICE + name for name in ("GetState", "WatchState", "ListChanges",
+                                                      "GetChange", "WaitChange"))
 
 
 #: Told of each refused mutation: (method name, request, context, code, message).
-DeniedHook = Callable[[str, Any, grpc.ServicerContext, grpc.StatusCode, str], None]
+DeniedHook = Callable[[str, Any, aio.ServicerContext, grpc.StatusCode, str], None]
 
 
 #: Credentials that make clients present a certificate signed by a CA (mutual TLS).
@@ -61,8 +64,9 @@ def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes | None:
     return None
 
 
-class TokenAuth(grpc.ServerInterceptor):
-    """Checks the caller's token and role before any lrctl handler runs.
+class TokenAuth(aio.ServerInterceptor):
+    """Checks the caller's token and role before any lrctl handler runs (and before the
+    interceptors after it: a caller without a token never holds a stream slot).
 
     Missing or unknown token: UNAUTHENTICATED. A read token calling a mutation:
     PERMISSION_DENIED. `on_denied`, if set, is told of every refused mutation (the audit
@@ -87,16 +91,17 @@ class TokenAuth(grpc.ServerInterceptor):
                 found = role if found is None else max(found, role)
         return found
 
-    def role_name(self, context: grpc.ServicerContext) -> str:
+    def role_name(self, context: aio.ServicerContext) -> str:
         role = self.role(context.invocation_metadata())
         return role.name.lower() if role is not None else ""
 
-    def intercept_service(
+    # gRPC passes None for a method it does not know; its stubs do not say so.
+    async def intercept_service(  # type: ignore[override]
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
+        handler = await continuation(details)
         method = details.method
         if handler is None or not method.startswith(_SERVICE):
             return handler  # health, reflection: open
@@ -111,10 +116,10 @@ class TokenAuth(grpc.ServerInterceptor):
 
     def _deny(self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode,
               message: str) -> grpc.RpcMethodHandler:
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        async def deny(request: Any, context: aio.ServicerContext) -> Any:
             if self.on_denied is not None and method not in READ_METHODS:
                 self.on_denied(method.rsplit("/", 1)[-1], request, context, code, message)
-            context.abort(code, message)
+            await context.abort(code, message)
 
         args = (handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream is not None:

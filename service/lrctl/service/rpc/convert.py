@@ -1,12 +1,14 @@
 """Protobuf <-> domain: specs from the descriptor, changes, states and guardrails to protobuf,
-and the ListChanges page tokens. Every conversion of lrctl's messages lives here."""
+change names, and the ListChanges page tokens. Every conversion of lrctl's messages lives here."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import dataclasses
+import hashlib
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +48,7 @@ ORIGIN_FROM_PB = {
 _ORIGIN_TO_PB = {specs.Origin.RESTART: pb.STEP_ORIGIN_RESTART, specs.Origin.GLOBAL: pb.STEP_ORIGIN_GLOBAL}
 _PHASE_TO_PB = {phase: pb.Phase.Value(f"PHASE_{phase.name}") for phase in Phase}
 _STATUS_TO_PB = {status: pb.ChangeStatus.Value(f"CHANGE_STATUS_{status.name}") for status in ChangeStatus}
+_CHANGE_NAME = re.compile(r"changes/([1-9][0-9]{0,18})")
 
 
 # -- protobuf -> domain ------------------------------------------------------------------------
@@ -70,6 +73,19 @@ def spec_from_proto(schedule: pb.Schedule, path: str = "schedule") -> specs.Sche
         return spec_type(**kwargs)
     except InvalidArgumentError as e:
         raise e.with_prefix(f"{path}.{kind}.") from None
+
+
+def parse_change_name(name: str, field: str = "name") -> int:
+    """The change id in a change's resource name, "changes/{id}" (AIP-122); INVALID_ARGUMENT
+    naming `field` for anything else."""
+    if not name:
+        raise InvalidArgumentError(field, 'must be set (a change\'s name, "changes/{id}")', "nothing")
+    match = _CHANGE_NAME.fullmatch(name)
+    if match is None or int(match.group(1)) >= 2**63:
+        raise InvalidArgumentError(
+            field, 'must be a change\'s name, "changes/{id}" with a positive integer id (Change.name)',
+            repr(name[:100]))
+    return int(match.group(1))
 
 
 def _plain(value: Any) -> Any:
@@ -127,9 +143,15 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     return stamp
 
 
+def change_name(change_id: int) -> str:
+    """A change's resource name (Change.name): stable within a run, across its restarts."""
+    return f"changes/{change_id}"
+
+
 def change_to_proto(change: Change) -> pb.Change:
     request, action = change.request, change.request.action
     message = pb.Change(
+        name="" if change.status is ChangeStatus.VALIDATED else change_name(change.id),
         version=change.version, status=_STATUS_TO_PB[change.status], request_id=request.request_id,
         reason=request.reason, requested_step=change.requested_step,
         apply_at_step=change.due_step if change.due_step is not None else request.apply_at_step,
@@ -176,15 +198,21 @@ def guardrails_to_proto(limits: Guardrails) -> pb.Guardrails:
     )
 
 
-def state_to_proto(snap: Snapshot,
-                   convert_change: Callable[[Change], pb.Change] = change_to_proto) -> pb.TrainingState:
+def state_to_proto(snap: Snapshot, convert_change: Callable[[Change], pb.Change] = change_to_proto,
+                   view: int = pb.STATE_VIEW_FULL) -> pb.TrainingState:
+    """The state as `view` asks: STATE_VIEW_BASIC leaves the change lists empty (their
+    conversion is most of the cost); FULL or UNSPECIFIED carries them. INVALID_ARGUMENT naming
+    `view` for a value that is no StateView."""
+    if view not in pb.StateView.values():
+        raise InvalidArgumentError("view", f"must be one of {', '.join(pb.StateView.keys())}", view)
+    full = view != pb.STATE_VIEW_BASIC
     return pb.TrainingState(
         run_id=snap.run_id, phase=_PHASE_TO_PB[snap.phase], step=snap.step, epoch=snap.epoch,
         learning_rate=reported_rate(snap.learning_rate), schedule=spec_to_proto(snap.schedule.spec),
         schedule_origin_step=snap.schedule.origin_step, scale=snap.schedule.scale,
         version=snap.version, metrics=dict(snap.metrics), optimizer=snap.optimizer,
-        pending_changes=[convert_change(c) for c in snap.pending],
-        recent_changes=[convert_change(c) for c in snap.recent],
+        pending_changes=[convert_change(c) for c in snap.pending] if full else [],
+        recent_changes=[convert_change(c) for c in snap.recent] if full else [],
         updated_time=timestamp(snap.updated_time), pending_count=snap.pending_count,
         guardrails=guardrails_to_proto(snap.guardrails),
         metrics_step=snap.metrics_step, metrics_time=timestamp(snap.metrics_time),
@@ -204,16 +232,30 @@ def state_to_proto(snap: Snapshot,
     )
 
 
-def encode_page_token(before_id: int, run_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{run_id}:{before_id}".encode()).decode()
+def _filter_tag(filter_text: str) -> str:
+    """What a page token keeps of the filter it was issued for ("" for none: such a token
+    reads as tokens did before filters existed)."""
+    return "f" + hashlib.sha256(filter_text.encode()).hexdigest()[:16] if filter_text else ""
 
 
-def decode_page_token(token: str, run_id: str) -> int:
-    """The change id a page token continues before; INVALID_ARGUMENT for a foreign token."""
+def encode_page_token(before_id: int, run_id: str, filter_text: str = "") -> str:
+    tag = _filter_tag(filter_text)
+    return base64.urlsafe_b64encode(f"{run_id}:{before_id}{':' + tag if tag else ''}".encode()).decode()
+
+
+def decode_page_token(token: str, run_id: str, filter_text: str = "") -> int:
+    """The change id a page token continues before; INVALID_ARGUMENT naming `page_token` for a
+    token of another run, or one issued for another filter."""
     try:
-        token_run, _, before = base64.urlsafe_b64decode(token.encode()).decode().rpartition(":")
-        if token_run == run_id and before.isdigit():
-            return int(before)
+        body = base64.urlsafe_b64decode(token.encode()).decode()
     except (binascii.Error, UnicodeError, ValueError):
-        pass
-    raise InvalidArgumentError("page_token", "must be a next_page_token of this run", token[:64])
+        body = ""
+    head, _, last = body.rpartition(":")
+    issued_for, body = (last, head) if last.startswith("f") else ("", body)
+    token_run, _, before = body.rpartition(":")
+    if token_run != run_id or not (before.isascii() and before.isdigit() and len(before) <= 19):
+        raise InvalidArgumentError("page_token", "must be a next_page_token of this run", token[:64])
+    if issued_for != _filter_tag(filter_text):
+        raise InvalidArgumentError("page_token", "must come from a ListChanges call with the same filter",
+                                   token[:64])
+    return int(before)

@@ -1,24 +1,31 @@
 """The embedded gRPC server: lrctl's service, standard health checking and reflection.
 
 `serve()` is a context manager yielding `(server, port)`; pass port 0 to let the OS choose.
-Health: the overall service "" is SERVING for as long as the server runs (a liveness probe);
-"lrctl.v1.TrainingControlService" is SERVING only while training (a readiness probe). The
-controller may come later (a `ControllerSlot`): until then the state is STARTING.
+The server is gRPC's asyncio server, on an event loop of its own in one thread
+("lrctl-grpc"): every call is a coroutine there, so a thousand waiting calls and hundreds of
+streams cost no thread each, and the training thread wakes them through one listener
+(rpc/wakeups.py). Health: the overall service "" is SERVING for as long as the server runs (a
+liveness probe); "lrctl.v1.TrainingControlService" is SERVING only while training (a readiness
+probe). The controller may come later (a `ControllerSlot`): until then the state is STARTING.
 Beyond loopback it needs a token or mutual TLS, or `insecure=True` (lrctl.service.rpc.auth.exposed).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 from typing import Any
 
 import grpc
+from grpc import aio
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -26,18 +33,12 @@ from lrctl.service.control.changes import Phase
 from lrctl.service.control.controller import Controller
 from lrctl.service.observability.logs import rate_limit_logs
 from lrctl.service.rpc.auth import DEFAULT_ADDRESS, DeniedHook, TokenAuth, exposed
-from lrctl.service.rpc.budgets import (
-    MAX_OPEN_STREAMS,
-    MAX_STREAMS,
-    MAX_WAITERS,
-    UNARY_RESERVE,
-    StreamLimiter,
-)
+from lrctl.service.rpc.budgets import MAX_OPEN_STREAMS, MAX_STREAMS, MAX_WAITERS, StreamLimiter
 from lrctl.service.rpc.journal import Journal
 from lrctl.service.rpc.servicer import TrainingControlServicer
 from lrctl.service.rpc.slot import ControllerSlot
+from lrctl.service.rpc.wakeups import Wakeups
 from lrctl.v1 import training_control_pb2 as pb
-from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name
 logger = logging.getLogger("lrctl.server")
@@ -50,6 +51,11 @@ _OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    # Calls that arrived but that the loop has not picked up yet: past gRPC's default (1,000)
+    # it cancels new ones, and a burst of a thousand waiting calls is within the budgets.
+    ("grpc.server.max_pending_requests", 10_000),
+    ("grpc.server.max_pending_requests_hard_limit", 20_000),
+    ("grpc.server_max_unrequested_time_in_server", 300),  # seconds; default 30
 ]
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -90,7 +96,7 @@ def _in_use(address: str) -> bool:
     return False
 
 
-def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+def _bind(server: aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
     try:  # grpcio >= 1.6x raises; older ones return 0
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -105,57 +111,158 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
     raise BindError(address, f"cannot listen on {address}: check the host and port")
 
 
-def _set(servicer: health.HealthServicer, service: str, status: Any, sent: dict[str, Any]) -> None:
+#: Seconds a stopping server lets its calls finish before it cancels them.
+STOP_GRACE = 1.0
+
+
+@dataclasses.dataclass
+class RunningServer:
+    """What `serve()` yields as its `server`: the running server and the loop it runs on."""
+
+    #: gRPC's asyncio server: call its methods on `loop` (e.g. asyncio.run_coroutine_threadsafe).
+    server: aio.Server
+    loop: asyncio.AbstractEventLoop
+    port: int
+    health_port: int | None  # the health-only plaintext port, if any
+    _stop: asyncio.Event
+    _servicer: TrainingControlServicer
+
+    @property
+    def waiting_calls(self) -> int:
+        """Calls waiting for a change now (`wait_until_applied` and WaitChange), of `max_waiters`."""
+        return self._servicer.waiting_calls
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    slot: ControllerSlot
+    address: str
+    max_streams: int
+    max_open_streams: int
+    max_waiters: int
+    journal: Journal | None
+    auth: TokenAuth | None
+    credentials: grpc.ServerCredentials | None
+    health_address: str | None
+    extra_interceptors: tuple[aio.ServerInterceptor, ...]
+
+
+async def _set(servicer: health_aio.HealthServicer, service: str, status: Any, sent: dict[str, Any]) -> None:
     # Only on a change: every `set` sends one message to each Health/Watch stream.
     if sent.get(service) != status:
-        servicer.set(service, status)
+        await servicer.set(service, status)
         sent[service] = status
 
 
-def _follow_phase(slot: ControllerSlot, servicer: health.HealthServicer, stop: threading.Event,
-                  sent: dict[str, Any], poll: float = 0.5) -> None:
-    """Keep the training service's health in step with the run's phase (a watcher like any
-    other client's), once there is a controller. The overall service "" is never touched: the
-    process still serves while it starts, compiles and after the run ends, and a liveness probe
-    must not kill it then."""
-    controller = slot.wait(lambda: not stop.is_set())  # serve() wakes it when it stops
-    while controller is not None and not stop.is_set():
-        # Phase changes come at once; an hour's interval keeps the other updates rare.
-        for snap in controller.updates(min_interval=3600.0, is_active=lambda: not stop.is_set()):
-            _set(servicer, SERVICE_NAME, _SERVING if snap.phase is Phase.TRAINING else _NOT_SERVING,
-                 sent)
-        # The stream ends with each run; another `fit` on the same controller starts a new one.
-        stop.wait(poll)
+async def _follow_phase(wakeups: Wakeups, servicer: health_aio.HealthServicer, sent: dict[str, Any]) -> None:
+    """Keep the training service's health in step with the run's phase, once there is a
+    controller: woken by every phase change, like a watcher. The overall service "" is never
+    touched: the process still serves while it starts, compiles and after the run ends, and a
+    liveness probe must not kill it then."""
+    while not wakeups.closed:
+        snap = wakeups.snapshot
+        await _set(servicer, SERVICE_NAME,
+                   _SERVING if snap is not None and snap.phase is Phase.TRAINING else _NOT_SERVING, sent)
+        await wakeups.next_update()
+
+
+async def _serve(config: _Config, started: concurrent.futures.Future[RunningServer]) -> None:
+    """The server's life on its loop: build, bind (a BindError goes to `started`), serve until
+    told to stop, stop gracefully."""
+    loop = asyncio.get_running_loop()
+    wakeups = Wakeups(loop)
+    auth = config.auth
+    servicer = TrainingControlServicer(config.slot, wakeups, max_waiters=config.max_waiters,
+                                       journal=config.journal, role_of=auth.role_name if auth else None)
+    # Authentication runs first, so that a caller without a token never holds a stream slot.
+    limiter = StreamLimiter(config.max_streams, config.max_open_streams, f"/{SERVICE_NAME}/")
+    interceptors: list[aio.ServerInterceptor] = [limiter]
+    if auth is not None:
+        interceptors.insert(0, auth)
+    server = aio.server(interceptors=[*config.extra_interceptors, *interceptors], options=_OPTIONS)
+    handlers = servicer.method_handlers()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    servers = [server]
+    if config.health_address is not None:
+        # Its Health/Watch streams share the open budget with the main port's.
+        health_server = aio.server(interceptors=[*config.extra_interceptors, limiter], options=_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        servers.append(health_server)
+    try:
+        port = _bind(server, config.address, config.credentials)
+        health_port = None if config.health_address is None else _bind(servers[1], config.health_address, None)
+    except BindError as e:
+        for unbound in servers:
+            await unbound.stop(None)
+        started.set_exception(e)
+        return
+    sent: dict[str, Any] = {}
+    await _set(health_servicer, "", _SERVING, sent)
+    await _set(health_servicer, SERVICE_NAME, _NOT_SERVING, sent)  # known, not ready, before any call
+    for each in servers:
+        await each.start()
+    config.slot.on_bind(wakeups.attach)  # from now on the loop hears of every publish
+    follower = asyncio.create_task(_follow_phase(wakeups, health_servicer, sent))
+    stop = asyncio.Event()
+    started.set_result(RunningServer(server, loop, port, health_port, stop, servicer))
+    try:
+        await stop.wait()
+        await health_servicer.enter_graceful_shutdown()
+        await asyncio.gather(*(each.stop(STOP_GRACE) for each in servers))
+    finally:
+        wakeups.close()  # before the loop closes: no publisher may schedule on a closed loop
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+
+
+def _run(config: _Config, started: concurrent.futures.Future[RunningServer]) -> None:
+    """The server thread: one event loop, for the server's life."""
+    try:
+        asyncio.run(_serve(config, started))
+    except BaseException as e:
+        if not started.done():
+            started.set_exception(e)
+        else:
+            logger.exception("the lrctl server's loop failed")
 
 
 @contextlib.contextmanager
 def serve(controller: Controller | ControllerSlot, address: str = DEFAULT_ADDRESS, *,
           max_streams: int = MAX_STREAMS, max_open_streams: int = MAX_OPEN_STREAMS,
-          max_waiters: int = MAX_WAITERS, unary_reserve: int = UNARY_RESERVE,
+          max_waiters: int = MAX_WAITERS, unary_reserve: int = 0,
           journal: Journal | None = None,
           write_tokens: Sequence[str] = (), read_tokens: Sequence[str] = (),
           credentials: grpc.ServerCredentials | None = None, insecure: bool = False,
           health_address: str | None = None,
-          extra_interceptors: Sequence[grpc.ServerInterceptor] = ()) -> Iterator[tuple[grpc.Server, int]]:
-    """Run the server on a background thread pool for the duration of the `with` block.
+          extra_interceptors: Sequence[aio.ServerInterceptor] = ()) -> Iterator[tuple[RunningServer, int]]:
+    """Run the server on its own thread and event loop for the duration of the `with` block.
 
     `controller`: a Controller, or a ControllerSlot to bind one into later (lrctl-trainer
     serves while TensorFlow loads): until then, the state is STARTING, readiness NOT_SERVING,
     and calls that need the controller get UNAVAILABLE. `journal`: where every mutation
-    attempt is recorded (see lrctl.service.rpc.journal).
+    attempt is recorded (see lrctl.service.rpc.journal). `max_streams`, `max_open_streams`,
+    `max_waiters`: the budgets (lrctl.service.rpc.budgets); `unary_reserve` is ignored (no
+    threads to reserve: unary calls never wait behind streams on the event loop).
     `write_tokens`/`read_tokens`: bearer tokens of each role (see lrctl.service.rpc.auth); none:
     no authentication. `credentials`: TLS (lrctl.service.rpc.auth.server_credentials); None:
     plaintext. `insecure`: allow an address beyond loopback with neither a token nor mutual
     TLS. `health_address`: also serve the health service alone, plaintext, there (for
     kubelet's native gRPC probes, which cannot speak TLS; it tells only SERVING or not).
-    `extra_interceptors`: server interceptors, run first (outermost), so they see
-    every call, refused ones included (e.g. lrctl.service.observability.metrics' RPC counter).
+    `extra_interceptors`: asyncio server interceptors (grpc.aio.ServerInterceptor), run first
+    (outermost), so they see every call, refused ones included (e.g.
+    lrctl.service.observability.metrics' RPC counter).
 
-    Raises ValueError for an address beyond loopback (e.g. 0.0.0.0) without a token or mutual
-    TLS, unless `insecure`: anyone who reaches it could change the learning rate. Raises
-    AddressInUseError if `address` is taken: SO_REUSEPORT is off, so a second trainer on the
-    same port fails to start instead of sharing the port's clients at random.
+    Yields a `RunningServer` and the port. Raises ValueError for an address beyond loopback
+    (e.g. 0.0.0.0) without a token or mutual TLS, unless `insecure`: anyone who could reach it
+    could change the learning rate. Raises AddressInUseError if `address` is taken: SO_REUSEPORT
+    is off, so a second trainer on the same port fails to start instead of sharing the port's
+    clients at random. Leaving the block stops the server (calls get STOP_GRACE seconds to end).
     """
+    del unary_reserve
     if exposed(address, tokens=bool(write_tokens or read_tokens), credentials=credentials,
                insecure=insecure):
         raise ValueError(
@@ -163,80 +270,41 @@ def serve(controller: Controller | ControllerSlot, address: str = DEFAULT_ADDRES
             "could change the learning rate (TLS alone does not say who may connect). Pass "
             "write_tokens=[token], or mutual-TLS credentials (lrctl.service.rpc.auth."
             "server_credentials(cert, key, client_ca=...)), or insecure=True to accept the risk.")
-    rate_limit_logs(("grpc._server", "grpc._common"))
+    rate_limit_logs(("grpc._server", "grpc._common", "grpc._cython.cygrpc", "grpc.aio._server"))
     slot = controller if isinstance(controller, ControllerSlot) else ControllerSlot(controller)
-    # Every capped call holds a thread; unary_reserve more keep unary calls and health checks
-    # running whatever the streams and waiters do (lrctl.service.rpc.budgets).
-    pool = futures.ThreadPoolExecutor(max_streams + max_open_streams + max_waiters + unary_reserve,
-                                      thread_name_prefix="lrctl-grpc")
     auth = TokenAuth(write_tokens, read_tokens) if write_tokens or read_tokens else None
     if auth is not None and journal is not None:
         auth.on_denied = _journal_denied(journal, slot, auth.role_name)
-    # Authentication runs first, so that a caller without a token never holds a stream slot.
-    limiter = StreamLimiter(max_streams, max_open_streams, f"/{SERVICE_NAME}/")
-    interceptors: list[grpc.ServerInterceptor] = [limiter]
-    if auth is not None:
-        interceptors.insert(0, auth)
-    server = grpc.server(pool, interceptors=[*extra_interceptors, *interceptors], options=_OPTIONS)
-    servicer = TrainingControlServicer(slot, max_waiters=max_waiters, journal=journal,
-                                       role_of=auth.role_name if auth else None)
-    pb_grpc.add_TrainingControlServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    servers = [(server, pool)]
-    if health_address is not None:
-        # Its own few threads; its Watch streams share the open budget with the main port's.
-        health_pool = futures.ThreadPoolExecutor(max_open_streams + unary_reserve,
-                                                 thread_name_prefix="lrctl-health-grpc")
-        health_server = grpc.server(health_pool, interceptors=[*extra_interceptors, limiter],
-                                    options=_OPTIONS)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        servers.append((health_server, health_pool))
+    config = _Config(slot, address, max_streams, max_open_streams, max_waiters, journal, auth,
+                     credentials, health_address, tuple(extra_interceptors))
+    started: concurrent.futures.Future[RunningServer] = concurrent.futures.Future()
+    thread = threading.Thread(target=_run, args=(config, started), name="lrctl-grpc", daemon=True)
+    thread.start()
     try:
-        port = _bind(server, address, credentials)
-        if health_address is not None:
-            health_port = _bind(servers[1][0], health_address, None)
-    except BindError:
-        for unbound, unused in servers:
-            unbound.stop(None)
-            unused.shutdown(wait=False)
+        running = started.result()  # a BindError is raised here, in the caller's thread
+    except BaseException:
+        thread.join()
         raise
+    servicer = running._servicer
     if journal is not None:  # local changes (Keras's LR callbacks) are journaled too
         slot.on_bind(lambda bound: bound.local_observers.append(servicer.record_local))
-    sent: dict[str, Any] = {}
-    _set(health_servicer, "", _SERVING, sent)
-    _set(health_servicer, SERVICE_NAME, _NOT_SERVING, sent)  # known, not ready, before any call
-    for each, _ in servers:
-        each.start()
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow_phase,
-                                args=(slot, health_servicer, stop, sent),
-                                name="lrctl-health", daemon=True)
-    follower.start()
-    logger.info("lrctl listening on %s (port %d)", address, port)
-    if health_address is not None:
-        logger.info("health checks alone, plaintext, on %s (port %d)", health_address, health_port)
+    logger.info("lrctl listening on %s (port %d)", address, running.port)
+    if running.health_port is not None:
+        logger.info("health checks alone, plaintext, on %s (port %d)", health_address, running.health_port)
     try:
-        yield server, port
+        yield running, running.port
     finally:
         bound = slot.get()
         if journal is not None and bound is not None:
             bound.local_observers.remove(servicer.record_local)
-        stop.set()
-        slot.wake()  # the health follower may still wait for a controller
-        health_servicer.enter_graceful_shutdown()
-        for each, _ in servers:
-            each.stop(grace=1.0).wait()
-        follower.join(timeout=2.0)
+        running.loop.call_soon_threadsafe(running._stop.set)
+        thread.join()
 
 
 def _journal_denied(journal: Journal, slot: ControllerSlot,
-                    role_of: Callable[[grpc.ServicerContext], str]) -> DeniedHook:
+                    role_of: Callable[[aio.ServicerContext], str]) -> DeniedHook:
     """Record a mutation refused for its credentials, as the servicer records the others."""
-    def record(method: str, request: Any, context: grpc.ServicerContext, code: grpc.StatusCode,
+    def record(method: str, request: Any, context: aio.ServicerContext, code: grpc.StatusCode,
                message: str) -> None:
         journal.record_call(method=method, peer=context.peer(), role=role_of(context), request=request,
                             code=code.name, error=message, snapshot=slot.snapshot())

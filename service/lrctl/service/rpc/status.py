@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc import aio
 from grpc_status import rpc_status
 
 from lrctl.service.errors import (
@@ -34,10 +34,11 @@ def _any(message: Any) -> any_pb2.Any:
     return packed
 
 
-def abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
+async def abort(context: aio.ServicerContext, error: Exception) -> NoReturn:
     """End the call with `error`'s status (a domain error; anything else is re-raised)."""
-    context.abort_with_status(rpc_status.to_status(status_of(error)))
-    raise AssertionError("abort_with_status returns only by raising")
+    status = rpc_status.to_status(status_of(error))
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("abort returns only by raising")
 
 
 def status_of(error: Exception) -> status_pb2.Status:
