@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -330,7 +331,7 @@ def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
     new, old = rates["new"], rates["baseline"]
 
     def over_none(by_phase: dict[str, list[float]], phase: str) -> list[float]:
-        return [a / b for a, b in zip(by_phase[phase], by_phase["none"], strict=True)]
+        return [a / b if b > 0 else math.nan for a, b in zip(by_phase[phase], by_phase["none"], strict=True)]
 
     result["new_over_baseline"] = {f"ratio_{phase}": paired_ratios(over_none(new, phase), over_none(old, phase))
                                    for phase in READ_PHASES[1:]}
