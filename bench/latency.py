@@ -180,8 +180,9 @@ def _state_calls(side: Side) -> tuple[Callable[..., Any], Callable[..., Any], pb
     get_state = side.channel.unary_unary(
         "/lrctl.v1.TrainingControlService/GetState", request_serializer=pb.GetStateRequest.SerializeToString,
         response_deserializer=pb.GetStateResponse.FromString)
-    echo = side.echo_channel.unary_unary(ECHO_METHOD, request_serializer=pb.GetStateRequest.SerializeToString,
-                                    response_deserializer=pb.GetStateResponse.FromString)
+    echo = side.echo_channel.unary_unary(
+        ECHO_METHOD, request_serializer=pb.GetStateRequest.SerializeToString,
+        response_deserializer=pb.GetStateResponse.FromString)
     return get_state, echo, pb.GetStateRequest(view=side.state_view)  # type: ignore[arg-type]
 
 
@@ -285,27 +286,24 @@ def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
                 samples[side.name][name].append([d for d in delays if d is not None])
                 late[side.name][name] += sum(d is None for d in delays)
 
+    medians = {name: {measure: _round_medians(rounds) for measure, rounds in measures.items()}
+               for name, measures in samples.items()}  # side -> measure -> one median per round
     for name, measures in samples.items():
         side_result = result["sides"][name]
         side_result.update({measure: _summary(rounds) for measure, rounds in measures.items()})
-        side_result["get_state_over_echo"] = paired_ratios(_round_medians(measures["get_state"]),
-                                                     _round_medians(measures["echo"]))
+        side_result["get_state_over_echo"] = paired_ratios(medians[name]["get_state"], medians[name]["echo"])
         side_result["late"] = late[name]
-    new, old = samples["new"], samples["baseline"]
+    new, old = medians["new"], medians["baseline"]
 
-    def over(a: list[float], b: list[float]) -> list[float]:
-        return [x / y for x, y in zip(a, b, strict=True)]
+    def over_echo(side: dict[str, list[float]]) -> list[float]:
+        return [a / b for a, b in zip(side["get_state"], side["echo"], strict=True)]
 
     result["new_over_baseline"] = {
-        "get_state": paired_ratios(_round_medians(new["get_state"]), _round_medians(old["get_state"])),
-        "get_state_over_echo": paired_ratios(over(_round_medians(new["get_state"]), _round_medians(new["echo"])),
-                                       over(_round_medians(old["get_state"]), _round_medians(old["echo"]))),
-        "wait_change_over_wait_until_applied": paired_ratios(_round_medians(new["wait_change"]),
-                                                       _round_medians(old["wait_until_applied"])),
-        "wait_change_over_poll_list_changes": paired_ratios(_round_medians(new["wait_change"]),
-                                                      _round_medians(old["poll_list_changes"])),
-        "wait_until_applied": paired_ratios(_round_medians(new["wait_until_applied"]),
-                                      _round_medians(old["wait_until_applied"])),
+        "get_state": paired_ratios(new["get_state"], old["get_state"]),
+        "get_state_over_echo": paired_ratios(over_echo(new), over_echo(old)),
+        "wait_change_over_wait_until_applied": paired_ratios(new["wait_change"], old["wait_until_applied"]),
+        "wait_change_over_poll_list_changes": paired_ratios(new["wait_change"], old["poll_list_changes"]),
+        "wait_until_applied": paired_ratios(new["wait_until_applied"], old["wait_until_applied"]),
     }
     basic = result["sides"]["new"]["get_state_over_echo"]["median"]
     result["get_state_basic_over_echo"] = basic
@@ -315,7 +313,7 @@ def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=2000, help="GetState/echo pairs")
+    parser.add_argument("--calls", type=int, default=2000, help="GetState/echo pairs (with --baseline: per side)")
     parser.add_argument("--writes", type=int, default=200, help="SetLearningRate pairs (no wait, wait)")
     parser.add_argument("--watches", type=int, default=100, help="changes timed through WatchState")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")

@@ -304,7 +304,7 @@ def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with open_sides(args.baseline, args.candidate) as sides:
             sides.give_history(args.history)
-            rates = {side.name: {phase: [] for phase in READ_PHASES} for side in sides.all}
+            rates: dict[str, dict[str, list[float]]] = {side.name: {phase: [] for phase in READ_PHASES} for side in sides.all}
             reads: dict[str, dict[str, list[dict[str, Any]]]] = {
                 side.name: {phase: [] for phase in READ_PHASES if phase.startswith("reads_")} for side in sides.all}
             sources = {side.name: side.source for side in sides.all}
