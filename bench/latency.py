@@ -1,6 +1,7 @@
 """RPC latency against the gRPC floor, in one run, from one client.
 
     python bench/latency.py [--calls 2000] [--quick]
+    python bench/latency.py --baseline 48d26fa [--calls 2000] [--waits 200] [--quick]
 
 A child process trains the seed model with lrctl and also serves a raw grpcio echo (a
 generic handler returning a pre-serialized GetState response of the same size). This
@@ -14,25 +15,60 @@ The last line is JSON with `get_state_p50_ratio` (GetState p50 over the echo's p
 `--wal` measures instead SetLearningRate (scale 1.0, no wait) against two trainers, one
 without and one with a checkpoint folder (hence the write-ahead log's fsync before each
 answer), calls alternating: `set_learning_rate` and `set_learning_rate_wal`, p50/p99.
+
+`--baseline REF` measures instead this checkout's server (new) against REF's (baseline, e.g.
+48d26fa), side by side in one run (bench/_baseline.py: both trainer children from this venv,
+taking turns to train, rounds A B then B A ...). Each side first applies `--history` changes
+(so that the whole state carries that many recent changes), then its echo is resized to its
+GetState answer. Per side:
+  get_state, echo          GetState (new: view BASIC; baseline: no view, the whole state)
+                           against the raw grpcio echo of the same response size, pairs
+                           alternating; `get_state_over_echo` is the median over rounds of each
+                           round's p50 ratio (target for the new side: <= 1.15)
+  wait_change              new: submit a change with `apply_after_steps`, then WaitChange
+  wait_until_applied       both: the submit itself waits (`wait_until_applied`)
+  poll_list_changes        baseline: submit, then poll ListChanges every 50 ms (the old
+                           client's wait_change)
+The three are the delay from the change's `applied_time` (stamped by the training thread as it
+decides the change, before loading it: same machine, same clock) to the moment the answer is
+back in this client; a wait that began after the change applied is counted in `late`, not
+timed. Durations are medians in ms with a distribution-free 95% CI (order statistics) and p99;
+`new_over_baseline` holds the medians over rounds of the per-round ratios new/baseline, with
+their CIs. The last line is JSON with `get_state_basic_over_echo` and `new_over_baseline`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grpc
-from _common import ECHO_METHOD, TrainerProcess, emit, p50_p99_ms
+from _baseline import Side, open_sides
+from _common import (
+    ECHO_METHOD,
+    TrainerProcess,
+    emit,
+    median_ci,
+    p50_p99_ms,
+    paired_ratios,
+    percentile,
+)
+from google.protobuf.duration_pb2 import Duration
 
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
+
+POLL_S = 0.05  # the old client's wait_change: ListChanges every 50 ms
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,20 +171,174 @@ def measure_wal(args: argparse.Namespace) -> dict[str, Any]:
         return {name: p50_p99_ms(s) for name, s in times.items()}
 
 
+# -- --baseline: the new server beside the previous one ------------------------------------------
+Samples = dict[str, dict[str, list[list[float]]]]  # side -> measure -> one list per round
+
+
+def _state_calls(side: Side) -> tuple[Callable[..., Any], Callable[..., Any], pb.GetStateRequest]:
+    """(GetState, the echo, the request): both answers deserialized as a GetStateResponse."""
+    get_state = side.channel.unary_unary(
+        "/lrctl.v1.TrainingControlService/GetState", request_serializer=pb.GetStateRequest.SerializeToString,
+        response_deserializer=pb.GetStateResponse.FromString)
+    echo = side.echo_channel.unary_unary(
+        ECHO_METHOD, request_serializer=pb.GetStateRequest.SerializeToString,
+        response_deserializer=pb.GetStateResponse.FromString)
+    return get_state, echo, pb.GetStateRequest(view=side.state_view)  # type: ignore[arg-type]
+
+
+def _boundary_delay(change: pb.Change, began: float, back: float) -> float | None:
+    """Seconds from `change`'s applied_time to `back`; None if it applied before `began`."""
+    if change.status != pb.CHANGE_STATUS_APPLIED:
+        raise RuntimeError(f"change {change.name or change.request_id} ended {pb.ChangeStatus.Name(change.status)}")
+    applied = change.applied_time.ToNanoseconds() / 1e9
+    return None if applied < began else back - applied
+
+
+def _change(after_steps: int, **fields: Any) -> pb.SetLearningRateRequest:
+    return pb.SetLearningRateRequest(scale=1.0, apply_after_steps=after_steps, request_id=str(uuid.uuid4()),
+                                     **fields)
+
+
+def _wait_change(stub: Any, after_steps: int) -> float | None:
+    name = stub.SetLearningRate(_change(after_steps), timeout=30).change.name
+    began = time.time()
+    answer = stub.WaitChange(pb.WaitChangeRequest(name=name, timeout=Duration(seconds=30)), timeout=60)
+    return _boundary_delay(answer.change, began, time.time())
+
+
+def _wait_until_applied(stub: Any, after_steps: int) -> float | None:
+    began = time.time()
+    change = stub.SetLearningRate(_change(after_steps, wait_until_applied=True), timeout=60).change
+    return _boundary_delay(change, began, time.time())
+
+
+def _poll_list_changes(stub: Any, after_steps: int) -> float | None:
+    request = _change(after_steps)
+    stub.SetLearningRate(request, timeout=30)
+    began = time.time()
+    while True:  # as the old client's wait_change: the newest page, then sleep while pending
+        page = stub.ListChanges(pb.ListChangesRequest(page_size=100), timeout=30)
+        change = next(c for c in page.changes if c.request_id == request.request_id)
+        if change.status != pb.CHANGE_STATUS_PENDING:
+            return _boundary_delay(change, began, time.time())
+        time.sleep(POLL_S)
+
+
+WAITS: dict[str, Callable[[Any, int], float | None]] = {
+    "wait_change": _wait_change, "wait_until_applied": _wait_until_applied,
+    "poll_list_changes": _poll_list_changes}
+
+
+def _waits(side: Side) -> list[str]:
+    return ["wait_change", "wait_until_applied"] if side.new_api else ["wait_until_applied", "poll_list_changes"]
+
+
+def _summary(rounds: list[list[float]]) -> dict[str, Any]:
+    """Median (ms) with its 95% CI over all samples, and p99."""
+    pooled = [s * 1e3 for r in rounds for s in r]
+    summary = median_ci(pooled, digits=3)
+    return {"median_ms": summary["median"], "ci95_ms": summary["ci95"], "p99_ms": round(percentile(pooled, 99), 3),
+            "n": summary["n"]}
+
+
+def _round_medians(rounds: list[list[float]]) -> list[float]:
+    return [statistics.median(r) if r else float("nan") for r in rounds]
+
+
+def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
+    samples: Samples = {}
+    late: dict[str, dict[str, int]] = {}
+    result: dict[str, Any] = {"sides": {}}
+    with open_sides(args.baseline, args.candidate) as sides:
+        calls = {side.name: _state_calls(side) for side in sides.all}
+        sides.give_history(args.history)
+        for side in sides.all:
+            sides.turn(side)
+            get_state, echo, request = calls[side.name]
+            echo_bytes = side.trainer.resize_echo()
+            for _ in range(20):  # warm both channels
+                get_state(request, timeout=30)
+                echo(request, timeout=30)
+            result["sides"][side.name] = {
+                "source": side.source, "response_bytes": get_state(request, timeout=30).ByteSize(),
+                "echo_bytes": echo_bytes}
+            samples[side.name] = {name: [] for name in ("get_state", "echo", *_waits(side))}
+            late[side.name] = dict.fromkeys(_waits(side), 0)
+
+        per_round = max(1, args.calls // args.rounds)
+        for _, side in sides.rounds(args.rounds):
+            get_state, echo, request = calls[side.name]
+            times: dict[str, list[float]] = {"get_state": [], "echo": []}
+            for i in range(per_round):
+                pair = (("get_state", get_state), ("echo", echo))
+                for name, call in pair if i % 2 == 0 else pair[::-1]:
+                    begin = time.perf_counter()
+                    call(request, timeout=30)
+                    times[name].append(time.perf_counter() - begin)
+            for name, values in times.items():
+                samples[side.name][name].append(values)
+
+        per_round = max(1, args.waits // args.rounds)
+        for _, side in sides.rounds(args.rounds):
+            stub = pb_grpc.TrainingControlServiceStub(side.channel)
+            for name in _waits(side):
+                delays = [WAITS[name](stub, args.after_steps) for _ in range(per_round)]
+                samples[side.name][name].append([d for d in delays if d is not None])
+                late[side.name][name] += sum(d is None for d in delays)
+
+    medians = {name: {measure: _round_medians(rounds) for measure, rounds in measures.items()}
+               for name, measures in samples.items()}  # side -> measure -> one median per round
+    for name, measures in samples.items():
+        side_result = result["sides"][name]
+        side_result.update({measure: _summary(rounds) for measure, rounds in measures.items()})
+        side_result["get_state_over_echo"] = paired_ratios(medians[name]["get_state"], medians[name]["echo"])
+        side_result["late"] = late[name]
+    new, old = medians["new"], medians["baseline"]
+
+    def over_echo(side: dict[str, list[float]]) -> list[float]:
+        return [a / b for a, b in zip(side["get_state"], side["echo"], strict=True)]
+
+    result["new_over_baseline"] = {
+        "get_state": paired_ratios(new["get_state"], old["get_state"]),
+        "get_state_over_echo": paired_ratios(over_echo(new), over_echo(old)),
+        "wait_change_over_wait_until_applied": paired_ratios(new["wait_change"], old["wait_until_applied"]),
+        "wait_change_over_poll_list_changes": paired_ratios(new["wait_change"], old["poll_list_changes"]),
+        "wait_until_applied": paired_ratios(new["wait_until_applied"], old["wait_until_applied"]),
+    }
+    basic = result["sides"]["new"]["get_state_over_echo"]["median"]
+    result["get_state_basic_over_echo"] = basic
+    result["target_get_state_basic_le_1_15"] = basic <= 1.15
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=2000, help="GetState/echo pairs")
+    parser.add_argument("--calls", type=int, default=2000, help="GetState/echo pairs (with --baseline: per side)")
     parser.add_argument("--writes", type=int, default=200, help="SetLearningRate pairs (no wait, wait)")
     parser.add_argument("--watches", type=int, default=100, help="changes timed through WatchState")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     parser.add_argument("--wal", action="store_true",
                         help="SetLearningRate without and with a checkpoint folder (its write-ahead log)")
+    sides = parser.add_argument_group("new against baseline (--baseline)")
+    sides.add_argument("--baseline", metavar="REF", help="measure this checkout against the lrctl of git REF")
+    sides.add_argument("--candidate", metavar="REF", help="the new side from git REF instead of this checkout")
+    sides.add_argument("--rounds", type=int, default=20, help="turns of each side (calls and waits split over them)")
+    sides.add_argument("--waits", type=int, default=200, help="changes timed boundary -> client, per way and side")
+    sides.add_argument("--history", type=int, default=10, help="changes applied on each side before measuring")
+    sides.add_argument("--after-steps", type=int, default=10, help="apply_after_steps of each timed change")
     args = parser.parse_args()
     if args.quick:
         args.calls, args.writes, args.watches = min(args.calls, 200), min(args.writes, 20), min(args.watches, 10)
-    result = measure_wal(args) if args.wal else measure(args)
+        args.rounds, args.waits, args.history = min(args.rounds, 2), min(args.waits, 4), min(args.history, 2)
+    if args.baseline:
+        result = measure_sides(args)
+    else:
+        result = measure_wal(args) if args.wal else measure(args)
     result["config"] = {"calls": args.calls, "writes": args.writes, "watches": args.watches,
                         "quick": args.quick, "cpus": os.cpu_count()}
+    if args.baseline:
+        result["config"].update(rounds=args.rounds, waits=args.waits, history=args.history,
+                                after_steps=args.after_steps)
     emit(result)
 
 

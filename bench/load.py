@@ -1,6 +1,7 @@
 """Training under a mixed RPC load, and whether every accepted change applied exactly once.
 
     python bench/load.py [--clients 32] [--phase-s 5] [--quick]
+    python bench/load.py --baseline 48d26fa [--rounds 8] [--phase-s 4] [--quick]
 
 A child process trains the seed model with lrctl. This process runs phases, each
 `--phase-s` long, and reads the trainer's step count at each phase's start and end:
@@ -17,13 +18,33 @@ Afterwards the server's change history is read in full. For every change a clien
 accepted (by request_id): `lost` counts those never applied, `duplicated` those applied more
 than once; `out_of_order` counts applied changes whose versions or steps go backwards.
 Traffic goes to 127.0.0.1 only. The last line is JSON with `lost`, `duplicated`, `ratio_100`.
+
+`--baseline REF` measures instead this checkout's server (new) against REF's (baseline, e.g.
+48d26fa), side by side in one run (bench/_baseline.py: both trainer children from this venv,
+taking turns to train; rounds A B then B A ...), after `--history` changes applied on each
+(so that the whole state carries that many recent changes). In each turn, every phase once
+(`--phase-s` long after a 0.5 s ramp, a different phase first in each round):
+  none        no load
+  busy        a busy-loop process, no gRPC: what any competing process costs on this machine
+  reads_100   100 GetState reads/s (new: view BASIC; baseline: no view) from one separate
+              load-generator process (bench/_loadgen.py: paced, open loop)
+  reads_1000  1,000 reads/s
+Training steps/s is counted by the trainer child itself (not through lrctl). Per side:
+`steps_per_s` (median over rounds, 95% CI), `ratio_<phase>` (the median over rounds of the
+phase's steps/s over the same turn's no-load steps/s, with its CI), `reads_100_over_busy`,
+and `reads` (reads/s actually answered, the generator's p50/p99 in ms, status codes).
+`new_over_baseline` holds the medians of the per-round ratios new/baseline of each ratio_<phase>.
+Target: the new side's ratio_reads_100 >= its ratio_busy (`target_reads_100_ge_busy`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -36,13 +57,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import itertools
 
 import grpc
-from _common import TrainerProcess, emit
+from _baseline import Side, open_sides
+from _common import HERE, TrainerProcess, emit, median_ci, paired_ratios
 
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
 APPLIED = pb.CHANGE_STATUS_APPLIED
 PENDING = pb.CHANGE_STATUS_PENDING
+RAMP_S = 0.5  # a phase's load runs this long before its steps are counted
 
 
 class Load:
@@ -206,20 +229,142 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "calls_per_s": call_rates, "calls": load.calls, "codes": dict(load.errors)}
 
 
+# -- --baseline: the new server beside the previous one, under GetState reads ----------------------
+READ_PHASES = ("none", "busy", "reads_100", "reads_1000")
+
+
+class LoadGenerator:
+    """bench/_loadgen.py, one process for the whole run: paced GetState reads, open loop."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_loadgen.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def _say(self, line: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError("the load generator ended")
+        return answer
+
+    def start(self, target: str, rate: float, view: int) -> None:
+        self._say(f"start {target} {rate} {view}")
+
+    def stop(self) -> dict[str, Any]:
+        outcome: dict[str, Any] = json.loads(self._say("stop"))
+        return outcome
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _read_phase(side: Side, name: str, load: LoadGenerator, phase_s: float) -> tuple[float, dict[str, Any] | None]:
+    """Training steps/s of `side` during `phase_s` of phase `name`, and the reads' outcome."""
+    busy = None
+    if name == "busy":
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    elif name.startswith("reads_"):
+        load.start(side.trainer.target, float(name.split("_")[1]), side.state_view)
+    time.sleep(min(RAMP_S, phase_s / 2))  # the load running at its pace before the count starts
+    s0, t0 = side.trainer.steps()
+    time.sleep(phase_s)
+    s1, t1 = side.trainer.steps()
+    outcome = None
+    if busy is not None:
+        busy.kill()
+        busy.wait()
+    elif name.startswith("reads_"):
+        outcome = load.stop()
+    return (s1 - s0) / (t1 - t0), outcome
+
+
+def _reads_summary(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The generator's rounds in one phase: reads/s answered (median, CI), the medians of their
+    p50 and p99 (ms), and the totals."""
+    codes: collections.Counter[str] = collections.Counter()
+    for outcome in outcomes:
+        codes.update(outcome.get("codes", {}))
+
+    def median_of(key: str) -> float | None:
+        values = [o[key] for o in outcomes if o.get(key) is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    return {"answered_per_s": median_ci([o.get("answered_per_s", 0.0) for o in outcomes], digits=1),
+            "p50_ms": median_of("p50_ms"), "p99_ms": median_of("p99_ms"),
+            "sent": sum(o.get("sent", 0) for o in outcomes), "skipped": sum(o.get("skipped", 0) for o in outcomes),
+            "codes": dict(codes)}
+
+
+def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
+    load = LoadGenerator()
+    try:
+        with open_sides(args.baseline, args.candidate) as sides:
+            sides.give_history(args.history)
+            rates: dict[str, dict[str, list[float]]] = {side.name: {phase: [] for phase in READ_PHASES} for side in sides.all}
+            reads: dict[str, dict[str, list[dict[str, Any]]]] = {
+                side.name: {phase: [] for phase in READ_PHASES if phase.startswith("reads_")} for side in sides.all}
+            sources = {side.name: side.source for side in sides.all}
+            state_bytes = {side.name: side.state_bytes() for side in sides.all}
+            for r, side in sides.rounds(args.rounds):
+                # Each round starts at another phase: none is first after a turn only every 4th.
+                for phase in READ_PHASES[r % 4:] + READ_PHASES[:r % 4]:
+                    steps_per_s, outcome = _read_phase(side, phase, load, args.phase_s)
+                    rates[side.name][phase].append(steps_per_s)
+                    if outcome is not None:
+                        reads[side.name][phase].append(outcome)
+    finally:
+        load.close()
+    result: dict[str, Any] = {"sides": {}}
+    for name, by_phase in rates.items():
+        none = by_phase["none"]
+        result["sides"][name] = {
+            "source": sources[name], "state_bytes": state_bytes[name],
+            "steps_per_s": {phase: median_ci(v, digits=1) for phase, v in by_phase.items()},
+            **{f"ratio_{phase}": paired_ratios(by_phase[phase], none) for phase in READ_PHASES[1:]},
+            "reads_100_over_busy": paired_ratios(by_phase["reads_100"], by_phase["busy"]),
+            "reads": {phase: _reads_summary(outcomes) for phase, outcomes in reads[name].items()},
+        }
+    new, old = rates["new"], rates["baseline"]
+
+    def over_none(by_phase: dict[str, list[float]], phase: str) -> list[float]:
+        return [a / b if b > 0 else math.nan for a, b in zip(by_phase[phase], by_phase["none"], strict=True)]
+
+    result["new_over_baseline"] = {f"ratio_{phase}": paired_ratios(over_none(new, phase), over_none(old, phase))
+                                   for phase in READ_PHASES[1:]}
+    ours = result["sides"]["new"]
+    result["target_reads_100_ge_busy"] = ours["ratio_reads_100"]["median"] >= ours["ratio_busy"]["median"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--watchers", type=int, default=4, help="WatchState streams held open")
-    parser.add_argument("--phase-s", type=float, default=5.0, help="seconds per phase")
+    parser.add_argument("--phase-s", type=float, help="seconds per phase (5; with --baseline 4)")
     parser.add_argument("--max-calls", type=int, default=2000, help="calls per phase at most")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
+    sides = parser.add_argument_group("new against baseline (--baseline): GetState reads only")
+    sides.add_argument("--baseline", metavar="REF", help="measure this checkout against the lrctl of git REF")
+    sides.add_argument("--candidate", metavar="REF", help="the new side from git REF instead of this checkout")
+    sides.add_argument("--rounds", type=int, default=8, help="turns of each side, every phase in each")
+    sides.add_argument("--history", type=int, default=10, help="changes applied on each side before measuring")
     args = parser.parse_args()
+    if args.phase_s is None:
+        args.phase_s = 4.0 if args.baseline else 5.0
     if args.quick:
         args.clients, args.watchers = min(args.clients, 8), min(args.watchers, 2)
         args.phase_s, args.max_calls = min(args.phase_s, 1.0), min(args.max_calls, 300)
-    result = measure(args)
+        args.rounds, args.history = min(args.rounds, 2), min(args.history, 2)
+    result = measure_sides(args) if args.baseline else measure(args)
     result["config"] = {"clients": args.clients, "watchers": args.watchers, "phase_s": args.phase_s,
                         "max_calls": args.max_calls, "quick": args.quick, "cpus": os.cpu_count()}
+    if args.baseline:
+        result["config"] = {"phase_s": args.phase_s, "rounds": args.rounds, "history": args.history,
+                            "quick": args.quick, "cpus": os.cpu_count()}
     emit(result)
 
 

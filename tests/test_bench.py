@@ -46,6 +46,52 @@ def test_latency_quick() -> None:
     assert result["watch_delivery"]["n"] == 3
 
 
+def _head_or_skip() -> str:
+    """This checkout's commit: the --baseline tests run it as the previous implementation too
+    (the old API's calls against it), since older commits may be missing from a shallow clone."""
+    out = subprocess.run(["git", "-C", str(BENCH.parent), "rev-parse", "HEAD"], check=False,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("not a git checkout")
+    return out.stdout.strip()
+
+
+def test_latency_quick_against_a_baseline() -> None:
+    sha = _head_or_skip()
+    result = run_quick("latency.py", "--baseline", "HEAD")
+    new, old = result["sides"]["new"], result["sides"]["baseline"]
+    # The baseline child imported the materialized tree's lrctl, not this checkout's.
+    assert f"lrctl-bench/{sha}/service/lrctl/service/" in old["source"]["lrctl"]
+    assert "lrctl-bench" not in new["source"]["lrctl"]
+    for side, waits in ((new, ("wait_change", "wait_until_applied")),
+                        (old, ("wait_until_applied", "poll_list_changes"))):
+        assert side["get_state"]["n"] == side["echo"]["n"] > 0
+        assert side["get_state_over_echo"]["median"] > 0
+        for name in waits:  # every timed change applied, after its wait began
+            assert side[name]["n"] + side["late"][name] == 4
+            assert side[name]["median_ms"] > 0
+    # BASIC leaves the recent changes out; the baseline's view-less GetState has them.
+    assert new["response_bytes"] < old["response_bytes"]
+    assert {"get_state", "get_state_over_echo", "wait_change_over_wait_until_applied",
+            "wait_change_over_poll_list_changes"} <= result["new_over_baseline"].keys()
+    assert "get_state_basic_over_echo" in result
+
+
+def test_load_quick_against_a_baseline() -> None:
+    _head_or_skip()
+    result = run_quick("load.py", "--baseline", "HEAD", "--phase-s", "0.3")
+    for side in result["sides"].values():
+        assert set(side["steps_per_s"]) == {"none", "busy", "reads_100", "reads_1000"}
+        assert side["steps_per_s"]["none"]["median"] > 0
+        assert {"ratio_busy", "ratio_reads_100", "ratio_reads_1000", "reads_100_over_busy"} <= side.keys()
+        for phase in ("reads_100", "reads_1000"):
+            assert side["reads"][phase]["sent"] > 0
+            assert side["reads"][phase]["codes"].get("OK", 0) > 0
+    assert result["sides"]["new"]["state_bytes"] < result["sides"]["baseline"]["state_bytes"]
+    assert {"ratio_busy", "ratio_reads_100", "ratio_reads_1000"} <= result["new_over_baseline"].keys()
+    assert isinstance(result["target_reads_100_ge_busy"], bool)
+
+
 def test_load_quick_loses_and_duplicates_nothing() -> None:
     result = run_quick("load.py", "--clients", "4", "--phase-s", "0.5", "--max-calls", "100")
     assert {"lost", "duplicated", "ratio_100", "codes"} <= result.keys()
