@@ -2,8 +2,10 @@
 
 It runs on the server's event loop (rpc/server.py) and only validates, enqueues and reads the
 controller's snapshot (convert.py translates, status.py maps errors): each controller call is
-short and takes the controller's lock only inside it, and nothing here blocks or sleeps on a
-thread. Waiting calls and WatchState streams are suspended coroutines, woken by the server's
+short and takes the controller's lock only inside it, and nothing here sleeps on a thread. The
+mutations alone run on the loop's executor threads (`asyncio.to_thread`): a submit and its
+journal line may each fsync (the write-ahead log, the journal), and a disk stall must hold up
+only that call, never every reader on the loop. Waiting calls and WatchState streams are suspended coroutines, woken by the server's
 `Wakeups` (rpc/wakeups.py). It never touches TensorFlow: the training thread applies every change.
 """
 
@@ -202,7 +204,7 @@ class TrainingControlServicer:
     async def CancelChange(self, request: pb.CancelChangeRequest,
                            context: aio.ServicerContext) -> pb.CancelChangeResponse:
         async def run() -> pb.Change:
-            return self._cancel(request)
+            return await asyncio.to_thread(self._cancel, request)
 
         return pb.CancelChangeResponse(change=await self._mutate("CancelChange", request, context, run))
 
@@ -230,10 +232,11 @@ class TrainingControlServicer:
         except DOMAIN_ERRORS as e:
             if self._journal is not None:
                 status = status_of(e)
-                self._record(method, request, context, code_pb2.Code.Name(status.code), status.message)
+                await asyncio.to_thread(self._record, method, request, context,
+                                        code_pb2.Code.Name(status.code), status.message)
             await abort(context, e)
         if self._journal is not None:
-            self._record(method, request, context, "OK", "", change)
+            await asyncio.to_thread(self._record, method, request, context, "OK", "", change)
         return change
 
     def _record(self, method: str, request: Message, context: aio.ServicerContext, code: str,
@@ -323,11 +326,10 @@ class TrainingControlServicer:
                 "wait_until_applied and follow the change with WatchState or WaitChange")
         try:
             controller = self._slot.bound()
-            change = controller.submit(change_request, validate_only=request.validate_only,
-                                       preview_steps=request.preview_steps)
+            change = await asyncio.to_thread(controller.submit, change_request,
+                                             validate_only=request.validate_only,
+                                             preview_steps=request.preview_steps)
             if waits and change.status is ChangeStatus.PENDING:
-                # No `await` since the submit: the waiter is registered before the loop can
-                # hear of the change's end.
                 change = await self._wait(controller, change, context)
         finally:
             if waits:
@@ -350,6 +352,11 @@ class TrainingControlServicer:
         remaining = context.time_remaining()
         deadline = loop.time() + min(timeout, math.inf if remaining is None else remaining - _WAIT_MARGIN)
         with self._wakeups.waiting(change.id) as waiter:
+            # Read it again once the waiter is registered: it may have ended before (a submit
+            # returns from an executor thread), and then no wakeup would ever come.
+            current = controller.get_change(change.id)
+            if current.status is not ChangeStatus.PENDING:
+                return current
             while waiter.record is None:
                 if controller.snapshot().phase is Phase.STOPPED:
                     raise UnavailableError(
