@@ -186,19 +186,22 @@ def test_copying_trainer_b_to_a_is_one_request(trainer_a: LiveTrainer, trainer_b
 # -- watch triggers (item 4) ---------------------------------------------------------------------
 def test_watch_triggers_send_on_steps_and_epochs_and_skip_time_updates() -> None:
     controller = Controller(MemoryTarget(_START))
-    updates = controller.updates(3600.0, lambda: True, poll=0.01, every_steps=10, on_epoch=True,
-                                 changes_only=True)
-    assert next(updates).step == 0
-    controller.publish(step=5, learning_rate=0.01)
-    controller.publish(step=12, learning_rate=0.01)
-    assert next(updates).step == 12  # 12 steps past the last update sent
-    controller.publish(step=14, learning_rate=0.01, epoch=1)
-    assert next(updates).epoch == 1
-    controller.publish(step=15, learning_rate=0.01)
-    controller.submit(ChangeRequest(PinLearningRate(0.5)))
-    controller.apply_due(16)
-    snap = next(updates)
-    assert (snap.step, snap.version) == (16, 1)
+    with serve(controller, "127.0.0.1:0") as (_, port), \
+            TrainingControlClient(f"127.0.0.1:{port}", timeout=30) as client, \
+            client.watch(3600.0, timeout=60, every_steps=10, on_epoch_end=True,
+                         changes_only=True) as stream:
+        updates = iter(stream)
+        assert next(updates).step == 0
+        controller.publish(step=5, learning_rate=0.01)
+        controller.publish(step=12, learning_rate=0.01)
+        assert next(updates).step == 12  # 12 steps past the last update sent
+        controller.publish(step=14, learning_rate=0.01, epoch=1)
+        assert next(updates).epoch == 1
+        controller.publish(step=15, learning_rate=0.01)
+        controller.submit(ChangeRequest(PinLearningRate(0.5)))
+        controller.apply_due(16)
+        snap = next(updates)
+        assert (snap.step, snap.version) == (16, 1)
 
 
 def test_watch_rejects_a_negative_every_steps() -> None:

@@ -3,8 +3,8 @@
 Every reader (GetState, WatchState, the health follower, metrics) takes the latest snapshot, a
 frozen object replaced whole, so a reader never sees half an update and never holds up the
 training thread. The condition here is the controller's one lock: whoever changes the state
-republishes under it, which wakes the threads waiting (a change leaving PENDING) or watching,
-and calls the listeners (the server's event loop hears of each publish through one).
+republishes under it, which wakes the threads waiting (a change leaving PENDING) and calls the
+listeners (the server's event loop hears of each publish through one, and runs WatchState).
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lrctl.service.control.changes import (
-    ENDED_PHASES,
     Boundaries,
     Change,
     ChangeStatus,
@@ -38,11 +36,11 @@ Listener = Callable[[Snapshot, tuple[Change, ...]], None]
 
 
 class Board:
-    """The published snapshot under one condition; waiting for a change and watching the state."""
+    """The published snapshot under one condition; waiting for a change; the listeners."""
 
     def __init__(self, snapshot: Snapshot, clock: Callable[[], float]) -> None:
         #: Guards the snapshot and, for the controller, everything it holds. Held briefly,
-        #: never across engine work; waiters and watchers sleep on it.
+        #: never across engine work; waiters sleep on it.
         self.cond = threading.Condition()
         self._snapshot = snapshot
         self._clock = clock
@@ -186,26 +184,3 @@ class Board:
                 if not self._waiters[change.id]:
                     del self._waiters[change.id]
                     self._results.pop(change.id, None)
-
-    def updates(self, min_interval: float, is_active: Callable[[], bool], poll: float, *,
-                every_steps: int, on_epoch: bool, changes_only: bool) -> Iterator[Snapshot]:
-        """`Controller.updates`: snapshots for a watcher."""
-        sent: Snapshot | None = None
-        sent_at = -math.inf
-        while is_active():
-            with self.cond:
-                snap = self._snapshot
-                urgent = sent is None or snap.version != sent.version or snap.phase != sent.phase
-                if sent is not None and not urgent:
-                    urgent = (on_epoch and snap.epoch != sent.epoch) or (
-                        every_steps > 0 and snap.step - sent.step >= every_steps)
-                since = time.monotonic() - sent_at
-                if not urgent and (changes_only or sent is None or snap.seq == sent.seq
-                                   or since < min_interval):
-                    idle = sent is not None and (changes_only or snap.seq == sent.seq)
-                    self.cond.wait(poll if idle else min(poll, max(min_interval - since, 0.0)))
-                    continue
-            sent, sent_at = snap, time.monotonic()
-            yield snap
-            if snap.phase in ENDED_PHASES:
-                return

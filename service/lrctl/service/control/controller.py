@@ -8,13 +8,13 @@ protocol, and no lock is held while it runs: a device sync never blocks an RPC.
 `Controller` is the façade: each method says what it does for its caller and hands the work to
 the module of its concern: `submission` (submit, cancel), `boundary` (apply at a step boundary,
 the phase, restores), `recovery` (checkpoint state, log replay), `broadcast` (snapshots,
-waiting, watching), over the state they share (`core`).
+waiting, listeners), over the state they share (`core`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
 from lrctl.service.control import boundary, recovery, submission
@@ -182,19 +182,6 @@ class Controller:
         Raises WaitTimeoutError when `timeout` (seconds; None waits forever) runs out first.
         """
         return self._core.board.wait(change, timeout, self._core.lookup)
-
-    def updates(self, min_interval: float, is_active: Callable[[], bool],
-                poll: float = 0.5, *, every_steps: int = 0, on_epoch: bool = False,
-                changes_only: bool = False) -> Iterator[Snapshot]:
-        """Snapshots for a watcher: the current one at once, then the latest one at most every
-        `min_interval` while training advances, and at once after each applied change or phase
-        change. A slow consumer skips intermediate states; it never holds up the trainer.
-        `is_active` is polled every `poll` seconds so that a cancelled watcher is let go.
-        Triggers: `every_steps` (> 0) sends at once when the step is that far past the last
-        one sent, `on_epoch` when the epoch changes; `changes_only` drops the time-based
-        updates (the triggers, changes and phase changes still send)."""
-        return self._core.board.updates(min_interval, is_active, poll, every_steps=every_steps,
-                                   on_epoch=on_epoch, changes_only=changes_only)
 
     def listen(self, listener: Callable[[Snapshot, tuple[Change, ...]], None]) -> Callable[[], None]:
         """Call `listener(snapshot, ended)` after every publish: the snapshot just published and

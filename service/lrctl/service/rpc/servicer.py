@@ -287,8 +287,6 @@ class TrainingControlServicer:
                         f"too many calls are waiting for changes ({self._waiting.cap}); retry later, "
                         "or follow the changes with WatchState")
                 taken = True
-                # No `await` since get_change: the waiter is registered before the loop can
-                # hear of the change's end.
                 change = await self._wait(controller, change, context, timeout, give_up=False)
         except DOMAIN_ERRORS as e:
             await abort(context, e)

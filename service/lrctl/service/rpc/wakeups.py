@@ -133,9 +133,9 @@ class Wakeups:
 
     @contextlib.contextmanager
     def waiting(self, change_id: int) -> Iterator[ChangeWaiter]:
-        """Register a waiter for `change_id` for the duration of the block. Register before
-        reading the change's current record, with no `await` between: an ending after the
-        read reaches the loop only after the registration, so it cannot be missed."""
+        """Register a waiter for `change_id` for the duration of the block, then read the
+        change's current record (no `await` between): an ending after the read reaches the
+        loop only after the registration, so it cannot be missed."""
         waiter = ChangeWaiter(change_id)
         self._waiters.setdefault(change_id, set()).add(waiter)
         try:

@@ -1,7 +1,7 @@
-"""WatchState's updates on the event loop: `Controller.updates` (control/broadcast.py) as an
-async generator, woken by the server's `Wakeups` instead of a thread sleeping on the lock.
+"""WatchState's updates on the event loop: an async generator, woken by the server's `Wakeups`
+(no thread per watcher, no polling).
 
-The same rules: the current state at once; then the latest one at most every `min_interval`
+The rules: the current state at once; then the latest one at most every `min_interval`
 while anything new is published, and at once after a version or phase change; `every_steps`
 sends at once when the step is that far past the last one sent, `on_epoch` when the epoch
 changes; `changes_only` drops the time-based updates; the stream ends after an ended phase.
