@@ -68,6 +68,7 @@ BAD = [
     ("version >= x", "version must be compared with an int64 integer, not 'x'"),
     ('version >= "3"', "version must be compared with an int64 integer"),
     ("version >= 123456789012345678901234", "version must be compared with an int64 integer"),
+    ("version >= 9223372036854775808", "version must be compared with an int64 integer"),
     ("request_id = abc", "request_id must be compared with a double-quoted string"),
     ('request_id > "a"', "request_id cannot be compared with '>'"),
     ('color = "red"', "unknown field 'color'"),

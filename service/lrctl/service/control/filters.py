@@ -124,7 +124,7 @@ def _condition(tokens: list[tuple[str, str]], text: str) -> Condition:
             raise _invalid(f"unknown status {raw!r} (one of {', '.join(_STATUSES)})", text)
         return Condition(field, op, _STATUSES[name])
     if field == "version":
-        if value_kind != "int" or len(raw) > 20:
+        if value_kind != "int" or not -(2**63) <= int(raw) < 2**63:
             raise _invalid(f"version must be compared with an int64 integer, not {raw!r}", text)
         return Condition(field, op, int(raw))
     if value_kind != "str":
