@@ -65,11 +65,14 @@ CALLS: dict[str, Callable[[TrainingControlClient], object]] = {
     "GetState": lambda c: c.get_state(),
     "WatchState": lambda c: next(iter(c.watch(timeout=20))),
     "ListChanges": lambda c: c.list_changes(),
+    "GetChange": lambda c: c.get_change("changes/999999"),
+    "WaitChange": lambda c: c.wait_change("changes/999999", timeout=20),
     "SetLearningRate": lambda c: c.set_learning_rate(0.02, apply_at_step=10**6),
     "SwapSchedule": lambda c: c.swap_schedule(schedules.CosineDecay(0.01, 100), apply_at_step=10**6),
     "CancelChange": lambda c: c.cancel_change(request_id="no-such-change"),
 }
-READS = {"GetState", "WatchState", "ListChanges"}
+READS = {"GetState", "WatchState", "ListChanges", "GetChange", "WaitChange"}
+UNKNOWN_CHANGE = {"CancelChange", "GetChange", "WaitChange"}  # name a change that does not exist
 
 
 def _outcome(call: Callable[[TrainingControlClient], object], client: TrainingControlClient) -> str:
@@ -91,7 +94,7 @@ def test_the_auth_matrix(server, who) -> None:
             elif who == "read" and name not in READS:
                 expected = "PERMISSION_DENIED"
             else:
-                expected = "NOT_FOUND" if name == "CancelChange" else "OK"
+                expected = "NOT_FOUND" if name in UNKNOWN_CHANGE else "OK"
             assert _outcome(call, client) == expected, (mode, who, name)
         # Probes and reflection stay open, with or without a token.
         assert client.health() == "SERVING"
