@@ -270,10 +270,12 @@ def test_a_full_disk_never_stops_training_is_reported_and_checkpoints_resume_onc
             good = state_until(client, lambda s: s.HasField("checkpoint_step"))
             assert good.checkpoint_failures == 0 and _failures_metric(metrics_port) == 0
 
-            # statvfs says the disk is full: the write is refused before h5py starts.
+            # statvfs says the disk is full: the write is refused before h5py starts. A checkpoint
+            # already past that check when the trigger appears fails at its next open instead
+            # (no "MiB free"), so wait for the first one the check itself refused.
             trigger.write_text("full")
-            full = state_until(client, lambda s: s.checkpoint_failures >= 1)
-            assert "No space left on device" in full.checkpoint_error and "MiB free" in full.checkpoint_error
+            full = state_until(client, lambda s: "MiB free" in s.checkpoint_error)
+            assert "No space left on device" in full.checkpoint_error and full.checkpoint_failures >= 1
             pointer = _complete(directory)
             assert pointer["step"] == full.checkpoint_step
 
