@@ -219,6 +219,11 @@ class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType
     run_id, versions continuing). Waiters get UNAVAILABLE: retry after the
     restart.
     """
+    PHASE_PAUSED: _Phase.ValueType  # 7
+    """Paused by PauseTraining: the training thread waits at a step boundary
+    until ResumeTraining, StopTraining, a shutdown, or the pause's timeout
+    (TrainingState.paused_until). Changes still apply at that boundary.
+    """
 
 class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper):
     """The lifecycle phase of the training run."""
@@ -246,6 +251,11 @@ Kubernetes preemption or drain). Pending changes stay PENDING: they are
 in the final checkpoint, and a restart resumes them with the run (same
 run_id, versions continuing). Waiters get UNAVAILABLE: retry after the
 restart.
+"""
+PHASE_PAUSED: Phase.ValueType  # 7
+"""Paused by PauseTraining: the training thread waits at a step boundary
+until ResumeTraining, StopTraining, a shutdown, or the pause's timeout
+(TrainingState.paused_until). Changes still apply at that boundary.
 """
 Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
@@ -970,6 +980,1135 @@ class WaitChangeResponse(_message.Message):
 Global___WaitChangeResponse: _TypeAlias = WaitChangeResponse  # noqa: Y015
 
 @_typing.final
+class SetOptimizerParametersRequest(_message.Message):
+    """Request to set optimizer hyperparameters or registered variables."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    APPLY_AT_STEP_FIELD_NUMBER: _builtins.int
+    WAIT_UNTIL_APPLIED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
+    APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_INCARNATION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key; see SetLearningRateRequest.request_id. Empty: no
+    deduplication.
+    """
+    expected_version: _builtins.int
+    """Optimistic concurrency control; see
+    SetLearningRateRequest.expected_version. Unset: no check.
+    """
+    validate_only: _builtins.bool
+    """Validate only; see SetLearningRateRequest.validate_only. False: queue the
+    change.
+    """
+    apply_at_step: _builtins.int
+    """Step to apply at; see SetLearningRateRequest.apply_at_step. Unset: the
+    next step boundary.
+    """
+    wait_until_applied: _builtins.bool
+    """Block until applied; see SetLearningRateRequest.wait_until_applied.
+    False: return at once.
+    """
+    reason: _builtins.str
+    """Free-text reason, recorded in the change history; at most 1 KiB of UTF-8.
+    Empty: no reason given.
+    """
+    expected_run_id: _builtins.str
+    """Fencing on the run; see SetLearningRateRequest.expected_run_id. Empty: no
+    check.
+    """
+    apply_after_steps: _builtins.int
+    """Apply N steps after the first boundary that sees the change; see
+    SetLearningRateRequest.apply_after_steps. Unset: apply_at_step decides.
+    """
+    expected_incarnation: _builtins.str
+    """Fencing on the process; see SetLearningRateRequest.expected_incarnation.
+    Empty: no check.
+    """
+    @_builtins.property
+    def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The new values by name: "momentum" (SGD, RMSprop), "beta_1", "beta_2",
+        "epsilon" (Adam, AdamW, Adamax, Nadam), "weight_decay", "clipnorm",
+        "global_clipnorm", "clipvalue", or the name of a variable the training
+        script registered. Ranges: momentum and the betas in [0, 1), epsilon > 0,
+        weight_decay >= 0, clip values > 0, all finite in the variable's dtype,
+        and within the trainer's Guardrails.parameter_bounds; a registered
+        variable within the bounds it was registered with. TrainingState.
+        hyperparameters lists what this trainer can set. Required: empty fails
+        with INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        parameters: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
+        validate_only: _builtins.bool = ...,
+        apply_at_step: _builtins.int | None = ...,
+        wait_until_applied: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        expected_run_id: _builtins.str = ...,
+        apply_after_steps: _builtins.int | None = ...,
+        expected_incarnation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_incarnation", b"expected_incarnation", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "parameters", b"parameters", "reason", b"reason", "request_id", b"request_id", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
+    _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
+    _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
+    _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+
+Global___SetOptimizerParametersRequest: _TypeAlias = SetOptimizerParametersRequest  # noqa: Y015
+
+@_typing.final
+class SetOptimizerParametersResponse(_message.Message):
+    """Response to SetOptimizerParameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___Change:
+        """The accepted change; see SetLearningRateResponse.change."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___Change | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOptimizerParametersResponse: _TypeAlias = SetOptimizerParametersResponse  # noqa: Y015
+
+@_typing.final
+class PauseTrainingRequest(_message.Message):
+    """Request to pause training at a step boundary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    APPLY_AT_STEP_FIELD_NUMBER: _builtins.int
+    WAIT_UNTIL_APPLIED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
+    APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_INCARNATION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key; see SetLearningRateRequest.request_id. Empty: no
+    deduplication.
+    """
+    expected_version: _builtins.int
+    """Optimistic concurrency control; see
+    SetLearningRateRequest.expected_version. Unset: no check.
+    """
+    validate_only: _builtins.bool
+    """Validate only; see SetLearningRateRequest.validate_only. False: queue the
+    change.
+    """
+    apply_at_step: _builtins.int
+    """Step to apply at; see SetLearningRateRequest.apply_at_step. Unset: the
+    next step boundary.
+    """
+    wait_until_applied: _builtins.bool
+    """Block until applied; see SetLearningRateRequest.wait_until_applied.
+    False: return at once.
+    """
+    reason: _builtins.str
+    """Free-text reason, recorded in the change history; at most 1 KiB of UTF-8.
+    Empty: no reason given.
+    """
+    expected_run_id: _builtins.str
+    """Fencing on the run; see SetLearningRateRequest.expected_run_id. Empty: no
+    check.
+    """
+    apply_after_steps: _builtins.int
+    """Apply N steps after the first boundary that sees the change; see
+    SetLearningRateRequest.apply_after_steps. Unset: apply_at_step decides.
+    """
+    expected_incarnation: _builtins.str
+    """Fencing on the process; see SetLearningRateRequest.expected_incarnation.
+    Empty: no check.
+    """
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long the pause may last: training resumes by itself after it, so
+        that a forgotten pause does not hold a GPU for days. Must be in (0, 7
+        days], otherwise INVALID_ARGUMENT. Unset or zero: 1 hour.
+        """
+
+    def __init__(
+        self,
+        *,
+        timeout: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
+        validate_only: _builtins.bool = ...,
+        apply_at_step: _builtins.int | None = ...,
+        wait_until_applied: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        expected_run_id: _builtins.str = ...,
+        apply_after_steps: _builtins.int | None = ...,
+        expected_incarnation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_incarnation", b"expected_incarnation", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "reason", b"reason", "request_id", b"request_id", "timeout", b"timeout", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
+    _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
+    _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
+    _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+
+Global___PauseTrainingRequest: _TypeAlias = PauseTrainingRequest  # noqa: Y015
+
+@_typing.final
+class PauseTrainingResponse(_message.Message):
+    """Response to PauseTraining."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___Change:
+        """The accepted change; see SetLearningRateResponse.change."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___Change | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseTrainingResponse: _TypeAlias = PauseTrainingResponse  # noqa: Y015
+
+@_typing.final
+class ResumeTrainingRequest(_message.Message):
+    """Request to resume a paused run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    APPLY_AT_STEP_FIELD_NUMBER: _builtins.int
+    WAIT_UNTIL_APPLIED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
+    APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_INCARNATION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key; see SetLearningRateRequest.request_id. Empty: no
+    deduplication.
+    """
+    expected_version: _builtins.int
+    """Optimistic concurrency control; see
+    SetLearningRateRequest.expected_version. Unset: no check.
+    """
+    validate_only: _builtins.bool
+    """Validate only; see SetLearningRateRequest.validate_only. False: queue the
+    change.
+    """
+    apply_at_step: _builtins.int
+    """Step to apply at; see SetLearningRateRequest.apply_at_step. Unset: the
+    next step boundary.
+    """
+    wait_until_applied: _builtins.bool
+    """Block until applied; see SetLearningRateRequest.wait_until_applied.
+    False: return at once.
+    """
+    reason: _builtins.str
+    """Free-text reason, recorded in the change history; at most 1 KiB of UTF-8.
+    Empty: no reason given.
+    """
+    expected_run_id: _builtins.str
+    """Fencing on the run; see SetLearningRateRequest.expected_run_id. Empty: no
+    check.
+    """
+    apply_after_steps: _builtins.int
+    """Apply N steps after the first boundary that sees the change; see
+    SetLearningRateRequest.apply_after_steps. Unset: apply_at_step decides.
+    """
+    expected_incarnation: _builtins.str
+    """Fencing on the process; see SetLearningRateRequest.expected_incarnation.
+    Empty: no check.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
+        validate_only: _builtins.bool = ...,
+        apply_at_step: _builtins.int | None = ...,
+        wait_until_applied: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        expected_run_id: _builtins.str = ...,
+        apply_after_steps: _builtins.int | None = ...,
+        expected_incarnation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_incarnation", b"expected_incarnation", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "reason", b"reason", "request_id", b"request_id", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
+    _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
+    _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
+    _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+
+Global___ResumeTrainingRequest: _TypeAlias = ResumeTrainingRequest  # noqa: Y015
+
+@_typing.final
+class ResumeTrainingResponse(_message.Message):
+    """Response to ResumeTraining."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___Change:
+        """The accepted change; see SetLearningRateResponse.change."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___Change | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeTrainingResponse: _TypeAlias = ResumeTrainingResponse  # noqa: Y015
+
+@_typing.final
+class SaveCheckpointRequest(_message.Message):
+    """Request to write a checkpoint at a step boundary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    APPLY_AT_STEP_FIELD_NUMBER: _builtins.int
+    WAIT_UNTIL_APPLIED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
+    APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_INCARNATION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key; see SetLearningRateRequest.request_id. Empty: no
+    deduplication.
+    """
+    expected_version: _builtins.int
+    """Optimistic concurrency control; see
+    SetLearningRateRequest.expected_version. Unset: no check.
+    """
+    validate_only: _builtins.bool
+    """Validate only; see SetLearningRateRequest.validate_only. False: queue the
+    change.
+    """
+    apply_at_step: _builtins.int
+    """Step to apply at; see SetLearningRateRequest.apply_at_step. Unset: the
+    next step boundary.
+    """
+    wait_until_applied: _builtins.bool
+    """Block until applied; see SetLearningRateRequest.wait_until_applied.
+    False: return at once.
+    """
+    reason: _builtins.str
+    """Free-text reason, recorded in the change history; at most 1 KiB of UTF-8.
+    Empty: no reason given.
+    """
+    expected_run_id: _builtins.str
+    """Fencing on the run; see SetLearningRateRequest.expected_run_id. Empty: no
+    check.
+    """
+    apply_after_steps: _builtins.int
+    """Apply N steps after the first boundary that sees the change; see
+    SetLearningRateRequest.apply_after_steps. Unset: apply_at_step decides.
+    """
+    expected_incarnation: _builtins.str
+    """Fencing on the process; see SetLearningRateRequest.expected_incarnation.
+    Empty: no check.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
+        validate_only: _builtins.bool = ...,
+        apply_at_step: _builtins.int | None = ...,
+        wait_until_applied: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        expected_run_id: _builtins.str = ...,
+        apply_after_steps: _builtins.int | None = ...,
+        expected_incarnation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_incarnation", b"expected_incarnation", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "reason", b"reason", "request_id", b"request_id", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
+    _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
+    _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
+    _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+
+Global___SaveCheckpointRequest: _TypeAlias = SaveCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class SaveCheckpointResponse(_message.Message):
+    """Response to SaveCheckpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___Change:
+        """The accepted change; see SetLearningRateResponse.change."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___Change | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveCheckpointResponse: _TypeAlias = SaveCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class StopTrainingRequest(_message.Message):
+    """Request to end the run for good at a step boundary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    APPLY_AT_STEP_FIELD_NUMBER: _builtins.int
+    WAIT_UNTIL_APPLIED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
+    APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_INCARNATION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key; see SetLearningRateRequest.request_id. Empty: no
+    deduplication.
+    """
+    expected_version: _builtins.int
+    """Optimistic concurrency control; see
+    SetLearningRateRequest.expected_version. Unset: no check.
+    """
+    validate_only: _builtins.bool
+    """Validate only; see SetLearningRateRequest.validate_only. False: queue the
+    change.
+    """
+    apply_at_step: _builtins.int
+    """Step to apply at; see SetLearningRateRequest.apply_at_step. Unset: the
+    next step boundary.
+    """
+    wait_until_applied: _builtins.bool
+    """Block until applied; see SetLearningRateRequest.wait_until_applied.
+    False: return at once.
+    """
+    reason: _builtins.str
+    """Free-text reason, recorded in the change history; at most 1 KiB of UTF-8.
+    Empty: no reason given.
+    """
+    expected_run_id: _builtins.str
+    """Fencing on the run; see SetLearningRateRequest.expected_run_id. Empty: no
+    check.
+    """
+    apply_after_steps: _builtins.int
+    """Apply N steps after the first boundary that sees the change; see
+    SetLearningRateRequest.apply_after_steps. Unset: apply_at_step decides.
+    """
+    expected_incarnation: _builtins.str
+    """Fencing on the process; see SetLearningRateRequest.expected_incarnation.
+    Empty: no check.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
+        validate_only: _builtins.bool = ...,
+        apply_at_step: _builtins.int | None = ...,
+        wait_until_applied: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        expected_run_id: _builtins.str = ...,
+        apply_after_steps: _builtins.int | None = ...,
+        expected_incarnation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_incarnation", b"expected_incarnation", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "reason", b"reason", "request_id", b"request_id", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
+    _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
+    _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
+    _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+
+Global___StopTrainingRequest: _TypeAlias = StopTrainingRequest  # noqa: Y015
+
+@_typing.final
+class StopTrainingResponse(_message.Message):
+    """Response to StopTraining."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___Change:
+        """The accepted change; see SetLearningRateResponse.change."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___Change | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopTrainingResponse: _TypeAlias = StopTrainingResponse  # noqa: Y015
+
+@_typing.final
+class LoadCheckpointRequest(_message.Message):
+    """Request to load another checkpoint's weights and optimizer state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    LOAD_HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    APPLY_AT_STEP_FIELD_NUMBER: _builtins.int
+    WAIT_UNTIL_APPLIED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_RUN_ID_FIELD_NUMBER: _builtins.int
+    APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_INCARNATION_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The checkpoint: a folder written by --checkpoint-dir (its newest
+    complete checkpoint) or one checkpoint in it named by its weights file
+    ("DIR/ckpt-N.weights.h5"). Relative paths are taken under the trainer's
+    --checkpoint-root; after resolving symbolic links and "..", the path
+    must lie under it, otherwise PERMISSION_DENIED. Required: empty fails
+    with INVALID_ARGUMENT.
+    """
+    load_hyperparameters: _builtins.bool
+    """If true, also take the checkpoint's learning-rate schedule (with its
+    scale and origin) and optimizer hyperparameters, as a new version of this
+    run. False: keep this run's schedule and hyperparameters, so that an
+    orchestrator explores them next (population-based training's exploit).
+    """
+    request_id: _builtins.str
+    """Idempotency key; see SetLearningRateRequest.request_id. Empty: no
+    deduplication.
+    """
+    expected_version: _builtins.int
+    """Optimistic concurrency control; see
+    SetLearningRateRequest.expected_version. Unset: no check.
+    """
+    validate_only: _builtins.bool
+    """Validate only; see SetLearningRateRequest.validate_only. False: queue the
+    change.
+    """
+    apply_at_step: _builtins.int
+    """Step to apply at; see SetLearningRateRequest.apply_at_step. Unset: the
+    next step boundary.
+    """
+    wait_until_applied: _builtins.bool
+    """Block until applied; see SetLearningRateRequest.wait_until_applied.
+    False: return at once.
+    """
+    reason: _builtins.str
+    """Free-text reason, recorded in the change history; at most 1 KiB of UTF-8.
+    Empty: no reason given.
+    """
+    expected_run_id: _builtins.str
+    """Fencing on the run; see SetLearningRateRequest.expected_run_id. Empty: no
+    check.
+    """
+    apply_after_steps: _builtins.int
+    """Apply N steps after the first boundary that sees the change; see
+    SetLearningRateRequest.apply_after_steps. Unset: apply_at_step decides.
+    """
+    expected_incarnation: _builtins.str
+    """Fencing on the process; see SetLearningRateRequest.expected_incarnation.
+    Empty: no check.
+    """
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        load_hyperparameters: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
+        validate_only: _builtins.bool = ...,
+        apply_at_step: _builtins.int | None = ...,
+        wait_until_applied: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        expected_run_id: _builtins.str = ...,
+        apply_after_steps: _builtins.int | None = ...,
+        expected_incarnation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_version", b"expected_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_expected_version", b"_expected_version", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "expected_incarnation", b"expected_incarnation", "expected_run_id", b"expected_run_id", "expected_version", b"expected_version", "load_hyperparameters", b"load_hyperparameters", "path", b"path", "reason", b"reason", "request_id", b"request_id", "validate_only", b"validate_only", "wait_until_applied", b"wait_until_applied"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__apply_after_steps: _TypeAlias = _typing.Literal["apply_after_steps"]  # noqa: Y015
+    _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
+    _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
+    _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+
+Global___LoadCheckpointRequest: _TypeAlias = LoadCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class LoadCheckpointResponse(_message.Message):
+    """Response to LoadCheckpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___Change:
+        """The accepted change; see SetLearningRateResponse.change."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___Change | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadCheckpointResponse: _TypeAlias = LoadCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class ListMeasurementsRequest(_message.Message):
+    """Request for ListMeasurements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    START_STEP_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The maximum number of measurements to return; the server may return
+    fewer. Zero or unset: 100. Values above 1,000 are treated as 1,000.
+    Negative: INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """A next_page_token from a previous ListMeasurements response of the same
+    run, to get the following page. Empty: the first page. A token that is
+    not one the server issued for this run fails with INVALID_ARGUMENT.
+    """
+    start_step: _builtins.int
+    """Only measurements taken at or after this step. Must be >= 0. Zero: from
+    the oldest one kept.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        start_step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "start_step", b"start_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMeasurementsRequest: _TypeAlias = ListMeasurementsRequest  # noqa: Y015
+
+@_typing.final
+class ListMeasurementsResponse(_message.Message):
+    """Response to ListMeasurements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEASUREMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; pass it to read what is recorded later. Never
+    empty while the run records: a page with no measurements means nothing
+    newer yet.
+    """
+    truncated: _builtins.bool
+    """Whether measurements between the page token (or start_step) and the first
+    one returned were dropped because the server keeps only the last 10,000.
+    False: nothing was missed.
+    """
+    @_builtins.property
+    def measurements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Measurement]:
+        """Measurements, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        measurements: _abc.Iterable[Global___Measurement] | None = ...,
+        next_page_token: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["measurements", b"measurements", "next_page_token", b"next_page_token", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMeasurementsResponse: _TypeAlias = ListMeasurementsResponse  # noqa: Y015
+
+@_typing.final
+class Measurement(_message.Message):
+    """One set of logs the trainer recorded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    EPOCH_END_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The step (completed optimizer steps) after the batch or epoch the logs
+    belong to.
+    """
+    epoch: _builtins.int
+    """The epoch, 0-based as in Keras callbacks (0 in a custom loop without
+    epochs).
+    """
+    epoch_end: _builtins.bool
+    """Whether these are an epoch's end-of-epoch logs (true) or a batch's
+    (false; recorded at most once per second and at every change).
+    """
+    sequence: _builtins.int
+    """Sequence number within the run, increasing by one per measurement
+    recorded (also across a restart from a checkpoint).
+    """
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The logs, e.g. {"loss": 0.12}; for an epoch end, with the "val_"
+        metrics when fit has validation data.
+        """
+
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the logs were received."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        epoch_end: _builtins.bool = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "epoch_end", b"epoch_end", "metrics", b"metrics", "sequence", b"sequence", "step", b"step", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Measurement: _TypeAlias = Measurement  # noqa: Y015
+
+@_typing.final
+class OptimizerParameters(_message.Message):
+    """What a SetOptimizerParameters change asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The requested values by name; see
+        SetOptimizerParametersRequest.parameters. Empty: never sent.
+        """
+
+    def __init__(
+        self,
+        *,
+        parameters: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptimizerParameters: _TypeAlias = OptimizerParameters  # noqa: Y015
+
+@_typing.final
+class ParameterUpdate(_message.Message):
+    """One hyperparameter a change set: its value before and after."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The parameter's name, e.g. "momentum"."""
+    before: _builtins.float
+    """Its value before the change."""
+    after: _builtins.float
+    """Its value after the change (as the variable holds it, e.g. rounded to
+    float32).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        before: _builtins.float = ...,
+        after: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParameterUpdate: _TypeAlias = ParameterUpdate  # noqa: Y015
+
+@_typing.final
+class PauseAction(_message.Message):
+    """What a PauseTraining change asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """The pause's timeout (the default filled in)."""
+
+    def __init__(
+        self,
+        *,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseAction: _TypeAlias = PauseAction  # noqa: Y015
+
+@_typing.final
+class ResumeAction(_message.Message):
+    """What a ResumeTraining change asked for: nothing beyond its kind."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeAction: _TypeAlias = ResumeAction  # noqa: Y015
+
+@_typing.final
+class SaveCheckpointAction(_message.Message):
+    """What a SaveCheckpoint change asked for: nothing beyond its kind."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveCheckpointAction: _TypeAlias = SaveCheckpointAction  # noqa: Y015
+
+@_typing.final
+class StopAction(_message.Message):
+    """What a StopTraining change asked for: nothing beyond its kind."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopAction: _TypeAlias = StopAction  # noqa: Y015
+
+@_typing.final
+class LoadCheckpointAction(_message.Message):
+    """What a LoadCheckpoint change asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    LOAD_HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The path as requested (see LoadCheckpointRequest.path)."""
+    load_hyperparameters: _builtins.bool
+    """Whether the schedule and hyperparameters were to be loaded too."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        load_hyperparameters: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_hyperparameters", b"load_hyperparameters", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadCheckpointAction: _TypeAlias = LoadCheckpointAction  # noqa: Y015
+
+@_typing.final
+class Hyperparameter(_message.Message):
+    """One hyperparameter of the attached optimizer, or a registered variable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    FIXED_REASON_FIELD_NUMBER: _builtins.int
+    REGISTERED_FIELD_NUMBER: _builtins.int
+    MIN_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name, as SetOptimizerParameters takes it, e.g. "beta_1"."""
+    value: _builtins.float
+    """Its current value (what the next optimizer step uses)."""
+    live: _builtins.bool
+    """Whether SetOptimizerParameters can change it in this run. False: the
+    traced train step fixed it (see fixed_reason).
+    """
+    fixed_reason: _builtins.str
+    """Why it cannot change live, and how to start the job so that it can.
+    Empty when live.
+    """
+    registered: _builtins.bool
+    """True for a variable the training script registered
+    (TrainingControl.register); false for the optimizer's own.
+    """
+    min_value: _builtins.float
+    """The smallest value a change may set (the range's bound, the guardrail's
+    or the registration's). Unset: no bound beyond the range.
+    """
+    max_value: _builtins.float
+    """The largest value a change may set. Unset: no bound beyond the range."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.float = ...,
+        live: _builtins.bool = ...,
+        fixed_reason: _builtins.str = ...,
+        registered: _builtins.bool = ...,
+        min_value: _builtins.float | None = ...,
+        max_value: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_value", b"_max_value", "_min_value", b"_min_value", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_value", b"_max_value", "_min_value", b"_min_value", "fixed_reason", b"fixed_reason", "live", b"live", "max_value", b"max_value", "min_value", b"min_value", "name", b"name", "registered", b"registered", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_value: _TypeAlias = _typing.Literal["max_value"]  # noqa: Y015
+    _WhichOneofArgType__max_value: _TypeAlias = _typing.Literal["_max_value", b"_max_value"]  # noqa: Y015
+    _WhichOneofReturnType__min_value: _TypeAlias = _typing.Literal["min_value"]  # noqa: Y015
+    _WhichOneofArgType__min_value: _TypeAlias = _typing.Literal["_min_value", b"_min_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_value) -> _WhichOneofReturnType__max_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_value) -> _WhichOneofReturnType__min_value | None: ...
+
+Global___Hyperparameter: _TypeAlias = Hyperparameter  # noqa: Y015
+
+@_typing.final
+class ParameterBounds(_message.Message):
+    """Bounds on one hyperparameter, a guardrail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_FIELD_NUMBER: _builtins.int
+    min_value: _builtins.float
+    """The smallest value a change may set. Unset: no bound beyond its range."""
+    max_value: _builtins.float
+    """The largest value a change may set. Unset: no bound beyond its range."""
+    def __init__(
+        self,
+        *,
+        min_value: _builtins.float | None = ...,
+        max_value: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_value", b"_max_value", "_min_value", b"_min_value", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_value", b"_max_value", "_min_value", b"_min_value", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_value: _TypeAlias = _typing.Literal["max_value"]  # noqa: Y015
+    _WhichOneofArgType__max_value: _TypeAlias = _typing.Literal["_max_value", b"_max_value"]  # noqa: Y015
+    _WhichOneofReturnType__min_value: _TypeAlias = _typing.Literal["min_value"]  # noqa: Y015
+    _WhichOneofArgType__min_value: _TypeAlias = _typing.Literal["_min_value", b"_min_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_value) -> _WhichOneofReturnType__max_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_value) -> _WhichOneofReturnType__min_value | None: ...
+
+Global___ParameterBounds: _TypeAlias = ParameterBounds  # noqa: Y015
+
+@_typing.final
 class WatchStateResponse(_message.Message):
     """One update of a WatchState stream."""
 
@@ -1425,6 +2564,12 @@ class Change(_message.Message):
     SCALE_FIELD_NUMBER: _builtins.int
     SWAP_SCHEDULE_FIELD_NUMBER: _builtins.int
     REVERT_FIELD_NUMBER: _builtins.int
+    SET_OPTIMIZER_PARAMETERS_FIELD_NUMBER: _builtins.int
+    PAUSE_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    SAVE_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    LOAD_CHECKPOINT_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
@@ -1444,6 +2589,10 @@ class Change(_message.Message):
     APPLY_AFTER_STEPS_FIELD_NUMBER: _builtins.int
     SCHEDULE_START_STEP_FIELD_NUMBER: _builtins.int
     SWAP_SCALE_FIELD_NUMBER: _builtins.int
+    PARAMETER_UPDATES_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_PATH_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_RUN_ID_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The state version this change produced. 0 unless status is
     CHANGE_STATUS_APPLIED.
@@ -1513,6 +2662,18 @@ class Change(_message.Message):
     Unset: the request set none, so the swapped-in schedule started at scale
     1 (or this is not a swap).
     """
+    checkpoint_path: _builtins.str
+    """For an applied save_checkpoint: the weights file written; for an applied
+    load_checkpoint: the weights file loaded. Empty otherwise.
+    """
+    checkpoint_step: _builtins.int
+    """The step of that checkpoint (for a save, applied_step). Unset unless
+    checkpoint_path is set.
+    """
+    checkpoint_run_id: _builtins.str
+    """For an applied load_checkpoint: the run id that wrote the checkpoint
+    (its lineage, with checkpoint_step). Empty otherwise.
+    """
     @_builtins.property
     def swap_schedule(self) -> Global___Schedule:
         """Replace the active schedule with this one."""
@@ -1525,6 +2686,32 @@ class Change(_message.Message):
         brought back a saved schedule, recorded at the version it now has
         (reason "restored: ..."). Never requested by a client.
         """
+
+    @_builtins.property
+    def set_optimizer_parameters(self) -> Global___OptimizerParameters:
+        """Set optimizer hyperparameters or registered variables
+        (SetOptimizerParameters).
+        """
+
+    @_builtins.property
+    def pause(self) -> Global___PauseAction:
+        """Pause training (PauseTraining)."""
+
+    @_builtins.property
+    def resume(self) -> Global___ResumeAction:
+        """Resume training (ResumeTraining)."""
+
+    @_builtins.property
+    def save_checkpoint(self) -> Global___SaveCheckpointAction:
+        """Write a checkpoint (SaveCheckpoint)."""
+
+    @_builtins.property
+    def stop(self) -> Global___StopAction:
+        """End the run for good (StopTraining)."""
+
+    @_builtins.property
+    def load_checkpoint(self) -> Global___LoadCheckpointAction:
+        """Load weights and optimizer state from a checkpoint (LoadCheckpoint)."""
 
     @_builtins.property
     def schedule(self) -> Global___Schedule:
@@ -1556,6 +2743,13 @@ class Change(_message.Message):
         beside `preview`. Empty when `preview` is.
         """
 
+    @_builtins.property
+    def parameter_updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterUpdate]:
+        """For an applied set_optimizer_parameters (or a load_checkpoint with
+        load_hyperparameters): each parameter it set, with its value before and
+        after, in name order. Empty otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -1565,6 +2759,12 @@ class Change(_message.Message):
         scale: _builtins.float = ...,
         swap_schedule: Global___Schedule | None = ...,
         revert: Global___RestoredSchedule | None = ...,
+        set_optimizer_parameters: Global___OptimizerParameters | None = ...,
+        pause: Global___PauseAction | None = ...,
+        resume: Global___ResumeAction | None = ...,
+        save_checkpoint: Global___SaveCheckpointAction | None = ...,
+        stop: Global___StopAction | None = ...,
+        load_checkpoint: Global___LoadCheckpointAction | None = ...,
         origin: Global___StepOrigin.ValueType = ...,
         request_id: _builtins.str = ...,
         reason: _builtins.str = ...,
@@ -1584,10 +2784,14 @@ class Change(_message.Message):
         apply_after_steps: _builtins.int | None = ...,
         schedule_start_step: _builtins.int = ...,
         swap_scale: _builtins.float | None = ...,
+        parameter_updates: _abc.Iterable[Global___ParameterUpdate] | None = ...,
+        checkpoint_path: _builtins.str = ...,
+        checkpoint_step: _builtins.int | None = ...,
+        checkpoint_run_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "_swap_scale", b"_swap_scale", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "learning_rate_after", b"learning_rate_after", "requested_time", b"requested_time", "revert", b"revert", "scale", b"scale", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "swap_scale", b"swap_scale", "swap_schedule", b"swap_schedule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_checkpoint_step", b"_checkpoint_step", "_learning_rate_after", b"_learning_rate_after", "_swap_scale", b"_swap_scale", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "checkpoint_step", b"checkpoint_step", "learning_rate_after", b"learning_rate_after", "load_checkpoint", b"load_checkpoint", "pause", b"pause", "requested_time", b"requested_time", "resume", b"resume", "revert", b"revert", "save_checkpoint", b"save_checkpoint", "scale", b"scale", "schedule", b"schedule", "set_learning_rate", b"set_learning_rate", "set_optimizer_parameters", b"set_optimizer_parameters", "stop", b"stop", "swap_scale", b"swap_scale", "swap_schedule", b"swap_schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_learning_rate_after", b"_learning_rate_after", "_swap_scale", b"_swap_scale", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "name", b"name", "origin", b"origin", "preview", b"preview", "preview_current", b"preview_current", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "revert", b"revert", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "set_learning_rate", b"set_learning_rate", "status", b"status", "swap_scale", b"swap_scale", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step", "_apply_after_steps", b"_apply_after_steps", "_apply_at_step", b"_apply_at_step", "_checkpoint_step", b"_checkpoint_step", "_learning_rate_after", b"_learning_rate_after", "_swap_scale", b"_swap_scale", "action", b"action", "applied_step", b"applied_step", "applied_time", b"applied_time", "apply_after_steps", b"apply_after_steps", "apply_at_step", b"apply_at_step", "checkpoint_path", b"checkpoint_path", "checkpoint_run_id", b"checkpoint_run_id", "checkpoint_step", b"checkpoint_step", "description", b"description", "error", b"error", "learning_rate_after", b"learning_rate_after", "load_checkpoint", b"load_checkpoint", "name", b"name", "origin", b"origin", "parameter_updates", b"parameter_updates", "pause", b"pause", "preview", b"preview", "preview_current", b"preview_current", "reason", b"reason", "request_id", b"request_id", "requested_step", b"requested_step", "requested_time", b"requested_time", "resume", b"resume", "revert", b"revert", "save_checkpoint", b"save_checkpoint", "scale", b"scale", "scale_after", b"scale_after", "schedule", b"schedule", "schedule_start_step", b"schedule_start_step", "set_learning_rate", b"set_learning_rate", "set_optimizer_parameters", b"set_optimizer_parameters", "status", b"status", "stop", b"stop", "swap_scale", b"swap_scale", "swap_schedule", b"swap_schedule", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__applied_step: _TypeAlias = _typing.Literal["applied_step"]  # noqa: Y015
     _WhichOneofArgType__applied_step: _TypeAlias = _typing.Literal["_applied_step", b"_applied_step"]  # noqa: Y015
@@ -1595,11 +2799,13 @@ class Change(_message.Message):
     _WhichOneofArgType__apply_after_steps: _TypeAlias = _typing.Literal["_apply_after_steps", b"_apply_after_steps"]  # noqa: Y015
     _WhichOneofReturnType__apply_at_step: _TypeAlias = _typing.Literal["apply_at_step"]  # noqa: Y015
     _WhichOneofArgType__apply_at_step: _TypeAlias = _typing.Literal["_apply_at_step", b"_apply_at_step"]  # noqa: Y015
+    _WhichOneofReturnType__checkpoint_step: _TypeAlias = _typing.Literal["checkpoint_step"]  # noqa: Y015
+    _WhichOneofArgType__checkpoint_step: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate_after: _TypeAlias = _typing.Literal["learning_rate_after"]  # noqa: Y015
     _WhichOneofArgType__learning_rate_after: _TypeAlias = _typing.Literal["_learning_rate_after", b"_learning_rate_after"]  # noqa: Y015
     _WhichOneofReturnType__swap_scale: _TypeAlias = _typing.Literal["swap_scale"]  # noqa: Y015
     _WhichOneofArgType__swap_scale: _TypeAlias = _typing.Literal["_swap_scale", b"_swap_scale"]  # noqa: Y015
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["set_learning_rate", "scale", "swap_schedule", "revert"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["set_learning_rate", "scale", "swap_schedule", "revert", "set_optimizer_parameters", "pause", "resume", "save_checkpoint", "stop", "load_checkpoint"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__applied_step) -> _WhichOneofReturnType__applied_step | None: ...
@@ -1607,6 +2813,8 @@ class Change(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_after_steps) -> _WhichOneofReturnType__apply_after_steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__apply_at_step) -> _WhichOneofReturnType__apply_at_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpoint_step) -> _WhichOneofReturnType__checkpoint_step | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate_after) -> _WhichOneofReturnType__learning_rate_after | None: ...
     @_typing.overload
@@ -1690,12 +2898,34 @@ class Guardrails(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ParameterBoundsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ParameterBounds: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ParameterBounds | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MIN_LEARNING_RATE_FIELD_NUMBER: _builtins.int
     MAX_LEARNING_RATE_FIELD_NUMBER: _builtins.int
     MAX_CHANGE_FACTOR_FIELD_NUMBER: _builtins.int
     MAX_CHANGES_PER_MINUTE_FIELD_NUMBER: _builtins.int
     REVERT_ON_NAN_STEPS_FIELD_NUMBER: _builtins.int
     HORIZON_STEPS_FIELD_NUMBER: _builtins.int
+    PARAMETER_BOUNDS_FIELD_NUMBER: _builtins.int
     min_learning_rate: _builtins.float
     """The smallest learning rate a change may give, at any step of the horizon
     (horizon_steps). 0: no bound beyond >= 0.
@@ -1726,6 +2956,13 @@ class Guardrails(_message.Message):
     The trainer's choice; a request's preview_steps does not change it.
     0: not reported (a server that predates this field checked 33 samples).
     """
+    @_builtins.property
+    def parameter_bounds(self) -> _containers.MessageMap[_builtins.str, Global___ParameterBounds]:
+        """Bounds on optimizer hyperparameters by name (e.g. "momentum"), beyond
+        each one's range: SetOptimizerParameters refuses a value outside them
+        with FAILED_PRECONDITION (a GUARDRAIL violation). Empty: no bounds.
+        """
+
     def __init__(
         self,
         *,
@@ -1735,10 +2972,11 @@ class Guardrails(_message.Message):
         max_changes_per_minute: _builtins.float | None = ...,
         revert_on_nan_steps: _builtins.int = ...,
         horizon_steps: _builtins.int = ...,
+        parameter_bounds: _abc.Mapping[_builtins.str, Global___ParameterBounds] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor", "_max_changes_per_minute", b"_max_changes_per_minute", "_max_learning_rate", b"_max_learning_rate", "max_change_factor", b"max_change_factor", "max_changes_per_minute", b"max_changes_per_minute", "max_learning_rate", b"max_learning_rate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor", "_max_changes_per_minute", b"_max_changes_per_minute", "_max_learning_rate", b"_max_learning_rate", "horizon_steps", b"horizon_steps", "max_change_factor", b"max_change_factor", "max_changes_per_minute", b"max_changes_per_minute", "max_learning_rate", b"max_learning_rate", "min_learning_rate", b"min_learning_rate", "revert_on_nan_steps", b"revert_on_nan_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor", "_max_changes_per_minute", b"_max_changes_per_minute", "_max_learning_rate", b"_max_learning_rate", "horizon_steps", b"horizon_steps", "max_change_factor", b"max_change_factor", "max_changes_per_minute", b"max_changes_per_minute", "max_learning_rate", b"max_learning_rate", "min_learning_rate", b"min_learning_rate", "parameter_bounds", b"parameter_bounds", "revert_on_nan_steps", b"revert_on_nan_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_change_factor: _TypeAlias = _typing.Literal["max_change_factor"]  # noqa: Y015
     _WhichOneofArgType__max_change_factor: _TypeAlias = _typing.Literal["_max_change_factor", b"_max_change_factor"]  # noqa: Y015
@@ -1833,6 +3071,9 @@ class TrainingState(_message.Message):
     CHECKPOINT_FAILURES_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ERROR_FIELD_NUMBER: _builtins.int
     CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    PAUSED_UNTIL_FIELD_NUMBER: _builtins.int
+    MEASUREMENT_SEQUENCE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifier of the training run, chosen by the trainer. Empty: not
     configured.
@@ -1929,6 +3170,11 @@ class TrainingState(_message.Message):
     """The step of the newest complete checkpoint, written by this trainer or
     resumed from. Unset: none yet (or the trainer does not checkpoint).
     """
+    measurement_sequence: _builtins.int
+    """The newest measurement's sequence number (see Measurement.sequence), so
+    a controller can tell whether ListMeasurements has something new. 0:
+    none recorded yet.
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The active schedule, without the scale applied."""
@@ -1999,6 +3245,19 @@ class TrainingState(_message.Message):
         a single-worker job.
         """
 
+    @_builtins.property
+    def hyperparameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Hyperparameter]:
+        """The optimizer's hyperparameters and the registered variables, in name
+        order, with their current values and whether they can change live.
+        Empty: no optimizer attached yet.
+        """
+
+    @_builtins.property
+    def paused_until(self) -> _timestamp_pb2.Timestamp:
+        """While PHASE_PAUSED: when the pause times out and training resumes by
+        itself. Unset otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -2034,10 +3293,13 @@ class TrainingState(_message.Message):
         checkpoint_failures: _builtins.int = ...,
         checkpoint_error: _builtins.str = ...,
         checkpoint_step: _builtins.int | None = ...,
+        hyperparameters: _abc.Iterable[Global___Hyperparameter] | None = ...,
+        paused_until: _timestamp_pb2.Timestamp | None = ...,
+        measurement_sequence: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "checkpoint_step", b"checkpoint_step", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "schedule", b"schedule", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "checkpoint_step", b"checkpoint_step", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "paused_until", b"paused_until", "schedule", b"schedule", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "boundary_origin_step", b"boundary_origin_step", "boundary_spacing", b"boundary_spacing", "checkpoint_error", b"checkpoint_error", "checkpoint_failures", b"checkpoint_failures", "checkpoint_step", b"checkpoint_step", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "incarnation", b"incarnation", "learning_rate", b"learning_rate", "lr_clamp_count", b"lr_clamp_count", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "_epoch_metrics_epoch", b"_epoch_metrics_epoch", "_epoch_metrics_step", b"_epoch_metrics_step", "_epoch_start_step", b"_epoch_start_step", "_metrics_step", b"_metrics_step", "_steps_per_second", b"_steps_per_second", "boundary_origin_step", b"boundary_origin_step", "boundary_spacing", b"boundary_spacing", "checkpoint_error", b"checkpoint_error", "checkpoint_failures", b"checkpoint_failures", "checkpoint_step", b"checkpoint_step", "epoch", b"epoch", "epoch_metrics", b"epoch_metrics", "epoch_metrics_epoch", b"epoch_metrics_epoch", "epoch_metrics_step", b"epoch_metrics_step", "epoch_metrics_time", b"epoch_metrics_time", "epoch_start_step", b"epoch_start_step", "guardrails", b"guardrails", "hyperparameters", b"hyperparameters", "incarnation", b"incarnation", "learning_rate", b"learning_rate", "lr_clamp_count", b"lr_clamp_count", "measurement_sequence", b"measurement_sequence", "metrics", b"metrics", "metrics_step", b"metrics_step", "metrics_time", b"metrics_time", "optimizer", b"optimizer", "paused_until", b"paused_until", "pending_changes", b"pending_changes", "pending_count", b"pending_count", "phase", b"phase", "recent_changes", b"recent_changes", "run_id", b"run_id", "scale", b"scale", "schedule", b"schedule", "schedule_origin_step", b"schedule_origin_step", "step", b"step", "steps_per_second", b"steps_per_second", "updated_time", b"updated_time", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__checkpoint_step: _TypeAlias = _typing.Literal["checkpoint_step"]  # noqa: Y015
     _WhichOneofArgType__checkpoint_step: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step"]  # noqa: Y015

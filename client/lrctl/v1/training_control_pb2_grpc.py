@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class TrainingControlServiceStub:
-    """Controls the learning rate of one running training job.
+    """Controls the optimizer and the run of one running training job.
     """
 
     def __init__(self, channel):
@@ -75,10 +75,45 @@ class TrainingControlServiceStub:
                 request_serializer=lrctl_dot_v1_dot_training__control__pb2.WaitChangeRequest.SerializeToString,
                 response_deserializer=lrctl_dot_v1_dot_training__control__pb2.WaitChangeResponse.FromString,
                 _registered_method=True)
+        self.SetOptimizerParameters = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/SetOptimizerParameters',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.SetOptimizerParametersRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.SetOptimizerParametersResponse.FromString,
+                _registered_method=True)
+        self.PauseTraining = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/PauseTraining',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.PauseTrainingRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.PauseTrainingResponse.FromString,
+                _registered_method=True)
+        self.ResumeTraining = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/ResumeTraining',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.ResumeTrainingRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.ResumeTrainingResponse.FromString,
+                _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/SaveCheckpoint',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.SaveCheckpointResponse.FromString,
+                _registered_method=True)
+        self.StopTraining = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/StopTraining',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.StopTrainingRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.StopTrainingResponse.FromString,
+                _registered_method=True)
+        self.LoadCheckpoint = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/LoadCheckpoint',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.LoadCheckpointRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.LoadCheckpointResponse.FromString,
+                _registered_method=True)
+        self.ListMeasurements = channel.unary_unary(
+                '/lrctl.v1.TrainingControlService/ListMeasurements',
+                request_serializer=lrctl_dot_v1_dot_training__control__pb2.ListMeasurementsRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_training__control__pb2.ListMeasurementsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingControlServiceServicer:
-    """Controls the learning rate of one running training job.
+    """Controls the optimizer and the run of one running training job.
     """
 
     def SetLearningRate(self, request, context):
@@ -168,6 +203,87 @@ class TrainingControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetOptimizerParameters(self, request, context):
+        """Sets scalar hyperparameters of the attached optimizer (momentum, the Adam
+        family's betas and epsilon, weight decay, clipping), or variables the
+        training script registered (TrainingControl.register), at a step
+        boundary, as one versioned change, with no retrace. Errors are as for
+        SetLearningRate, plus INVALID_ARGUMENT naming the parameter
+        ("parameters[momentum]") for an unknown name or a value out of its range,
+        and FAILED_PRECONDITION (a PreconditionFailure violation of type
+        OPTIMIZER_STRUCTURE) for a change the traced train step cannot make: a
+        parameter this optimizer does not have, momentum 0 -> nonzero on an
+        optimizer built without momentum slots, clipping on one built without
+        it; the message says how to start the job so that the change is possible.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseTraining(self, request, context):
+        """Pauses training at a step boundary: the training thread waits there,
+        holding no lock, until ResumeTraining, StopTraining, a shutdown, or the
+        pause's timeout. The phase is PHASE_PAUSED and readiness NOT_SERVING
+        meanwhile; every RPC keeps answering, and changes (a checkpoint, a load,
+        a hyperparameter) apply at the paused boundary. Pausing a paused run
+        restarts its timeout. Errors are as for SetLearningRate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeTraining(self, request, context):
+        """Resumes a paused run at once. Resuming a run that is not paused is
+        applied and changes nothing. Errors are as for SetLearningRate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveCheckpoint(self, request, context):
+        """Writes a checkpoint at a step boundary, in the format and folder of
+        --checkpoint-dir; the applied change names it (Change.checkpoint_path,
+        Change.checkpoint_step). Errors are as for SetLearningRate, plus
+        FAILED_PRECONDITION when the trainer has no checkpoint folder, and
+        INTERNAL (the change ends CHANGE_STATUS_FAILED) when the write fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopTraining(self, request, context):
+        """Ends the run for good at a step boundary: a final checkpoint (when the
+        trainer checkpoints), pending changes cancelled with this change's
+        reason, phase PHASE_FINISHED, exit status 0. Unlike a SIGTERM, a restart
+        has nothing left to do. Errors are as for SetLearningRate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadCheckpoint(self, request, context):
+        """Loads weights and optimizer state from a checkpoint written by lrctl
+        (another run's, for population-based training's exploit) at a step
+        boundary, keeping this run's step. Needs the write role. Errors are as
+        for SetLearningRate, plus FAILED_PRECONDITION when the trainer was started
+        without --checkpoint-root, PERMISSION_DENIED for a path outside it,
+        NOT_FOUND for a checkpoint that does not exist, and FAILED_PRECONDITION
+        (the change ends CHANGE_STATUS_FAILED, nothing changed) for a checkpoint
+        of another model, naming the first variable whose shape differs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMeasurements(self, request, context):
+        """Lists the run's measurements (the batch and epoch logs the trainer
+        recorded, the last 10,000 at most), oldest first, in pages, so that a
+        controller that reconnects reads the evaluations it missed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +327,41 @@ def add_TrainingControlServiceServicer_to_server(servicer, server):
                     request_deserializer=lrctl_dot_v1_dot_training__control__pb2.WaitChangeRequest.FromString,
                     response_serializer=lrctl_dot_v1_dot_training__control__pb2.WaitChangeResponse.SerializeToString,
             ),
+            'SetOptimizerParameters': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOptimizerParameters,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.SetOptimizerParametersRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.SetOptimizerParametersResponse.SerializeToString,
+            ),
+            'PauseTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseTraining,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.PauseTrainingRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.PauseTrainingResponse.SerializeToString,
+            ),
+            'ResumeTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeTraining,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.ResumeTrainingRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.ResumeTrainingResponse.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'StopTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopTraining,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.StopTrainingRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.StopTrainingResponse.SerializeToString,
+            ),
+            'LoadCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadCheckpoint,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.LoadCheckpointRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.LoadCheckpointResponse.SerializeToString,
+            ),
+            'ListMeasurements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMeasurements,
+                    request_deserializer=lrctl_dot_v1_dot_training__control__pb2.ListMeasurementsRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_training__control__pb2.ListMeasurementsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'lrctl.v1.TrainingControlService', rpc_method_handlers)
@@ -220,7 +371,7 @@ def add_TrainingControlServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainingControlService:
-    """Controls the learning rate of one running training job.
+    """Controls the optimizer and the run of one running training job.
     """
 
     @staticmethod
@@ -429,6 +580,195 @@ class TrainingControlService:
             '/lrctl.v1.TrainingControlService/WaitChange',
             lrctl_dot_v1_dot_training__control__pb2.WaitChangeRequest.SerializeToString,
             lrctl_dot_v1_dot_training__control__pb2.WaitChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOptimizerParameters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/SetOptimizerParameters',
+            lrctl_dot_v1_dot_training__control__pb2.SetOptimizerParametersRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.SetOptimizerParametersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/PauseTraining',
+            lrctl_dot_v1_dot_training__control__pb2.PauseTrainingRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.PauseTrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/ResumeTraining',
+            lrctl_dot_v1_dot_training__control__pb2.ResumeTrainingRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.ResumeTrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/SaveCheckpoint',
+            lrctl_dot_v1_dot_training__control__pb2.SaveCheckpointRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/StopTraining',
+            lrctl_dot_v1_dot_training__control__pb2.StopTrainingRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.StopTrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/LoadCheckpoint',
+            lrctl_dot_v1_dot_training__control__pb2.LoadCheckpointRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.LoadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMeasurements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.TrainingControlService/ListMeasurements',
+            lrctl_dot_v1_dot_training__control__pb2.ListMeasurementsRequest.SerializeToString,
+            lrctl_dot_v1_dot_training__control__pb2.ListMeasurementsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,7 +57,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TrainingControlServiceStub:
-    """Controls the learning rate of one running training job."""
+    """Controls the optimizer and the run of one running training job."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -117,10 +117,63 @@ class TrainingControlServiceStub:
     before the change is terminal: it stays pending in the checkpoint, and
     the same name finds it after the restart.
     """
+    SetOptimizerParameters: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.SetOptimizerParametersRequest, _training_control_pb2.SetOptimizerParametersResponse]
+    """Sets scalar hyperparameters of the attached optimizer (momentum, the Adam
+    family's betas and epsilon, weight decay, clipping), or variables the
+    training script registered (TrainingControl.register), at a step
+    boundary, as one versioned change, with no retrace. Errors are as for
+    SetLearningRate, plus INVALID_ARGUMENT naming the parameter
+    ("parameters[momentum]") for an unknown name or a value out of its range,
+    and FAILED_PRECONDITION (a PreconditionFailure violation of type
+    OPTIMIZER_STRUCTURE) for a change the traced train step cannot make: a
+    parameter this optimizer does not have, momentum 0 -> nonzero on an
+    optimizer built without momentum slots, clipping on one built without
+    it; the message says how to start the job so that the change is possible.
+    """
+    PauseTraining: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.PauseTrainingRequest, _training_control_pb2.PauseTrainingResponse]
+    """Pauses training at a step boundary: the training thread waits there,
+    holding no lock, until ResumeTraining, StopTraining, a shutdown, or the
+    pause's timeout. The phase is PHASE_PAUSED and readiness NOT_SERVING
+    meanwhile; every RPC keeps answering, and changes (a checkpoint, a load,
+    a hyperparameter) apply at the paused boundary. Pausing a paused run
+    restarts its timeout. Errors are as for SetLearningRate.
+    """
+    ResumeTraining: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.ResumeTrainingRequest, _training_control_pb2.ResumeTrainingResponse]
+    """Resumes a paused run at once. Resuming a run that is not paused is
+    applied and changes nothing. Errors are as for SetLearningRate.
+    """
+    SaveCheckpoint: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.SaveCheckpointRequest, _training_control_pb2.SaveCheckpointResponse]
+    """Writes a checkpoint at a step boundary, in the format and folder of
+    --checkpoint-dir; the applied change names it (Change.checkpoint_path,
+    Change.checkpoint_step). Errors are as for SetLearningRate, plus
+    FAILED_PRECONDITION when the trainer has no checkpoint folder, and
+    INTERNAL (the change ends CHANGE_STATUS_FAILED) when the write fails.
+    """
+    StopTraining: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.StopTrainingRequest, _training_control_pb2.StopTrainingResponse]
+    """Ends the run for good at a step boundary: a final checkpoint (when the
+    trainer checkpoints), pending changes cancelled with this change's
+    reason, phase PHASE_FINISHED, exit status 0. Unlike a SIGTERM, a restart
+    has nothing left to do. Errors are as for SetLearningRate.
+    """
+    LoadCheckpoint: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.LoadCheckpointRequest, _training_control_pb2.LoadCheckpointResponse]
+    """Loads weights and optimizer state from a checkpoint written by lrctl
+    (another run's, for population-based training's exploit) at a step
+    boundary, keeping this run's step. Needs the write role. Errors are as
+    for SetLearningRate, plus FAILED_PRECONDITION when the trainer was started
+    without --checkpoint-root, PERMISSION_DENIED for a path outside it,
+    NOT_FOUND for a checkpoint that does not exist, and FAILED_PRECONDITION
+    (the change ends CHANGE_STATUS_FAILED, nothing changed) for a checkpoint
+    of another model, naming the first variable whose shape differs.
+    """
+    ListMeasurements: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.ListMeasurementsRequest, _training_control_pb2.ListMeasurementsResponse]
+    """Lists the run's measurements (the batch and epoch logs the trainer
+    recorded, the last 10,000 at most), oldest first, in pages, so that a
+    controller that reconnects reads the evaluations it missed.
+    """
 
 @_typing.type_check_only
 class TrainingControlServiceAsyncStub(TrainingControlServiceStub):
-    """Controls the learning rate of one running training job."""
+    """Controls the optimizer and the run of one running training job."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SetLearningRate: _aio.UnaryUnaryMultiCallable[_training_control_pb2.SetLearningRateRequest, _training_control_pb2.SetLearningRateResponse]  # type: ignore[assignment]
@@ -177,9 +230,62 @@ class TrainingControlServiceAsyncStub(TrainingControlServiceStub):
     before the change is terminal: it stays pending in the checkpoint, and
     the same name finds it after the restart.
     """
+    SetOptimizerParameters: _aio.UnaryUnaryMultiCallable[_training_control_pb2.SetOptimizerParametersRequest, _training_control_pb2.SetOptimizerParametersResponse]  # type: ignore[assignment]
+    """Sets scalar hyperparameters of the attached optimizer (momentum, the Adam
+    family's betas and epsilon, weight decay, clipping), or variables the
+    training script registered (TrainingControl.register), at a step
+    boundary, as one versioned change, with no retrace. Errors are as for
+    SetLearningRate, plus INVALID_ARGUMENT naming the parameter
+    ("parameters[momentum]") for an unknown name or a value out of its range,
+    and FAILED_PRECONDITION (a PreconditionFailure violation of type
+    OPTIMIZER_STRUCTURE) for a change the traced train step cannot make: a
+    parameter this optimizer does not have, momentum 0 -> nonzero on an
+    optimizer built without momentum slots, clipping on one built without
+    it; the message says how to start the job so that the change is possible.
+    """
+    PauseTraining: _aio.UnaryUnaryMultiCallable[_training_control_pb2.PauseTrainingRequest, _training_control_pb2.PauseTrainingResponse]  # type: ignore[assignment]
+    """Pauses training at a step boundary: the training thread waits there,
+    holding no lock, until ResumeTraining, StopTraining, a shutdown, or the
+    pause's timeout. The phase is PHASE_PAUSED and readiness NOT_SERVING
+    meanwhile; every RPC keeps answering, and changes (a checkpoint, a load,
+    a hyperparameter) apply at the paused boundary. Pausing a paused run
+    restarts its timeout. Errors are as for SetLearningRate.
+    """
+    ResumeTraining: _aio.UnaryUnaryMultiCallable[_training_control_pb2.ResumeTrainingRequest, _training_control_pb2.ResumeTrainingResponse]  # type: ignore[assignment]
+    """Resumes a paused run at once. Resuming a run that is not paused is
+    applied and changes nothing. Errors are as for SetLearningRate.
+    """
+    SaveCheckpoint: _aio.UnaryUnaryMultiCallable[_training_control_pb2.SaveCheckpointRequest, _training_control_pb2.SaveCheckpointResponse]  # type: ignore[assignment]
+    """Writes a checkpoint at a step boundary, in the format and folder of
+    --checkpoint-dir; the applied change names it (Change.checkpoint_path,
+    Change.checkpoint_step). Errors are as for SetLearningRate, plus
+    FAILED_PRECONDITION when the trainer has no checkpoint folder, and
+    INTERNAL (the change ends CHANGE_STATUS_FAILED) when the write fails.
+    """
+    StopTraining: _aio.UnaryUnaryMultiCallable[_training_control_pb2.StopTrainingRequest, _training_control_pb2.StopTrainingResponse]  # type: ignore[assignment]
+    """Ends the run for good at a step boundary: a final checkpoint (when the
+    trainer checkpoints), pending changes cancelled with this change's
+    reason, phase PHASE_FINISHED, exit status 0. Unlike a SIGTERM, a restart
+    has nothing left to do. Errors are as for SetLearningRate.
+    """
+    LoadCheckpoint: _aio.UnaryUnaryMultiCallable[_training_control_pb2.LoadCheckpointRequest, _training_control_pb2.LoadCheckpointResponse]  # type: ignore[assignment]
+    """Loads weights and optimizer state from a checkpoint written by lrctl
+    (another run's, for population-based training's exploit) at a step
+    boundary, keeping this run's step. Needs the write role. Errors are as
+    for SetLearningRate, plus FAILED_PRECONDITION when the trainer was started
+    without --checkpoint-root, PERMISSION_DENIED for a path outside it,
+    NOT_FOUND for a checkpoint that does not exist, and FAILED_PRECONDITION
+    (the change ends CHANGE_STATUS_FAILED, nothing changed) for a checkpoint
+    of another model, naming the first variable whose shape differs.
+    """
+    ListMeasurements: _aio.UnaryUnaryMultiCallable[_training_control_pb2.ListMeasurementsRequest, _training_control_pb2.ListMeasurementsResponse]  # type: ignore[assignment]
+    """Lists the run's measurements (the batch and epoch logs the trainer
+    recorded, the last 10,000 at most), oldest first, in pages, so that a
+    controller that reconnects reads the evaluations it missed.
+    """
 
 class TrainingControlServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Controls the learning rate of one running training job."""
+    """Controls the optimizer and the run of one running training job."""
 
     @_abc_1.abstractmethod
     def SetLearningRate(
@@ -281,6 +387,101 @@ class TrainingControlServiceServicer(metaclass=_abc_1.ABCMeta):
         as for GetChange, plus UNAVAILABLE when the trainer stops (SIGTERM)
         before the change is terminal: it stays pending in the checkpoint, and
         the same name finds it after the restart.
+        """
+
+    @_abc_1.abstractmethod
+    def SetOptimizerParameters(
+        self,
+        request: _training_control_pb2.SetOptimizerParametersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.SetOptimizerParametersResponse, _abc.Awaitable[_training_control_pb2.SetOptimizerParametersResponse]]:
+        """Sets scalar hyperparameters of the attached optimizer (momentum, the Adam
+        family's betas and epsilon, weight decay, clipping), or variables the
+        training script registered (TrainingControl.register), at a step
+        boundary, as one versioned change, with no retrace. Errors are as for
+        SetLearningRate, plus INVALID_ARGUMENT naming the parameter
+        ("parameters[momentum]") for an unknown name or a value out of its range,
+        and FAILED_PRECONDITION (a PreconditionFailure violation of type
+        OPTIMIZER_STRUCTURE) for a change the traced train step cannot make: a
+        parameter this optimizer does not have, momentum 0 -> nonzero on an
+        optimizer built without momentum slots, clipping on one built without
+        it; the message says how to start the job so that the change is possible.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseTraining(
+        self,
+        request: _training_control_pb2.PauseTrainingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.PauseTrainingResponse, _abc.Awaitable[_training_control_pb2.PauseTrainingResponse]]:
+        """Pauses training at a step boundary: the training thread waits there,
+        holding no lock, until ResumeTraining, StopTraining, a shutdown, or the
+        pause's timeout. The phase is PHASE_PAUSED and readiness NOT_SERVING
+        meanwhile; every RPC keeps answering, and changes (a checkpoint, a load,
+        a hyperparameter) apply at the paused boundary. Pausing a paused run
+        restarts its timeout. Errors are as for SetLearningRate.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeTraining(
+        self,
+        request: _training_control_pb2.ResumeTrainingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.ResumeTrainingResponse, _abc.Awaitable[_training_control_pb2.ResumeTrainingResponse]]:
+        """Resumes a paused run at once. Resuming a run that is not paused is
+        applied and changes nothing. Errors are as for SetLearningRate.
+        """
+
+    @_abc_1.abstractmethod
+    def SaveCheckpoint(
+        self,
+        request: _training_control_pb2.SaveCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.SaveCheckpointResponse, _abc.Awaitable[_training_control_pb2.SaveCheckpointResponse]]:
+        """Writes a checkpoint at a step boundary, in the format and folder of
+        --checkpoint-dir; the applied change names it (Change.checkpoint_path,
+        Change.checkpoint_step). Errors are as for SetLearningRate, plus
+        FAILED_PRECONDITION when the trainer has no checkpoint folder, and
+        INTERNAL (the change ends CHANGE_STATUS_FAILED) when the write fails.
+        """
+
+    @_abc_1.abstractmethod
+    def StopTraining(
+        self,
+        request: _training_control_pb2.StopTrainingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.StopTrainingResponse, _abc.Awaitable[_training_control_pb2.StopTrainingResponse]]:
+        """Ends the run for good at a step boundary: a final checkpoint (when the
+        trainer checkpoints), pending changes cancelled with this change's
+        reason, phase PHASE_FINISHED, exit status 0. Unlike a SIGTERM, a restart
+        has nothing left to do. Errors are as for SetLearningRate.
+        """
+
+    @_abc_1.abstractmethod
+    def LoadCheckpoint(
+        self,
+        request: _training_control_pb2.LoadCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.LoadCheckpointResponse, _abc.Awaitable[_training_control_pb2.LoadCheckpointResponse]]:
+        """Loads weights and optimizer state from a checkpoint written by lrctl
+        (another run's, for population-based training's exploit) at a step
+        boundary, keeping this run's step. Needs the write role. Errors are as
+        for SetLearningRate, plus FAILED_PRECONDITION when the trainer was started
+        without --checkpoint-root, PERMISSION_DENIED for a path outside it,
+        NOT_FOUND for a checkpoint that does not exist, and FAILED_PRECONDITION
+        (the change ends CHANGE_STATUS_FAILED, nothing changed) for a checkpoint
+        of another model, naming the first variable whose shape differs.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMeasurements(
+        self,
+        request: _training_control_pb2.ListMeasurementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_control_pb2.ListMeasurementsResponse, _abc.Awaitable[_training_control_pb2.ListMeasurementsResponse]]:
+        """Lists the run's measurements (the batch and epoch logs the trainer
+        recorded, the last 10,000 at most), oldest first, in pages, so that a
+        controller that reconnects reads the evaluations it missed.
         """
 
 def add_TrainingControlServiceServicer_to_server(servicer: TrainingControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

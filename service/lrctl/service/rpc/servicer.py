@@ -372,6 +372,13 @@ class TrainingControlServicer:
                 await self._wakeups.sleep(waiter, left)
             return waiter.record
 
+    # Issue 19's RPCs: declared in the proto, built next (UNIMPLEMENTED until then).
+    async def _unimplemented(self, request: Message, context: aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not implemented yet")
+
+    SetOptimizerParameters = PauseTraining = ResumeTraining = _unimplemented
+    SaveCheckpoint = StopTraining = LoadCheckpoint = ListMeasurements = _unimplemented
+
 
 def _view(view: int) -> int:
     """A request's StateView, UNSPECIFIED as FULL; INVALID_ARGUMENT naming `view` for another value."""
