@@ -27,6 +27,8 @@ class Phase(enum.Enum):
     #: Shut down before completing (SIGTERM/SIGINT): pending changes stay pending and resume
     #: with the run when it restarts from its checkpoint.
     STOPPED = "stopped"
+    #: Paused by PauseTraining: the training thread waits at a boundary; changes still apply.
+    PAUSED = "paused"
 
 
 #: Phases after which this process accepts and applies nothing more.
@@ -91,7 +93,90 @@ class RevertSchedule:
                 f"scale={self.state.scale:g}")
 
 
+@dataclass(frozen=True)
+class SetParameters:
+    """Set optimizer hyperparameters or registered variables, by name (sorted by name)."""
+
+    values: tuple[tuple[str, float], ...]
+
+    def describe(self) -> str:
+        return "set " + " ".join(f"{name}={value:g}" for name, value in self.values)
+
+
+@dataclass(frozen=True)
+class PauseTraining:
+    """Wait at a boundary until resumed, stopped, shut down, or `timeout` seconds pass."""
+
+    timeout: float
+
+    def describe(self) -> str:
+        return f"pause (timeout {self.timeout:g}s)"
+
+
+@dataclass(frozen=True)
+class ResumeTraining:
+    """End a pause (nothing to do if not paused)."""
+
+    def describe(self) -> str:
+        return "resume"
+
+
+@dataclass(frozen=True)
+class SaveCheckpoint:
+    """Write a checkpoint at the boundary, as --checkpoint-every does."""
+
+    def describe(self) -> str:
+        return "save checkpoint"
+
+
+@dataclass(frozen=True)
+class StopTraining:
+    """End the run for good at the boundary: final checkpoint, pending cancelled, FINISHED."""
+
+    def describe(self) -> str:
+        return "stop training"
+
+
+@dataclass(frozen=True)
+class LoadCheckpoint:
+    """Load weights and optimizer state (this run's step kept) from a checkpoint under the
+    trainer's checkpoint root; with `load_hyperparameters`, its schedule and hyperparameters too."""
+
+    path: str
+    load_hyperparameters: bool = False
+
+    def describe(self) -> str:
+        return f"load {self.path}" + (" with its hyperparameters" if self.load_hyperparameters else "")
+
+
+# Issue 19 adds SetParameters and RunAction to Action as each is built (changes.py stays the
+# one vocabulary): until then the controller accepts only schedule actions.
 Action = PinLearningRate | ScaleLearningRate | SwapSchedule | RevertSchedule
+RunAction = PauseTraining | ResumeTraining | SaveCheckpoint | StopTraining | LoadCheckpoint
+#: Actions the training layer performs at the boundary (not a schedule or parameter load).
+RUN_ACTIONS = (PauseTraining, ResumeTraining, SaveCheckpoint, StopTraining, LoadCheckpoint)
+
+
+@dataclass(frozen=True)
+class ParameterUpdate:
+    """One hyperparameter an applied change set: its value before and after."""
+
+    name: str
+    before: float
+    after: float
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One optimizer hyperparameter or registered variable, as GetState reports it."""
+
+    name: str
+    value: float
+    live: bool  #: SetParameters can change it in this run
+    fixed_reason: str = ""  #: why not live, and how to start the job so that it is
+    registered: bool = False  #: TrainingControl.register'ed, not the optimizer's own
+    min_value: float | None = None
+    max_value: float | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +241,12 @@ class Change:
     preview_current: tuple[tuple[int, float], ...] = ()
     #: For apply_after_steps: the step it resolved to at the first boundary that saw it.
     due_step: int | None = None
+    #: For an applied SetParameters (or a LoadCheckpoint with its hyperparameters).
+    parameter_updates: tuple[ParameterUpdate, ...] = ()
+    #: For an applied SaveCheckpoint: the weights file written; LoadCheckpoint: the one loaded.
+    checkpoint_path: str = ""
+    checkpoint_step: int | None = None  #: that checkpoint's step
+    checkpoint_run_id: str = ""  #: for LoadCheckpoint: the run that wrote it (lineage)
 
     @property
     def due_key(self) -> int:
@@ -225,6 +316,12 @@ class Snapshot:
     checkpoint_error: str = ""
     #: The step of the newest complete checkpoint written or resumed from; None: none yet.
     checkpoint_step: int | None = None
+    #: The optimizer's hyperparameters and the registered variables, by name.
+    hyperparameters: tuple[Hyperparameter, ...] = ()
+    #: While PAUSED: when the pause times out (time.time()). None otherwise.
+    paused_until: float | None = None
+    #: The newest measurement's sequence number (0: none recorded yet).
+    measurement_sequence: int = 0
 
 
 class ScheduleTarget(Protocol):
@@ -246,7 +343,29 @@ class ChangeLog(Protocol):
 
 
 __all__ = [
-    "ENDED_PHASES", "Action", "Boundaries", "Change", "ChangeLog", "ChangeRequest", "ChangeStatus", "Phase",
-    "PinLearningRate", "RevertSchedule", "ScaleLearningRate", "ScheduleTarget", "Snapshot", "SwapSchedule",
+    "ENDED_PHASES",
+    "RUN_ACTIONS",
+    "Action",
+    "Boundaries",
+    "Change",
+    "ChangeLog",
+    "ChangeRequest",
+    "ChangeStatus",
+    "Hyperparameter",
+    "LoadCheckpoint",
+    "ParameterUpdate",
+    "PauseTraining",
+    "Phase",
+    "PinLearningRate",
+    "ResumeTraining",
+    "RevertSchedule",
+    "RunAction",
+    "SaveCheckpoint",
+    "ScaleLearningRate",
+    "ScheduleTarget",
+    "SetParameters",
+    "Snapshot",
+    "StopTraining",
+    "SwapSchedule",
     "WorkerState",
 ]
