@@ -238,3 +238,44 @@ def test_a_saved_checkpoint_holds_the_paused_state(tmp_path: Path) -> None:
     trainer.model.load_weights(saved.checkpoint_path)
     np.testing.assert_array_equal(trainer.model.layers[0].kernel.numpy(), kernel)
     assert int(trainer.model.optimizer.iterations.numpy()) == saved.checkpoint_step
+
+
+def test_lrctl_trainer_stops_for_good_and_a_restart_has_nothing_to_do(
+        tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    from test_trainer import _Trainer
+
+    run = _Trainer("--demo", "--checkpoint-dir", str(tmp_path), env=subprocess_env)
+    try:
+        run.wait_until_training()
+        with TrainingControlClient(run.target, timeout=120) as client:
+            stop = client.stop_training(wait=True, reason="early stopping")
+        assert stop.status == pb.CHANGE_STATUS_APPLIED
+        assert run.wait() == 0, run.stderr
+    finally:
+        run.process.kill()
+    assert (tmp_path / f"ckpt-{stop.applied_step}.weights.h5").is_file(), run.stderr
+    assert "finished at step" in run.stderr, run.stderr
+    again = _Trainer("--demo", "--checkpoint-dir", str(tmp_path), env=subprocess_env)
+    assert again.wait() == 0, again.stderr
+    assert f"stopped for good by StopTraining at step {stop.applied_step}; nothing to train" \
+        in again.stderr, again.stderr
+
+
+def test_sigterm_while_paused_stops_the_run_and_exits_0(
+        tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    import signal
+
+    from test_trainer import _Trainer
+
+    run = _Trainer("--demo", "--checkpoint-dir", str(tmp_path), env=subprocess_env)
+    try:
+        run.wait_until_training()
+        with TrainingControlClient(run.target, timeout=120) as client:
+            pause = client.pause_training(wait=True)
+            assert client.get_state().phase == pb.PHASE_PAUSED
+            run.process.send_signal(signal.SIGTERM)
+        assert run.wait() == 0, run.stderr
+    finally:
+        run.process.kill()
+    assert "stopped at step" in run.stderr, run.stderr  # STOPPED, not FINISHED
+    assert pause.applied_step is not None
