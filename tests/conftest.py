@@ -36,6 +36,7 @@ QUICK = (
     "test_docs_limits.py",
     "test_protos.py",
     "test_quick.py",
+    "test_run_control_domain.py",
     "test_specs.py",
     "test_wait_change_server.py",
     "test_wal.py",

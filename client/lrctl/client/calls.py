@@ -231,6 +231,47 @@ def send_change(change: Pin | Scale | Swap, options: ChangeOptions, timeout: flo
     return response.change  # type: ignore[no-any-return]
 
 
+#: The run-control RPCs and their requests (`send_run_action`).
+RUN_ACTIONS: dict[str, type[Message]] = {
+    "PauseTraining": pb.PauseTrainingRequest, "ResumeTraining": pb.ResumeTrainingRequest,
+    "SaveCheckpoint": pb.SaveCheckpointRequest, "StopTraining": pb.StopTrainingRequest,
+    "LoadCheckpoint": pb.LoadCheckpointRequest,
+}
+
+
+def run_action_request(method: str, options: ChangeOptions, **fields: Any) -> Message:
+    """The request of run-control RPC `method` with its own `fields` and `options` (an option
+    these requests lack, `force` or `preview_steps`, must keep its default)."""
+    request = RUN_ACTIONS[method](**fields)
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        name = _PROTO_NAMES.get(field.name, field.name)
+        if name not in request.DESCRIPTOR.fields_by_name:
+            if value != field.default:
+                raise ValueError(f"Argument `{field.name}` does not apply to {method}. "
+                                 f"Received: {field.name}={value!r}")
+            continue
+        if value is not None:
+            setattr(request, name, value)
+    if options.request_id is None:
+        request.request_id = uuid.uuid4().hex  # type: ignore[attr-defined]
+    return request
+
+
+def pause_request(timeout: float | None, options: ChangeOptions) -> Message:
+    """PauseTraining's request: `timeout` seconds (None: the server's default, 1 hour)."""
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"Argument `timeout` must be > 0 seconds. Received: timeout={timeout!r}")
+    fields = {} if timeout is None else {"timeout": _duration(timeout)}
+    return run_action_request("PauseTraining", options, **fields)
+
+
+def send_run_action(method: str, request: Message, timeout: float | None) -> Plan[pb.Change]:
+    """One run-control change (PauseTraining ... LoadCheckpoint)."""
+    response = yield Call(method, request, timeout)
+    return response.change  # type: ignore[no-any-return]
+
+
 def cancel_change(
     *, request_id: str | None, version: int | None, reason: str, timeout: float | None,
     expected_run_id: str = "", expected_incarnation: str = "",

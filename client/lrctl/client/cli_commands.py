@@ -28,7 +28,13 @@ from lrctl.client.cli_output import (
     render_preview,
     to_json,
 )
-from lrctl.client.cli_parser import DEFAULT_PREVIEW_STEPS, UsageError, schedule_from_args
+from lrctl.client.cli_parser import (
+    DEFAULT_PREVIEW_STEPS,
+    RUN_COMMANDS,
+    RUN_OPTION_NAMES,
+    UsageError,
+    schedule_from_args,
+)
 from lrctl.client.client import TrainingControlClient, tls_credentials
 from lrctl.v1 import training_control_pb2 as pb
 
@@ -49,7 +55,7 @@ def change_options(args: argparse.Namespace) -> ChangeOptions:
     # usually name a future step, so they return as soon as the change is queued.
     given["wait"] &= not (args.apply_at_step is not None or args.apply_after_steps is not None
                           or args.validate_only)
-    if args.validate_only and args.preview_steps is None:
+    if args.validate_only and getattr(args, "preview_steps", 0) is None:
         given["preview_steps"] = DEFAULT_PREVIEW_STEPS
     # Made here, not by the client, so that a timed-out wait can say what to cancel.
     given["request_id"] = uuid.uuid4().hex
@@ -59,7 +65,8 @@ def change_options(args: argparse.Namespace) -> ChangeOptions:
 def build_change_call(
     args: argparse.Namespace,
 ) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
-    """Map `set`/`scale`/`swap` arguments to `(client method name, args, kwargs)`."""
+    """Map `set`/`scale`/`swap` and the run-control commands' arguments to `(client method
+    name, args, kwargs)`."""
     kwargs = dataclasses.asdict(change_options(args))
     if args.command == "set":
         return "set_learning_rate", (args.learning_rate,), kwargs
@@ -69,6 +76,13 @@ def build_change_call(
         swap = {f.name: getattr(args, f.name) for f in dataclasses.fields(Swap)
                 if f.name != "schedule"}
         return "swap_schedule", (schedule_from_args(args),), {**kwargs, **swap}
+    if args.command in RUN_COMMANDS:  # their requests have no force or preview
+        kwargs = {k: v for k, v in kwargs.items() if k in RUN_OPTION_NAMES}
+        if args.command == "pause":
+            return "pause_training", (args.pause_timeout,), kwargs
+        if args.command == "load":
+            return "load_checkpoint", (args.path, args.load_hyperparameters), kwargs
+        return RUN_COMMANDS[args.command], (), kwargs
     raise AssertionError(args.command)
 
 
@@ -106,7 +120,7 @@ def run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) ->
         state = client.get_state()
         _print(out, args, state, describe_state(state))
         return EXIT_OK
-    if args.command in ("set", "scale", "swap"):
+    if args.command in ("set", "scale", "swap", *RUN_COMMANDS):
         return _change(client, args, out)
     if args.command == "cancel":
         change = client.cancel_change(

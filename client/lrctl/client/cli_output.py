@@ -150,6 +150,13 @@ def _action(change: pb.Change) -> str:
         extra = f" start_step={change.schedule_start_step}" if change.schedule_start_step else ""
         extra += f" scale={fmt(change.swap_scale)}" if change.HasField("swap_scale") else ""
         return f"swap {schedules.describe_schedule(change.swap_schedule)} origin={origin}{extra}"
+    if which == "pause":
+        return f"pause (timeout {change.pause.timeout.ToTimedelta().total_seconds():g}s)"
+    if which in ("resume", "save_checkpoint", "stop"):
+        return {"resume": "resume", "save_checkpoint": "save checkpoint", "stop": "stop training"}[which]
+    if which == "load_checkpoint":
+        hyper = " with its hyperparameters" if change.load_checkpoint.load_hyperparameters else ""
+        return f"load {change.load_checkpoint.path}{hyper}"
     if which == "revert":
         restored = change.revert
         return (f"revert to {schedules.describe_schedule(restored.schedule)} "
@@ -163,9 +170,13 @@ def describe_change(change: pb.Change) -> str:
     status = change.status
     if status == pb.CHANGE_STATUS_APPLIED:
         lr = fmt(change.learning_rate_after) if change.HasField("learning_rate_after") else "?"
+        checkpoint = ""
+        if change.checkpoint_path:  # a save or a load: the file, its step, its run
+            of_run = f" of run {change.checkpoint_run_id}" if change.checkpoint_run_id else ""
+            checkpoint = f" [{change.checkpoint_path}, step {change.checkpoint_step}{of_run}]"
         return (
             f"applied v{change.version} at step {change.applied_step}: "
-            f"{_action(change)} -> lr {lr}{reason}"
+            f"{_action(change)}{checkpoint} -> lr {lr}{reason}"
         )
     if status == pb.CHANGE_STATUS_PENDING:
         when = (

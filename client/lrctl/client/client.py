@@ -240,6 +240,46 @@ class TrainingControlClient:
         return self._run(calls.send_change(
             pick(Swap, locals()), pick(ChangeOptions, locals()), timeout))
 
+    # --- run control: each a change like the ones above (options: `ChangeOptions` but
+    # `force` and `preview_steps`) ---
+
+    def pause_training(self, timeout: float | None = None, *, rpc_timeout: float | None = None,
+                       **options: Any) -> pb.Change:
+        """Pause training at a step boundary: it waits there until `resume_training`,
+        `stop_training`, a shutdown, or `timeout` seconds (the pause's own; None: the server's
+        default, 1 hour; at most 7 days). Pausing a paused run restarts its timeout. Changes
+        still apply while paused. `rpc_timeout` is the RPC deadline (None: the client's)."""
+        request = calls.pause_request(timeout, ChangeOptions(**options))
+        return self._run(calls.send_run_action("PauseTraining", request, rpc_timeout))
+
+    def resume_training(self, *, timeout: float | None = None, **options: Any) -> pb.Change:
+        """Resume a paused run (applied, with no effect, if it is not paused)."""
+        return self._run(calls.send_run_action(
+            "ResumeTraining", calls.run_action_request("ResumeTraining", ChangeOptions(**options)), timeout))
+
+    def save_checkpoint(self, *, timeout: float | None = None, **options: Any) -> pb.Change:
+        """Write a checkpoint at a step boundary; the applied change names it
+        (`checkpoint_path`, `checkpoint_step`). `FailedPrecondition` without --checkpoint-dir."""
+        return self._run(calls.send_run_action(
+            "SaveCheckpoint", calls.run_action_request("SaveCheckpoint", ChangeOptions(**options)), timeout))
+
+    def stop_training(self, *, timeout: float | None = None, **options: Any) -> pb.Change:
+        """End the run for good at a step boundary (or `apply_at_step`): a final checkpoint,
+        pending changes cancelled with `reason`, phase FINISHED, the trainer exits 0."""
+        return self._run(calls.send_run_action(
+            "StopTraining", calls.run_action_request("StopTraining", ChangeOptions(**options)), timeout))
+
+    def load_checkpoint(self, path: str, load_hyperparameters: bool = False, *,
+                        timeout: float | None = None, **options: Any) -> pb.Change:
+        """Load weights and optimizer state from the checkpoint at `path` (a folder written
+        with --checkpoint-dir, or one of its weights files, under the trainer's
+        --checkpoint-root) at a step boundary, keeping this run's step; with
+        `load_hyperparameters`, its schedule too. The applied change names the file, its step
+        and the run that wrote it."""
+        request = calls.run_action_request("LoadCheckpoint", ChangeOptions(**options), path=path,
+                                           load_hyperparameters=load_hyperparameters)
+        return self._run(calls.send_run_action("LoadCheckpoint", request, timeout))
+
     def watch(self, min_interval: float = 1.0, *, timeout: float | None = None,
               every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False,
               view: View = "full") -> Watch:

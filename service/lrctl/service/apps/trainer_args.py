@@ -142,6 +142,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     durability.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
                             help="keep this run's N newest checkpoints (and the one it resumed "
                             "from) (default 2)")
+    durability.add_argument("--checkpoint-root", metavar="DIR",
+                            help="LoadCheckpoint (lrctl load) may read checkpoints under DIR only, "
+                            "e.g. the folder holding every member's --checkpoint-dir (default: "
+                            "none, LoadCheckpoint refused)")
     durability.add_argument("--no-memory-growth", action="store_true",
                             help="let TensorFlow take all GPU memory at start (default: grow as "
                             "needed, so another process can share the GPU)")

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from lrctl.service.control import policy
+from lrctl.service.control import policy, run_control
 from lrctl.service.control.changes import Change, ChangeStatus, Phase
 from lrctl.service.control.core import ControlCore
 from lrctl.service.schedules.specs import ActiveSchedule
@@ -35,7 +35,12 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
         base = core.state, core.version
     # Replays first, as they came in the run that answered them: their state and version.
     replayed = _replayed(replays, base, step)
-    finals, state, version = core.policy.outcomes(due, *replayed, step, core.clock())
+    runs = any(map(run_control.is_run_action, due)) or any(map(run_control.is_run_action, replays))
+    if runs:  # in order, each run action performed where it stands (run_control)
+        run_control.replay(core, replays, step)
+        finals, state, version = run_control.decide(core, due, *replayed, step, core.clock())
+    else:
+        finals, state, version = core.policy.outcomes(due, *replayed, step, core.clock())
     try:  # each ending durable before the engine makes it true and anyone is told
         core.log(finals)
     except OSError as e:
@@ -73,7 +78,13 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
             lr = final.learning_rate_after if final.learning_rate_after is not None else lr
         core.board.update(step=step, schedule=state, version=core.top_version(), learning_rate=lr,
                            updated_time=core.clock())
+        stop = run_control.settle(core, [*replays, *finals], step) if runs else None
+        cancelled = run_control.stop_cancellations(core, stop) if stop is not None else []
         core.republish(pending=True, history=True)
+    if stop is not None:
+        core.log_after(cancelled)
+        if core.run_target is not None:
+            core.run_target.stop(step)
     for observe in core.apply_observers:
         observe(time.perf_counter() - started)
     return finals
@@ -103,7 +114,7 @@ def set_phase(core: ControlCore, phase: Phase) -> None:
                     cancelled.append(dataclasses.replace(change, status=ChangeStatus.CANCELLED,
                                                          applied_time=core.clock()))
                     core.finish(cancelled[-1])
-        core.board.update(phase=phase, updated_time=core.clock())
+        core.board.update(phase=phase, updated_time=core.clock(), paused_until=None)
         core.republish(pending=True, history=True)
     core.log_after(cancelled)
 

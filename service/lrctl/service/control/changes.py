@@ -12,6 +12,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
@@ -150,9 +151,9 @@ class LoadCheckpoint:
 
 
 # Issue 19 adds SetParameters and RunAction to Action as each is built (changes.py stays the
-# one vocabulary): until then the controller accepts only schedule actions.
-Action = PinLearningRate | ScaleLearningRate | SwapSchedule | RevertSchedule
+# one vocabulary).
 RunAction = PauseTraining | ResumeTraining | SaveCheckpoint | StopTraining | LoadCheckpoint
+Action = PinLearningRate | ScaleLearningRate | SwapSchedule | RevertSchedule | RunAction
 #: Actions the training layer performs at the boundary (not a schedule or parameter load).
 RUN_ACTIONS = (PauseTraining, ResumeTraining, SaveCheckpoint, StopTraining, LoadCheckpoint)
 
@@ -331,6 +332,35 @@ class ScheduleTarget(Protocol):
     def read(self) -> tuple[ActiveSchedule, int]: ...
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """What the training layer did for a run action at the boundary: the change's result fields."""
+
+    checkpoint_path: str = ""  #: the weights file written (save) or loaded (load)
+    checkpoint_step: int | None = None
+    checkpoint_run_id: str = ""  #: for a load: the run that wrote the checkpoint
+    #: For a load with its hyperparameters: the checkpoint's schedule, put in force as the
+    #: change's new state (None: the schedule in force stays).
+    schedule: ActiveSchedule | None = None
+
+
+class RunTarget(Protocol):
+    """The training layer as the controller sees it for run actions (`RUN_ACTIONS`): what it
+    can do (checked when a change arrives, any thread) and doing it (at a step boundary, on
+    the training thread, no lock held). A method that raises fails its change (a domain
+    error keeps its code; anything else is INTERNAL) and training goes on."""
+
+    @property
+    def checkpoint_dir(self) -> str | None: ...  #: where SaveCheckpoint writes (None: nowhere)
+    @property
+    def checkpoint_root(self) -> Path | None: ...  #: what LoadCheckpoint may read (None: nothing)
+    def save_checkpoint(self, step: int) -> RunResult: ...
+    def load_checkpoint(self, action: LoadCheckpoint, step: int) -> RunResult: ...
+    def stop(self, step: int) -> None:
+        """After a StopTraining is recorded (pending changes cancelled): the final checkpoint
+        (when the trainer checkpoints; a failure is only logged), and the loop ends."""
+
+
 class ChangeLog(Protocol):
     """Where the controller writes each change's transitions before it answers: the
     write-ahead log (`wal.WriteAheadLog`). `append` returns once the records are durable, or
@@ -360,6 +390,8 @@ __all__ = [
     "ResumeTraining",
     "RevertSchedule",
     "RunAction",
+    "RunResult",
+    "RunTarget",
     "SaveCheckpoint",
     "ScaleLearningRate",
     "ScheduleTarget",

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
-from lrctl.service.control import boundary, recovery, submission
+from lrctl.service.control import boundary, recovery, run_control, submission
 from lrctl.service.control.changes import (
     Boundaries,
     Change,
@@ -25,6 +25,7 @@ from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
     Phase,
+    RunTarget,
     ScheduleTarget,
     Snapshot,
     WorkerState,
@@ -84,6 +85,10 @@ class Controller:
     wal: _Shared[ChangeLog | None] = _Shared()
     #: The limits changes are checked against (the rate limit is fixed at construction).
     guardrails: _Shared[Guardrails] = _Shared()
+    #: The training layer's run actions: what it can do (checked on arrival) and doing it at
+    #: the boundary (`control.run_control`). None: SaveCheckpoint and LoadCheckpoint are
+    #: refused; pause, resume and stop only change the run's state.
+    run_target: _Shared[RunTarget | None] = _Shared()
 
     # -- any thread ------------------------------------------------------------------------
 
@@ -192,7 +197,23 @@ class Controller:
         unsubscribes it. For a server without a thread per waiter (rpc/wakeups.py)."""
         return self._core.board.listen(listener)
 
+    @property
+    def stopped_step(self) -> int | None:
+        """The step a StopTraining ended the run at (carried by checkpoints), or None: a run
+        restarted from its checkpoint after a stop has nothing left to do."""
+        return self._core.stopped_step
+
+    @property
+    def paused(self) -> bool:
+        return self._core.board.current.phase is Phase.PAUSED
+
     # -- training thread -------------------------------------------------------------------
+    def wait_paused(self, step: int) -> bool:
+        """Paused at boundary `step`: wait, holding no lock, until something is due here
+        (returns True: call `apply_due(step)`, then this again) or the pause is over (False:
+        resumed, stopped, timed out, or the process is shutting down)."""
+        return run_control.wait_paused(self._core, step)
+
     def at_boundary(self, step_bound: float) -> bool:
         """A step boundary, where at most `step_bound` steps have completed (an upper bound
         kept without reading the step). Returns whether a pending change may be due."""

@@ -27,6 +27,7 @@ from lrctl.service.control.changes import (
     ChangeStatus,
     Phase,
     RevertSchedule,
+    RunTarget,
     ScheduleTarget,
     Snapshot,
 )
@@ -71,6 +72,10 @@ class ControlCore:
         self.boundary_step: float = -math.inf
         self.shutting_down = False  # every new change gets UNAVAILABLE
         self.epochs_done = 0  # epochs `fit` ran to their end: where a resume starts (initial_epoch)
+        #: The training layer's run actions (None: only pause, resume and stop, recorded).
+        self.run_target: RunTarget | None = None
+        #: The step a StopTraining ended the run at (None: not stopped): a restart has nothing to do.
+        self.stopped_step: int | None = None
         # A run id given by the caller names the run; a drawn one yields to a checkpoint's.
         self.run_id_given = run_id is not None
         self.board = Board(Snapshot(

@@ -17,13 +17,18 @@ from dataclasses import dataclass
 from lrctl.service.control import guardrails
 from lrctl.service.control.changes import (
     ENDED_PHASES,
+    RUN_ACTIONS,
     Action,
     Change,
     ChangeRequest,
     ChangeStatus,
+    LoadCheckpoint,
+    PauseTraining,
     Phase,
     PinLearningRate,
     RevertSchedule,
+    RunTarget,
+    SaveCheckpoint,
     ScaleLearningRate,
     Snapshot,
     SwapSchedule,
@@ -31,6 +36,7 @@ from lrctl.service.control.changes import (
 from lrctl.service.control.guardrails import Guardrails, RateLimiter
 from lrctl.service.control.limits import (
     APPLY_HORIZON,
+    MAX_PAUSE_TIMEOUT,
     MAX_PENDING,
     MAX_REASON_BYTES,
     MAX_REQUEST_ID_BYTES,
@@ -62,6 +68,13 @@ def check_request(request: ChangeRequest) -> None:
         check_number("learning_rate", action.learning_rate, minimum=0)
     elif isinstance(action, ScaleLearningRate):
         check_number("scale", action.factor, minimum=0, inclusive=False)
+    elif isinstance(action, PauseTraining):
+        if not 0 < action.timeout <= MAX_PAUSE_TIMEOUT:  # NaN fails too
+            raise InvalidArgumentError("timeout", f"must be in (0s, {MAX_PAUSE_TIMEOUT:g}s] (7 days)",
+                                       f"{action.timeout:g}s")
+    elif isinstance(action, LoadCheckpoint) and not action.path:
+        raise InvalidArgumentError("path", "must be set (a checkpoint folder, or its weights file)",
+                                   "nothing")
     # A SwapSchedule's spec validated itself when it was built.
     check_reason(request.reason)
     check_request_id(request.request_id)
@@ -107,6 +120,21 @@ def check_id_size(value: str, field: str = "expected_run_id") -> None:
                                    f"{len(value.encode())} bytes")
 
 
+def check_capability(action: Action, target: RunTarget | None) -> None:
+    """A run action the trainer cannot perform: FAILED_PRECONDITION saying how to start it so
+    that it can; a LoadCheckpoint path outside the checkpoint root or missing: refused now (the
+    boundary resolves it again: the folder's newest checkpoint may move on meanwhile)."""
+    if isinstance(action, SaveCheckpoint) and (target is None or target.checkpoint_dir is None):
+        raise FailedPreconditionError(
+            "SaveCheckpoint needs a checkpoint folder: start the trainer with --checkpoint-dir "
+            "(or, embedding lrctl, create a Checkpointer for the TrainingControl)")
+    if isinstance(action, LoadCheckpoint):
+        # Helper EXP's resolver (pure: no TensorFlow); imported where used.
+        from lrctl.service.control import checkpoint_paths  # type: ignore[attr-defined,unused-ignore]
+
+        checkpoint_paths.resolve(action.path, target.checkpoint_root if target is not None else None)
+
+
 def unfenced(request: ChangeRequest) -> ChangeRequest:
     """`request` without its fences: a retry is the same request whatever they say now."""
     return dataclasses.replace(request, expected_run_id="", expected_incarnation="")
@@ -118,6 +146,8 @@ _ACTION_FIELD = {PinLearningRate: "learning_rate", ScaleLearningRate: "scale", S
 
 
 def next_state(state: ActiveSchedule, action: Action, step: int) -> ActiveSchedule:
+    if isinstance(action, RUN_ACTIONS):  # a load's schedule, if any, is known only at its boundary
+        return state
     if isinstance(action, RevertSchedule):
         return action.state
     if isinstance(action, PinLearningRate):
@@ -147,8 +177,11 @@ def check_change(action: Action, state: ActiveSchedule, step: int,
     InvalidArgumentError naming the request's field if the cumulative scale, or the learning
     rate at any step of the guardrails' horizon from `step`, is not a usable float32;
     FailedPreconditionError naming the guardrail if the learning rate leaves [min, max] at
-    any step of that horizon (exact extremes, no sampling). Pure numpy: no TensorFlow."""
+    any step of that horizon (exact extremes, no sampling). Pure numpy: no TensorFlow.
+    A run action leaves the schedule as it is: nothing to check."""
     after = next_state(state, action, step)
+    if isinstance(action, RUN_ACTIONS):
+        return after, forms.learning_rate(after, step)
     field = _ACTION_FIELD[type(action)]
     if not _MIN_SCALE <= after.scale <= FLOAT32_MAX:
         raise InvalidArgumentError(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -21,13 +22,20 @@ from lrctl.service.control.changes import (
     Change,
     ChangeRequest,
     ChangeStatus,
+    LoadCheckpoint,
+    PauseTraining,
     Phase,
     PinLearningRate,
+    ResumeTraining,
     RevertSchedule,
+    SaveCheckpoint,
     ScaleLearningRate,
     Snapshot,
+    StopTraining,
+    SwapSchedule,
 )
 from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.control.limits import DEFAULT_PAUSE_TIMEOUT
 from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.schedules import specs
 from lrctl.v1 import training_control_pb2 as pb
@@ -109,6 +117,40 @@ def change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
     )
 
 
+#: The requests of the run actions (PauseTraining ... LoadCheckpoint): no `force`, no preview.
+RunActionRequest = (pb.PauseTrainingRequest | pb.ResumeTrainingRequest | pb.SaveCheckpointRequest
+                    | pb.StopTrainingRequest | pb.LoadCheckpointRequest)
+
+
+def run_request(request: RunActionRequest, action: Action) -> ChangeRequest:
+    """A run action's request: the options every change takes (as `change_request`)."""
+    return ChangeRequest(
+        action=action, request_id=request.request_id,
+        expected_version=request.expected_version if request.HasField("expected_version") else None,
+        apply_at_step=request.apply_at_step if request.HasField("apply_at_step") else None,
+        reason=request.reason, expected_run_id=request.expected_run_id,
+        expected_incarnation=request.expected_incarnation,
+        apply_after_steps=request.apply_after_steps if request.HasField("apply_after_steps") else None,
+    )
+
+
+def pause_timeout(duration: Duration) -> float:
+    """PauseTrainingRequest.timeout in seconds: unset or zero is the default (1 hour); a
+    malformed Duration (nanos out of range, mixed signs) is INVALID_ARGUMENT naming `timeout`;
+    the range is the policy's (it names `timeout` too)."""
+    if not -999_999_999 <= duration.nanos <= 999_999_999 or (duration.seconds * duration.nanos < 0):
+        raise InvalidArgumentError("timeout", "must be a valid Duration",
+                                   f"{duration.seconds}s {duration.nanos}ns")
+    seconds = duration.seconds + duration.nanos / 1e9
+    return seconds or DEFAULT_PAUSE_TIMEOUT
+
+
+def _duration(seconds: float) -> Duration:
+    message = Duration()
+    message.FromNanoseconds(round(seconds * 1e9))
+    return message
+
+
 # -- domain -> protobuf ------------------------------------------------------------------------
 def spec_to_proto(spec: specs.ScheduleSpec) -> pb.Schedule:
     """The inverse of `spec_from_proto` (a None field stays unset)."""
@@ -170,7 +212,18 @@ def change_to_proto(change: Change) -> pb.Change:
         message.revert.CopyFrom(pb.RestoredSchedule(
             schedule=spec_to_proto(action.state.spec), origin=_ORIGIN_TO_PB[action.state.origin],
             schedule_origin_step=action.state.origin_step, scale=action.state.scale))
-    else:
+    elif isinstance(action, PauseTraining):
+        message.pause.timeout.CopyFrom(_duration(action.timeout))
+    elif isinstance(action, ResumeTraining):
+        message.resume.SetInParent()
+    elif isinstance(action, SaveCheckpoint):
+        message.save_checkpoint.SetInParent()
+    elif isinstance(action, StopTraining):
+        message.stop.SetInParent()
+    elif isinstance(action, LoadCheckpoint):
+        message.load_checkpoint.CopyFrom(pb.LoadCheckpointAction(
+            path=action.path, load_hyperparameters=action.load_hyperparameters))
+    elif isinstance(action, SwapSchedule):
         message.swap_schedule.CopyFrom(spec_to_proto(action.schedule))
         message.origin = _ORIGIN_TO_PB[action.origin]
         message.schedule_start_step = action.start_step
@@ -179,6 +232,10 @@ def change_to_proto(change: Change) -> pb.Change:
     if change.schedule_after is not None:
         message.schedule.CopyFrom(spec_to_proto(change.schedule_after.spec))
         message.scale_after = change.schedule_after.scale
+    if change.checkpoint_path:
+        message.checkpoint_path = change.checkpoint_path
+        message.checkpoint_step = change.checkpoint_step if change.checkpoint_step is not None else 0
+        message.checkpoint_run_id = change.checkpoint_run_id
     message.preview.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
                            for s, lr in change.preview)
     message.preview_current.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
@@ -228,7 +285,7 @@ def state_to_proto(snap: Snapshot, convert_change: Callable[[Change], pb.Change]
         epoch_start_step=snap.epoch_start_step,
         lr_clamp_count=snap.lr_clamp_count,
         checkpoint_failures=snap.checkpoint_failures, checkpoint_error=snap.checkpoint_error,
-        checkpoint_step=snap.checkpoint_step,
+        checkpoint_step=snap.checkpoint_step, paused_until=timestamp(snap.paused_until),
     )
 
 

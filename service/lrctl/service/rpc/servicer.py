@@ -27,10 +27,15 @@ from lrctl.service.control.changes import (
     Change,
     ChangeRequest,
     ChangeStatus,
+    LoadCheckpoint,
+    PauseTraining,
     Phase,
     PinLearningRate,
+    ResumeTraining,
+    SaveCheckpoint,
     ScaleLearningRate,
     Snapshot,
+    StopTraining,
     SwapSchedule,
 )
 from lrctl.service.control.controller import Controller
@@ -47,11 +52,14 @@ from lrctl.service.observability.logs import short
 from lrctl.service.rpc.budgets import MAX_WAITERS, Budget
 from lrctl.service.rpc.convert import (
     ORIGIN_FROM_PB,
+    RunActionRequest,
     change_request,
     change_to_proto,
     decode_page_token,
     encode_page_token,
     parse_change_name,
+    pause_timeout,
+    run_request,
     spec_from_proto,
     state_to_proto,
 )
@@ -313,8 +321,46 @@ class TrainingControlServicer:
             changes=[change_to_proto(c) for c in page],
             next_page_token="" if next_before is None else encode_page_token(next_before, run_id, request.filter))
 
+    # -- run control: each a versioned change like the two above (control/run_control.py) --
+    async def PauseTraining(self, request: pb.PauseTrainingRequest,
+                            context: aio.ServicerContext) -> pb.PauseTrainingResponse:
+        async def run() -> pb.Change:
+            action = PauseTraining(pause_timeout(request.timeout))
+            return await self._submit(run_request(request, action), request, context)
+
+        return pb.PauseTrainingResponse(change=await self._mutate("PauseTraining", request, context, run))
+
+    async def ResumeTraining(self, request: pb.ResumeTrainingRequest,
+                             context: aio.ServicerContext) -> pb.ResumeTrainingResponse:
+        async def run() -> pb.Change:
+            return await self._submit(run_request(request, ResumeTraining()), request, context)
+
+        return pb.ResumeTrainingResponse(change=await self._mutate("ResumeTraining", request, context, run))
+
+    async def SaveCheckpoint(self, request: pb.SaveCheckpointRequest,
+                             context: aio.ServicerContext) -> pb.SaveCheckpointResponse:
+        async def run() -> pb.Change:
+            return await self._submit(run_request(request, SaveCheckpoint()), request, context)
+
+        return pb.SaveCheckpointResponse(change=await self._mutate("SaveCheckpoint", request, context, run))
+
+    async def StopTraining(self, request: pb.StopTrainingRequest,
+                           context: aio.ServicerContext) -> pb.StopTrainingResponse:
+        async def run() -> pb.Change:
+            return await self._submit(run_request(request, StopTraining()), request, context)
+
+        return pb.StopTrainingResponse(change=await self._mutate("StopTraining", request, context, run))
+
+    async def LoadCheckpoint(self, request: pb.LoadCheckpointRequest,
+                             context: aio.ServicerContext) -> pb.LoadCheckpointResponse:
+        async def run() -> pb.Change:
+            action = LoadCheckpoint(request.path, request.load_hyperparameters)
+            return await self._submit(run_request(request, action), request, context)
+
+        return pb.LoadCheckpointResponse(change=await self._mutate("LoadCheckpoint", request, context, run))
+
     async def _submit(self, change_request: ChangeRequest,
-                      request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
+                      request: pb.SetLearningRateRequest | pb.SwapScheduleRequest | RunActionRequest,
                       context: aio.ServicerContext) -> pb.Change:
         waits = request.wait_until_applied and not request.validate_only
         # Bound the waiting calls before anything is queued.
@@ -326,7 +372,7 @@ class TrainingControlServicer:
             controller = self._slot.bound()
             change = await asyncio.to_thread(controller.submit, change_request,
                                              validate_only=request.validate_only,
-                                             preview_steps=request.preview_steps)
+                                             preview_steps=getattr(request, "preview_steps", 0))
             if waits and change.status is ChangeStatus.PENDING:
                 change = await self._wait(controller, change, context)
         finally:
@@ -376,8 +422,7 @@ class TrainingControlServicer:
     async def _unimplemented(self, request: Message, context: aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not implemented yet")
 
-    SetOptimizerParameters = PauseTraining = ResumeTraining = _unimplemented
-    SaveCheckpoint = StopTraining = LoadCheckpoint = ListMeasurements = _unimplemented
+    SetOptimizerParameters = ListMeasurements = _unimplemented
 
 
 def _view(view: int) -> int:
