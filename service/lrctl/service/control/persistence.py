@@ -16,9 +16,11 @@ from lrctl.service.control.changes import (
     Change,
     ChangeRequest,
     ChangeStatus,
+    ParameterUpdate,
     PinLearningRate,
     RevertSchedule,
     ScaleLearningRate,
+    SetParameters,
     SwapSchedule,
 )
 from lrctl.service.errors import ApplyError, FailedPreconditionError, VersionConflictError
@@ -45,6 +47,8 @@ def action_to_json(action: Action) -> dict[str, Any]:
         return {"pin": action.learning_rate}
     if isinstance(action, ScaleLearningRate):
         return {"scale": action.factor}
+    if isinstance(action, SetParameters):
+        return {"set_parameters": [[name, value] for name, value in action.values]}
     return {"swap": {"class_name": action.schedule.keras_name, "config": action.schedule.to_config(),
                      "origin": action.origin.value, "start_step": action.start_step, "scale": action.scale}}
 
@@ -56,6 +60,8 @@ def action_from_json(data: Mapping[str, Any]) -> Action:
         return PinLearningRate(float(data["pin"]))
     if "scale" in data:
         return ScaleLearningRate(float(data["scale"]))
+    if "set_parameters" in data:
+        return SetParameters(tuple((str(name), float(value)) for name, value in data["set_parameters"]))
     swap = data["swap"]
     scale = swap.get("scale")
     return SwapSchedule(spec_from_config(swap["class_name"], swap["config"]), Origin(swap["origin"]),
@@ -93,6 +99,7 @@ def change_to_json(change: Change) -> dict[str, Any]:
         "schedule_after": None if change.schedule_after is None else schedule_to_json(change.schedule_after),
         "applied_time": change.applied_time, "current_version": change.current_version,
         "error": error_to_json(change.error), "due_step": change.due_step,
+        "parameter_updates": [[u.name, u.before, u.after] for u in change.parameter_updates],
         "request": {"action": action_to_json(request.action), "request_id": request.request_id,
                     "expected_version": request.expected_version, "apply_at_step": request.apply_at_step,
                     "reason": request.reason, "force": request.force,
@@ -112,6 +119,8 @@ def change_from_json(data: Mapping[str, Any]) -> Change:
         schedule_after=None if after is None else schedule_from_json(after),
         applied_time=data["applied_time"], current_version=data["current_version"],
         error=error_from_json(data["error"]), due_step=data.get("due_step"),
+        parameter_updates=tuple(ParameterUpdate(str(n), float(b), float(a))
+                                for n, b, a in data.get("parameter_updates", ())),
         request=ChangeRequest(action_from_json(request["action"]), request_id=request["request_id"],
                               expected_version=request["expected_version"],
                               apply_at_step=request["apply_at_step"], reason=request["reason"],

@@ -21,10 +21,12 @@ from lrctl.service.control.changes import (
     Change,
     ChangeRequest,
     ChangeStatus,
+    Hyperparameter,
     Phase,
     PinLearningRate,
     RevertSchedule,
     ScaleLearningRate,
+    SetParameters,
     Snapshot,
 )
 from lrctl.service.control.guardrails import Guardrails
@@ -109,6 +111,21 @@ def change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
     )
 
 
+def parameters_request(request: pb.SetOptimizerParametersRequest) -> ChangeRequest:
+    """A SetOptimizerParameters request as a change (names sorted: one payload per request,
+    whatever the map's order on the wire)."""
+    return ChangeRequest(
+        action=SetParameters(tuple(sorted((name, float(value)) for name, value in request.parameters.items()))),
+        request_id=request.request_id,
+        expected_version=request.expected_version if request.HasField("expected_version") else None,
+        apply_at_step=request.apply_at_step if request.HasField("apply_at_step") else None,
+        reason=request.reason,
+        expected_run_id=request.expected_run_id,
+        expected_incarnation=request.expected_incarnation,
+        apply_after_steps=request.apply_after_steps if request.HasField("apply_after_steps") else None,
+    )
+
+
 # -- domain -> protobuf ------------------------------------------------------------------------
 def spec_to_proto(spec: specs.ScheduleSpec) -> pb.Schedule:
     """The inverse of `spec_from_proto` (a None field stays unset)."""
@@ -166,6 +183,8 @@ def change_to_proto(change: Change) -> pb.Change:
         message.set_learning_rate = action.learning_rate
     elif isinstance(action, ScaleLearningRate):
         message.scale = action.factor
+    elif isinstance(action, SetParameters):
+        message.set_optimizer_parameters.CopyFrom(pb.OptimizerParameters(parameters=dict(action.values)))
     elif isinstance(action, RevertSchedule):
         message.revert.CopyFrom(pb.RestoredSchedule(
             schedule=spec_to_proto(action.state.spec), origin=_ORIGIN_TO_PB[action.state.origin],
@@ -179,6 +198,8 @@ def change_to_proto(change: Change) -> pb.Change:
     if change.schedule_after is not None:
         message.schedule.CopyFrom(spec_to_proto(change.schedule_after.spec))
         message.scale_after = change.schedule_after.scale
+    message.parameter_updates.extend(pb.ParameterUpdate(name=u.name, before=u.before, after=u.after)
+                                     for u in change.parameter_updates)
     message.preview.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
                            for s, lr in change.preview)
     message.preview_current.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
@@ -195,7 +216,15 @@ def guardrails_to_proto(limits: Guardrails) -> pb.Guardrails:
         max_change_factor=bound(limits.max_change_factor),
         max_changes_per_minute=bound(limits.max_changes_per_minute),
         revert_on_nan_steps=limits.revert_on_nan_steps, horizon_steps=limits.horizon_steps,
+        parameter_bounds={name: pb.ParameterBounds(min_value=lo, max_value=hi)
+                          for name, lo, hi in limits.parameter_bounds},
     )
+
+
+def hyperparameter_to_proto(item: Hyperparameter) -> pb.Hyperparameter:
+    return pb.Hyperparameter(name=item.name, value=item.value, live=item.live,
+                             fixed_reason=item.fixed_reason, registered=item.registered,
+                             min_value=item.min_value, max_value=item.max_value)
 
 
 def state_to_proto(snap: Snapshot, convert_change: Callable[[Change], pb.Change] = change_to_proto,
@@ -229,6 +258,7 @@ def state_to_proto(snap: Snapshot, convert_change: Callable[[Change], pb.Change]
         lr_clamp_count=snap.lr_clamp_count,
         checkpoint_failures=snap.checkpoint_failures, checkpoint_error=snap.checkpoint_error,
         checkpoint_step=snap.checkpoint_step,
+        hyperparameters=[hyperparameter_to_proto(h) for h in snap.hyperparameters],
     )
 
 

@@ -51,6 +51,7 @@ from lrctl.service.rpc.convert import (
     change_to_proto,
     decode_page_token,
     encode_page_token,
+    parameters_request,
     parse_change_name,
     spec_from_proto,
     state_to_proto,
@@ -163,6 +164,16 @@ class TrainingControlServicer:
             return await self._submit(change_request(request, action), request, context)
 
         return pb.SwapScheduleResponse(change=await self._mutate("SwapSchedule", request, context, run))
+
+    async def SetOptimizerParameters(self, request: pb.SetOptimizerParametersRequest,
+                                     context: aio.ServicerContext) -> pb.SetOptimizerParametersResponse:
+        async def run() -> pb.Change:
+            if not request.parameters:
+                raise InvalidArgumentError("parameters", "must name at least one parameter", "{}")
+            return await self._submit(parameters_request(request), request, context)
+
+        return pb.SetOptimizerParametersResponse(
+            change=await self._mutate("SetOptimizerParameters", request, context, run))
 
     async def GetState(self, request: pb.GetStateRequest,
                        context: aio.ServicerContext) -> pb.GetStateResponse | bytes:
@@ -314,7 +325,8 @@ class TrainingControlServicer:
             next_page_token="" if next_before is None else encode_page_token(next_before, run_id, request.filter))
 
     async def _submit(self, change_request: ChangeRequest,
-                      request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
+                      request: pb.SetLearningRateRequest | pb.SwapScheduleRequest
+                      | pb.SetOptimizerParametersRequest,
                       context: aio.ServicerContext) -> pb.Change:
         waits = request.wait_until_applied and not request.validate_only
         # Bound the waiting calls before anything is queued.
@@ -326,7 +338,7 @@ class TrainingControlServicer:
             controller = self._slot.bound()
             change = await asyncio.to_thread(controller.submit, change_request,
                                              validate_only=request.validate_only,
-                                             preview_steps=request.preview_steps)
+                                             preview_steps=getattr(request, "preview_steps", 0))
             if waits and change.status is ChangeStatus.PENDING:
                 change = await self._wait(controller, change, context)
         finally:
@@ -376,7 +388,7 @@ class TrainingControlServicer:
     async def _unimplemented(self, request: Message, context: aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not implemented yet")
 
-    SetOptimizerParameters = PauseTraining = ResumeTraining = _unimplemented
+    PauseTraining = ResumeTraining = _unimplemented
     SaveCheckpoint = StopTraining = LoadCheckpoint = ListMeasurements = _unimplemented
 
 
