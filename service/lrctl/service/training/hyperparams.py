@@ -118,7 +118,7 @@ class LiveValue:
         return other ** self.tensor()
 
 
-def _number(other: object) -> object:
+def _number(other: object) -> Any:
     return other.built if isinstance(other, LiveValue) else other
 
 
@@ -215,6 +215,7 @@ class OptimizerParameters:
         tracked = {id(v) for v in owner.variables}
         for name, kind in _kinds(owner).items():
             current = getattr(owner, name, None)
+            built: float | None
             if isinstance(current, LiveValue):  # attached before: reuse (a resumed façade)
                 variable, built = current.variable, current.built
             elif current is None or (isinstance(current, (int, float)) and not isinstance(current, bool)):
