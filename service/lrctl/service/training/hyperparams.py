@@ -80,6 +80,10 @@ class LiveValue:
     def __repr__(self) -> str:
         return repr(self.built)
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        # Eager only (a saved config, a summary): the live value, as the variable holds it.
+        return np.asarray(self.variable.numpy(), dtype=dtype)
+
     def __format__(self, spec: str) -> str:
         return format(self.built, spec)
 
