@@ -40,7 +40,9 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
     setting = core.parameters is not None and any(
         isinstance(c.request.action, SetParameters) for c in [*replays, *due])
     held = core.parameters.read() if setting and core.parameters is not None else {}
-    finals, state, version = core.policy.outcomes(due, *replayed, step, core.clock(), dict(held))
+    # Due changes meet the values after the replays (re-applied first, in this same load).
+    meets = {**held, **_parameter_loads(replays, [])}
+    finals, state, version = core.policy.outcomes(due, *replayed, step, core.clock(), meets)
     try:  # each ending durable before the engine makes it true and anyone is told
         core.log(finals)
     except OSError as e:
