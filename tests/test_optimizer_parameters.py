@@ -209,3 +209,20 @@ def test_rpc_client_and_cli(tmp_path: Any) -> None:
             history = [c for c in state.recent_changes if c.parameter_updates]
             assert len(history) == 2
         assert live.error is None
+
+
+def test_a_keras_file_keeps_the_live_values_and_the_built_structure(tmp_path: Any) -> None:
+    from lrctl.service import load_model
+
+    x, y = _data()
+    model = _model(keras.optimizers.Adam(0.01, beta_1=0.9))
+    control = TrainingControl(model.optimizer)
+    _submit(control, beta_1=0.5)
+    _fit(model, x, y, [control.callback])
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = load_model(path, custom_objects={"Counting": Counting})
+    assert float(loaded.optimizer.beta_1.variable.numpy()) == 0.5 and loaded.optimizer.beta_1 == 0.9
+    resumed = TrainingControl(loaded.optimizer)
+    assert {h.name: h.value for h in resumed.controller.snapshot().hyperparameters}["beta_1"] == 0.5
+    np.testing.assert_array_equal(loaded.optimizer.iterations.numpy(), STEPS)

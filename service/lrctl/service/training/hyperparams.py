@@ -130,6 +130,31 @@ tf.register_tensor_conversion_function(
     LiveValue, lambda value, dtype=None, name=None, as_ref=False: value.tensor(dtype))
 
 
+def _companions(optimizer: keras.optimizers.Optimizer) -> dict[str, keras.Variable]:
+    """Where the schedule's config records the hyperparameter variables' places (a `.keras`
+    file's optimizer layout, for lrctl.service.load_model)."""
+    schedule = optimizer._learning_rate
+    if getattr(schedule, "hyperparameters", None) is None:
+        schedule.hyperparameters = {}
+    return schedule.hyperparameters  # type: ignore[no-any-return]
+
+
+def _config_as_floats(optimizer: keras.optimizers.Optimizer) -> None:
+    """`get_config` (a `.keras` file, `keras.optimizers.serialize`) writes each LiveValue as
+    the float the optimizer was built with, so the file loads with plain Keras too: the
+    live value rides in the optimizer's variables, as the learning rate's does."""
+    if getattr(optimizer, "_lrctl_plain_config", False):
+        return
+    original = optimizer.get_config
+
+    def get_config() -> dict[str, Any]:
+        return {key: float(value) if isinstance(value, LiveValue) else value
+                for key, value in original().items()}
+
+    object.__setattr__(optimizer, "get_config", get_config)
+    object.__setattr__(optimizer, "_lrctl_plain_config", True)
+
+
 @dataclass(frozen=True)
 class _Kind:
     """A hyperparameter's range and when a built optimizer can change it live."""
@@ -234,8 +259,11 @@ class OptimizerParameters:
                     variable = keras.Variable(built, dtype="float32", trainable=False,
                                               name=f"lrctl_{name}", aggregation="only_first_replica")
                 setattr(owner, name, LiveValue(built, variable))
+                _config_as_floats(owner)
             if variable is not None and id(variable) not in tracked:
                 owner._track_variable(variable)  # rides in the optimizer's checkpoints
+            if variable is not None and not reason:
+                _companions(owner)[name] = variable
             self._entries[name] = _Entry(
                 ParameterSpec(name, live=not reason, fixed_reason=reason, minimum=kind.minimum,
                               minimum_inclusive=kind.minimum_inclusive, maximum=kind.maximum,
