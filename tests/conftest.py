@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 #: `--quick`: the test files that import neither TensorFlow nor Keras (enforced) and start no
 #: trainer. A new TensorFlow-free test file belongs here.
 QUICK = (
+    "test_parameters_control.py",
     "test_change_filters.py",
     "test_change_listing.py",
     "test_change_options.py",

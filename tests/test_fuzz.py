@@ -564,3 +564,39 @@ def test_a_cosine_decay_with_warmup_steps_but_no_target_adds_no_phantom_version(
                                timeout=60).change
     assert swap.status == pin.status == pb.CHANGE_STATUS_APPLIED
     assert pin.version == swap.version + 1
+
+
+# -- SetOptimizerParameters: names and values a PBT controller might send, on live momentum -----
+def test_set_optimizer_parameters_fuzzed_names_and_values(fuzz_examples: int) -> None:
+    import keras
+
+    method = SERVICE.methods_by_name["SetOptimizerParameters"]
+    names = st.one_of(st.sampled_from(["momentum", "clipnorm", "beta_1", "weight_decay", "", "x" * 300]),
+                      st.text(max_size=20))
+    values = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 0.999))
+    requests = st.builds(
+        lambda params, rid, wait, dry: pb.SetOptimizerParametersRequest(
+            parameters=params, request_id=rid, wait_until_applied=wait, validate_only=dry),
+        st.dictionaries(names, values, max_size=3), st.text(max_size=8), st.booleans(), st.booleans())
+    tally = Tally()
+    with LiveTrainer(optimizer=keras.optimizers.SGD(0.01, momentum=0.5)).running() as live, \
+            grpc.insecure_channel(live.target) as channel:
+        stub = pb_grpc.TrainingControlServiceStub(channel)
+
+        @_settings(fuzz_examples // 2)
+        @given(requests)
+        def send(request: pb.SetOptimizerParametersRequest) -> None:
+            try:
+                response = _stub_call(stub, method, request)
+            except grpc.RpcError as e:
+                tally.outcomes[method.name, e.code().name] += 1
+                check_error(method, request, e.code(), e, tally)
+                return
+            tally.outcomes[method.name, "OK"] += 1
+            check_response(method, request, response, tally)
+
+        send()
+        state = _assert_still_training(live, stub)
+        momentum = next(h for h in state.hyperparameters if h.name == "momentum")
+        assert 0 <= momentum.value < 1 and momentum.live
+        print(f"\nSetOptimizerParameters outcomes:\n{tally.table()}")

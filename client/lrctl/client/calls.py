@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from lrctl.client import errors
-from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, View
+from lrctl.client.changes import ChangeOptions, Decision, Origin, Parameters, Pin, Scale, Swap, View
 from lrctl.client.schedules import to_schedule
 from lrctl.v1 import training_control_pb2 as pb
 
@@ -165,11 +165,14 @@ def view_value(view: View) -> pb.StateView.ValueType:
 
 
 def change_request(
-    change: Pin | Scale | Swap, options: ChangeOptions
-) -> pb.SetLearningRateRequest | pb.SwapScheduleRequest:
+    change: Pin | Scale | Swap | Parameters, options: ChangeOptions
+) -> pb.SetLearningRateRequest | pb.SwapScheduleRequest | pb.SetOptimizerParametersRequest:
     """The request that makes `change` with `options`. Unset options (None) stay unset."""
-    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest
-    if isinstance(change, Pin):
+    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest | pb.SetOptimizerParametersRequest
+    if isinstance(change, Parameters):
+        request = pb.SetOptimizerParametersRequest(
+            parameters={str(name): float(value) for name, value in change.parameters.items()})
+    elif isinstance(change, Pin):
         request = pb.SetLearningRateRequest(learning_rate=change.learning_rate)
     elif isinstance(change, Scale):
         request = pb.SetLearningRateRequest(scale=change.factor)
@@ -178,11 +181,17 @@ def change_request(
             schedule=to_schedule(change.schedule), origin=origin_value(change.origin),
             schedule_start_step=change.schedule_start_step, scale=change.scale)
     else:
-        raise TypeError(f"A change is Scale, Pin or Swap. Received: {change!r}")
+        raise TypeError(f"A change is Scale, Pin, Swap or Parameters. Received: {change!r}")
     for field in dataclasses.fields(options):
         value = getattr(options, field.name)
+        name = _PROTO_NAMES.get(field.name, field.name)
+        if name not in request.DESCRIPTOR.fields_by_name:  # force, preview_steps: LR changes only
+            if value:
+                raise ValueError(f"Argument `{field.name}` does not apply to this change. "
+                                 f"Received: {field.name}={value!r}")
+            continue
         if value is not None:
-            setattr(request, _PROTO_NAMES.get(field.name, field.name), value)
+            setattr(request, name, value)
     if options.request_id is None:
         request.request_id = uuid.uuid4().hex
     return request
@@ -222,11 +231,13 @@ def get_state(timeout: float | None, view: View = "full") -> Plan[pb.TrainingSta
     return response.state  # type: ignore[no-any-return]
 
 
-def send_change(change: Pin | Scale | Swap, options: ChangeOptions, timeout: float | None
-                ) -> Plan[pb.Change]:
-    """One change: SetLearningRate for a pin or a scale, SwapSchedule for a swap."""
+def send_change(change: Pin | Scale | Swap | Parameters, options: ChangeOptions,
+                timeout: float | None) -> Plan[pb.Change]:
+    """One change: SetLearningRate for a pin or a scale, SwapSchedule for a swap,
+    SetOptimizerParameters for parameters."""
     request = change_request(change, options)
-    method = "SwapSchedule" if isinstance(change, Swap) else "SetLearningRate"
+    method = ("SwapSchedule" if isinstance(change, Swap) else
+              "SetOptimizerParameters" if isinstance(change, Parameters) else "SetLearningRate")
     response = yield Call(method, request, timeout)
     return response.change  # type: ignore[no-any-return]
 

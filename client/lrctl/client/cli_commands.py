@@ -72,6 +72,11 @@ def build_change_call(
         return "set_learning_rate", (args.learning_rate,), kwargs
     if args.command == "scale":
         return "scale_learning_rate", (args.factor,), kwargs
+    if args.command == "set-param":
+        if kwargs.pop("force"):
+            raise ValueError("--force does not apply to set-param")
+        kwargs.pop("preview_steps")
+        return "set_optimizer_parameters", (dict(args.assignments),), kwargs
     if args.command == "swap":
         swap = {f.name: getattr(args, f.name) for f in dataclasses.fields(Swap)
                 if f.name != "schedule"}
@@ -120,7 +125,7 @@ def run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) ->
         state = client.get_state()
         _print(out, args, state, describe_state(state))
         return EXIT_OK
-    if args.command in ("set", "scale", "swap", *RUN_COMMANDS):
+    if args.command in ("set", "scale", "swap", "set-param", *RUN_COMMANDS):
         return _change(client, args, out)
     if args.command == "cancel":
         change = client.cancel_change(

@@ -157,6 +157,9 @@ def _action(change: pb.Change) -> str:
     if which == "load_checkpoint":
         hyper = " with its hyperparameters" if change.load_checkpoint.load_hyperparameters else ""
         return f"load {change.load_checkpoint.path}{hyper}"
+    if which == "set_optimizer_parameters":
+        values = change.set_optimizer_parameters.parameters
+        return "set " + " ".join(f"{name}={fmt(values[name])}" for name in sorted(values))
     if which == "revert":
         restored = change.revert
         return (f"revert to {schedules.describe_schedule(restored.schedule)} "
@@ -168,6 +171,9 @@ def describe_change(change: pb.Change) -> str:
     """One line for a Change, e.g. `applied v3 at step 120: scale x0.5 -> lr 0.005`."""
     reason = f" ({change.reason})" if change.reason else ""
     status = change.status
+    if status == pb.CHANGE_STATUS_APPLIED and change.parameter_updates:
+        updates = ", ".join(f"{u.name} {fmt(u.before)} -> {fmt(u.after)}" for u in change.parameter_updates)
+        return f"applied v{change.version} at step {change.applied_step}: {updates}{reason}"
     if status == pb.CHANGE_STATUS_APPLIED:
         lr = fmt(change.learning_rate_after) if change.HasField("learning_rate_after") else "?"
         checkpoint = ""
@@ -273,6 +279,9 @@ def describe_state(state: pb.TrainingState) -> str:
     if state.lr_clamp_count:
         lines.append(f"warning:   the engine clamped the learning rate into the guardrails "
                      f"{state.lr_clamp_count} times: their validation missed something")
+    for h in state.hyperparameters:
+        live = "live" if h.live else f"fixed: {h.fixed_reason}"
+        lines.append(f"param:     {h.name}={fmt(h.value)}{' (registered)' if h.registered else ''} [{live}]")
     lines.append(f"pending:   {len(state.pending_changes) or '-'}")
     lines.extend(f"  {history_line(c)}" for c in state.pending_changes)
     lines.append(f"recent:    {len(state.recent_changes) or '-'}")

@@ -298,6 +298,17 @@ def _add_change_flags(parser: argparse.ArgumentParser, *, swap: bool = False,
 # --- the parser ---
 
 
+def _assignment(text: str) -> tuple[str, float]:
+    """NAME=VALUE of `set-param`."""
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. momentum=0.9), got {text!r}") from None
+
+
 def _examples(*lines: str) -> str:
     return "examples:\n" + "".join(f"  {line}\n" for line in lines)
 
@@ -353,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "lrctl scale 0.5 --expected-run-id run-7 --after-steps 100",
                 usage="%(prog)s FACTOR [options]")
     p.add_argument("factor", type=float, metavar="FACTOR", help=argparse.SUPPRESS)
+    _add_change_flags(p)
+
+    p = command("set-param", "set optimizer hyperparameters or registered variables by name "
+                "(lrctl state lists them), as one change",
+                "lrctl set-param momentum=0.95 beta_2=0.98",
+                "lrctl set-param weight_decay=1e-4 --at-step 5000 --json",
+                usage="%(prog)s NAME=VALUE [NAME=VALUE ...] [options]")
+    p.add_argument("assignments", nargs="+", type=_assignment, metavar="NAME=VALUE",
+                   help=argparse.SUPPRESS)
     _add_change_flags(p)
 
     swap = command(

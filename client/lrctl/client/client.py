@@ -7,7 +7,7 @@ exceptions, never raw `grpc.RpcError`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,17 @@ from grpc_health.v1 import health_pb2_grpc
 
 from lrctl.client import calls, errors
 from lrctl.client.calls import DEFAULT_TARGET, SERVICE_NAME, T
-from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, View, pick
+from lrctl.client.changes import (
+    ChangeOptions,
+    Decision,
+    Origin,
+    Parameters,
+    Pin,
+    Scale,
+    Swap,
+    View,
+    pick,
+)
 from lrctl.client.schedules import ScheduleLike
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
@@ -29,6 +39,7 @@ __all__ = [
     "SERVICE_NAME",
     "ChangeOptions",
     "Origin",
+    "Parameters",
     "Pin",
     "Scale",
     "Swap",
@@ -225,6 +236,21 @@ class TrainingControlClient:
         """Multiply the active schedule by `factor` (cumulative with earlier scales).
         Arguments and result as for `set_learning_rate`."""
         return self._run(calls.send_change(Scale(factor), pick(ChangeOptions, locals()), timeout))
+
+    def set_optimizer_parameters(
+        self, parameters: Mapping[str, float], *, apply_at_step: int | None = None,
+        expected_version: int | None = None, wait: bool = False, validate_only: bool = False,
+        reason: str = "", request_id: str | None = None, timeout: float | None = None,
+        expected_run_id: str = "", expected_incarnation: str = "",
+        apply_after_steps: int | None = None,
+    ) -> pb.Change:
+        """Set optimizer hyperparameters (`momentum`, `beta_1`, `beta_2`, `epsilon`,
+        `weight_decay`, `clipnorm`, `global_clipnorm`, `clipvalue`) or registered variables,
+        by name, as one change at a step boundary (SetOptimizerParameters); the options as for
+        `set_learning_rate` (`force` and `preview_steps` do not apply).
+        `TrainingState.hyperparameters` lists what the trainer can set."""
+        return self._run(calls.send_change(Parameters(dict(parameters)), pick(ChangeOptions, locals()),
+                                       timeout))
 
     def swap_schedule(
         self, schedule: ScheduleLike, *, origin: Origin = "restart",

@@ -109,6 +109,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     limits.add_argument("--max-change-factor", type=float, metavar="N",
                         help="refuse a change that multiplies or divides the learning rate by more "
                         "than N, unless the request sets force (default: no limit)")
+    limits.add_argument("--parameter-bounds", action="append", default=[], metavar="NAME=MIN:MAX",
+                        type=parameter_bound,
+                        help="bounds on a hyperparameter SetOptimizerParameters may set, e.g. "
+                        "momentum=0.8:0.99 or weight_decay=:0.01 (either side may be empty); repeatable")
     limits.add_argument("--max-changes-per-minute", type=float, default=DEFAULT_RATE, metavar="N",
                         help=f"accept at most N changes a minute (default {DEFAULT_RATE:g})")
     limits.add_argument("--revert-on-nan", type=int, default=0, metavar="K",
@@ -190,6 +194,18 @@ def security(args: argparse.Namespace) -> dict[str, Any]:
             "insecure": args.insecure, "health_address": args.health_listen}
 
 
+def parameter_bound(text: str) -> tuple[str, float | None, float | None]:
+    """--parameter-bounds NAME=MIN:MAX (either side may be empty)."""
+    name, _, span = text.partition("=")
+    lo, colon, hi = span.partition(":")
+    try:
+        if not name or not colon:
+            raise ValueError
+        return name, float(lo) if lo else None, float(hi) if hi else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=MIN:MAX (e.g. momentum=0.8:0.99), got {text!r}") from None
+
+
 def guardrails(args: argparse.Namespace) -> Guardrails:
     from lrctl.service.control.guardrails import Guardrails  # numpy: the [service] extra
 
@@ -197,7 +213,8 @@ def guardrails(args: argparse.Namespace) -> Guardrails:
         return Guardrails(min_learning_rate=args.min_learning_rate,
                           max_learning_rate=args.max_learning_rate,
                           max_change_factor=args.max_change_factor,
-                          max_changes_per_minute=args.max_changes_per_minute or None)
+                          max_changes_per_minute=args.max_changes_per_minute or None,
+                          parameter_bounds=tuple(getattr(args, "parameter_bounds", None) or ()))
     except ValueError as e:
         raise UsageError(str(e)) from None
 

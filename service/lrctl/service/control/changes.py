@@ -153,7 +153,7 @@ class LoadCheckpoint:
 # Issue 19 adds SetParameters and RunAction to Action as each is built (changes.py stays the
 # one vocabulary).
 RunAction = PauseTraining | ResumeTraining | SaveCheckpoint | StopTraining | LoadCheckpoint
-Action = PinLearningRate | ScaleLearningRate | SwapSchedule | RevertSchedule | RunAction
+Action = PinLearningRate | ScaleLearningRate | SwapSchedule | RevertSchedule | SetParameters | RunAction
 #: Actions the training layer performs at the boundary (not a schedule or parameter load).
 RUN_ACTIONS = (PauseTraining, ResumeTraining, SaveCheckpoint, StopTraining, LoadCheckpoint)
 
@@ -325,6 +325,48 @@ class Snapshot:
     measurement_sequence: int = 0
 
 
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One settable scalar as the training layer describes it to the controller: its range
+    (each side inclusive or not; None: unbounded), whether the traced step lets it change,
+    and the dtype its variable holds it in (a value must be finite there; it is rounded to it)."""
+
+    name: str
+    live: bool = True
+    fixed_reason: str = ""  #: why not live, and how to start the job so that it is
+    registered: bool = False  #: TrainingControl.register'ed, not the optimizer's own
+    minimum: float | None = None
+    minimum_inclusive: bool = True
+    maximum: float | None = None
+    maximum_inclusive: bool = True
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ParameterSpace:
+    """What SetParameters may name in this trainer. `unsupported`: why no change can be made
+    at all (a multi-worker job), "" otherwise."""
+
+    specs: tuple[ParameterSpec, ...] = ()
+    unsupported: str = ""
+
+    def get(self, name: str) -> ParameterSpec | None:
+        return next((spec for spec in self.specs if spec.name == name), None)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.specs)
+
+
+class ParameterTarget(Protocol):
+    """The training layer's hyperparameter variables as the controller sees them. `read` and
+    `load` are called from the training thread only, between steps; `load` is all or nothing."""
+
+    def space(self) -> ParameterSpace: ...
+    def read(self) -> dict[str, float]: ...
+    def load(self, values: Mapping[str, float]) -> None: ...
+
+
 class ScheduleTarget(Protocol):
     """The engine as the controller sees it. Called from the training thread only."""
 
@@ -383,6 +425,9 @@ __all__ = [
     "ChangeStatus",
     "Hyperparameter",
     "LoadCheckpoint",
+    "ParameterSpace",
+    "ParameterSpec",
+    "ParameterTarget",
     "ParameterUpdate",
     "PauseTraining",
     "Phase",

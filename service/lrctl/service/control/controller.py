@@ -24,6 +24,7 @@ from lrctl.service.control.changes import (
     ChangeLog,
     ChangeRequest,
     ChangeStatus,
+    ParameterTarget,
     Phase,
     RunTarget,
     ScheduleTarget,
@@ -263,6 +264,20 @@ class Controller:
         so every version the state reports is in the ledger. Returns the version now in force.
         """
         return boundary.restored(self._core, state, version, step=step)
+
+    def attach_parameters(self, target: ParameterTarget) -> None:
+        """The hyperparameter variables SetParameters loads (training thread, before training,
+        or again when their space changes, e.g. a variable was registered): their space
+        judges requests from now on, and their values are read and reported."""
+        with self._core.cond:
+            self._core.parameters = target
+            self._core.policy.parameters = target.space()
+        boundary.refresh_parameters(self._core)
+
+    def refresh_parameters(self) -> dict[str, float]:
+        """Read the hyperparameter variables again (training thread: a restore may have
+        brought back others) and report them. Returns what they hold."""
+        return boundary.refresh_parameters(self._core)
 
     def follow(self, state: ActiveSchedule, version: int) -> None:
         """A follower worker loaded the chief's `state` at `version`: take both as they are

@@ -18,13 +18,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lrctl.service.control import persistence
+from lrctl.service.control import parameters, persistence
 from lrctl.service.control.broadcast import Board
 from lrctl.service.control.changes import (
     Change,
     ChangeLog,
     ChangeRequest,
     ChangeStatus,
+    ParameterTarget,
     Phase,
     RevertSchedule,
     RunTarget,
@@ -62,6 +63,10 @@ class ControlCore:
         self.wal: ChangeLog | None = None
         self.ids = itertools.count(1)
         self.state, self.version = target.read()  # what the engine holds
+        #: The hyperparameter variables (None: none attached); only the training thread reads
+        #: or loads them. `parameter_values`: what they held at the last read or load.
+        self.parameters: ParameterTarget | None = None
+        self.parameter_values: dict[str, float] = {}
         self.queue = ChangeQueue()
         self.ledger = Ledger(history_size)
         #: Called by the training thread with the seconds each `apply_due` that finished a
@@ -146,6 +151,11 @@ class ControlCore:
             self.board.changed_step = max(self.board.changed_step, change.applied_step)
         self.board.ended(change)
         self.ledger.record(change, counted=not replayed)
+
+    def report_parameters(self) -> None:
+        """Put the hyperparameters as last read or loaded in the snapshot (under `cond`)."""
+        self.board.update(hyperparameters=parameters.report(
+            self.policy.parameters, self.parameter_values, self.guardrails))
 
     def republish(self, *, pending: bool = False, history: bool = False) -> None:
         changes: dict[str, Any] = {}

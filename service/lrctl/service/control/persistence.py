@@ -17,12 +17,14 @@ from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
     LoadCheckpoint,
+    ParameterUpdate,
     PauseTraining,
     PinLearningRate,
     ResumeTraining,
     RevertSchedule,
     SaveCheckpoint,
     ScaleLearningRate,
+    SetParameters,
     StopTraining,
     SwapSchedule,
 )
@@ -62,6 +64,8 @@ def action_to_json(action: Action) -> dict[str, Any]:
         return {"pin": action.learning_rate}
     if isinstance(action, ScaleLearningRate):
         return {"scale": action.factor}
+    if isinstance(action, SetParameters):
+        return {"set_parameters": [[name, value] for name, value in action.values]}
     return {"swap": {"class_name": action.schedule.keras_name, "config": action.schedule.to_config(),
                      "origin": action.origin.value, "start_step": action.start_step, "scale": action.scale}}
 
@@ -81,6 +85,8 @@ def action_from_json(data: Mapping[str, Any]) -> Action:
         return PinLearningRate(float(data["pin"]))
     if "scale" in data:
         return ScaleLearningRate(float(data["scale"]))
+    if "set_parameters" in data:
+        return SetParameters(tuple((str(name), float(value)) for name, value in data["set_parameters"]))
     swap = data["swap"]
     scale = swap.get("scale")
     return SwapSchedule(spec_from_config(swap["class_name"], swap["config"]), Origin(swap["origin"]),
@@ -120,6 +126,7 @@ def change_to_json(change: Change) -> dict[str, Any]:
         "error": error_to_json(change.error), "due_step": change.due_step,
         **({"checkpoint": {"path": change.checkpoint_path, "step": change.checkpoint_step,
                            "run_id": change.checkpoint_run_id}} if change.checkpoint_path else {}),
+        "parameter_updates": [[u.name, u.before, u.after] for u in change.parameter_updates],
         "request": {"action": action_to_json(request.action), "request_id": request.request_id,
                     "expected_version": request.expected_version, "apply_at_step": request.apply_at_step,
                     "reason": request.reason, "force": request.force,
@@ -142,6 +149,8 @@ def change_from_json(data: Mapping[str, Any]) -> Change:
         error=error_from_json(data["error"]), due_step=data.get("due_step"),
         checkpoint_path=str(checkpoint.get("path", "")), checkpoint_step=checkpoint.get("step"),
         checkpoint_run_id=str(checkpoint.get("run_id", "")),
+        parameter_updates=tuple(ParameterUpdate(str(n), float(b), float(a))
+                                for n, b, a in data.get("parameter_updates", ())),
         request=ChangeRequest(action_from_json(request["action"]), request_id=request["request_id"],
                               expected_version=request["expected_version"],
                               apply_at_step=request["apply_at_step"], reason=request["reason"],

@@ -51,18 +51,19 @@ def is_run_action(change: Change) -> bool:
 
 
 def decide(core: ControlCore, due: Sequence[Change], state: ActiveSchedule, version: int, step: int,
-           now: float) -> tuple[list[Change], ActiveSchedule, int]:
+           now: float, values: dict[str, float] | None = None) -> tuple[list[Change], ActiveSchedule, int]:
     """Like `policy.outcomes`, in submission order, with each run action performed where it
     stands (no lock held): a load with its hyperparameters changes the state the changes after
     it build on, and a failed action takes no version. After an applied stop, the rest are
     cancelled with its reason."""
     finals: list[Change] = []
     stop: Change | None = None
+    values = {} if values is None else values  # updated in place by each SetParameters
     for change in due:
         if stop is not None:
             finals.append(cancelled_by_stop(change, stop, now))
             continue
-        [final], after, next_version = core.policy.outcomes([change], state, version, step, now)
+        [final], after, next_version = core.policy.outcomes([change], state, version, step, now, values)
         if is_run_action(change) and final.status is ChangeStatus.APPLIED:
             final = _perform(core, final, state, step)
             if final.status is not ChangeStatus.APPLIED:

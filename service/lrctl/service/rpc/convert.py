@@ -22,6 +22,7 @@ from lrctl.service.control.changes import (
     Change,
     ChangeRequest,
     ChangeStatus,
+    Hyperparameter,
     LoadCheckpoint,
     PauseTraining,
     Phase,
@@ -30,6 +31,7 @@ from lrctl.service.control.changes import (
     RevertSchedule,
     SaveCheckpoint,
     ScaleLearningRate,
+    SetParameters,
     Snapshot,
     StopTraining,
     SwapSchedule,
@@ -117,9 +119,10 @@ def change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
     )
 
 
-#: The requests of the run actions (PauseTraining ... LoadCheckpoint): no `force`, no preview.
+#: The requests of the run actions (PauseTraining ... LoadCheckpoint) and SetOptimizerParameters:
+#: the options every change takes, but no `force` and no preview.
 RunActionRequest = (pb.PauseTrainingRequest | pb.ResumeTrainingRequest | pb.SaveCheckpointRequest
-                    | pb.StopTrainingRequest | pb.LoadCheckpointRequest)
+                    | pb.StopTrainingRequest | pb.LoadCheckpointRequest | pb.SetOptimizerParametersRequest)
 
 
 def run_request(request: RunActionRequest, action: Action) -> ChangeRequest:
@@ -132,6 +135,13 @@ def run_request(request: RunActionRequest, action: Action) -> ChangeRequest:
         expected_incarnation=request.expected_incarnation,
         apply_after_steps=request.apply_after_steps if request.HasField("apply_after_steps") else None,
     )
+
+
+def parameters_request(request: pb.SetOptimizerParametersRequest) -> ChangeRequest:
+    """A SetOptimizerParameters request as a change (names sorted: one payload per request,
+    whatever the map's order on the wire)."""
+    return run_request(request, SetParameters(tuple(sorted(
+        (name, float(value)) for name, value in request.parameters.items()))))
 
 
 def pause_timeout(duration: Duration) -> float:
@@ -208,6 +218,8 @@ def change_to_proto(change: Change) -> pb.Change:
         message.set_learning_rate = action.learning_rate
     elif isinstance(action, ScaleLearningRate):
         message.scale = action.factor
+    elif isinstance(action, SetParameters):
+        message.set_optimizer_parameters.CopyFrom(pb.OptimizerParameters(parameters=dict(action.values)))
     elif isinstance(action, RevertSchedule):
         message.revert.CopyFrom(pb.RestoredSchedule(
             schedule=spec_to_proto(action.state.spec), origin=_ORIGIN_TO_PB[action.state.origin],
@@ -236,6 +248,8 @@ def change_to_proto(change: Change) -> pb.Change:
         message.checkpoint_path = change.checkpoint_path
         message.checkpoint_step = change.checkpoint_step if change.checkpoint_step is not None else 0
         message.checkpoint_run_id = change.checkpoint_run_id
+    message.parameter_updates.extend(pb.ParameterUpdate(name=u.name, before=u.before, after=u.after)
+                                     for u in change.parameter_updates)
     message.preview.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
                            for s, lr in change.preview)
     message.preview_current.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
@@ -252,7 +266,15 @@ def guardrails_to_proto(limits: Guardrails) -> pb.Guardrails:
         max_change_factor=bound(limits.max_change_factor),
         max_changes_per_minute=bound(limits.max_changes_per_minute),
         revert_on_nan_steps=limits.revert_on_nan_steps, horizon_steps=limits.horizon_steps,
+        parameter_bounds={name: pb.ParameterBounds(min_value=lo, max_value=hi)
+                          for name, lo, hi in limits.parameter_bounds},
     )
+
+
+def hyperparameter_to_proto(item: Hyperparameter) -> pb.Hyperparameter:
+    return pb.Hyperparameter(name=item.name, value=item.value, live=item.live,
+                             fixed_reason=item.fixed_reason, registered=item.registered,
+                             min_value=item.min_value, max_value=item.max_value)
 
 
 def state_to_proto(snap: Snapshot, convert_change: Callable[[Change], pb.Change] = change_to_proto,
@@ -286,6 +308,7 @@ def state_to_proto(snap: Snapshot, convert_change: Callable[[Change], pb.Change]
         lr_clamp_count=snap.lr_clamp_count,
         checkpoint_failures=snap.checkpoint_failures, checkpoint_error=snap.checkpoint_error,
         checkpoint_step=snap.checkpoint_step, paused_until=timestamp(snap.paused_until),
+        hyperparameters=[hyperparameter_to_proto(h) for h in snap.hyperparameters],
     )
 
 

@@ -57,6 +57,7 @@ from lrctl.service.rpc.convert import (
     change_to_proto,
     decode_page_token,
     encode_page_token,
+    parameters_request,
     parse_change_name,
     pause_timeout,
     run_request,
@@ -171,6 +172,16 @@ class TrainingControlServicer:
             return await self._submit(change_request(request, action), request, context)
 
         return pb.SwapScheduleResponse(change=await self._mutate("SwapSchedule", request, context, run))
+
+    async def SetOptimizerParameters(self, request: pb.SetOptimizerParametersRequest,
+                                     context: aio.ServicerContext) -> pb.SetOptimizerParametersResponse:
+        async def run() -> pb.Change:
+            if not request.parameters:
+                raise InvalidArgumentError("parameters", "must name at least one parameter", "{}")
+            return await self._submit(parameters_request(request), request, context)
+
+        return pb.SetOptimizerParametersResponse(
+            change=await self._mutate("SetOptimizerParameters", request, context, run))
 
     async def GetState(self, request: pb.GetStateRequest,
                        context: aio.ServicerContext) -> pb.GetStateResponse | bytes:
@@ -422,7 +433,7 @@ class TrainingControlServicer:
     async def _unimplemented(self, request: Message, context: aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not implemented yet")
 
-    SetOptimizerParameters = ListMeasurements = _unimplemented
+    ListMeasurements = _unimplemented
 
 
 def _view(view: int) -> int:

@@ -76,6 +76,8 @@ class Boundary:
         """`TrainingControl.resync`: whether a restore replaced the engine's variables."""
         if not self._engine.replaced():
             return False
+        # The hyperparameter variables ride in the same checkpoints as the schedule's.
+        self._controller.refresh_parameters()
         # A restore may have brought another run's bounds: these are this trainer's.
         limits = self._controller.guardrails
         self._engine.schedule.set_bounds(limits.min_learning_rate, limits.max_learning_rate)

@@ -32,6 +32,7 @@ from lrctl.service.training.divergence import DivergenceGuard, DivergenceWatch
 from lrctl.service.training.engine_target import EngineTarget
 from lrctl.service.training.exchange import WorkerSync, worker_count
 from lrctl.service.training.fit_callback import ControlCallback
+from lrctl.service.training.hyperparams import OptimizerParameters
 from lrctl.service.training.publishing import Publisher
 from lrctl.service.training.run_actions import RunActions
 from lrctl.service.training.step_clock import StepClock
@@ -106,6 +107,11 @@ class TrainingControl:
         #: The exchange with the other workers of a multi-worker job; None for one worker.
         self.workers = WorkerSync(strategy, self.engine, self.controller, sync_every) \
             if worker_count(strategy) > 1 else None
+        #: The optimizer's hyperparameters and the registered variables (SetOptimizerParameters).
+        self.parameters = OptimizerParameters(optimizer, unsupported="" if self.workers is None else (
+            "SetOptimizerParameters is not supported in a multi-worker job yet: the exchange "
+            "carries the schedule only; start the job with the hyperparameters it needs"))
+        self.controller.attach_parameters(self.parameters)
         self.schedule.set_bounds(guardrails.min_learning_rate, guardrails.max_learning_rate)
         self.clock = StepClock(optimizer.iterations)
         # `self.resync` reaches `_boundary`, made below, only when called.
@@ -123,6 +129,19 @@ class TrainingControl:
             self.controller.set_boundaries(Boundaries(0, self.workers.every))
         local_changes.route_learning_rate_assignments(self)
         self.publish(force=True)  # readers see the starting LR before the first step
+
+    def register(self, name: str, variable: keras.Variable | tf.Variable,
+                 bounds: tuple[float | None, float | None] = (None, None)) -> None:
+        """Make a scalar floating variable of the training script (a dropout rate, a loss
+        weight, label smoothing...) settable by SetOptimizerParameters as `name`, within
+        `bounds` (min, max; inclusive; None: open), with the same guarantees as the optimizer's
+        own: validated, versioned, in history, applied between steps. The variable is yours:
+        checkpoint it with your model (a resume restores it; GetState reads it). Training
+        thread, before or between steps; a variable read in the compiled step takes effect
+        at the next step with no retrace."""
+        self.parameters.register(name, variable, bounds)
+        self.controller.attach_parameters(self.parameters)
+        self.publish(force=True)
 
     @property
     def step(self) -> int:
