@@ -30,6 +30,7 @@ QUICK = (
     "test_change_filters.py",
     "test_change_listing.py",
     "test_change_options.py",
+    "test_checkpoint_paths.py",
     "test_cli_parse.py",
     "test_client_import.py",
     "test_controller.py",

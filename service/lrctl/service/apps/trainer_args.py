@@ -142,6 +142,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     durability.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
                             help="keep this run's N newest checkpoints (and the one it resumed "
                             "from) (default 2)")
+    durability.add_argument("--checkpoint-root", metavar="DIR",
+                            help="let LoadCheckpoint load checkpoints from under DIR (after "
+                            "resolving links and '..'; relative paths are taken under DIR); "
+                            "without it LoadCheckpoint is refused (FAILED_PRECONDITION)")
     durability.add_argument("--no-memory-growth", action="store_true",
                             help="let TensorFlow take all GPU memory at start (default: grow as "
                             "needed, so another process can share the GPU)")
