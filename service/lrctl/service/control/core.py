@@ -34,6 +34,7 @@ from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import Guardrails
 from lrctl.service.control.ledger import Ledger
 from lrctl.service.control.limits import LIST_SCAN_LIMIT, SNAPSHOT_PENDING
+from lrctl.service.control.measurements import Measurements
 from lrctl.service.control.policy import Policy
 from lrctl.service.control.queue import ChangeQueue
 from lrctl.service.errors import InvalidArgumentError, UnavailableError
@@ -62,6 +63,8 @@ class ControlCore:
         self.ids = itertools.count(1)
         self.state, self.version = target.read()  # what the engine holds
         self.queue = ChangeQueue()
+        #: The batch and epoch logs recorded, for ListMeasurements (under `cond`).
+        self.measurements = Measurements()
         self.ledger = Ledger(history_size)
         #: Called by the training thread with the seconds each `apply_due` that finished a
         #: change took (the outcomes and the one engine load): metrics hooks.

@@ -29,3 +29,5 @@ MAX_FILTER_BYTES = 1024
 #: filter returns a short page (even an empty one) and a token to go on, never a scan of the
 #: whole ledger in one call.
 LIST_SCAN_LIMIT = 1000
+#: Measurements (batch and epoch logs) a run keeps for ListMeasurements, newest last.
+MAX_MEASUREMENTS = 10_000
