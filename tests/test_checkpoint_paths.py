@@ -114,3 +114,13 @@ def test_bad_paths_and_no_root(root: Path) -> None:
         resolve("a\0b", root)
     with pytest.raises(FailedPreconditionError, match="without --checkpoint-root"):
         resolve("run-a", None)
+
+
+def test_the_trainer_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lrctl.service.apps import trainer_args
+
+    assert trainer_args.parse(["--demo", "--checkpoint-root", str(tmp_path)]).checkpoint_root == str(tmp_path)
+    assert trainer_args.parse(["--demo"]).checkpoint_root is None
+    with pytest.raises(SystemExit):
+        trainer_args.parse(["--demo", "--checkpoint-root", str(tmp_path / "missing")])
+    assert "--checkpoint-root must be an existing folder" in capsys.readouterr().err

@@ -154,6 +154,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--checkpoint-every needs --checkpoint-dir and a number of steps > 0")
     if args.fresh and not args.checkpoint_dir:
         parser.error("--fresh needs --checkpoint-dir")
+    if args.checkpoint_root is not None and not os.path.isdir(args.checkpoint_root):
+        parser.error(f"--checkpoint-root must be an existing folder; got {args.checkpoint_root!r}")
     if args.keep_checkpoints < 1:
         parser.error(f"--keep-checkpoints must be at least 1; got {args.keep_checkpoints}")
     return args
