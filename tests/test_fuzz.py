@@ -272,6 +272,8 @@ class Tally:
     maybe_ids: set[str] = field(default_factory=set)  # waits that ran out: the change may apply
     maybe_anonymous: int = 0
     last_page_token: str = ""
+    #: The last next_page_token by RPC, for the RPCs other than ListChanges that page.
+    page_tokens: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         rpcs = sorted({rpc for rpc, _ in self.outcomes})
@@ -349,6 +351,13 @@ def check_response(method: MethodDescriptor, request: Message, response: Message
     if method.name == "ListChanges":
         assert len(response.changes) <= 100
         tally.last_page_token = response.next_page_token or tally.last_page_token
+    if method.name == "ListMeasurements":
+        assert len(response.measurements) <= 1000 and response.next_page_token, response
+        sequences = [m.sequence for m in response.measurements]
+        assert sequences == sorted(set(sequences)) and all(s > 0 for s in sequences), sequences
+        if request.start_step:
+            assert all(m.step >= request.start_step for m in response.measurements), response
+        tally.page_tokens[method.name] = response.next_page_token
 
 
 def _stub_call(stub: Any, method: MethodDescriptor, request: Message) -> Message:
@@ -433,7 +442,8 @@ def test_fuzzed_requests_get_actionable_answers_and_only_accepted_ones_change_st
         if wanted:
             state = stub.GetState(pb.GetStateRequest(), timeout=DEADLINE).state
             for name, offset in wanted.items():
-                setattr(request, name, LIVE_FIELDS[name](state, tally.last_page_token, offset))
+                token = tally.page_tokens.get(method.name, tally.last_page_token)
+                setattr(request, name, LIVE_FIELDS[name](state, token, offset))
         try:
             response = _stub_call(stub, method, request)
         except grpc.RpcError as e:

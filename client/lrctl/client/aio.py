@@ -307,6 +307,31 @@ class TrainingControlClient:
                 yield change
             token = page.next_page_token or None
 
+    async def list_measurements(
+        self, *, start_step: int = 0, page_size: int = 0, page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListMeasurementsResponse:
+        """One page of the run's measurements, oldest first; see the sync client's."""
+        return await self._run(calls.list_measurements(start_step, page_size, page_token, timeout))
+
+    async def iter_measurements(
+        self, *, start_step: int = 0, page_size: int = 0, page_token: str = "",
+        follow: bool = False, poll_interval: float = calls.FOLLOW_INTERVAL,
+        timeout: float | None = None,
+    ) -> AsyncIterator[pb.Measurement]:
+        """Every measurement, oldest first; with `follow`, keeps asking for new ones."""
+        token = page_token
+        while True:
+            page = await self.list_measurements(start_step=start_step, page_size=page_size,
+                                                page_token=token, timeout=timeout)
+            for measurement in page.measurements:
+                yield measurement
+            token = page.next_page_token or token
+            if not page.measurements:
+                if not follow:
+                    return
+                await asyncio.sleep(poll_interval)
+
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status name, e.g. "SERVING"."""
         return await self._run(calls.health(service, timeout))

@@ -305,6 +305,17 @@ def list_changes(page_size: int, page_token: str, timeout: float | None, filter:
     return response  # type: ignore[no-any-return]
 
 
+def list_measurements(start_step: int, page_size: int, page_token: str, timeout: float | None
+                      ) -> Plan[pb.ListMeasurementsResponse]:
+    request = pb.ListMeasurementsRequest(start_step=start_step, page_size=page_size, page_token=page_token)
+    response = yield Call("ListMeasurements", request, timeout)
+    return response  # type: ignore[no-any-return]
+
+
+#: `iter_measurements(follow=True)`: the pause before asking again when nothing is new.
+FOLLOW_INTERVAL = 1.0
+
+
 def health(service: str, timeout: float | None) -> Plan[str]:
     request = health_pb2.HealthCheckRequest(service=service)
     response = yield Call("Check", request, timeout, health=True)

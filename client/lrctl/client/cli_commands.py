@@ -25,6 +25,7 @@ from lrctl.client.cli_output import (
     describe_update,
     fmt,
     history_line,
+    measurement_line,
     render_preview,
     to_json,
 )
@@ -148,6 +149,13 @@ def run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) ->
         return EXIT_OK if args.command == "change" else _change_exit_code(change)
     if args.command == "watch":
         return _watch(client, args, out)
+    if args.command == "measurements":
+        try:
+            for measurement in client.iter_measurements(start_step=args.start_step, follow=args.follow):
+                _print(out, args, measurement, measurement_line(measurement))
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
     if args.command == "health":
         status = client.health(args.service)
         text = status if not args.json else json.dumps({"status": status})

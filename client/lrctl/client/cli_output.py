@@ -211,6 +211,14 @@ def history_line(change: pb.Change) -> str:
     return f"{line}  [{change.request_id}]" if change.request_id else line
 
 
+def measurement_line(measurement: pb.Measurement) -> str:
+    """`lrctl measurements`: one line a measurement, its metrics in name order."""
+    metrics = "  ".join(f"{name}={fmt(value)}" for name, value in sorted(measurement.metrics.items()))
+    kind = "epoch end" if measurement.epoch_end else "batch"
+    return (f"#{measurement.sequence}  step {measurement.step}  epoch {measurement.epoch}  {kind}"
+            f"{'  ' + metrics if metrics else ''}")
+
+
 #: `render_preview`'s glyphs: the current schedule, the schedule after the change, both.
 PREVIEW_CURRENT, PREVIEW_CHANGE, PREVIEW_BOTH = "o", "*", "#"
 PREVIEW_ROWS = 12

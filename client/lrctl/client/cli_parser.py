@@ -469,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most one update per interval while training advances (default 1.0)")
     p.add_argument("--count", type=int, metavar="N", help="exit after N updates")
 
+    p = command("measurements", "list the run's measurements (batch and epoch logs), oldest first",
+                "lrctl measurements --start-step 1000 --json", "lrctl measurements --follow")
+    p.add_argument("--start-step", type=_int_at_least(0), default=0, metavar="N",
+                   help="only those taken at or after step N (default 0: the oldest kept)")
+    p.add_argument("--follow", action="store_true",
+                   help="keep printing new measurements as they are recorded (Ctrl-C to stop)")
+
     p = command("health", "check server health; exit 0 only if SERVING",
                 "lrctl health --service lrctl.v1.TrainingControlService")
     p.add_argument("--service", default="",

@@ -7,6 +7,7 @@ exceptions, never raw `grpc.RpcError`.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -360,6 +361,35 @@ class TrainingControlClient:
             token = page.next_page_token
             if not token:
                 return
+
+    def list_measurements(
+        self, *, start_step: int = 0, page_size: int = 0, page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListMeasurementsResponse:
+        """One page of the run's measurements (batch and epoch logs, the last 10,000), oldest
+        first, at or after `start_step`. `page_size` 0: the server's default (100; 1,000 at
+        most). Pass the response's `next_page_token` as `page_token` to read what came after,
+        also after a reconnection: a page with no measurements means nothing newer yet, and
+        `truncated` says that some were dropped before you read them."""
+        return self._run(calls.list_measurements(start_step, page_size, page_token, timeout))
+
+    def iter_measurements(
+        self, *, start_step: int = 0, page_size: int = 0, page_token: str = "",
+        follow: bool = False, poll_interval: float = calls.FOLLOW_INTERVAL,
+        timeout: float | None = None,
+    ) -> Iterator[pb.Measurement]:
+        """Every measurement `list_measurements` pages through, oldest first; with `follow`,
+        keeps asking (every `poll_interval` seconds once caught up) for new ones."""
+        token = page_token
+        while True:
+            page = self.list_measurements(start_step=start_step, page_size=page_size,
+                                          page_token=token, timeout=timeout)
+            yield from page.measurements
+            token = page.next_page_token or token
+            if not page.measurements:
+                if not follow:
+                    return
+                time.sleep(poll_interval)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Return the standard gRPC health status name, e.g. "SERVING" or "NOT_SERVING".

@@ -147,9 +147,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                             help="keep this run's N newest checkpoints (and the one it resumed "
                             "from) (default 2)")
     durability.add_argument("--checkpoint-root", metavar="DIR",
-                            help="LoadCheckpoint (lrctl load) may read checkpoints under DIR only, "
-                            "e.g. the folder holding every member's --checkpoint-dir (default: "
-                            "none, LoadCheckpoint refused)")
+                            help="let LoadCheckpoint load checkpoints from under DIR (after "
+                            "resolving links and '..'; relative paths are taken under DIR); "
+                            "without it LoadCheckpoint is refused (FAILED_PRECONDITION)")
     durability.add_argument("--no-memory-growth", action="store_true",
                             help="let TensorFlow take all GPU memory at start (default: grow as "
                             "needed, so another process can share the GPU)")
@@ -158,6 +158,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--checkpoint-every needs --checkpoint-dir and a number of steps > 0")
     if args.fresh and not args.checkpoint_dir:
         parser.error("--fresh needs --checkpoint-dir")
+    if args.checkpoint_root is not None and not os.path.isdir(args.checkpoint_root):
+        parser.error(f"--checkpoint-root must be an existing folder; got {args.checkpoint_root!r}")
     if args.keep_checkpoints < 1:
         parser.error(f"--keep-checkpoints must be at least 1; got {args.keep_checkpoints}")
     return args

@@ -206,6 +206,14 @@ def publish(core: ControlCore, *, step: int, learning_rate: float, metrics: Mapp
         # An exact step tightens the bound left by `at_boundary` at this same boundary; it
         # does not open a new one (a change for this step may still apply at the next).
         core.boundary_step = min(core.boundary_step, step)
+        if metrics:
+            measured = core.measurements.batch(
+                step=step if metrics_step is None else metrics_step,
+                epoch=core.board.current.epoch if epoch is None else epoch, metrics=metrics,
+                time=core.clock() if metrics_time is None else metrics_time, now=time.monotonic(),
+                changed_step=core.board.changed_step)
+            if measured is not None:
+                core.board.update(measurement_sequence=measured.sequence)
         core.board.record_step(step=step, learning_rate=learning_rate, metrics=metrics, epoch=epoch,
                                metrics_step=metrics_step, metrics_time=metrics_time,
                                lr_clamp_count=lr_clamp_count)

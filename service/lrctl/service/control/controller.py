@@ -35,6 +35,7 @@ from lrctl.service.control.core import ControlCore
 from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.control.limits import DEDUP_WINDOW
+from lrctl.service.control.measurements import Page
 from lrctl.service.errors import NotFoundError
 from lrctl.service.schedules.specs import ActiveSchedule
 
@@ -242,7 +243,22 @@ class Controller:
 
     def publish_epoch(self, *, epoch: int, metrics: Mapping[str, float], step: int) -> None:
         """Record an epoch's end-of-epoch logs (`val_*` included), taken at `step`."""
-        self._core.board.record_epoch(epoch=epoch, metrics=metrics, step=step)
+        with self._core.cond:
+            measured = self._core.measurements.epoch_end(step=step, epoch=epoch, metrics=metrics,
+                                                         time=self._core.clock())
+            self._core.board.update(measurement_sequence=measured.sequence)
+            self._core.board.record_epoch(epoch=epoch, metrics=metrics, step=step)
+
+    def list_measurements(self, *, after_sequence: int | None, same_process: bool, start_step: int,
+                          page_size: int) -> Page:
+        """A page of the measurements numbered after `after_sequence` (a page token's; None:
+        the first page; `same_process`: issued by this process) with step >= `start_step`,
+        oldest first (any thread; O(page_size) under the lock)."""
+        with self._core.cond:
+            measurements = self._core.measurements
+            if after_sequence is not None:
+                after_sequence = measurements.position(after_sequence, same_process=same_process)
+            return measurements.page(after_sequence, start_step, page_size)
 
     def ended_counts(self) -> dict[ChangeStatus, int]:
         """How many changes ended with each status since this controller started (exact)."""

@@ -36,6 +36,7 @@ from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import Guardrails
 from lrctl.service.control.ledger import Ledger
 from lrctl.service.control.limits import LIST_SCAN_LIMIT, SNAPSHOT_PENDING
+from lrctl.service.control.measurements import Measurements
 from lrctl.service.control.policy import Policy
 from lrctl.service.control.queue import ChangeQueue
 from lrctl.service.errors import InvalidArgumentError, UnavailableError
@@ -68,6 +69,8 @@ class ControlCore:
         self.parameters: ParameterTarget | None = None
         self.parameter_values: dict[str, float] = {}
         self.queue = ChangeQueue()
+        #: The batch and epoch logs recorded, for ListMeasurements (under `cond`).
+        self.measurements = Measurements()
         self.ledger = Ledger(history_size)
         #: Called by the training thread with the seconds each `apply_due` that finished a
         #: change took (the outcomes and the one engine load): metrics hooks.

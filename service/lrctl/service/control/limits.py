@@ -33,3 +33,5 @@ LIST_SCAN_LIMIT = 1000
 #: by itself after it, so a forgotten pause does not hold a GPU for days.
 DEFAULT_PAUSE_TIMEOUT = 3600.0
 MAX_PAUSE_TIMEOUT = 7 * 24 * 3600.0
+#: Measurements (batch and epoch logs) a run keeps for ListMeasurements, newest last.
+MAX_MEASUREMENTS = 10_000

@@ -176,12 +176,13 @@ class SavedState:
     history: list[Change]  #: the finished records the history shows, oldest first
     replay: list[Change]  #: applied changes still to re-apply, in (applied_step, version) order
     stopped_step: int | None = None  #: where a StopTraining ended the run (None: it did not)
+    measurement_sequence: int = 0  #: the newest measurement's sequence number (0: none)
 
 
 def state_to_json(*, run_id: str, step: int, epoch: int, schedule: ActiveSchedule, version: int,
                   pending: Iterable[Change], finished: Iterable[Change], history: Iterable[Change],
-                  replay: Iterable[Change], wal_seq: int,
-                  stopped_step: int | None = None) -> dict[str, Any]:
+                  replay: Iterable[Change], wal_seq: int, stopped_step: int | None = None,
+                  measurement_sequence: int = 0) -> dict[str, Any]:
     """The control state as JSON-able data: the schedule and version in force, the pending
     changes, and every remembered finished record (the dedup window, in the order they
     finished; the history is its newest `history_size`). "epoch" is the number of epochs
@@ -198,6 +199,7 @@ def state_to_json(*, run_id: str, step: int, epoch: int, schedule: ActiveSchedul
     older = [c for c in history if c.id not in known]
     return {
         "format": STATE_FORMAT, "run_id": run_id, "step": step, "epoch": epoch,
+        "measurement_sequence": measurement_sequence,
         "version": version, "schedule": schedule_to_json(schedule),
         "next_id": max([0, *(c.id for c in pending), *(c.id for c in finished), *history_ids]) + 1,
         "pending": [change_to_json(c) for c in pending],
@@ -222,7 +224,8 @@ def state_from_json(data: Mapping[str, Any]) -> SavedState:
         finished=finished, history=[by_id[i] for i in data["history"] if i in by_id],
         replay=sorted((by_id[i] for i in data.get("replay", ()) if i in by_id),
                       key=lambda c: (c.applied_step or 0, c.version)),
-        stopped_step=None if data.get("stopped_step") is None else int(data["stopped_step"]))
+        stopped_step=None if data.get("stopped_step") is None else int(data["stopped_step"]),
+        measurement_sequence=int(data.get("measurement_sequence", 0)))
 
 
 def log_record(run_id: str, change: Change) -> dict[str, Any]:

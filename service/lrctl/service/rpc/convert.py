@@ -38,6 +38,7 @@ from lrctl.service.control.changes import (
 )
 from lrctl.service.control.guardrails import Guardrails
 from lrctl.service.control.limits import DEFAULT_PAUSE_TIMEOUT
+from lrctl.service.control.measurements import Measurement
 from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.schedules import specs
 from lrctl.v1 import training_control_pb2 as pb
@@ -309,7 +310,42 @@ def state_to_proto(snap: Snapshot, convert_change: Callable[[Change], pb.Change]
         checkpoint_failures=snap.checkpoint_failures, checkpoint_error=snap.checkpoint_error,
         checkpoint_step=snap.checkpoint_step, paused_until=timestamp(snap.paused_until),
         hyperparameters=[hyperparameter_to_proto(h) for h in snap.hyperparameters],
+        measurement_sequence=snap.measurement_sequence,
     )
+
+
+def measurement_to_proto(measurement: Measurement) -> pb.Measurement:
+    return pb.Measurement(step=measurement.step, epoch=measurement.epoch, metrics=dict(measurement.metrics),
+                          epoch_end=measurement.epoch_end, time=timestamp(measurement.time),
+                          sequence=measurement.sequence)
+
+
+#: Marks a ListMeasurements token, so that a ListChanges token is never taken for one.
+_MEASUREMENTS_TAG = "m"
+
+
+def encode_measurement_token(after_sequence: int, run_id: str, incarnation: str) -> str:
+    """An opaque ListMeasurements page token: the run, the process that issued it (a restart
+    numbers the measurements after its checkpoint anew), and the sequence read up to."""
+    body = f"{_MEASUREMENTS_TAG}:{run_id}:{incarnation}:{after_sequence}"
+    return base64.urlsafe_b64encode(body.encode()).decode()
+
+
+def decode_measurement_token(token: str, run_id: str) -> tuple[str, int]:
+    """(the incarnation that issued it, the sequence read up to); INVALID_ARGUMENT naming
+    `page_token` for anything but a ListMeasurements token of this run."""
+    try:
+        body = base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        body = ""
+    head, _, sequence = body.rpartition(":")
+    head, _, incarnation = head.rpartition(":")
+    tag, _, token_run = head.partition(":")
+    if tag != _MEASUREMENTS_TAG or token_run != run_id or not (
+            sequence.isascii() and sequence.isdigit() and len(sequence) <= 18):
+        raise InvalidArgumentError("page_token", "must be a next_page_token of a ListMeasurements "
+                                                 "call of this run", token[:64])
+    return incarnation, int(sequence)
 
 
 def _filter_tag(filter_text: str) -> str:

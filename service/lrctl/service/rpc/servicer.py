@@ -55,8 +55,11 @@ from lrctl.service.rpc.convert import (
     RunActionRequest,
     change_request,
     change_to_proto,
+    decode_measurement_token,
     decode_page_token,
+    encode_measurement_token,
     encode_page_token,
+    measurement_to_proto,
     parameters_request,
     parse_change_name,
     pause_timeout,
@@ -78,6 +81,7 @@ logger = logging.getLogger("lrctl")
 DEFAULT_WATCH_INTERVAL = 1.0  # seconds, when WatchStateRequest.min_interval is unset or zero
 MAX_WATCH_INTERVAL = 3600  # seconds
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 100  # ListChanges (AIP-158)
+MEASUREMENTS_PAGE_SIZE, MAX_MEASUREMENTS_PAGE_SIZE = 100, 1000  # ListMeasurements
 #: Seconds one call may wait for its change to apply (SetLearningRate/SwapSchedule: then
 #: DEADLINE_EXCEEDED; it stays pending), and the longest WaitChange timeout.
 MAX_WAIT = 600.0
@@ -370,6 +374,28 @@ class TrainingControlServicer:
 
         return pb.LoadCheckpointResponse(change=await self._mutate("LoadCheckpoint", request, context, run))
 
+    async def ListMeasurements(self, request: pb.ListMeasurementsRequest,
+                               context: aio.ServicerContext) -> pb.ListMeasurementsResponse:
+        try:
+            controller = self._slot.bound()
+            snap = controller.snapshot()
+            if request.page_size < 0:
+                raise InvalidArgumentError("page_size", "must be >= 0", request.page_size)
+            if request.start_step < 0:
+                raise InvalidArgumentError("start_step", "must be >= 0", request.start_step)
+            incarnation, after = decode_measurement_token(request.page_token, snap.run_id) \
+                if request.page_token else (snap.incarnation, None)
+            page = controller.list_measurements(
+                after_sequence=after, same_process=incarnation == snap.incarnation,
+                start_step=request.start_step,
+                page_size=min(request.page_size or MEASUREMENTS_PAGE_SIZE, MAX_MEASUREMENTS_PAGE_SIZE))
+        except DOMAIN_ERRORS as e:
+            await abort(context, e)
+        # Never empty: a reader keeps its place even when nothing is recorded yet.
+        return pb.ListMeasurementsResponse(
+            measurements=[measurement_to_proto(m) for m in page.items], truncated=page.truncated,
+            next_page_token=encode_measurement_token(page.after_sequence, snap.run_id, snap.incarnation))
+
     async def _submit(self, change_request: ChangeRequest,
                       request: pb.SetLearningRateRequest | pb.SwapScheduleRequest | RunActionRequest,
                       context: aio.ServicerContext) -> pb.Change:
@@ -429,11 +455,6 @@ class TrainingControlServicer:
                 await self._wakeups.sleep(waiter, left)
             return waiter.record
 
-    # Issue 19's RPCs: declared in the proto, built next (UNIMPLEMENTED until then).
-    async def _unimplemented(self, request: Message, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not implemented yet")
-
-    ListMeasurements = _unimplemented
 
 
 def _view(view: int) -> int:

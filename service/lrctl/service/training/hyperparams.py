@@ -288,6 +288,11 @@ class OptimizerParameters:
             ParameterSpec(name, registered=True, minimum=lo, maximum=hi, dtype=dtype.name),
             variable, None)
 
+    def variables(self) -> list[keras.Variable | tf.Variable]:
+        """Every live variable, the registered ones included (what a LoadCheckpoint keeps
+        unless it loads the checkpoint's hyperparameters)."""
+        return [e.variable for e in self._entries.values() if e.variable is not None]
+
     def space(self) -> ParameterSpace:
         return ParameterSpace(tuple(e.spec for e in self._entries.values()), self._unsupported)
 

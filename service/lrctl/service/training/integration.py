@@ -25,7 +25,7 @@ from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.errors import FailedPreconditionError
 from lrctl.service.schedules import specs
 from lrctl.service.schedules.specs import ActiveSchedule
-from lrctl.service.training import local_changes
+from lrctl.service.training import exploit, local_changes
 from lrctl.service.training.attach import attach
 from lrctl.service.training.boundary import Boundary
 from lrctl.service.training.divergence import DivergenceGuard, DivergenceWatch
@@ -258,11 +258,13 @@ class TrainingControl:
                                           "TrainingControl(..., model=model)")
         return model
 
-    def kept_on_load(self, load_hyperparameters: bool) -> list[keras.Variable]:
-        """What a LoadCheckpoint leaves as it is: this run's step, and lrctl's own variables
-        (the schedule's: with `load_hyperparameters` the checkpoint's schedule comes in as a
-        new version through the controller, never by overwriting them)."""
-        return [self.optimizer.iterations, *self.schedule.checkpointed]
+    def kept_on_load(self, load_hyperparameters: bool) -> list[Any]:
+        """What a LoadCheckpoint leaves as it is: this run's step and lrctl's own schedule
+        variables (with `load_hyperparameters` the checkpoint's schedule comes in as a new
+        version through the controller, never by overwriting them), and, unless it loads
+        them, the hyperparameters (so that the orchestrator explores them next)."""
+        kept: list[Any] = exploit.run_variables(self.optimizer)
+        return kept if load_hyperparameters else [*kept, *self.parameters.variables()]
 
     def weights_replaced(self) -> None:
         """The weights were replaced at a boundary (a load): a revert_on_nan snapshot belongs

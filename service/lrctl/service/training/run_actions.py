@@ -1,6 +1,6 @@
 """The training layer's side of the run actions (`control.changes.RunTarget`): writing a
 checkpoint through the run's Checkpointer, loading another one's weights and optimizer state
-(helper module `exploit`), and ending the run for good. Training thread, at a step boundary,
+(`exploit`), and ending the run for good. Training thread, at a step boundary,
 no controller lock held; the controller decides each change's record from what these return
 or raise (`control.run_control`)."""
 
@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lrctl.service.control import persistence
+from lrctl.service.control import checkpoint_paths, persistence
 from lrctl.service.control.changes import LoadCheckpoint, RunResult
 from lrctl.service.errors import ApplyError, FailedPreconditionError
+from lrctl.service.training import exploit
 
 if TYPE_CHECKING:
     from lrctl.service.training.integration import TrainingControl
@@ -53,16 +54,14 @@ class RunActions:
     def load_checkpoint(self, action: LoadCheckpoint, step: int) -> RunResult:
         """The weights and optimizer state of the checkpoint `action` names, this run's step
         kept; with `load_hyperparameters`, its schedule becomes the change's new state."""
-        # Helper EXP's modules: the path's confinement and the loading itself.
-        from lrctl.service.control import checkpoint_paths  # type: ignore[attr-defined,unused-ignore]
-        from lrctl.service.training import exploit  # type: ignore[attr-defined,unused-ignore]
-
         control = self._control
         weights = checkpoint_paths.resolve(action.path, control.checkpoint_root)
         model = control.model_for_load()
         loaded = exploit.load_checkpoint(model, control.optimizer, weights,
                                          keep=control.kept_on_load(action.load_hyperparameters))
         control.weights_replaced()
+        if action.load_hyperparameters:  # the variables moved under the controller's view
+            control.controller.refresh_parameters()
         schedule = None
         if action.load_hyperparameters:
             schedule = persistence.schedule_from_json(loaded.control["schedule"])
