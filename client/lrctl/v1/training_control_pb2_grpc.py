@@ -215,6 +215,8 @@ class TrainingControlServiceServicer:
         parameter this optimizer does not have, momentum 0 -> nonzero on an
         optimizer built without momentum slots, clipping on one built without
         it; the message says how to start the job so that the change is possible.
+        In a multi-worker job, every request fails with FAILED_PRECONDITION
+        (OPTIMIZER_STRUCTURE): the workers' exchange carries the schedule only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -265,11 +267,15 @@ class TrainingControlServiceServicer:
         """Loads weights and optimizer state from a checkpoint written by lrctl
         (another run's, for population-based training's exploit) at a step
         boundary, keeping this run's step. Needs the write role. Errors are as
-        for SetLearningRate, plus FAILED_PRECONDITION when the trainer was started
-        without --checkpoint-root, PERMISSION_DENIED for a path outside it,
-        NOT_FOUND for a checkpoint that does not exist, and FAILED_PRECONDITION
-        (the change ends CHANGE_STATUS_FAILED, nothing changed) for a checkpoint
-        of another model, naming the first variable whose shape differs.
+        for SetLearningRate, plus FAILED_PRECONDITION (a PreconditionFailure
+        violation of type CHECKPOINT_ROOT) when the trainer was started without
+        --checkpoint-root, PERMISSION_DENIED (ErrorInfo reason
+        OUTSIDE_CHECKPOINT_ROOT) for a path outside it, NOT_FOUND for a checkpoint
+        that does not exist, and FAILED_PRECONDITION (the change ends
+        CHANGE_STATUS_FAILED, nothing changed; violation type CHECKPOINT_MISMATCH,
+        or CHECKPOINT_LAYOUT for a file that is not an lrctl checkpoint of this
+        kind of model) for a checkpoint of another model, naming the first
+        variable whose shape differs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -129,6 +129,8 @@ class TrainingControlServiceStub:
     parameter this optimizer does not have, momentum 0 -> nonzero on an
     optimizer built without momentum slots, clipping on one built without
     it; the message says how to start the job so that the change is possible.
+    In a multi-worker job, every request fails with FAILED_PRECONDITION
+    (OPTIMIZER_STRUCTURE): the workers' exchange carries the schedule only.
     """
     PauseTraining: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.PauseTrainingRequest, _training_control_pb2.PauseTrainingResponse]
     """Pauses training at a step boundary: the training thread waits there,
@@ -159,11 +161,15 @@ class TrainingControlServiceStub:
     """Loads weights and optimizer state from a checkpoint written by lrctl
     (another run's, for population-based training's exploit) at a step
     boundary, keeping this run's step. Needs the write role. Errors are as
-    for SetLearningRate, plus FAILED_PRECONDITION when the trainer was started
-    without --checkpoint-root, PERMISSION_DENIED for a path outside it,
-    NOT_FOUND for a checkpoint that does not exist, and FAILED_PRECONDITION
-    (the change ends CHANGE_STATUS_FAILED, nothing changed) for a checkpoint
-    of another model, naming the first variable whose shape differs.
+    for SetLearningRate, plus FAILED_PRECONDITION (a PreconditionFailure
+    violation of type CHECKPOINT_ROOT) when the trainer was started without
+    --checkpoint-root, PERMISSION_DENIED (ErrorInfo reason
+    OUTSIDE_CHECKPOINT_ROOT) for a path outside it, NOT_FOUND for a checkpoint
+    that does not exist, and FAILED_PRECONDITION (the change ends
+    CHANGE_STATUS_FAILED, nothing changed; violation type CHECKPOINT_MISMATCH,
+    or CHECKPOINT_LAYOUT for a file that is not an lrctl checkpoint of this
+    kind of model) for a checkpoint of another model, naming the first
+    variable whose shape differs.
     """
     ListMeasurements: _grpc.UnaryUnaryMultiCallable[_training_control_pb2.ListMeasurementsRequest, _training_control_pb2.ListMeasurementsResponse]
     """Lists the run's measurements (the batch and epoch logs the trainer
@@ -242,6 +248,8 @@ class TrainingControlServiceAsyncStub(TrainingControlServiceStub):
     parameter this optimizer does not have, momentum 0 -> nonzero on an
     optimizer built without momentum slots, clipping on one built without
     it; the message says how to start the job so that the change is possible.
+    In a multi-worker job, every request fails with FAILED_PRECONDITION
+    (OPTIMIZER_STRUCTURE): the workers' exchange carries the schedule only.
     """
     PauseTraining: _aio.UnaryUnaryMultiCallable[_training_control_pb2.PauseTrainingRequest, _training_control_pb2.PauseTrainingResponse]  # type: ignore[assignment]
     """Pauses training at a step boundary: the training thread waits there,
@@ -272,11 +280,15 @@ class TrainingControlServiceAsyncStub(TrainingControlServiceStub):
     """Loads weights and optimizer state from a checkpoint written by lrctl
     (another run's, for population-based training's exploit) at a step
     boundary, keeping this run's step. Needs the write role. Errors are as
-    for SetLearningRate, plus FAILED_PRECONDITION when the trainer was started
-    without --checkpoint-root, PERMISSION_DENIED for a path outside it,
-    NOT_FOUND for a checkpoint that does not exist, and FAILED_PRECONDITION
-    (the change ends CHANGE_STATUS_FAILED, nothing changed) for a checkpoint
-    of another model, naming the first variable whose shape differs.
+    for SetLearningRate, plus FAILED_PRECONDITION (a PreconditionFailure
+    violation of type CHECKPOINT_ROOT) when the trainer was started without
+    --checkpoint-root, PERMISSION_DENIED (ErrorInfo reason
+    OUTSIDE_CHECKPOINT_ROOT) for a path outside it, NOT_FOUND for a checkpoint
+    that does not exist, and FAILED_PRECONDITION (the change ends
+    CHANGE_STATUS_FAILED, nothing changed; violation type CHECKPOINT_MISMATCH,
+    or CHECKPOINT_LAYOUT for a file that is not an lrctl checkpoint of this
+    kind of model) for a checkpoint of another model, naming the first
+    variable whose shape differs.
     """
     ListMeasurements: _aio.UnaryUnaryMultiCallable[_training_control_pb2.ListMeasurementsRequest, _training_control_pb2.ListMeasurementsResponse]  # type: ignore[assignment]
     """Lists the run's measurements (the batch and epoch logs the trainer
@@ -406,6 +418,8 @@ class TrainingControlServiceServicer(metaclass=_abc_1.ABCMeta):
         parameter this optimizer does not have, momentum 0 -> nonzero on an
         optimizer built without momentum slots, clipping on one built without
         it; the message says how to start the job so that the change is possible.
+        In a multi-worker job, every request fails with FAILED_PRECONDITION
+        (OPTIMIZER_STRUCTURE): the workers' exchange carries the schedule only.
         """
 
     @_abc_1.abstractmethod
@@ -466,11 +480,15 @@ class TrainingControlServiceServicer(metaclass=_abc_1.ABCMeta):
         """Loads weights and optimizer state from a checkpoint written by lrctl
         (another run's, for population-based training's exploit) at a step
         boundary, keeping this run's step. Needs the write role. Errors are as
-        for SetLearningRate, plus FAILED_PRECONDITION when the trainer was started
-        without --checkpoint-root, PERMISSION_DENIED for a path outside it,
-        NOT_FOUND for a checkpoint that does not exist, and FAILED_PRECONDITION
-        (the change ends CHANGE_STATUS_FAILED, nothing changed) for a checkpoint
-        of another model, naming the first variable whose shape differs.
+        for SetLearningRate, plus FAILED_PRECONDITION (a PreconditionFailure
+        violation of type CHECKPOINT_ROOT) when the trainer was started without
+        --checkpoint-root, PERMISSION_DENIED (ErrorInfo reason
+        OUTSIDE_CHECKPOINT_ROOT) for a path outside it, NOT_FOUND for a checkpoint
+        that does not exist, and FAILED_PRECONDITION (the change ends
+        CHANGE_STATUS_FAILED, nothing changed; violation type CHECKPOINT_MISMATCH,
+        or CHECKPOINT_LAYOUT for a file that is not an lrctl checkpoint of this
+        kind of model) for a checkpoint of another model, naming the first
+        variable whose shape differs.
         """
 
     @_abc_1.abstractmethod
