@@ -37,8 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
 
-import pbt_live  # noqa: E402 -- from examples/, put on the path above
-from _common import emit  # noqa: E402
+import pbt_live
+from _common import emit
 
 
 def _event(member: pbt_live.Member, name: str, **fields: Any) -> float:

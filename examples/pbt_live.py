@@ -215,20 +215,20 @@ def run_live(population: int, rounds: int, interval: int, seed: int, quantile: f
             for exploit in plan:
                 if exploit.donor not in saved:  # one checkpoint per donor and round
                     saved[exploit.donor] = clients[exploit.donor].save_checkpoint(
-                        wait_until_applied=True, reason=f"pbt round {round_}: donor").checkpoint_path
+                        wait=True, reason=f"pbt round {round_}: donor").checkpoint_path
                 loser = clients[exploit.loser]
                 reason = f"pbt round {round_}: exploit member {exploit.donor}"
-                loser.load_checkpoint(saved[exploit.donor], wait_until_applied=True, reason=reason)
+                loser.load_checkpoint(saved[exploit.donor], wait=True, reason=reason)
                 loser.set_learning_rate(exploit.config.learning_rate, wait=True, reason=reason)
                 loser.set_optimizer_parameters({"momentum": exploit.config.momentum},
-                                               wait_until_applied=True, reason=reason)
+                                               wait=True, reason=reason)
                 configs[exploit.loser] = exploit.config
             plans.append(plan)
             _print_round(log, "live", round_, losses, plan)
             pauses = [c.pause_training(apply_at_step=boundary + interval) for c in clients] \
                 if round_ + 1 < rounds else []
             for i, client in enumerate(clients):
-                client.resume_training(wait_until_applied=True)
+                client.resume_training(wait=True)
                 resumed[(i, round_)] = time.time()
         for member in members:
             member.finish()

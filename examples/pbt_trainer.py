@@ -30,14 +30,14 @@ import time
 
 STARTED = time.time()  # before any heavy import: the start-up cost includes TensorFlow's
 
-import argparse  # noqa: E402 -- after the clock above, on purpose
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Mapping, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse  # the imports after the clock above, on purpose
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 IMAGE = (16, 16, 3)
 CLASSES = 10
@@ -173,20 +173,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.start_from:
         _copy_newest(args.start_from, args.checkpoint_dir)
     from lrctl.service import Checkpointer, TrainingControl, serve
+    from lrctl.service.control.changes import ChangeRequest, SetParameters
     from lrctl.service.schedules import specs
 
     event("imported", started=STARTED)
     model = _model(args)
-    control = TrainingControl(model.optimizer, run_id=args.run_id,
+    control = TrainingControl(model.optimizer, run_id=args.run_id, checkpoint_root=args.checkpoint_root,
                               initial_schedule=specs.as_spec(args.learning_rate))
     checkpoints = Checkpointer(control, model, args.checkpoint_dir)
     if checkpoints.restore() is not None:
         # A restart takes the checkpoint's weights, slots and step, and this command line's
-        # hyperparameters (the new config, as Ray Tune restarts an exploited trial with):
-        # a learning-rate assignment is a local lrctl change, applied at the first boundary;
-        # momentum is read when the train step is traced, which has not happened yet.
+        # hyperparameters (the new config, as Ray Tune restarts an exploited trial with). The
+        # checkpoint carries its own learning rate and momentum: replace them with a local
+        # change, versioned and recorded, applied at the first step boundary.
+        control.controller.submit(ChangeRequest(
+            SetParameters((("momentum", args.momentum),)), reason="restart: this config's momentum"))
         model.optimizer.learning_rate = args.learning_rate
-        model.optimizer.momentum = args.momentum
     step = control.step
     train, evaluation = _data(step)
     try:

@@ -89,17 +89,17 @@ def test_live_exploit_moves_the_worse_member_to_the_better_ones_checkpoint_witho
         before = clients[worse].get_state()
         assert before.phase == pb.PHASE_PAUSED
 
-        saved = clients[better].save_checkpoint(wait_until_applied=True)
+        saved = clients[better].save_checkpoint(wait=True)
         assert saved.status == pb.CHANGE_STATUS_APPLIED and saved.checkpoint_step == INTERVAL
-        loaded = clients[worse].load_checkpoint(saved.checkpoint_path, wait_until_applied=True,
+        loaded = clients[worse].load_checkpoint(saved.checkpoint_path, wait=True,
                                                 reason="exploit")
         assert loaded.status == pb.CHANGE_STATUS_APPLIED
         assert (loaded.checkpoint_step, loaded.checkpoint_run_id) == (INTERVAL, f"member-{better}")
         clients[worse].set_learning_rate(0.03, wait=True, reason="explore")
-        clients[worse].set_optimizer_parameters({"momentum": 0.75}, wait_until_applied=True,
+        clients[worse].set_optimizer_parameters({"momentum": 0.75}, wait=True,
                                                 reason="explore")
         # The worse member now holds the better one's weights: its next checkpoint says so.
-        copy = clients[worse].save_checkpoint(wait_until_applied=True)
+        copy = clients[worse].save_checkpoint(wait=True)
         assert copy.checkpoint_step == INTERVAL  # the load kept this run's step
         theirs, mine = _weights(saved.checkpoint_path), _weights(copy.checkpoint_path)
         assert theirs.keys() == mine.keys() and theirs
@@ -112,7 +112,7 @@ def test_live_exploit_moves_the_worse_member_to_the_better_ones_checkpoint_witho
         momentum = {h.name: h.value for h in after.hyperparameters}["momentum"]
         assert momentum == pytest.approx(0.75, rel=1e-6)
         for client in clients:
-            client.resume_training(wait_until_applied=True)
+            client.resume_training(wait=True)
         for member in pair:
             member.finish()
         assert math.isfinite(pair[worse].loss_at(2 * INTERVAL))
