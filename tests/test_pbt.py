@@ -39,7 +39,7 @@ def test_plan_round_copies_the_top_into_the_bottom_with_perturbed_hyperparameter
     assert [(e.loser, e.donor) for e in plan] == [(2, 1)]  # NaN ranks last; the best donates
     new = plan[0].config
     assert new.learning_rate / configs[1].learning_rate in (pytest.approx(0.8), pytest.approx(1.2))
-    assert new.momentum == pytest.approx(0.99)  # 0.9 * 1.2 is capped, or 0.72
+    assert new.momentum in (pytest.approx(0.72), pytest.approx(0.99))  # 0.9 * 1.2 is capped at 0.99
     assert plan == pbt_live.plan_round(random.Random(0), [0.5, 0.2, math.nan, 0.3], configs, 0.25)
     # At most half the population is exploited, at least one member.
     assert len(pbt_live.plan_round(random.Random(0), [1.0, 2.0], configs[:2], 0.9)) == 1
