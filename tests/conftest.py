@@ -27,15 +27,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 #: `--quick`: the test files that import neither TensorFlow nor Keras (enforced) and start no
 #: trainer. A new TensorFlow-free test file belongs here.
 QUICK = (
+    "test_parameters_control.py",
     "test_change_filters.py",
     "test_change_listing.py",
     "test_change_options.py",
+    "test_checkpoint_paths.py",
     "test_cli_parse.py",
     "test_client_import.py",
     "test_controller.py",
     "test_docs_limits.py",
+    "test_measurements.py",
     "test_protos.py",
     "test_quick.py",
+    "test_run_control_domain.py",
     "test_specs.py",
     "test_wait_change_server.py",
     "test_wal.py",

@@ -3,6 +3,8 @@ TensorFlow, holding whatever it was last loaded with."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from lrctl.service.schedules.specs import ActiveSchedule
 
 
@@ -15,3 +17,22 @@ class MemoryTarget:
 
     def read(self) -> tuple[ActiveSchedule, int]:
         return self.state, self.version
+
+
+class MemoryParameters:
+    """A `ParameterTarget` in memory: `values` is what the variables hold."""
+
+    def __init__(self, specs: tuple[Any, ...], values: dict[str, float]) -> None:
+        self.specs, self.values = specs, dict(values)
+        self.loads: list[dict[str, float]] = []
+
+    def space(self) -> Any:
+        from lrctl.service.control.changes import ParameterSpace
+        return ParameterSpace(self.specs)
+
+    def read(self) -> dict[str, float]:
+        return dict(self.values)
+
+    def load(self, values: Any) -> None:
+        self.loads.append(dict(values))
+        self.values.update(values)

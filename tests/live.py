@@ -47,13 +47,14 @@ class _Recorder(keras.callbacks.Callback):
 
 
 class LiveTrainer:
-    def __init__(self, learning_rate: float = 0.01, **control_options: Any) -> None:
+    def __init__(self, learning_rate: float = 0.01, *,
+                 optimizer: keras.optimizers.Optimizer | None = None, **control_options: Any) -> None:
         keras.utils.set_random_seed(0)
         self.model = keras.Sequential([
             keras.Input((1,)),
             keras.layers.Dense(1, use_bias=False, kernel_initializer="ones"),
         ])
-        self.model.compile(optimizer=keras.optimizers.SGD(learning_rate),
+        self.model.compile(optimizer=optimizer or keras.optimizers.SGD(learning_rate),
                            loss=lambda y_true, y_pred: ops.mean(y_pred))
         self.control = TrainingControl(self.model.optimizer, **control_options)
         self.weights: dict[int, float] = {}

@@ -70,8 +70,9 @@ CALLS: dict[str, Callable[[TrainingControlClient], object]] = {
     "SetLearningRate": lambda c: c.set_learning_rate(0.02, apply_at_step=10**6),
     "SwapSchedule": lambda c: c.swap_schedule(schedules.CosineDecay(0.01, 100), apply_at_step=10**6),
     "CancelChange": lambda c: c.cancel_change(request_id="no-such-change"),
+    "ListMeasurements": lambda c: c.list_measurements(),
 }
-READS = {"GetState", "WatchState", "ListChanges", "GetChange", "WaitChange"}
+READS = {"GetState", "WatchState", "ListChanges", "GetChange", "WaitChange", "ListMeasurements"}
 UNKNOWN_CHANGE = {"CancelChange", "GetChange", "WaitChange"}  # name a change that does not exist
 
 

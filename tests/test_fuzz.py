@@ -57,6 +57,10 @@ _F32_MAX = 3.4028234663852886e38
 _DOUBLE_EDGES = [0.0, -0.0, math.nan, -math.nan, math.inf, -math.inf, 5e-324, -5e-324, 1e-300,
                  1.401298464324817e-45, 1.1754943508222875e-38, 1e-30, 1.0, -1.0, 1e30, _F32_MAX,
                  3.4028235677973366e38, 1e39, 1.7976931348623157e308, -1.7976931348623157e308]
+#: RPCs that end or hold the run the other checks need: fuzzed as dry runs (validate_only) in
+#: the stub test and left out of the raw bytes (an empty body is a valid request to stop);
+#: tests/test_run_control.py applies them against real training.
+HOLDS_THE_RUN = {"PauseTraining", "StopTraining"}
 #: Request ids from a small pool so that retries, reuses and cancels actually meet.
 REQUEST_ID_POOL = [f"fuzz-{i}" for i in range(24)]
 
@@ -268,6 +272,8 @@ class Tally:
     maybe_ids: set[str] = field(default_factory=set)  # waits that ran out: the change may apply
     maybe_anonymous: int = 0
     last_page_token: str = ""
+    #: The last next_page_token by RPC, for the RPCs other than ListChanges that page.
+    page_tokens: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         rpcs = sorted({rpc for rpc, _ in self.outcomes})
@@ -345,6 +351,13 @@ def check_response(method: MethodDescriptor, request: Message, response: Message
     if method.name == "ListChanges":
         assert len(response.changes) <= 100
         tally.last_page_token = response.next_page_token or tally.last_page_token
+    if method.name == "ListMeasurements":
+        assert len(response.measurements) <= 1000 and response.next_page_token, response
+        sequences = [m.sequence for m in response.measurements]
+        assert sequences == sorted(set(sequences)) and all(s > 0 for s in sequences), sequences
+        if request.start_step:
+            assert all(m.step >= request.start_step for m in response.measurements), response
+        tally.page_tokens[method.name] = response.next_page_token
 
 
 def _stub_call(stub: Any, method: MethodDescriptor, request: Message) -> Message:
@@ -422,12 +435,15 @@ def test_fuzzed_requests_get_actionable_answers_and_only_accepted_ones_change_st
     def send(case: tuple[MethodDescriptor, Message, dict[str, int | None]]) -> None:
         method, request, offsets = case
         request = type(request).FromString(request.SerializeToString())  # a copy to edit
+        if method.name in HOLDS_THE_RUN:
+            request.validate_only = True
         wanted = {n: o for n, o in offsets.items()
                   if o is not None and _is_set(request, request.DESCRIPTOR.fields_by_name[n])}
         if wanted:
             state = stub.GetState(pb.GetStateRequest(), timeout=DEADLINE).state
             for name, offset in wanted.items():
-                setattr(request, name, LIVE_FIELDS[name](state, tally.last_page_token, offset))
+                token = tally.page_tokens.get(method.name, tally.last_page_token)
+                setattr(request, name, LIVE_FIELDS[name](state, token, offset))
         try:
             response = _stub_call(stub, method, request)
         except grpc.RpcError as e:
@@ -493,7 +509,7 @@ def test_raw_bytes_get_a_status_and_the_server_keeps_serving(
     stub = pb_grpc.TrainingControlServiceStub(channel)
     tally = Tally()
     bodies = [st.tuples(st.just(m), st.one_of(st.binary(max_size=256), _mutated(m)))
-              for m in METHODS]
+              for m in METHODS if m.name not in HOLDS_THE_RUN]
 
     @_settings(fuzz_examples // 4)
     @given(st.one_of(bodies))
@@ -558,3 +574,39 @@ def test_a_cosine_decay_with_warmup_steps_but_no_target_adds_no_phantom_version(
                                timeout=60).change
     assert swap.status == pin.status == pb.CHANGE_STATUS_APPLIED
     assert pin.version == swap.version + 1
+
+
+# -- SetOptimizerParameters: names and values a PBT controller might send, on live momentum -----
+def test_set_optimizer_parameters_fuzzed_names_and_values(fuzz_examples: int) -> None:
+    import keras
+
+    method = SERVICE.methods_by_name["SetOptimizerParameters"]
+    names = st.one_of(st.sampled_from(["momentum", "clipnorm", "beta_1", "weight_decay", "", "x" * 300]),
+                      st.text(max_size=20))
+    values = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 0.999))
+    requests = st.builds(
+        lambda params, rid, wait, dry: pb.SetOptimizerParametersRequest(
+            parameters=params, request_id=rid, wait_until_applied=wait, validate_only=dry),
+        st.dictionaries(names, values, max_size=3), st.text(max_size=8), st.booleans(), st.booleans())
+    tally = Tally()
+    with LiveTrainer(optimizer=keras.optimizers.SGD(0.01, momentum=0.5)).running() as live, \
+            grpc.insecure_channel(live.target) as channel:
+        stub = pb_grpc.TrainingControlServiceStub(channel)
+
+        @_settings(fuzz_examples // 2)
+        @given(requests)
+        def send(request: pb.SetOptimizerParametersRequest) -> None:
+            try:
+                response = _stub_call(stub, method, request)
+            except grpc.RpcError as e:
+                tally.outcomes[method.name, e.code().name] += 1
+                check_error(method, request, e.code(), e, tally)
+                return
+            tally.outcomes[method.name, "OK"] += 1
+            check_response(method, request, response, tally)
+
+        send()
+        state = _assert_still_training(live, stub)
+        momentum = next(h for h in state.hyperparameters if h.name == "momentum")
+        assert 0 <= momentum.value < 1 and momentum.live
+        print(f"\nSetOptimizerParameters outcomes:\n{tally.table()}")

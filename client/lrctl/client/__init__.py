@@ -9,6 +9,7 @@ from lrctl.client.changes import ChangeOptions
 from lrctl.client.client import (
     DEFAULT_TARGET,
     Origin,
+    Parameters,
     Pin,
     Scale,
     Swap,
@@ -42,6 +43,7 @@ __all__ = [
     "LrctlError",
     "NotFound",
     "Origin",
+    "Parameters",
     "PermissionDenied",
     "Pin",
     "ResourceExhausted",

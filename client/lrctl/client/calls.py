@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from lrctl.client import errors
-from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, View
+from lrctl.client.changes import ChangeOptions, Decision, Origin, Parameters, Pin, Scale, Swap, View
 from lrctl.client.schedules import to_schedule
 from lrctl.v1 import training_control_pb2 as pb
 
@@ -165,11 +165,14 @@ def view_value(view: View) -> pb.StateView.ValueType:
 
 
 def change_request(
-    change: Pin | Scale | Swap, options: ChangeOptions
-) -> pb.SetLearningRateRequest | pb.SwapScheduleRequest:
+    change: Pin | Scale | Swap | Parameters, options: ChangeOptions
+) -> pb.SetLearningRateRequest | pb.SwapScheduleRequest | pb.SetOptimizerParametersRequest:
     """The request that makes `change` with `options`. Unset options (None) stay unset."""
-    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest
-    if isinstance(change, Pin):
+    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest | pb.SetOptimizerParametersRequest
+    if isinstance(change, Parameters):
+        request = pb.SetOptimizerParametersRequest(
+            parameters={str(name): float(value) for name, value in change.parameters.items()})
+    elif isinstance(change, Pin):
         request = pb.SetLearningRateRequest(learning_rate=change.learning_rate)
     elif isinstance(change, Scale):
         request = pb.SetLearningRateRequest(scale=change.factor)
@@ -178,11 +181,17 @@ def change_request(
             schedule=to_schedule(change.schedule), origin=origin_value(change.origin),
             schedule_start_step=change.schedule_start_step, scale=change.scale)
     else:
-        raise TypeError(f"A change is Scale, Pin or Swap. Received: {change!r}")
+        raise TypeError(f"A change is Scale, Pin, Swap or Parameters. Received: {change!r}")
     for field in dataclasses.fields(options):
         value = getattr(options, field.name)
+        name = _PROTO_NAMES.get(field.name, field.name)
+        if name not in request.DESCRIPTOR.fields_by_name:  # force, preview_steps: LR changes only
+            if value:
+                raise ValueError(f"Argument `{field.name}` does not apply to this change. "
+                                 f"Received: {field.name}={value!r}")
+            continue
         if value is not None:
-            setattr(request, _PROTO_NAMES.get(field.name, field.name), value)
+            setattr(request, name, value)
     if options.request_id is None:
         request.request_id = uuid.uuid4().hex
     return request
@@ -222,11 +231,54 @@ def get_state(timeout: float | None, view: View = "full") -> Plan[pb.TrainingSta
     return response.state  # type: ignore[no-any-return]
 
 
-def send_change(change: Pin | Scale | Swap, options: ChangeOptions, timeout: float | None
-                ) -> Plan[pb.Change]:
-    """One change: SetLearningRate for a pin or a scale, SwapSchedule for a swap."""
+def send_change(change: Pin | Scale | Swap | Parameters, options: ChangeOptions,
+                timeout: float | None) -> Plan[pb.Change]:
+    """One change: SetLearningRate for a pin or a scale, SwapSchedule for a swap,
+    SetOptimizerParameters for parameters."""
     request = change_request(change, options)
-    method = "SwapSchedule" if isinstance(change, Swap) else "SetLearningRate"
+    method = ("SwapSchedule" if isinstance(change, Swap) else
+              "SetOptimizerParameters" if isinstance(change, Parameters) else "SetLearningRate")
+    response = yield Call(method, request, timeout)
+    return response.change  # type: ignore[no-any-return]
+
+
+#: The run-control RPCs and their requests (`send_run_action`).
+RUN_ACTIONS: dict[str, type[Message]] = {
+    "PauseTraining": pb.PauseTrainingRequest, "ResumeTraining": pb.ResumeTrainingRequest,
+    "SaveCheckpoint": pb.SaveCheckpointRequest, "StopTraining": pb.StopTrainingRequest,
+    "LoadCheckpoint": pb.LoadCheckpointRequest,
+}
+
+
+def run_action_request(method: str, options: ChangeOptions, **fields: Any) -> Message:
+    """The request of run-control RPC `method` with its own `fields` and `options` (an option
+    these requests lack, `force` or `preview_steps`, must keep its default)."""
+    request = RUN_ACTIONS[method](**fields)
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        name = _PROTO_NAMES.get(field.name, field.name)
+        if name not in request.DESCRIPTOR.fields_by_name:
+            if value != field.default:
+                raise ValueError(f"Argument `{field.name}` does not apply to {method}. "
+                                 f"Received: {field.name}={value!r}")
+            continue
+        if value is not None:
+            setattr(request, name, value)
+    if options.request_id is None:
+        request.request_id = uuid.uuid4().hex  # type: ignore[attr-defined]
+    return request
+
+
+def pause_request(timeout: float | None, options: ChangeOptions) -> Message:
+    """PauseTraining's request: `timeout` seconds (None: the server's default, 1 hour)."""
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"Argument `timeout` must be > 0 seconds. Received: timeout={timeout!r}")
+    fields = {} if timeout is None else {"timeout": _duration(timeout)}
+    return run_action_request("PauseTraining", options, **fields)
+
+
+def send_run_action(method: str, request: Message, timeout: float | None) -> Plan[pb.Change]:
+    """One run-control change (PauseTraining ... LoadCheckpoint)."""
     response = yield Call(method, request, timeout)
     return response.change  # type: ignore[no-any-return]
 
@@ -251,6 +303,17 @@ def list_changes(page_size: int, page_token: str, timeout: float | None, filter:
     request = pb.ListChangesRequest(page_size=page_size, page_token=page_token, filter=filter)
     response = yield Call("ListChanges", request, timeout)
     return response  # type: ignore[no-any-return]
+
+
+def list_measurements(start_step: int, page_size: int, page_token: str, timeout: float | None
+                      ) -> Plan[pb.ListMeasurementsResponse]:
+    request = pb.ListMeasurementsRequest(start_step=start_step, page_size=page_size, page_token=page_token)
+    response = yield Call("ListMeasurements", request, timeout)
+    return response  # type: ignore[no-any-return]
+
+
+#: `iter_measurements(follow=True)`: the pause before asking again when nothing is new.
+FOLLOW_INTERVAL = 1.0
 
 
 def health(service: str, timeout: float | None) -> Plan[str]:

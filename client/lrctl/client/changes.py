@@ -117,6 +117,15 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class Parameters:
+    """A change: set optimizer hyperparameters (e.g. `momentum`, `beta_2`, `weight_decay`) or
+    variables the training script registered, by name. `set_optimizer_parameters` sends it;
+    `TrainingState.hyperparameters` lists what the trainer has."""
+
+    parameters: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class Swap:
     """A change: replace the schedule (resets the scale to 1). `swap_schedule` sends it.
 

@@ -25,10 +25,17 @@ from lrctl.client.cli_output import (
     describe_update,
     fmt,
     history_line,
+    measurement_line,
     render_preview,
     to_json,
 )
-from lrctl.client.cli_parser import DEFAULT_PREVIEW_STEPS, UsageError, schedule_from_args
+from lrctl.client.cli_parser import (
+    DEFAULT_PREVIEW_STEPS,
+    RUN_COMMANDS,
+    RUN_OPTION_NAMES,
+    UsageError,
+    schedule_from_args,
+)
 from lrctl.client.client import TrainingControlClient, tls_credentials
 from lrctl.v1 import training_control_pb2 as pb
 
@@ -49,7 +56,7 @@ def change_options(args: argparse.Namespace) -> ChangeOptions:
     # usually name a future step, so they return as soon as the change is queued.
     given["wait"] &= not (args.apply_at_step is not None or args.apply_after_steps is not None
                           or args.validate_only)
-    if args.validate_only and args.preview_steps is None:
+    if args.validate_only and getattr(args, "preview_steps", 0) is None:
         given["preview_steps"] = DEFAULT_PREVIEW_STEPS
     # Made here, not by the client, so that a timed-out wait can say what to cancel.
     given["request_id"] = uuid.uuid4().hex
@@ -59,16 +66,29 @@ def change_options(args: argparse.Namespace) -> ChangeOptions:
 def build_change_call(
     args: argparse.Namespace,
 ) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
-    """Map `set`/`scale`/`swap` arguments to `(client method name, args, kwargs)`."""
+    """Map `set`/`scale`/`swap` and the run-control commands' arguments to `(client method
+    name, args, kwargs)`."""
     kwargs = dataclasses.asdict(change_options(args))
     if args.command == "set":
         return "set_learning_rate", (args.learning_rate,), kwargs
     if args.command == "scale":
         return "scale_learning_rate", (args.factor,), kwargs
+    if args.command == "set-param":
+        if kwargs.pop("force"):
+            raise ValueError("--force does not apply to set-param")
+        kwargs.pop("preview_steps")
+        return "set_optimizer_parameters", (dict(args.assignments),), kwargs
     if args.command == "swap":
         swap = {f.name: getattr(args, f.name) for f in dataclasses.fields(Swap)
                 if f.name != "schedule"}
         return "swap_schedule", (schedule_from_args(args),), {**kwargs, **swap}
+    if args.command in RUN_COMMANDS:  # their requests have no force or preview
+        kwargs = {k: v for k, v in kwargs.items() if k in RUN_OPTION_NAMES}
+        if args.command == "pause":
+            return "pause_training", (args.pause_timeout,), kwargs
+        if args.command == "load":
+            return "load_checkpoint", (args.path, args.load_hyperparameters), kwargs
+        return RUN_COMMANDS[args.command], (), kwargs
     raise AssertionError(args.command)
 
 
@@ -106,7 +126,7 @@ def run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) ->
         state = client.get_state()
         _print(out, args, state, describe_state(state))
         return EXIT_OK
-    if args.command in ("set", "scale", "swap"):
+    if args.command in ("set", "scale", "swap", "set-param", *RUN_COMMANDS):
         return _change(client, args, out)
     if args.command == "cancel":
         change = client.cancel_change(
@@ -129,6 +149,13 @@ def run(client: TrainingControlClient, args: argparse.Namespace, out: TextIO) ->
         return EXIT_OK if args.command == "change" else _change_exit_code(change)
     if args.command == "watch":
         return _watch(client, args, out)
+    if args.command == "measurements":
+        try:
+            for measurement in client.iter_measurements(start_step=args.start_step, follow=args.follow):
+                _print(out, args, measurement, measurement_line(measurement))
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
     if args.command == "health":
         status = client.health(args.service)
         text = status if not args.json else json.dumps({"status": status})

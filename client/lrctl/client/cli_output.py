@@ -150,6 +150,16 @@ def _action(change: pb.Change) -> str:
         extra = f" start_step={change.schedule_start_step}" if change.schedule_start_step else ""
         extra += f" scale={fmt(change.swap_scale)}" if change.HasField("swap_scale") else ""
         return f"swap {schedules.describe_schedule(change.swap_schedule)} origin={origin}{extra}"
+    if which == "pause":
+        return f"pause (timeout {change.pause.timeout.ToTimedelta().total_seconds():g}s)"
+    if which in ("resume", "save_checkpoint", "stop"):
+        return {"resume": "resume", "save_checkpoint": "save checkpoint", "stop": "stop training"}[which]
+    if which == "load_checkpoint":
+        hyper = " with its hyperparameters" if change.load_checkpoint.load_hyperparameters else ""
+        return f"load {change.load_checkpoint.path}{hyper}"
+    if which == "set_optimizer_parameters":
+        values = change.set_optimizer_parameters.parameters
+        return "set " + " ".join(f"{name}={fmt(values[name])}" for name in sorted(values))
     if which == "revert":
         restored = change.revert
         return (f"revert to {schedules.describe_schedule(restored.schedule)} "
@@ -161,11 +171,18 @@ def describe_change(change: pb.Change) -> str:
     """One line for a Change, e.g. `applied v3 at step 120: scale x0.5 -> lr 0.005`."""
     reason = f" ({change.reason})" if change.reason else ""
     status = change.status
+    if status == pb.CHANGE_STATUS_APPLIED and change.parameter_updates:
+        updates = ", ".join(f"{u.name} {fmt(u.before)} -> {fmt(u.after)}" for u in change.parameter_updates)
+        return f"applied v{change.version} at step {change.applied_step}: {updates}{reason}"
     if status == pb.CHANGE_STATUS_APPLIED:
         lr = fmt(change.learning_rate_after) if change.HasField("learning_rate_after") else "?"
+        checkpoint = ""
+        if change.checkpoint_path:  # a save or a load: the file, its step, its run
+            of_run = f" of run {change.checkpoint_run_id}" if change.checkpoint_run_id else ""
+            checkpoint = f" [{change.checkpoint_path}, step {change.checkpoint_step}{of_run}]"
         return (
             f"applied v{change.version} at step {change.applied_step}: "
-            f"{_action(change)} -> lr {lr}{reason}"
+            f"{_action(change)}{checkpoint} -> lr {lr}{reason}"
         )
     if status == pb.CHANGE_STATUS_PENDING:
         when = (
@@ -192,6 +209,14 @@ def history_line(change: pb.Change) -> str:
     """`describe_change` and the request id, which is what `lrctl cancel` takes."""
     line = describe_change(change)
     return f"{line}  [{change.request_id}]" if change.request_id else line
+
+
+def measurement_line(measurement: pb.Measurement) -> str:
+    """`lrctl measurements`: one line a measurement, its metrics in name order."""
+    metrics = "  ".join(f"{name}={fmt(value)}" for name, value in sorted(measurement.metrics.items()))
+    kind = "epoch end" if measurement.epoch_end else "batch"
+    return (f"#{measurement.sequence}  step {measurement.step}  epoch {measurement.epoch}  {kind}"
+            f"{'  ' + metrics if metrics else ''}")
 
 
 #: `render_preview`'s glyphs: the current schedule, the schedule after the change, both.
@@ -262,6 +287,9 @@ def describe_state(state: pb.TrainingState) -> str:
     if state.lr_clamp_count:
         lines.append(f"warning:   the engine clamped the learning rate into the guardrails "
                      f"{state.lr_clamp_count} times: their validation missed something")
+    for h in state.hyperparameters:
+        live = "live" if h.live else f"fixed: {h.fixed_reason}"
+        lines.append(f"param:     {h.name}={fmt(h.value)}{' (registered)' if h.registered else ''} [{live}]")
     lines.append(f"pending:   {len(state.pending_changes) or '-'}")
     lines.extend(f"  {history_line(c)}" for c in state.pending_changes)
     lines.append(f"recent:    {len(state.recent_changes) or '-'}")

@@ -124,6 +124,23 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+#: `lrctl pause --timeout`'s units.
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> float:
+    """A duration such as 90s, 30m, 1.5h or 7d (a bare number: seconds), > 0."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a duration > 0 such as 90s, 30m, 1h or 7d; got {text!r}")
+    return seconds
+
+
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -263,6 +280,14 @@ def _add_global_flags(parser: argparse.ArgumentParser, *, hidden: bool) -> None:
     flag("--key", metavar="PATH", default=None, help="mutual TLS: client key (PEM); needs --cert")
 
 
+#: The change options of the run-control commands (their requests have no force or preview).
+RUN_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ChangeOptions)
+                         if f.name not in ("force", "preview_steps"))
+#: The run-control commands and the client method each calls.
+RUN_COMMANDS = {"pause": "pause_training", "resume": "resume_training",
+                "checkpoint": "save_checkpoint", "stop": "stop_training", "load": "load_checkpoint"}
+
+
 def _add_change_flags(parser: argparse.ArgumentParser, *, swap: bool = False,
                       hidden: bool = False) -> None:
     if swap:
@@ -271,6 +296,17 @@ def _add_change_flags(parser: argparse.ArgumentParser, *, swap: bool = False,
 
 
 # --- the parser ---
+
+
+def _assignment(text: str) -> tuple[str, float]:
+    """NAME=VALUE of `set-param`."""
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. momentum=0.9), got {text!r}") from None
 
 
 def _examples(*lines: str) -> str:
@@ -302,10 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_flags(parser, hidden=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_text: str, *examples: str, usage: str | None = None
-                ) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, *examples: str, usage: str | None = None,
+                conflict_handler: str = "error") -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, usage=usage,
-                                  epilog=_examples(*examples),
+                                  epilog=_examples(*examples), conflict_handler=conflict_handler,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_global_flags(sub, hidden=True)
         return sub
@@ -328,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "lrctl scale 0.5 --expected-run-id run-7 --after-steps 100",
                 usage="%(prog)s FACTOR [options]")
     p.add_argument("factor", type=float, metavar="FACTOR", help=argparse.SUPPRESS)
+    _add_change_flags(p)
+
+    p = command("set-param", "set optimizer hyperparameters or registered variables by name "
+                "(lrctl state lists them), as one change",
+                "lrctl set-param momentum=0.95 beta_2=0.98",
+                "lrctl set-param weight_decay=1e-4 --at-step 5000 --json",
+                usage="%(prog)s NAME=VALUE [NAME=VALUE ...] [options]")
+    p.add_argument("assignments", nargs="+", type=_assignment, metavar="NAME=VALUE",
+                   help=argparse.SUPPRESS)
     _add_change_flags(p)
 
     swap = command(
@@ -367,6 +412,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_flags(p, ChangeOptions,
                       names=("reason", "expected_run_id", "expected_incarnation"))
 
+    # Run control: each a change, with the change options but --force and --preview-steps.
+    # `pause --timeout` is the pause's length; the RPC deadline goes before the command there.
+    p = command("pause", "pause training at the next step boundary (it resumes by itself after "
+                "--timeout); changes still apply while paused",
+                "lrctl pause --timeout 30m --reason 'inspect the loss spike'", "lrctl resume",
+                "lrctl --timeout 5 pause    (the RPC deadline goes before the command)",
+                conflict_handler="resolve")
+    p.add_argument("--timeout", dest="pause_timeout", type=duration_seconds, default=None,
+                   metavar="DURATION",
+                   help="resume by itself after this long: 90s, 30m, 1h, up to 7d (default: the "
+                        "trainer's, 1h); pausing a paused run restarts it")
+    _add_option_flags(p, ChangeOptions, names=RUN_OPTION_NAMES)
+    p = command("resume", "resume a paused run (no effect if it is not paused)", "lrctl resume")
+    _add_option_flags(p, ChangeOptions, names=RUN_OPTION_NAMES)
+    p = command("checkpoint", "write a checkpoint at the next step boundary (the trainer needs "
+                "--checkpoint-dir)", "lrctl checkpoint --json", "lrctl checkpoint --at-step 5000")
+    _add_option_flags(p, ChangeOptions, names=RUN_OPTION_NAMES)
+    p = command("stop", "end the run for good at a step boundary: a final checkpoint, pending "
+                "changes cancelled with --reason, the trainer exits 0",
+                "lrctl stop --reason 'ASHA: bottom half at rung 2'", "lrctl stop --at-step 10000")
+    _add_option_flags(p, ChangeOptions, names=RUN_OPTION_NAMES)
+    p = command("load", "load another checkpoint's weights and optimizer state at a step "
+                "boundary, keeping this run's step (PATH under the trainer's --checkpoint-root)",
+                "lrctl load member-3    (its newest checkpoint)",
+                "lrctl load member-3/ckpt-4000.weights.h5 --with-hyperparameters",
+                usage="%(prog)s PATH [options]")
+    p.add_argument("path", metavar="PATH", help=argparse.SUPPRESS)
+    p.add_argument("--with-hyperparameters", dest="load_hyperparameters", action="store_true",
+                   help="also take its learning-rate schedule and hyperparameters (default: "
+                        "keep this run's)")
+    _add_option_flags(p, ChangeOptions, names=RUN_OPTION_NAMES)
+
     p = command("history", "list changes, newest first (pending and finished)",
                 "lrctl history --limit 5", "lrctl history --filter 'status = APPLIED AND version >= 12'")
     p.add_argument("--limit", type=_int_at_least(1), default=DEFAULT_HISTORY_LIMIT, metavar="N",
@@ -392,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most one update per interval while training advances (default 1.0)")
     p.add_argument("--count", type=int, metavar="N", help="exit after N updates")
 
+    p = command("measurements", "list the run's measurements (batch and epoch logs), oldest first",
+                "lrctl measurements --start-step 1000 --json", "lrctl measurements --follow")
+    p.add_argument("--start-step", type=_int_at_least(0), default=0, metavar="N",
+                   help="only those taken at or after step N (default 0: the oldest kept)")
+    p.add_argument("--follow", action="store_true",
+                   help="keep printing new measurements as they are recorded (Ctrl-C to stop)")
+
     p = command("health", "check server health; exit 0 only if SERVING",
                 "lrctl health --service lrctl.v1.TrainingControlService")
     p.add_argument("--service", default="",
@@ -409,5 +493,7 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--preview-steps needs --dry-run (without it the change would be applied)")
     if args.command == "cancel" and args.request_id == "":
         parser.error("REQUEST_ID must not be empty")
+    if args.command == "load" and not args.path:
+        parser.error("PATH must not be empty")
     if args.command in ("change", "wait") and args.change == "":
         parser.error("NAME | REQUEST_ID must not be empty")

@@ -7,7 +7,8 @@ exceptions, never raw `grpc.RpcError`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,17 @@ from grpc_health.v1 import health_pb2_grpc
 
 from lrctl.client import calls, errors
 from lrctl.client.calls import DEFAULT_TARGET, SERVICE_NAME, T
-from lrctl.client.changes import ChangeOptions, Decision, Origin, Pin, Scale, Swap, View, pick
+from lrctl.client.changes import (
+    ChangeOptions,
+    Decision,
+    Origin,
+    Parameters,
+    Pin,
+    Scale,
+    Swap,
+    View,
+    pick,
+)
 from lrctl.client.schedules import ScheduleLike
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
@@ -29,6 +40,7 @@ __all__ = [
     "SERVICE_NAME",
     "ChangeOptions",
     "Origin",
+    "Parameters",
     "Pin",
     "Scale",
     "Swap",
@@ -226,6 +238,21 @@ class TrainingControlClient:
         Arguments and result as for `set_learning_rate`."""
         return self._run(calls.send_change(Scale(factor), pick(ChangeOptions, locals()), timeout))
 
+    def set_optimizer_parameters(
+        self, parameters: Mapping[str, float], *, apply_at_step: int | None = None,
+        expected_version: int | None = None, wait: bool = False, validate_only: bool = False,
+        reason: str = "", request_id: str | None = None, timeout: float | None = None,
+        expected_run_id: str = "", expected_incarnation: str = "",
+        apply_after_steps: int | None = None,
+    ) -> pb.Change:
+        """Set optimizer hyperparameters (`momentum`, `beta_1`, `beta_2`, `epsilon`,
+        `weight_decay`, `clipnorm`, `global_clipnorm`, `clipvalue`) or registered variables,
+        by name, as one change at a step boundary (SetOptimizerParameters); the options as for
+        `set_learning_rate` (`force` and `preview_steps` do not apply).
+        `TrainingState.hyperparameters` lists what the trainer can set."""
+        return self._run(calls.send_change(Parameters(dict(parameters)), pick(ChangeOptions, locals()),
+                                       timeout))
+
     def swap_schedule(
         self, schedule: ScheduleLike, *, origin: Origin = "restart",
         apply_at_step: int | None = None, expected_version: int | None = None,
@@ -239,6 +266,46 @@ class TrainingControlClient:
         `schedule_start_step` and `scale` are `Swap`'s; the rest as for `set_learning_rate`."""
         return self._run(calls.send_change(
             pick(Swap, locals()), pick(ChangeOptions, locals()), timeout))
+
+    # --- run control: each a change like the ones above (options: `ChangeOptions` but
+    # `force` and `preview_steps`) ---
+
+    def pause_training(self, timeout: float | None = None, *, rpc_timeout: float | None = None,
+                       **options: Any) -> pb.Change:
+        """Pause training at a step boundary: it waits there until `resume_training`,
+        `stop_training`, a shutdown, or `timeout` seconds (the pause's own; None: the server's
+        default, 1 hour; at most 7 days). Pausing a paused run restarts its timeout. Changes
+        still apply while paused. `rpc_timeout` is the RPC deadline (None: the client's)."""
+        request = calls.pause_request(timeout, ChangeOptions(**options))
+        return self._run(calls.send_run_action("PauseTraining", request, rpc_timeout))
+
+    def resume_training(self, *, timeout: float | None = None, **options: Any) -> pb.Change:
+        """Resume a paused run (applied, with no effect, if it is not paused)."""
+        return self._run(calls.send_run_action(
+            "ResumeTraining", calls.run_action_request("ResumeTraining", ChangeOptions(**options)), timeout))
+
+    def save_checkpoint(self, *, timeout: float | None = None, **options: Any) -> pb.Change:
+        """Write a checkpoint at a step boundary; the applied change names it
+        (`checkpoint_path`, `checkpoint_step`). `FailedPrecondition` without --checkpoint-dir."""
+        return self._run(calls.send_run_action(
+            "SaveCheckpoint", calls.run_action_request("SaveCheckpoint", ChangeOptions(**options)), timeout))
+
+    def stop_training(self, *, timeout: float | None = None, **options: Any) -> pb.Change:
+        """End the run for good at a step boundary (or `apply_at_step`): a final checkpoint,
+        pending changes cancelled with `reason`, phase FINISHED, the trainer exits 0."""
+        return self._run(calls.send_run_action(
+            "StopTraining", calls.run_action_request("StopTraining", ChangeOptions(**options)), timeout))
+
+    def load_checkpoint(self, path: str, load_hyperparameters: bool = False, *,
+                        timeout: float | None = None, **options: Any) -> pb.Change:
+        """Load weights and optimizer state from the checkpoint at `path` (a folder written
+        with --checkpoint-dir, or one of its weights files, under the trainer's
+        --checkpoint-root) at a step boundary, keeping this run's step; with
+        `load_hyperparameters`, its schedule too. The applied change names the file, its step
+        and the run that wrote it."""
+        request = calls.run_action_request("LoadCheckpoint", ChangeOptions(**options), path=path,
+                                           load_hyperparameters=load_hyperparameters)
+        return self._run(calls.send_run_action("LoadCheckpoint", request, timeout))
 
     def watch(self, min_interval: float = 1.0, *, timeout: float | None = None,
               every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False,
@@ -294,6 +361,35 @@ class TrainingControlClient:
             token = page.next_page_token
             if not token:
                 return
+
+    def list_measurements(
+        self, *, start_step: int = 0, page_size: int = 0, page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListMeasurementsResponse:
+        """One page of the run's measurements (batch and epoch logs, the last 10,000), oldest
+        first, at or after `start_step`. `page_size` 0: the server's default (100; 1,000 at
+        most). Pass the response's `next_page_token` as `page_token` to read what came after,
+        also after a reconnection: a page with no measurements means nothing newer yet, and
+        `truncated` says that some were dropped before you read them."""
+        return self._run(calls.list_measurements(start_step, page_size, page_token, timeout))
+
+    def iter_measurements(
+        self, *, start_step: int = 0, page_size: int = 0, page_token: str = "",
+        follow: bool = False, poll_interval: float = calls.FOLLOW_INTERVAL,
+        timeout: float | None = None,
+    ) -> Iterator[pb.Measurement]:
+        """Every measurement `list_measurements` pages through, oldest first; with `follow`,
+        keeps asking (every `poll_interval` seconds once caught up) for new ones."""
+        token = page_token
+        while True:
+            page = self.list_measurements(start_step=start_step, page_size=page_size,
+                                          page_token=token, timeout=timeout)
+            yield from page.measurements
+            token = page.next_page_token or token
+            if not page.measurements:
+                if not follow:
+                    return
+                time.sleep(poll_interval)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Return the standard gRPC health status name, e.g. "SERVING" or "NOT_SERVING".

@@ -54,7 +54,15 @@ class WaitTimeoutError(TimeoutError):
 
 
 class NotFoundError(LookupError):
-    """The request names a change the server does not know (or no longer remembers)."""
+    """The request names a change the server does not know (or no longer remembers), or a
+    checkpoint that does not exist. `resource_type` is google.rpc.ResourceInfo's."""
+
+    resource_type = "lrctl.v1.Change"
+
+
+class PermissionDeniedError(Exception):
+    """The request names something outside what this trainer may touch (a checkpoint path
+    outside --checkpoint-root). PERMISSION_DENIED: no retry or other token makes it allowed."""
 
 
 class ResourceExhaustedError(Exception):

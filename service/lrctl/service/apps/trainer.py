@@ -242,7 +242,8 @@ def _fit(args: argparse.Namespace, initial: ScheduleSpec | None, limits: Guardra
     try:
         control = TrainingControl(model.optimizer, run_id=run_id, guardrails=limits,
                                   revert_on_nan=args.revert_on_nan or None, initial_schedule=initial,
-                                  incarnation=slot.incarnation)
+                                  incarnation=slot.incarnation, model=model,
+                                  checkpoint_root=getattr(args, "checkpoint_root", None))
     except (TypeError, ValueError) as e:  # e.g. a custom schedule lrctl cannot express
         raise UsageError(" ".join(str(e).split())) from None
 
@@ -264,6 +265,10 @@ def _fit(args: argparse.Namespace, initial: ScheduleSpec | None, limits: Guardra
         # --steps and --epochs are the run's totals: a resume trains what is left, from the
         # epoch after the last one completed (so the state's epoch goes on), or nothing.
         done, step = control.controller.epochs_done, control.step
+        if control.controller.stopped_step is not None:  # StopTraining: the run is over
+            logger.info("run %s: stopped for good by StopTraining at step %d; nothing to train",
+                        control.controller.snapshot().run_id, control.controller.stopped_step)
+            return None
         if args.steps is not None and step >= args.steps:
             logger.info("run %s: already at step %d, the --steps %d asked for; nothing to train",
                         control.controller.snapshot().run_id, step, args.steps)
@@ -277,7 +282,8 @@ def _fit(args: argparse.Namespace, initial: ScheduleSpec | None, limits: Guardra
         slot.bind(control.controller)  # from now on the server answers for the run
         try:
             model.fit(**fit_args)
-            if checkpoints is not None:  # the final checkpoint, server still up
+            # The final checkpoint, server still up (a StopTraining wrote it at its boundary).
+            if checkpoints is not None and control.controller.stopped_step is None:
                 checkpoints.save()
         except BaseException:
             # Keras calls no callback when `fit` raises: the run ends FAILED here, at once

@@ -109,6 +109,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     limits.add_argument("--max-change-factor", type=float, metavar="N",
                         help="refuse a change that multiplies or divides the learning rate by more "
                         "than N, unless the request sets force (default: no limit)")
+    limits.add_argument("--parameter-bounds", action="append", default=[], metavar="NAME=MIN:MAX",
+                        type=parameter_bound,
+                        help="bounds on a hyperparameter SetOptimizerParameters may set, e.g. "
+                        "momentum=0.8:0.99 or weight_decay=:0.01 (either side may be empty); repeatable")
     limits.add_argument("--max-changes-per-minute", type=float, default=DEFAULT_RATE, metavar="N",
                         help=f"accept at most N changes a minute (default {DEFAULT_RATE:g})")
     limits.add_argument("--revert-on-nan", type=int, default=0, metavar="K",
@@ -142,6 +146,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     durability.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
                             help="keep this run's N newest checkpoints (and the one it resumed "
                             "from) (default 2)")
+    durability.add_argument("--checkpoint-root", metavar="DIR",
+                            help="let LoadCheckpoint load checkpoints from under DIR (after "
+                            "resolving links and '..'; relative paths are taken under DIR); "
+                            "without it LoadCheckpoint is refused (FAILED_PRECONDITION)")
     durability.add_argument("--no-memory-growth", action="store_true",
                             help="let TensorFlow take all GPU memory at start (default: grow as "
                             "needed, so another process can share the GPU)")
@@ -150,6 +158,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--checkpoint-every needs --checkpoint-dir and a number of steps > 0")
     if args.fresh and not args.checkpoint_dir:
         parser.error("--fresh needs --checkpoint-dir")
+    if args.checkpoint_root is not None and not os.path.isdir(args.checkpoint_root):
+        parser.error(f"--checkpoint-root must be an existing folder; got {args.checkpoint_root!r}")
     if args.keep_checkpoints < 1:
         parser.error(f"--keep-checkpoints must be at least 1; got {args.keep_checkpoints}")
     return args
@@ -186,6 +196,18 @@ def security(args: argparse.Namespace) -> dict[str, Any]:
             "insecure": args.insecure, "health_address": args.health_listen}
 
 
+def parameter_bound(text: str) -> tuple[str, float | None, float | None]:
+    """--parameter-bounds NAME=MIN:MAX (either side may be empty)."""
+    name, _, span = text.partition("=")
+    lo, colon, hi = span.partition(":")
+    try:
+        if not name or not colon:
+            raise ValueError
+        return name, float(lo) if lo else None, float(hi) if hi else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=MIN:MAX (e.g. momentum=0.8:0.99), got {text!r}") from None
+
+
 def guardrails(args: argparse.Namespace) -> Guardrails:
     from lrctl.service.control.guardrails import Guardrails  # numpy: the [service] extra
 
@@ -193,7 +215,8 @@ def guardrails(args: argparse.Namespace) -> Guardrails:
         return Guardrails(min_learning_rate=args.min_learning_rate,
                           max_learning_rate=args.max_learning_rate,
                           max_change_factor=args.max_change_factor,
-                          max_changes_per_minute=args.max_changes_per_minute or None)
+                          max_changes_per_minute=args.max_changes_per_minute or None,
+                          parameter_bounds=tuple(getattr(args, "parameter_bounds", None) or ()))
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -13,8 +13,8 @@ import logging
 import time
 from collections.abc import Mapping
 
-from lrctl.service.control import policy
-from lrctl.service.control.changes import Change, ChangeStatus, Phase
+from lrctl.service.control import policy, run_control
+from lrctl.service.control.changes import Change, ChangeStatus, Phase, SetParameters
 from lrctl.service.control.core import ControlCore
 from lrctl.service.schedules.specs import ActiveSchedule
 
@@ -35,7 +35,19 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
         base = core.state, core.version
     # Replays first, as they came in the run that answered them: their state and version.
     replayed = _replayed(replays, base, step)
-    finals, state, version = core.policy.outcomes(due, *replayed, step, core.clock())
+    # The hyperparameters as the variables hold them now (a restore may have moved them),
+    # read only when a change at this boundary sets some.
+    setting = core.parameters is not None and any(
+        isinstance(c.request.action, SetParameters) for c in [*replays, *due])
+    held = core.parameters.read() if setting and core.parameters is not None else {}
+    # Due changes meet the values after the replays (re-applied first, in this same load).
+    meets = {**held, **_parameter_loads(replays, [])}
+    runs = any(map(run_control.is_run_action, due)) or any(map(run_control.is_run_action, replays))
+    if runs:  # in order, each run action performed where it stands (run_control)
+        run_control.replay(core, replays, step)
+        finals, state, version = run_control.decide(core, due, *replayed, step, core.clock(), meets)
+    else:
+        finals, state, version = core.policy.outcomes(due, *replayed, step, core.clock(), meets)
     try:  # each ending durable before the engine makes it true and anyone is told
         core.log(finals)
     except OSError as e:
@@ -45,9 +57,10 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
         with core.cond:
             core.queue.put_back(due)
         finals, (state, version) = [], replayed
+    loads = _parameter_loads(replays, finals)
     if (state, version) != base:
         try:
-            core.target.load(state, version)
+            _load(core, state, version, loads, held)
         except Exception as e:  # noqa: BLE001 -- any engine failure fails the changes, not training
             finals, corrected = policy.failed_load(finals, e)
             state, version = base
@@ -59,7 +72,11 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
             except OSError as log_error:
                 logger.error("the write-ahead log refused the FAILED records of %d change(s): %s",
                              len(corrected), log_error)
+            loads = {}
     with core.cond:
+        if loads:
+            core.parameter_values.update(loads)
+            core.report_parameters()
         core.state, core.version = state, version
         for final in finals:
             core.queue.remove(final.id)
@@ -73,10 +90,49 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
             lr = final.learning_rate_after if final.learning_rate_after is not None else lr
         core.board.update(step=step, schedule=state, version=core.top_version(), learning_rate=lr,
                            updated_time=core.clock())
+        stop = run_control.settle(core, [*replays, *finals], step) if runs else None
+        cancelled = run_control.stop_cancellations(core, stop) if stop is not None else []
         core.republish(pending=True, history=True)
+    if stop is not None:
+        core.log_after(cancelled)
+        if core.run_target is not None:
+            core.run_target.stop(step)
     for observe in core.apply_observers:
         observe(time.perf_counter() - started)
     return finals
+
+
+def _parameter_loads(replays: list[Change], finals: list[Change]) -> dict[str, float]:
+    """The hyperparameter values the replays and the applied changes set, the last one winning."""
+    loads: dict[str, float] = {}
+    for change in [*replays, *finals]:
+        if change.status is ChangeStatus.APPLIED:
+            loads.update((u.name, u.after) for u in change.parameter_updates)
+    return loads
+
+
+def _load(core: ControlCore, state: ActiveSchedule, version: int, loads: dict[str, float],
+          held: dict[str, float]) -> None:
+    """The hyperparameters, then the schedule and version: all or nothing (if the engine
+    refuses, the hyperparameters are put back as they were)."""
+    if loads and core.parameters is not None:
+        core.parameters.load(loads)
+    try:
+        core.target.load(state, version)
+    except Exception:
+        if loads and core.parameters is not None:
+            core.parameters.load({name: held[name] for name in loads if name in held})
+        raise
+
+
+def refresh_parameters(core: ControlCore) -> dict[str, float]:
+    """`Controller.refresh_parameters`: read the variables (training thread) and report them."""
+    values = core.parameters.read() if core.parameters is not None else {}
+    with core.cond:
+        core.parameter_values = dict(values)
+        core.report_parameters()
+        core.republish()
+    return values
 
 
 def restored(core: ControlCore, state: ActiveSchedule, version: int, *, step: int) -> int:
@@ -103,7 +159,7 @@ def set_phase(core: ControlCore, phase: Phase) -> None:
                     cancelled.append(dataclasses.replace(change, status=ChangeStatus.CANCELLED,
                                                          applied_time=core.clock()))
                     core.finish(cancelled[-1])
-        core.board.update(phase=phase, updated_time=core.clock())
+        core.board.update(phase=phase, updated_time=core.clock(), paused_until=None)
         core.republish(pending=True, history=True)
     core.log_after(cancelled)
 
@@ -150,6 +206,14 @@ def publish(core: ControlCore, *, step: int, learning_rate: float, metrics: Mapp
         # An exact step tightens the bound left by `at_boundary` at this same boundary; it
         # does not open a new one (a change for this step may still apply at the next).
         core.boundary_step = min(core.boundary_step, step)
+        if metrics:
+            measured = core.measurements.batch(
+                step=step if metrics_step is None else metrics_step,
+                epoch=core.board.current.epoch if epoch is None else epoch, metrics=metrics,
+                time=core.clock() if metrics_time is None else metrics_time, now=time.monotonic(),
+                changed_step=core.board.changed_step)
+            if measured is not None:
+                core.board.update(measurement_sequence=measured.sequence)
         core.board.record_step(step=step, learning_rate=learning_rate, metrics=metrics, epoch=epoch,
                                metrics_step=metrics_step, metrics_time=metrics_time,
                                lr_clamp_count=lr_clamp_count)

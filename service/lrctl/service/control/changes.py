@@ -12,6 +12,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
@@ -150,9 +151,9 @@ class LoadCheckpoint:
 
 
 # Issue 19 adds SetParameters and RunAction to Action as each is built (changes.py stays the
-# one vocabulary): until then the controller accepts only schedule actions.
-Action = PinLearningRate | ScaleLearningRate | SwapSchedule | RevertSchedule
+# one vocabulary).
 RunAction = PauseTraining | ResumeTraining | SaveCheckpoint | StopTraining | LoadCheckpoint
+Action = PinLearningRate | ScaleLearningRate | SwapSchedule | RevertSchedule | SetParameters | RunAction
 #: Actions the training layer performs at the boundary (not a schedule or parameter load).
 RUN_ACTIONS = (PauseTraining, ResumeTraining, SaveCheckpoint, StopTraining, LoadCheckpoint)
 
@@ -324,11 +325,82 @@ class Snapshot:
     measurement_sequence: int = 0
 
 
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One settable scalar as the training layer describes it to the controller: its range
+    (each side inclusive or not; None: unbounded), whether the traced step lets it change,
+    and the dtype its variable holds it in (a value must be finite there; it is rounded to it)."""
+
+    name: str
+    live: bool = True
+    fixed_reason: str = ""  #: why not live, and how to start the job so that it is
+    registered: bool = False  #: TrainingControl.register'ed, not the optimizer's own
+    minimum: float | None = None
+    minimum_inclusive: bool = True
+    maximum: float | None = None
+    maximum_inclusive: bool = True
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ParameterSpace:
+    """What SetParameters may name in this trainer. `unsupported`: why no change can be made
+    at all (a multi-worker job), "" otherwise."""
+
+    specs: tuple[ParameterSpec, ...] = ()
+    unsupported: str = ""
+
+    def get(self, name: str) -> ParameterSpec | None:
+        return next((spec for spec in self.specs if spec.name == name), None)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.specs)
+
+
+class ParameterTarget(Protocol):
+    """The training layer's hyperparameter variables as the controller sees them. `read` and
+    `load` are called from the training thread only, between steps; `load` is all or nothing."""
+
+    def space(self) -> ParameterSpace: ...
+    def read(self) -> dict[str, float]: ...
+    def load(self, values: Mapping[str, float]) -> None: ...
+
+
 class ScheduleTarget(Protocol):
     """The engine as the controller sees it. Called from the training thread only."""
 
     def load(self, state: ActiveSchedule, version: int) -> None: ...
     def read(self) -> tuple[ActiveSchedule, int]: ...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What the training layer did for a run action at the boundary: the change's result fields."""
+
+    checkpoint_path: str = ""  #: the weights file written (save) or loaded (load)
+    checkpoint_step: int | None = None
+    checkpoint_run_id: str = ""  #: for a load: the run that wrote the checkpoint
+    #: For a load with its hyperparameters: the checkpoint's schedule, put in force as the
+    #: change's new state (None: the schedule in force stays).
+    schedule: ActiveSchedule | None = None
+
+
+class RunTarget(Protocol):
+    """The training layer as the controller sees it for run actions (`RUN_ACTIONS`): what it
+    can do (checked when a change arrives, any thread) and doing it (at a step boundary, on
+    the training thread, no lock held). A method that raises fails its change (a domain
+    error keeps its code; anything else is INTERNAL) and training goes on."""
+
+    @property
+    def checkpoint_dir(self) -> str | None: ...  #: where SaveCheckpoint writes (None: nowhere)
+    @property
+    def checkpoint_root(self) -> Path | None: ...  #: what LoadCheckpoint may read (None: nothing)
+    def save_checkpoint(self, step: int) -> RunResult: ...
+    def load_checkpoint(self, action: LoadCheckpoint, step: int) -> RunResult: ...
+    def stop(self, step: int) -> None:
+        """After a StopTraining is recorded (pending changes cancelled): the final checkpoint
+        (when the trainer checkpoints; a failure is only logged), and the loop ends."""
 
 
 class ChangeLog(Protocol):
@@ -353,6 +425,9 @@ __all__ = [
     "ChangeStatus",
     "Hyperparameter",
     "LoadCheckpoint",
+    "ParameterSpace",
+    "ParameterSpec",
+    "ParameterTarget",
     "ParameterUpdate",
     "PauseTraining",
     "Phase",
@@ -360,6 +435,8 @@ __all__ = [
     "ResumeTraining",
     "RevertSchedule",
     "RunAction",
+    "RunResult",
+    "RunTarget",
     "SaveCheckpoint",
     "ScaleLearningRate",
     "ScheduleTarget",

@@ -17,14 +17,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
-from lrctl.service.control import boundary, recovery, submission
+from lrctl.service.control import boundary, recovery, run_control, submission
 from lrctl.service.control.changes import (
     Boundaries,
     Change,
     ChangeLog,
     ChangeRequest,
     ChangeStatus,
+    ParameterTarget,
     Phase,
+    RunTarget,
     ScheduleTarget,
     Snapshot,
     WorkerState,
@@ -33,6 +35,7 @@ from lrctl.service.control.core import ControlCore
 from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.control.limits import DEDUP_WINDOW
+from lrctl.service.control.measurements import Page
 from lrctl.service.errors import NotFoundError
 from lrctl.service.schedules.specs import ActiveSchedule
 
@@ -84,6 +87,10 @@ class Controller:
     wal: _Shared[ChangeLog | None] = _Shared()
     #: The limits changes are checked against (the rate limit is fixed at construction).
     guardrails: _Shared[Guardrails] = _Shared()
+    #: The training layer's run actions: what it can do (checked on arrival) and doing it at
+    #: the boundary (`control.run_control`). None: SaveCheckpoint and LoadCheckpoint are
+    #: refused; pause, resume and stop only change the run's state.
+    run_target: _Shared[RunTarget | None] = _Shared()
 
     # -- any thread ------------------------------------------------------------------------
 
@@ -192,7 +199,23 @@ class Controller:
         unsubscribes it. For a server without a thread per waiter (rpc/wakeups.py)."""
         return self._core.board.listen(listener)
 
+    @property
+    def stopped_step(self) -> int | None:
+        """The step a StopTraining ended the run at (carried by checkpoints), or None: a run
+        restarted from its checkpoint after a stop has nothing left to do."""
+        return self._core.stopped_step
+
+    @property
+    def paused(self) -> bool:
+        return self._core.board.current.phase is Phase.PAUSED
+
     # -- training thread -------------------------------------------------------------------
+    def wait_paused(self, step: int) -> bool:
+        """Paused at boundary `step`: wait, holding no lock, until something is due here
+        (returns True: call `apply_due(step)`, then this again) or the pause is over (False:
+        resumed, stopped, timed out, or the process is shutting down)."""
+        return run_control.wait_paused(self._core, step)
+
     def at_boundary(self, step_bound: float) -> bool:
         """A step boundary, where at most `step_bound` steps have completed (an upper bound
         kept without reading the step). Returns whether a pending change may be due."""
@@ -220,7 +243,22 @@ class Controller:
 
     def publish_epoch(self, *, epoch: int, metrics: Mapping[str, float], step: int) -> None:
         """Record an epoch's end-of-epoch logs (`val_*` included), taken at `step`."""
-        self._core.board.record_epoch(epoch=epoch, metrics=metrics, step=step)
+        with self._core.cond:
+            measured = self._core.measurements.epoch_end(step=step, epoch=epoch, metrics=metrics,
+                                                         time=self._core.clock())
+            self._core.board.update(measurement_sequence=measured.sequence)
+            self._core.board.record_epoch(epoch=epoch, metrics=metrics, step=step)
+
+    def list_measurements(self, *, after_sequence: int | None, same_process: bool, start_step: int,
+                          page_size: int) -> Page:
+        """A page of the measurements numbered after `after_sequence` (a page token's; None:
+        the first page; `same_process`: issued by this process) with step >= `start_step`,
+        oldest first (any thread; O(page_size) under the lock)."""
+        with self._core.cond:
+            measurements = self._core.measurements
+            if after_sequence is not None:
+                after_sequence = measurements.position(after_sequence, same_process=same_process)
+            return measurements.page(after_sequence, start_step, page_size)
 
     def ended_counts(self) -> dict[ChangeStatus, int]:
         """How many changes ended with each status since this controller started (exact)."""
@@ -242,6 +280,20 @@ class Controller:
         so every version the state reports is in the ledger. Returns the version now in force.
         """
         return boundary.restored(self._core, state, version, step=step)
+
+    def attach_parameters(self, target: ParameterTarget) -> None:
+        """The hyperparameter variables SetParameters loads (training thread, before training,
+        or again when their space changes, e.g. a variable was registered): their space
+        judges requests from now on, and their values are read and reported."""
+        with self._core.cond:
+            self._core.parameters = target
+            self._core.policy.parameters = target.space()
+        boundary.refresh_parameters(self._core)
+
+    def refresh_parameters(self) -> dict[str, float]:
+        """Read the hyperparameter variables again (training thread: a restore may have
+        brought back others) and report them. Returns what they hold."""
+        return boundary.refresh_parameters(self._core)
 
     def follow(self, state: ActiveSchedule, version: int) -> None:
         """A follower worker loaded the chief's `state` at `version`: take both as they are

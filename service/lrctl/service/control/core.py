@@ -18,15 +18,17 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lrctl.service.control import persistence
+from lrctl.service.control import parameters, persistence
 from lrctl.service.control.broadcast import Board
 from lrctl.service.control.changes import (
     Change,
     ChangeLog,
     ChangeRequest,
     ChangeStatus,
+    ParameterTarget,
     Phase,
     RevertSchedule,
+    RunTarget,
     ScheduleTarget,
     Snapshot,
 )
@@ -34,6 +36,7 @@ from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import Guardrails
 from lrctl.service.control.ledger import Ledger
 from lrctl.service.control.limits import LIST_SCAN_LIMIT, SNAPSHOT_PENDING
+from lrctl.service.control.measurements import Measurements
 from lrctl.service.control.policy import Policy
 from lrctl.service.control.queue import ChangeQueue
 from lrctl.service.errors import InvalidArgumentError, UnavailableError
@@ -61,7 +64,13 @@ class ControlCore:
         self.wal: ChangeLog | None = None
         self.ids = itertools.count(1)
         self.state, self.version = target.read()  # what the engine holds
+        #: The hyperparameter variables (None: none attached); only the training thread reads
+        #: or loads them. `parameter_values`: what they held at the last read or load.
+        self.parameters: ParameterTarget | None = None
+        self.parameter_values: dict[str, float] = {}
         self.queue = ChangeQueue()
+        #: The batch and epoch logs recorded, for ListMeasurements (under `cond`).
+        self.measurements = Measurements()
         self.ledger = Ledger(history_size)
         #: Called by the training thread with the seconds each `apply_due` that finished a
         #: change took (the outcomes and the one engine load): metrics hooks.
@@ -71,6 +80,10 @@ class ControlCore:
         self.boundary_step: float = -math.inf
         self.shutting_down = False  # every new change gets UNAVAILABLE
         self.epochs_done = 0  # epochs `fit` ran to their end: where a resume starts (initial_epoch)
+        #: The training layer's run actions (None: only pause, resume and stop, recorded).
+        self.run_target: RunTarget | None = None
+        #: The step a StopTraining ended the run at (None: not stopped): a restart has nothing to do.
+        self.stopped_step: int | None = None
         # A run id given by the caller names the run; a drawn one yields to a checkpoint's.
         self.run_id_given = run_id is not None
         self.board = Board(Snapshot(
@@ -141,6 +154,11 @@ class ControlCore:
             self.board.changed_step = max(self.board.changed_step, change.applied_step)
         self.board.ended(change)
         self.ledger.record(change, counted=not replayed)
+
+    def report_parameters(self) -> None:
+        """Put the hyperparameters as last read or loaded in the snapshot (under `cond`)."""
+        self.board.update(hyperparameters=parameters.report(
+            self.policy.parameters, self.parameter_values, self.guardrails))
 
     def republish(self, *, pending: bool = False, history: bool = False) -> None:
         changes: dict[str, Any] = {}

@@ -48,6 +48,9 @@ class Guardrails:
     #: A change's learning rate must stay within the bounds at every step from the step where
     #: it applies to this many steps after it (the trainer's choice, never the client's).
     horizon_steps: int = DEFAULT_HORIZON
+    #: Bounds on hyperparameters by name: (name, min, max), inclusive, None: that side open.
+    #: SetParameters refuses a value outside them (a GUARDRAIL refusal).
+    parameter_bounds: tuple[tuple[str, float | None, float | None], ...] = ()
 
     def __post_init__(self) -> None:
         check_number("min_learning_rate", self.min_learning_rate, minimum=0)
@@ -62,6 +65,26 @@ class Guardrails:
                 or not 1 <= self.horizon_steps <= APPLY_HORIZON:
             raise ValueError(f"horizon_steps must be an integer in [1, {APPLY_HORIZON}]. "
                              f"Received: horizon_steps={self.horizon_steps}")
+        for name, lo, hi in self.parameter_bounds:
+            if lo is not None and hi is not None and not hi >= lo:
+                raise ValueError(f"parameter_bounds[{name}]: max must be >= min. Received: {lo}:{hi}")
+
+    def parameter_bound(self, name: str) -> tuple[float | None, float | None]:
+        """(min, max) of `name` (None: that side open)."""
+        for bound_name, lo, hi in self.parameter_bounds:
+            if bound_name == name:
+                return lo, hi
+        return None, None
+
+    def check_parameter(self, name: str, value: float) -> None:
+        """FailedPreconditionError (GUARDRAIL) naming the parameter if `value` leaves its bounds."""
+        lo, hi = self.parameter_bound(name)
+        if lo is not None and not value >= lo:
+            raise _refused(f"parameter_bounds[{name}]", f"{name}={value:g} is below the trainer's "
+                           f"bound {lo:g}")
+        if hi is not None and not value <= hi:
+            raise _refused(f"parameter_bounds[{name}]", f"{name}={value:g} is above the trainer's "
+                           f"bound {hi:g}")
 
     @property
     def float32_bounds(self) -> tuple[float, float]:

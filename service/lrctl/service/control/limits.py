@@ -29,3 +29,9 @@ MAX_FILTER_BYTES = 1024
 #: filter returns a short page (even an empty one) and a token to go on, never a scan of the
 #: whole ledger in one call.
 LIST_SCAN_LIMIT = 1000
+#: PauseTraining's timeout when none is given, and the longest one (seconds): training resumes
+#: by itself after it, so a forgotten pause does not hold a GPU for days.
+DEFAULT_PAUSE_TIMEOUT = 3600.0
+MAX_PAUSE_TIMEOUT = 7 * 24 * 3600.0
+#: Measurements (batch and epoch logs) a run keeps for ListMeasurements, newest last.
+MAX_MEASUREMENTS = 10_000

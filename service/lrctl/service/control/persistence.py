@@ -16,9 +16,16 @@ from lrctl.service.control.changes import (
     Change,
     ChangeRequest,
     ChangeStatus,
+    LoadCheckpoint,
+    ParameterUpdate,
+    PauseTraining,
     PinLearningRate,
+    ResumeTraining,
     RevertSchedule,
+    SaveCheckpoint,
     ScaleLearningRate,
+    SetParameters,
+    StopTraining,
     SwapSchedule,
 )
 from lrctl.service.errors import ApplyError, FailedPreconditionError, VersionConflictError
@@ -38,24 +45,48 @@ def schedule_from_json(data: Mapping[str, Any]) -> ActiveSchedule:
                           int(data["origin_step"]), float(data["scale"]))
 
 
+#: The run actions with no fields, by their JSON key.
+_BARE_RUN_ACTIONS: dict[str, type[ResumeTraining | SaveCheckpoint | StopTraining]] = {
+    "resume": ResumeTraining, "save_checkpoint": SaveCheckpoint, "stop": StopTraining}
+
+
 def action_to_json(action: Action) -> dict[str, Any]:
+    if isinstance(action, PauseTraining):
+        return {"pause": {"timeout": action.timeout}}
+    if isinstance(action, LoadCheckpoint):
+        return {"load_checkpoint": {"path": action.path,
+                                    "load_hyperparameters": action.load_hyperparameters}}
+    if isinstance(action, (ResumeTraining, SaveCheckpoint, StopTraining)):
+        return {next(k for k, t in _BARE_RUN_ACTIONS.items() if isinstance(action, t)): {}}
     if isinstance(action, RevertSchedule):
         return {"revert": schedule_to_json(action.state)}
     if isinstance(action, PinLearningRate):
         return {"pin": action.learning_rate}
     if isinstance(action, ScaleLearningRate):
         return {"scale": action.factor}
+    if isinstance(action, SetParameters):
+        return {"set_parameters": [[name, value] for name, value in action.values]}
     return {"swap": {"class_name": action.schedule.keras_name, "config": action.schedule.to_config(),
                      "origin": action.origin.value, "start_step": action.start_step, "scale": action.scale}}
 
 
 def action_from_json(data: Mapping[str, Any]) -> Action:
+    if "pause" in data:
+        return PauseTraining(float(data["pause"]["timeout"]))
+    if "load_checkpoint" in data:
+        load = data["load_checkpoint"]
+        return LoadCheckpoint(str(load["path"]), bool(load.get("load_hyperparameters", False)))
+    for key, bare in _BARE_RUN_ACTIONS.items():
+        if key in data:
+            return bare()
     if "revert" in data:
         return RevertSchedule(schedule_from_json(data["revert"]))
     if "pin" in data:
         return PinLearningRate(float(data["pin"]))
     if "scale" in data:
         return ScaleLearningRate(float(data["scale"]))
+    if "set_parameters" in data:
+        return SetParameters(tuple((str(name), float(value)) for name, value in data["set_parameters"]))
     swap = data["swap"]
     scale = swap.get("scale")
     return SwapSchedule(spec_from_config(swap["class_name"], swap["config"]), Origin(swap["origin"]),
@@ -93,6 +124,9 @@ def change_to_json(change: Change) -> dict[str, Any]:
         "schedule_after": None if change.schedule_after is None else schedule_to_json(change.schedule_after),
         "applied_time": change.applied_time, "current_version": change.current_version,
         "error": error_to_json(change.error), "due_step": change.due_step,
+        **({"checkpoint": {"path": change.checkpoint_path, "step": change.checkpoint_step,
+                           "run_id": change.checkpoint_run_id}} if change.checkpoint_path else {}),
+        "parameter_updates": [[u.name, u.before, u.after] for u in change.parameter_updates],
         "request": {"action": action_to_json(request.action), "request_id": request.request_id,
                     "expected_version": request.expected_version, "apply_at_step": request.apply_at_step,
                     "reason": request.reason, "force": request.force,
@@ -105,6 +139,7 @@ def change_to_json(change: Change) -> dict[str, Any]:
 def change_from_json(data: Mapping[str, Any]) -> Change:
     request = data["request"]
     after = data["schedule_after"]
+    checkpoint = data.get("checkpoint") or {}
     return Change(
         id=int(data["id"]), status=ChangeStatus(data["status"]), requested_step=int(data["requested_step"]),
         requested_time=float(data["requested_time"]), version=int(data["version"]),
@@ -112,6 +147,10 @@ def change_from_json(data: Mapping[str, Any]) -> Change:
         schedule_after=None if after is None else schedule_from_json(after),
         applied_time=data["applied_time"], current_version=data["current_version"],
         error=error_from_json(data["error"]), due_step=data.get("due_step"),
+        checkpoint_path=str(checkpoint.get("path", "")), checkpoint_step=checkpoint.get("step"),
+        checkpoint_run_id=str(checkpoint.get("run_id", "")),
+        parameter_updates=tuple(ParameterUpdate(str(n), float(b), float(a))
+                                for n, b, a in data.get("parameter_updates", ())),
         request=ChangeRequest(action_from_json(request["action"]), request_id=request["request_id"],
                               expected_version=request["expected_version"],
                               apply_at_step=request["apply_at_step"], reason=request["reason"],
@@ -136,11 +175,14 @@ class SavedState:
     finished: list[Change]  #: in the order they finished
     history: list[Change]  #: the finished records the history shows, oldest first
     replay: list[Change]  #: applied changes still to re-apply, in (applied_step, version) order
+    stopped_step: int | None = None  #: where a StopTraining ended the run (None: it did not)
+    measurement_sequence: int = 0  #: the newest measurement's sequence number (0: none)
 
 
 def state_to_json(*, run_id: str, step: int, epoch: int, schedule: ActiveSchedule, version: int,
                   pending: Iterable[Change], finished: Iterable[Change], history: Iterable[Change],
-                  replay: Iterable[Change], wal_seq: int) -> dict[str, Any]:
+                  replay: Iterable[Change], wal_seq: int, stopped_step: int | None = None,
+                  measurement_sequence: int = 0) -> dict[str, Any]:
     """The control state as JSON-able data: the schedule and version in force, the pending
     changes, and every remembered finished record (the dedup window, in the order they
     finished; the history is its newest `history_size`). "epoch" is the number of epochs
@@ -148,7 +190,8 @@ def state_to_json(*, run_id: str, step: int, epoch: int, schedule: ActiveSchedul
     resume: an epoch cut short runs again from its start, as with Keras's BackupAndRestore (the
     input pipeline starts over anyway). `wal_seq`: the last write-ahead log record it includes
     (the submit lock keeps out a record written but not yet committed); `replay`: the ids of
-    changes still to re-apply."""
+    changes still to re-apply; `stopped_step`: where a StopTraining ended the run (absent: it
+    did not)."""
     pending, finished, history = list(pending), list(finished), list(history)
     history_ids = [c.id for c in history]
     # History records older than the dedup window (only with history_size > DEDUP_WINDOW).
@@ -156,6 +199,7 @@ def state_to_json(*, run_id: str, step: int, epoch: int, schedule: ActiveSchedul
     older = [c for c in history if c.id not in known]
     return {
         "format": STATE_FORMAT, "run_id": run_id, "step": step, "epoch": epoch,
+        "measurement_sequence": measurement_sequence,
         "version": version, "schedule": schedule_to_json(schedule),
         "next_id": max([0, *(c.id for c in pending), *(c.id for c in finished), *history_ids]) + 1,
         "pending": [change_to_json(c) for c in pending],
@@ -163,6 +207,7 @@ def state_to_json(*, run_id: str, step: int, epoch: int, schedule: ActiveSchedul
         "history": history_ids,
         "wal_seq": wal_seq,
         "replay": [c.id for c in replay],
+        **({"stopped_step": stopped_step} if stopped_step is not None else {}),
     }
 
 
@@ -178,7 +223,9 @@ def state_from_json(data: Mapping[str, Any]) -> SavedState:
         next_id=max(int(data["next_id"]), 1), pending=[change_from_json(c) for c in data["pending"]],
         finished=finished, history=[by_id[i] for i in data["history"] if i in by_id],
         replay=sorted((by_id[i] for i in data.get("replay", ()) if i in by_id),
-                      key=lambda c: (c.applied_step or 0, c.version)))
+                      key=lambda c: (c.applied_step or 0, c.version)),
+        stopped_step=None if data.get("stopped_step") is None else int(data["stopped_step"]),
+        measurement_sequence=int(data.get("measurement_sequence", 0)))
 
 
 def log_record(run_id: str, change: Change) -> dict[str, Any]:

@@ -11,26 +11,36 @@ Pure numpy (`forms`), no TensorFlow; holds no lock and no state beyond the rate 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lrctl.service.control import guardrails
+from lrctl.service.control import guardrails, parameters
 from lrctl.service.control.changes import (
     ENDED_PHASES,
+    RUN_ACTIONS,
     Action,
     Change,
     ChangeRequest,
     ChangeStatus,
+    LoadCheckpoint,
+    ParameterSpace,
+    ParameterUpdate,
+    PauseTraining,
     Phase,
     PinLearningRate,
     RevertSchedule,
+    RunTarget,
+    SaveCheckpoint,
     ScaleLearningRate,
+    SetParameters,
     Snapshot,
     SwapSchedule,
 )
 from lrctl.service.control.guardrails import Guardrails, RateLimiter
 from lrctl.service.control.limits import (
     APPLY_HORIZON,
+    MAX_PAUSE_TIMEOUT,
     MAX_PENDING,
     MAX_REASON_BYTES,
     MAX_REQUEST_ID_BYTES,
@@ -62,6 +72,15 @@ def check_request(request: ChangeRequest) -> None:
         check_number("learning_rate", action.learning_rate, minimum=0)
     elif isinstance(action, ScaleLearningRate):
         check_number("scale", action.factor, minimum=0, inclusive=False)
+    elif isinstance(action, PauseTraining):
+        if not 0 < action.timeout <= MAX_PAUSE_TIMEOUT:  # NaN fails too
+            raise InvalidArgumentError("timeout", f"must be in (0s, {MAX_PAUSE_TIMEOUT:g}s] (7 days)",
+                                       f"{action.timeout:g}s")
+    elif isinstance(action, LoadCheckpoint) and not action.path:
+        raise InvalidArgumentError("path", "must be set (a checkpoint folder, or its weights file)",
+                                   "nothing")
+    elif isinstance(action, SetParameters) and not action.values:
+        raise InvalidArgumentError("parameters", "must name at least one parameter", "{}")
     # A SwapSchedule's spec validated itself when it was built.
     check_reason(request.reason)
     check_request_id(request.request_id)
@@ -107,6 +126,21 @@ def check_id_size(value: str, field: str = "expected_run_id") -> None:
                                    f"{len(value.encode())} bytes")
 
 
+def check_capability(action: Action, target: RunTarget | None) -> None:
+    """A run action the trainer cannot perform: FAILED_PRECONDITION saying how to start it so
+    that it can; a LoadCheckpoint path outside the checkpoint root or missing: refused now (the
+    boundary resolves it again: the folder's newest checkpoint may move on meanwhile)."""
+    if isinstance(action, SaveCheckpoint) and (target is None or target.checkpoint_dir is None):
+        raise FailedPreconditionError(
+            "SaveCheckpoint needs a checkpoint folder: start the trainer with --checkpoint-dir "
+            "(or, embedding lrctl, create a Checkpointer for the TrainingControl)")
+    if isinstance(action, LoadCheckpoint):
+        # Helper EXP's resolver (pure: no TensorFlow); imported where used.
+        from lrctl.service.control import checkpoint_paths  # type: ignore[attr-defined,unused-ignore]
+
+        checkpoint_paths.resolve(action.path, target.checkpoint_root if target is not None else None)
+
+
 def unfenced(request: ChangeRequest) -> ChangeRequest:
     """`request` without its fences: a retry is the same request whatever they say now."""
     return dataclasses.replace(request, expected_run_id="", expected_incarnation="")
@@ -118,6 +152,8 @@ _ACTION_FIELD = {PinLearningRate: "learning_rate", ScaleLearningRate: "scale", S
 
 
 def next_state(state: ActiveSchedule, action: Action, step: int) -> ActiveSchedule:
+    if isinstance(action, (SetParameters, *RUN_ACTIONS)):  # the schedule stays as it is (a load's, if any, is known only at its boundary)
+        return state
     if isinstance(action, RevertSchedule):
         return action.state
     if isinstance(action, PinLearningRate):
@@ -147,8 +183,11 @@ def check_change(action: Action, state: ActiveSchedule, step: int,
     InvalidArgumentError naming the request's field if the cumulative scale, or the learning
     rate at any step of the guardrails' horizon from `step`, is not a usable float32;
     FailedPreconditionError naming the guardrail if the learning rate leaves [min, max] at
-    any step of that horizon (exact extremes, no sampling). Pure numpy: no TensorFlow."""
+    any step of that horizon (exact extremes, no sampling). Pure numpy: no TensorFlow.
+    A run action leaves the schedule as it is: nothing to check."""
     after = next_state(state, action, step)
+    if isinstance(action, RUN_ACTIONS):
+        return after, forms.learning_rate(after, step)
     field = _ACTION_FIELD[type(action)]
     if not _MIN_SCALE <= after.scale <= FLOAT32_MAX:
         raise InvalidArgumentError(
@@ -172,9 +211,13 @@ def late_error(due: int, step: int) -> FailedPreconditionError:
 
 
 def outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
-             now: float, limits: Guardrails) -> tuple[list[Change], ActiveSchedule, int]:
-    """Each due change's final record, applied one after the other from (`state`, `version`)."""
+             now: float, limits: Guardrails, space: ParameterSpace = parameters.NO_PARAMETERS,
+             values: dict[str, float] | None = None) -> tuple[list[Change], ActiveSchedule, int]:
+    """Each due change's final record, applied one after the other from (`state`, `version`).
+    `values`: the hyperparameters as the variables hold them (read at this boundary); each
+    applied SetParameters updates it in place, so the next one's `before` is right."""
     finals = []
+    values = {} if values is None else values
     for change in due:
         if change.due_key and change.due_key < step:  # its boundary never came: never apply late
             finals.append(dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=now,
@@ -185,6 +228,28 @@ def outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
             finals.append(dataclasses.replace(change, status=ChangeStatus.ABORTED, current_version=version,
                                               applied_time=now,
                                               error=VersionConflictError(expected, version, step=step)))
+            continue
+        action = change.request.action
+        if isinstance(action, SetParameters):
+            try:  # as on arrival: the space and the guardrails may have moved since
+                parameters.check(action, space, limits)
+            except (InvalidArgumentError, FailedPreconditionError) as e:
+                error = e if isinstance(e, FailedPreconditionError) else FailedPreconditionError(str(e))
+                finals.append(dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=now,
+                                                  error=error))
+                continue
+            updates = []
+            for name, value in action.values:
+                spec = space.get(name)
+                assert spec is not None
+                after_value = parameters.held(spec, value)
+                updates.append(ParameterUpdate(name, values.get(name, math.nan), after_value))
+                values[name] = after_value
+            version += 1
+            finals.append(dataclasses.replace(
+                change, status=ChangeStatus.APPLIED, version=version, applied_step=step,
+                learning_rate_after=forms.learning_rate(state, step), schedule_after=state,
+                applied_time=now, parameter_updates=tuple(updates)))
             continue
         try:  # over the whole horizon from here, as on arrival, from the state it meets now
             after, lr = check_change(change.request.action, state, step, limits)
@@ -257,6 +322,8 @@ class Policy:
     def __init__(self, limits: Guardrails) -> None:
         self.guardrails = limits
         self._rate = RateLimiter(limits.max_changes_per_minute)
+        #: What SetParameters may name (the training layer's `ParameterTarget.space()`).
+        self.parameters: ParameterSpace = parameters.NO_PARAMETERS
 
     def judge(self, request: ChangeRequest, *, snapshot: Snapshot, state: ActiveSchedule, version: int,
               replayed: Change | None, pending: Sequence[Change], boundary_step: float,
@@ -278,9 +345,13 @@ class Policy:
         floor = (replayed.applied_step or 0) if replayed else 0
         start = max(step, at or 0, floor) + (request.apply_after_steps or 0)
         before = state_before(state, pending, start, step)
-        after, lr_after = check_change(request.action, before, start, self.guardrails)
-        if not request.force:
-            self.guardrails.check_factor(forms.learning_rate(before, start), lr_after, start)
+        if isinstance(request.action, SetParameters):
+            parameters.check(request.action, self.parameters, self.guardrails)
+            after = before
+        else:
+            after, lr_after = check_change(request.action, before, start, self.guardrails)
+            if not request.force:
+                self.guardrails.check_factor(forms.learning_rate(before, start), lr_after, start)
         missed = at is not None and (at < step or at <= boundary_step)
         if at is not None and missed and validate_only:
             raise missed_error(at, step)
@@ -313,8 +384,8 @@ class Policy:
             preview_current=tuple(guardrails.sample(arrival.before, arrival.start, steps)))
 
     def outcomes(self, due: list[Change], state: ActiveSchedule, version: int, step: int,
-                 now: float) -> tuple[list[Change], ActiveSchedule, int]:
-        return outcomes(due, state, version, step, now, self.guardrails)
+                 now: float, values: dict[str, float] | None = None) -> tuple[list[Change], ActiveSchedule, int]:
+        return outcomes(due, state, version, step, now, self.guardrails, self.parameters, values)
 
 
 def failed_load(finals: list[Change], error: Exception) -> tuple[list[Change], list[Change]]:
@@ -322,7 +393,8 @@ def failed_load(finals: list[Change], error: Exception) -> tuple[list[Change], l
     Returns every final record and the ones that changed."""
     failure = ApplyError(f"the engine could not load the new schedule: {error!r}; nothing changed")
     corrected = [dataclasses.replace(f, status=ChangeStatus.FAILED, version=0, applied_step=None,
-                                     learning_rate_after=None, schedule_after=None, error=failure)
+                                     learning_rate_after=None, schedule_after=None, error=failure,
+                                     parameter_updates=())
                  for f in finals if f.status is ChangeStatus.APPLIED]
     failed = {f.id: f for f in corrected}
     return [failed.get(f.id, f) for f in finals], corrected

@@ -29,7 +29,9 @@ def export_state(core: ControlCore, step: int | None = None) -> dict[str, Any]:
             run_id=snap.run_id, step=snap.step if step is None else step, epoch=core.epochs_done,
             schedule=core.state, version=core.version, pending=core.queue.changes(),
             finished=core.ledger.finished(), history=core.ledger.history(),
-            replay=core.queue.replays, wal_seq=core.wal.seq if core.wal is not None else 0)
+            replay=core.queue.replays, wal_seq=core.wal.seq if core.wal is not None else 0,
+            stopped_step=core.stopped_step,
+            measurement_sequence=core.measurements.last_sequence)
 
 
 def import_state(core: ControlCore, data: Mapping[str, Any]) -> None:
@@ -41,13 +43,16 @@ def import_state(core: ControlCore, data: Mapping[str, Any]) -> None:
         core.queue.restore(saved.pending, saved.replay)
         core.ledger.restore(saved.finished, saved.history, saved.pending)
         core.epochs_done = saved.epoch
+        core.stopped_step = saved.stopped_step
+        core.measurements.resume(saved.measurement_sequence, saved.step)
         core.boundary_step = max(core.boundary_step, saved.step)
         # A resumed run is the same run: it keeps its id (unless the caller named one).
         run_id = core.board.current.run_id
         core.board.update(
             run_id=run_id if core.run_id_given else saved.run_id or run_id, step=saved.step,
             epoch=saved.epoch, schedule=core.state, version=core.version,
-            learning_rate=forms.learning_rate(core.state, saved.step), updated_time=core.clock())
+            learning_rate=forms.learning_rate(core.state, saved.step), updated_time=core.clock(),
+            measurement_sequence=core.measurements.last_sequence)
         core.republish(pending=True, history=True)
 
 

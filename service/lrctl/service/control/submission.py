@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from lrctl.service.control import policy
-from lrctl.service.control.changes import Change, ChangeRequest, ChangeStatus, Phase
+from lrctl.service.control.changes import RUN_ACTIONS, Change, ChangeRequest, ChangeStatus, Phase
 from lrctl.service.control.core import ControlCore, unwritable
 from lrctl.service.control.limits import APPLY_HORIZON, DEDUP_WINDOW
 from lrctl.service.errors import (
@@ -26,6 +26,9 @@ def submit(core: ControlCore, request: ChangeRequest, *, validate_only: bool = F
            preview_steps: int = 0) -> Change:
     """`Controller.submit`: check, decide, log, then queue (or record) the change."""
     policy.check_request(request)
+    if isinstance(request.action, RUN_ACTIONS) and not _known(core, request.request_id):
+        # Outside the lock: resolving a LoadCheckpoint path reads the file system.
+        policy.check_capability(request.action, core.run_target)
     if not 0 <= preview_steps <= APPLY_HORIZON:
         raise InvalidArgumentError("preview_steps", f"must be in [0, {APPLY_HORIZON}]", preview_steps)
     if validate_only:
@@ -54,6 +57,14 @@ def submit(core: ControlCore, request: ChangeRequest, *, validate_only: bool = F
         if change.status is ChangeStatus.CANCELLED:
             core.log_after([change])
         return change
+
+
+def _known(core: ControlCore, request_id: str) -> bool:
+    """Whether a retry of `request_id` would be answered from the ledger."""
+    if not request_id:
+        return False
+    with core.cond:
+        return core.ledger.by_request_id(request_id) is not None
 
 
 def _decide(core: ControlCore, request: ChangeRequest, *, validate_only: bool,

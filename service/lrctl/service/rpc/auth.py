@@ -1,6 +1,7 @@
 """Bearer-token authentication for lrctl's service, and TLS server credentials.
 
-Two roles: `read` may call GetState, WatchState, ListChanges, GetChange and WaitChange; `write`
+Two roles: `read` may call GetState, WatchState, ListChanges, GetChange, WaitChange and
+ListMeasurements; `write`
 may call everything.
 Tokens travel as `authorization: Bearer <token>` metadata and are compared in constant time.
 Health checking and reflection stay open, so that Kubernetes probes and `buf curl` work
@@ -30,7 +31,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 _SERVICE = "/" + pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name + "/"
 #: Methods the read role may call; every other method of the service needs the write role.
 READ_METHODS = frozenset(_SERVICE + name for name in ("GetState", "WatchState", "ListChanges",
-                                                      "GetChange", "WaitChange"))
+                                                      "GetChange", "WaitChange", "ListMeasurements"))
 
 
 #: Told of each refused mutation: (method name, request, context, code, message).

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -21,13 +22,23 @@ from lrctl.service.control.changes import (
     Change,
     ChangeRequest,
     ChangeStatus,
+    Hyperparameter,
+    LoadCheckpoint,
+    PauseTraining,
     Phase,
     PinLearningRate,
+    ResumeTraining,
     RevertSchedule,
+    SaveCheckpoint,
     ScaleLearningRate,
+    SetParameters,
     Snapshot,
+    StopTraining,
+    SwapSchedule,
 )
 from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.control.limits import DEFAULT_PAUSE_TIMEOUT
+from lrctl.service.control.measurements import Measurement
 from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.schedules import specs
 from lrctl.v1 import training_control_pb2 as pb
@@ -109,6 +120,48 @@ def change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
     )
 
 
+#: The requests of the run actions (PauseTraining ... LoadCheckpoint) and SetOptimizerParameters:
+#: the options every change takes, but no `force` and no preview.
+RunActionRequest = (pb.PauseTrainingRequest | pb.ResumeTrainingRequest | pb.SaveCheckpointRequest
+                    | pb.StopTrainingRequest | pb.LoadCheckpointRequest | pb.SetOptimizerParametersRequest)
+
+
+def run_request(request: RunActionRequest, action: Action) -> ChangeRequest:
+    """A run action's request: the options every change takes (as `change_request`)."""
+    return ChangeRequest(
+        action=action, request_id=request.request_id,
+        expected_version=request.expected_version if request.HasField("expected_version") else None,
+        apply_at_step=request.apply_at_step if request.HasField("apply_at_step") else None,
+        reason=request.reason, expected_run_id=request.expected_run_id,
+        expected_incarnation=request.expected_incarnation,
+        apply_after_steps=request.apply_after_steps if request.HasField("apply_after_steps") else None,
+    )
+
+
+def parameters_request(request: pb.SetOptimizerParametersRequest) -> ChangeRequest:
+    """A SetOptimizerParameters request as a change (names sorted: one payload per request,
+    whatever the map's order on the wire)."""
+    return run_request(request, SetParameters(tuple(sorted(
+        (name, float(value)) for name, value in request.parameters.items()))))
+
+
+def pause_timeout(duration: Duration) -> float:
+    """PauseTrainingRequest.timeout in seconds: unset or zero is the default (1 hour); a
+    malformed Duration (nanos out of range, mixed signs) is INVALID_ARGUMENT naming `timeout`;
+    the range is the policy's (it names `timeout` too)."""
+    if not -999_999_999 <= duration.nanos <= 999_999_999 or (duration.seconds * duration.nanos < 0):
+        raise InvalidArgumentError("timeout", "must be a valid Duration",
+                                   f"{duration.seconds}s {duration.nanos}ns")
+    seconds = duration.seconds + duration.nanos / 1e9
+    return seconds or DEFAULT_PAUSE_TIMEOUT
+
+
+def _duration(seconds: float) -> Duration:
+    message = Duration()
+    message.FromNanoseconds(round(seconds * 1e9))
+    return message
+
+
 # -- domain -> protobuf ------------------------------------------------------------------------
 def spec_to_proto(spec: specs.ScheduleSpec) -> pb.Schedule:
     """The inverse of `spec_from_proto` (a None field stays unset)."""
@@ -166,11 +219,24 @@ def change_to_proto(change: Change) -> pb.Change:
         message.set_learning_rate = action.learning_rate
     elif isinstance(action, ScaleLearningRate):
         message.scale = action.factor
+    elif isinstance(action, SetParameters):
+        message.set_optimizer_parameters.CopyFrom(pb.OptimizerParameters(parameters=dict(action.values)))
     elif isinstance(action, RevertSchedule):
         message.revert.CopyFrom(pb.RestoredSchedule(
             schedule=spec_to_proto(action.state.spec), origin=_ORIGIN_TO_PB[action.state.origin],
             schedule_origin_step=action.state.origin_step, scale=action.state.scale))
-    else:
+    elif isinstance(action, PauseTraining):
+        message.pause.timeout.CopyFrom(_duration(action.timeout))
+    elif isinstance(action, ResumeTraining):
+        message.resume.SetInParent()
+    elif isinstance(action, SaveCheckpoint):
+        message.save_checkpoint.SetInParent()
+    elif isinstance(action, StopTraining):
+        message.stop.SetInParent()
+    elif isinstance(action, LoadCheckpoint):
+        message.load_checkpoint.CopyFrom(pb.LoadCheckpointAction(
+            path=action.path, load_hyperparameters=action.load_hyperparameters))
+    elif isinstance(action, SwapSchedule):
         message.swap_schedule.CopyFrom(spec_to_proto(action.schedule))
         message.origin = _ORIGIN_TO_PB[action.origin]
         message.schedule_start_step = action.start_step
@@ -179,6 +245,12 @@ def change_to_proto(change: Change) -> pb.Change:
     if change.schedule_after is not None:
         message.schedule.CopyFrom(spec_to_proto(change.schedule_after.spec))
         message.scale_after = change.schedule_after.scale
+    if change.checkpoint_path:
+        message.checkpoint_path = change.checkpoint_path
+        message.checkpoint_step = change.checkpoint_step if change.checkpoint_step is not None else 0
+        message.checkpoint_run_id = change.checkpoint_run_id
+    message.parameter_updates.extend(pb.ParameterUpdate(name=u.name, before=u.before, after=u.after)
+                                     for u in change.parameter_updates)
     message.preview.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
                            for s, lr in change.preview)
     message.preview_current.extend(pb.LearningRatePoint(step=s, learning_rate=reported_rate(lr))
@@ -195,7 +267,15 @@ def guardrails_to_proto(limits: Guardrails) -> pb.Guardrails:
         max_change_factor=bound(limits.max_change_factor),
         max_changes_per_minute=bound(limits.max_changes_per_minute),
         revert_on_nan_steps=limits.revert_on_nan_steps, horizon_steps=limits.horizon_steps,
+        parameter_bounds={name: pb.ParameterBounds(min_value=lo, max_value=hi)
+                          for name, lo, hi in limits.parameter_bounds},
     )
+
+
+def hyperparameter_to_proto(item: Hyperparameter) -> pb.Hyperparameter:
+    return pb.Hyperparameter(name=item.name, value=item.value, live=item.live,
+                             fixed_reason=item.fixed_reason, registered=item.registered,
+                             min_value=item.min_value, max_value=item.max_value)
 
 
 def state_to_proto(snap: Snapshot, convert_change: Callable[[Change], pb.Change] = change_to_proto,
@@ -228,8 +308,44 @@ def state_to_proto(snap: Snapshot, convert_change: Callable[[Change], pb.Change]
         epoch_start_step=snap.epoch_start_step,
         lr_clamp_count=snap.lr_clamp_count,
         checkpoint_failures=snap.checkpoint_failures, checkpoint_error=snap.checkpoint_error,
-        checkpoint_step=snap.checkpoint_step,
+        checkpoint_step=snap.checkpoint_step, paused_until=timestamp(snap.paused_until),
+        hyperparameters=[hyperparameter_to_proto(h) for h in snap.hyperparameters],
+        measurement_sequence=snap.measurement_sequence,
     )
+
+
+def measurement_to_proto(measurement: Measurement) -> pb.Measurement:
+    return pb.Measurement(step=measurement.step, epoch=measurement.epoch, metrics=dict(measurement.metrics),
+                          epoch_end=measurement.epoch_end, time=timestamp(measurement.time),
+                          sequence=measurement.sequence)
+
+
+#: Marks a ListMeasurements token, so that a ListChanges token is never taken for one.
+_MEASUREMENTS_TAG = "m"
+
+
+def encode_measurement_token(after_sequence: int, run_id: str, incarnation: str) -> str:
+    """An opaque ListMeasurements page token: the run, the process that issued it (a restart
+    numbers the measurements after its checkpoint anew), and the sequence read up to."""
+    body = f"{_MEASUREMENTS_TAG}:{run_id}:{incarnation}:{after_sequence}"
+    return base64.urlsafe_b64encode(body.encode()).decode()
+
+
+def decode_measurement_token(token: str, run_id: str) -> tuple[str, int]:
+    """(the incarnation that issued it, the sequence read up to); INVALID_ARGUMENT naming
+    `page_token` for anything but a ListMeasurements token of this run."""
+    try:
+        body = base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        body = ""
+    head, _, sequence = body.rpartition(":")
+    head, _, incarnation = head.rpartition(":")
+    tag, _, token_run = head.partition(":")
+    if tag != _MEASUREMENTS_TAG or token_run != run_id or not (
+            sequence.isascii() and sequence.isdigit() and len(sequence) <= 18):
+        raise InvalidArgumentError("page_token", "must be a next_page_token of a ListMeasurements "
+                                                 "call of this run", token[:64])
+    return incarnation, int(sequence)
 
 
 def _filter_tag(filter_text: str) -> str:

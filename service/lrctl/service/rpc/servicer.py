@@ -27,10 +27,15 @@ from lrctl.service.control.changes import (
     Change,
     ChangeRequest,
     ChangeStatus,
+    LoadCheckpoint,
+    PauseTraining,
     Phase,
     PinLearningRate,
+    ResumeTraining,
+    SaveCheckpoint,
     ScaleLearningRate,
     Snapshot,
+    StopTraining,
     SwapSchedule,
 )
 from lrctl.service.control.controller import Controller
@@ -47,11 +52,18 @@ from lrctl.service.observability.logs import short
 from lrctl.service.rpc.budgets import MAX_WAITERS, Budget
 from lrctl.service.rpc.convert import (
     ORIGIN_FROM_PB,
+    RunActionRequest,
     change_request,
     change_to_proto,
+    decode_measurement_token,
     decode_page_token,
+    encode_measurement_token,
     encode_page_token,
+    measurement_to_proto,
+    parameters_request,
     parse_change_name,
+    pause_timeout,
+    run_request,
     spec_from_proto,
     state_to_proto,
 )
@@ -69,6 +81,7 @@ logger = logging.getLogger("lrctl")
 DEFAULT_WATCH_INTERVAL = 1.0  # seconds, when WatchStateRequest.min_interval is unset or zero
 MAX_WATCH_INTERVAL = 3600  # seconds
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 100  # ListChanges (AIP-158)
+MEASUREMENTS_PAGE_SIZE, MAX_MEASUREMENTS_PAGE_SIZE = 100, 1000  # ListMeasurements
 #: Seconds one call may wait for its change to apply (SetLearningRate/SwapSchedule: then
 #: DEADLINE_EXCEEDED; it stays pending), and the longest WaitChange timeout.
 MAX_WAIT = 600.0
@@ -163,6 +176,16 @@ class TrainingControlServicer:
             return await self._submit(change_request(request, action), request, context)
 
         return pb.SwapScheduleResponse(change=await self._mutate("SwapSchedule", request, context, run))
+
+    async def SetOptimizerParameters(self, request: pb.SetOptimizerParametersRequest,
+                                     context: aio.ServicerContext) -> pb.SetOptimizerParametersResponse:
+        async def run() -> pb.Change:
+            if not request.parameters:
+                raise InvalidArgumentError("parameters", "must name at least one parameter", "{}")
+            return await self._submit(parameters_request(request), request, context)
+
+        return pb.SetOptimizerParametersResponse(
+            change=await self._mutate("SetOptimizerParameters", request, context, run))
 
     async def GetState(self, request: pb.GetStateRequest,
                        context: aio.ServicerContext) -> pb.GetStateResponse | bytes:
@@ -313,8 +336,68 @@ class TrainingControlServicer:
             changes=[change_to_proto(c) for c in page],
             next_page_token="" if next_before is None else encode_page_token(next_before, run_id, request.filter))
 
+    # -- run control: each a versioned change like the two above (control/run_control.py) --
+    async def PauseTraining(self, request: pb.PauseTrainingRequest,
+                            context: aio.ServicerContext) -> pb.PauseTrainingResponse:
+        async def run() -> pb.Change:
+            action = PauseTraining(pause_timeout(request.timeout))
+            return await self._submit(run_request(request, action), request, context)
+
+        return pb.PauseTrainingResponse(change=await self._mutate("PauseTraining", request, context, run))
+
+    async def ResumeTraining(self, request: pb.ResumeTrainingRequest,
+                             context: aio.ServicerContext) -> pb.ResumeTrainingResponse:
+        async def run() -> pb.Change:
+            return await self._submit(run_request(request, ResumeTraining()), request, context)
+
+        return pb.ResumeTrainingResponse(change=await self._mutate("ResumeTraining", request, context, run))
+
+    async def SaveCheckpoint(self, request: pb.SaveCheckpointRequest,
+                             context: aio.ServicerContext) -> pb.SaveCheckpointResponse:
+        async def run() -> pb.Change:
+            return await self._submit(run_request(request, SaveCheckpoint()), request, context)
+
+        return pb.SaveCheckpointResponse(change=await self._mutate("SaveCheckpoint", request, context, run))
+
+    async def StopTraining(self, request: pb.StopTrainingRequest,
+                           context: aio.ServicerContext) -> pb.StopTrainingResponse:
+        async def run() -> pb.Change:
+            return await self._submit(run_request(request, StopTraining()), request, context)
+
+        return pb.StopTrainingResponse(change=await self._mutate("StopTraining", request, context, run))
+
+    async def LoadCheckpoint(self, request: pb.LoadCheckpointRequest,
+                             context: aio.ServicerContext) -> pb.LoadCheckpointResponse:
+        async def run() -> pb.Change:
+            action = LoadCheckpoint(request.path, request.load_hyperparameters)
+            return await self._submit(run_request(request, action), request, context)
+
+        return pb.LoadCheckpointResponse(change=await self._mutate("LoadCheckpoint", request, context, run))
+
+    async def ListMeasurements(self, request: pb.ListMeasurementsRequest,
+                               context: aio.ServicerContext) -> pb.ListMeasurementsResponse:
+        try:
+            controller = self._slot.bound()
+            snap = controller.snapshot()
+            if request.page_size < 0:
+                raise InvalidArgumentError("page_size", "must be >= 0", request.page_size)
+            if request.start_step < 0:
+                raise InvalidArgumentError("start_step", "must be >= 0", request.start_step)
+            incarnation, after = decode_measurement_token(request.page_token, snap.run_id) \
+                if request.page_token else (snap.incarnation, None)
+            page = controller.list_measurements(
+                after_sequence=after, same_process=incarnation == snap.incarnation,
+                start_step=request.start_step,
+                page_size=min(request.page_size or MEASUREMENTS_PAGE_SIZE, MAX_MEASUREMENTS_PAGE_SIZE))
+        except DOMAIN_ERRORS as e:
+            await abort(context, e)
+        # Never empty: a reader keeps its place even when nothing is recorded yet.
+        return pb.ListMeasurementsResponse(
+            measurements=[measurement_to_proto(m) for m in page.items], truncated=page.truncated,
+            next_page_token=encode_measurement_token(page.after_sequence, snap.run_id, snap.incarnation))
+
     async def _submit(self, change_request: ChangeRequest,
-                      request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
+                      request: pb.SetLearningRateRequest | pb.SwapScheduleRequest | RunActionRequest,
                       context: aio.ServicerContext) -> pb.Change:
         waits = request.wait_until_applied and not request.validate_only
         # Bound the waiting calls before anything is queued.
@@ -326,7 +409,7 @@ class TrainingControlServicer:
             controller = self._slot.bound()
             change = await asyncio.to_thread(controller.submit, change_request,
                                              validate_only=request.validate_only,
-                                             preview_steps=request.preview_steps)
+                                             preview_steps=getattr(request, "preview_steps", 0))
             if waits and change.status is ChangeStatus.PENDING:
                 change = await self._wait(controller, change, context)
         finally:
@@ -372,12 +455,6 @@ class TrainingControlServicer:
                 await self._wakeups.sleep(waiter, left)
             return waiter.record
 
-    # Issue 19's RPCs: declared in the proto, built next (UNIMPLEMENTED until then).
-    async def _unimplemented(self, request: Message, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not implemented yet")
-
-    SetOptimizerParameters = PauseTraining = ResumeTraining = _unimplemented
-    SaveCheckpoint = StopTraining = LoadCheckpoint = ListMeasurements = _unimplemented
 
 
 def _view(view: int) -> int:

@@ -15,6 +15,7 @@ from lrctl.service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     RequestIdReusedError,
     ResourceExhaustedError,
     RunIdMismatchError,
@@ -25,7 +26,8 @@ from lrctl.service.errors import (
 
 #: The errors `status_of` maps; anything else is a bug, left to gRPC (UNKNOWN).
 DOMAIN_ERRORS = (InvalidArgumentError, VersionConflictError, FailedPreconditionError, WaitTimeoutError,
-                 RequestIdReusedError, NotFoundError, ResourceExhaustedError, ApplyError)
+                 RequestIdReusedError, NotFoundError, ResourceExhaustedError, ApplyError,
+                 PermissionDeniedError)
 
 
 def _any(message: Any) -> any_pb2.Any:
@@ -84,7 +86,10 @@ def status_of(error: Exception) -> status_pb2.Status:
             error_details_pb2.BadRequest.FieldViolation(field="request_id", description=message)])))
     elif isinstance(error, NotFoundError):
         code, message = code_pb2.NOT_FOUND, str(error)
-        detail.Pack(error_details_pb2.ResourceInfo(resource_type="lrctl.v1.Change", description=message))
+        detail.Pack(error_details_pb2.ResourceInfo(resource_type=error.resource_type, description=message))
+    elif isinstance(error, PermissionDeniedError):
+        code, message = code_pb2.PERMISSION_DENIED, str(error)
+        detail.Pack(error_details_pb2.ErrorInfo(reason="OUTSIDE_CHECKPOINT_ROOT", domain="lrctl"))
     elif isinstance(error, ResourceExhaustedError):
         code, message = code_pb2.RESOURCE_EXHAUSTED, str(error)
         detail.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain="lrctl"))

@@ -300,6 +300,9 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     #: count differs from the rebuilt optimizer's); lrctl.service.load_model can with this
     #: layout, then clears it. While it is set, `attach` refuses the optimizer.
     saved_optimizer_layout: dict[str, Any] | None = None
+    #: Set by the training layer: the optimizer's live hyperparameter variables by name
+    #: (`training/hyperparams.py`), whose places in the list the layout records too.
+    hyperparameters: dict[str, keras.Variable] | None = None
 
     def get_config(self) -> dict[str, Any]:
         """The whole active state, so `from_config` resumes exactly, and the layout of a built
@@ -317,6 +320,8 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
             config["optimizer_layout"] = {
                 "count": len(index), "schedule": [index[id(v)] for v in self.checkpointed if id(v) in index],
                 "retired": [index[id(v)] for v in self.retired if id(v) in index],
+                "hyperparameters": {name: index[id(v)] for name, v in (self.hyperparameters or {}).items()
+                                    if id(v) in index},
             }
         return config
 

@@ -49,7 +49,16 @@ class Boundary:
         self._watch = watch
 
     def apply_due(self, step: int) -> list[Change]:
-        """Apply what is due now that `step` steps have completed; returns what ended."""
+        """Apply what is due now that `step` steps have completed; returns what ended. If a
+        PauseTraining applied, wait here (holding no lock) until the pause is over, applying
+        what falls due meanwhile at this same step (`Controller.wait_paused`)."""
+        finished = self._apply_due(step)
+        while self._controller.paused:
+            if self._controller.wait_paused(step):
+                finished += self._apply_due(step)
+        return finished
+
+    def _apply_due(self, step: int) -> list[Change]:
         self.resync()
         before = self._controller.engine_state
         # The LR the run had at this step, not the last published one (which lags under decay).
@@ -67,6 +76,8 @@ class Boundary:
         """`TrainingControl.resync`: whether a restore replaced the engine's variables."""
         if not self._engine.replaced():
             return False
+        # The hyperparameter variables ride in the same checkpoints as the schedule's.
+        self._controller.refresh_parameters()
         # A restore may have brought another run's bounds: these are this trainer's.
         limits = self._controller.guardrails
         self._engine.schedule.set_bounds(limits.min_learning_rate, limits.max_learning_rate)

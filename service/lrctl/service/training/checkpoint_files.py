@@ -11,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from typing import Any
 
 import h5py
 
+from lrctl.service.control.checkpoint_paths import (  # re-exported: checkpoints.py, tests
+    LATEST,
+    NAME,
+    one_line,
+    read_pointer,
+)
 from lrctl.service.control.disk import fsync_path, remove, write_bytes
 from lrctl.service.control.persistence import STATE_FORMAT
 
-LATEST = "latest.json"
-NAME = re.compile(r"^ckpt-(\d+)\.(weights\.h5|control\.json)$")
 #: Temporary files start with this, then the writer's pid: `{TMP}{pid}-{name}`.
 TMP = ".tmp-"
 #: What `Controller.import_state` reads from a control file.
@@ -40,31 +43,6 @@ def write_json(path: str, data: Any) -> None:
         remove(tmp)
         raise
     fsync_path(folder)
-
-
-def one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def read_pointer(directory: str) -> tuple[dict[str, Any] | None, str]:
-    """The pointer and "", or None and what is wrong with it ("" if there is none)."""
-    try:
-        with open(os.path.join(directory, LATEST), "rb") as f:
-            data = json.loads(f.read())
-    except FileNotFoundError:
-        return None, ""
-    except OSError as e:
-        return None, f"{LATEST} cannot be read ({e.strerror or e})"
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        return None, f"{LATEST} is not valid JSON ({one_line(e)})"
-    if not isinstance(data, dict):
-        return None, f"{LATEST} holds {one_line(json.dumps(data))[:40]}, not a checkpoint pointer"
-    for key, pattern in (("weights", "weights.h5"), ("control", "control.json")):
-        name = data.get(key)
-        m = NAME.match(name) if isinstance(name, str) else None
-        if m is None or m.group(2) != pattern:
-            return None, f"{LATEST} has no valid {key!r} file name (got {one_line(repr(name))[:60]})"
-    return data, ""
 
 
 def latest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -143,3 +121,6 @@ def scan(directory: str) -> tuple[dict[str, Found], list[str]]:
         found[stem] = Found(stem, int(stem.removeprefix("ckpt-")), state if not problem else None,
                              problem, saved)
     return found, strays
+
+
+__all__ = ["LATEST", "NAME", "TMP", "Found", "latest", "one_line", "read_pointer", "scan", "write_json"]

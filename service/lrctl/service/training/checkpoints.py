@@ -106,6 +106,7 @@ class Checkpointer:
         #: fsynced there before it is answered, and `restore` replays what a checkpoint lacks.
         self.wal = wal.WriteAheadLog(os.path.join(self.directory, wal.WAL_NAME), lineage=self.lineage)
         control.controller.wal = self.wal
+        control.checkpointer = self  # SaveCheckpoint and StopTraining write with it
         self.callback = _CheckpointCallback(self)
 
     # -- saving ---------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
@@ -20,17 +22,23 @@ import tensorflow as tf
 from lrctl.service.control.changes import Boundaries, Change, Phase
 from lrctl.service.control.controller import Controller
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
+from lrctl.service.errors import FailedPreconditionError
 from lrctl.service.schedules import specs
 from lrctl.service.schedules.specs import ActiveSchedule
-from lrctl.service.training import local_changes
+from lrctl.service.training import exploit, local_changes
 from lrctl.service.training.attach import attach
 from lrctl.service.training.boundary import Boundary
 from lrctl.service.training.divergence import DivergenceGuard, DivergenceWatch
 from lrctl.service.training.engine_target import EngineTarget
 from lrctl.service.training.exchange import WorkerSync, worker_count
 from lrctl.service.training.fit_callback import ControlCallback
+from lrctl.service.training.hyperparams import OptimizerParameters
 from lrctl.service.training.publishing import Publisher
+from lrctl.service.training.run_actions import RunActions
 from lrctl.service.training.step_clock import StepClock
+
+if TYPE_CHECKING:
+    from lrctl.service.training.checkpoints import Checkpointer
 
 
 class TrainingControl:
@@ -47,7 +55,8 @@ class TrainingControl:
                  variables: Sequence[keras.Variable] | None = None,
                  strategy: tf.distribute.Strategy | None = None, sync_every: int = 1,
                  initial_schedule: specs.ScheduleSpec | None = None,
-                 incarnation: str | None = None) -> None:
+                 incarnation: str | None = None,
+                 checkpoint_root: str | os.PathLike[str] | None = None) -> None:
         """`revert_on_nan=K` (opt-in; None or 0: off) undoes a change if the loss becomes NaN or
         Inf within K steps after it: at the next step boundary, the weights and the optimizer's
         slots go back to what they were just before the change's first step, the previous
@@ -69,8 +78,20 @@ class TrainingControl:
         `initial_schedule` replaces the optimizer's learning rate as version 0, the state the
         run starts from (lrctl-trainer's --learning-rate and --schedule). `incarnation`: the
         process's, if drawn already (None: the controller draws one).
+
+        Run actions (PauseTraining, ResumeTraining, SaveCheckpoint, StopTraining, LoadCheckpoint)
+        apply at the step boundary like any change. SaveCheckpoint needs a `Checkpointer` of
+        this control (creating one registers it as `checkpointer`); LoadCheckpoint reads only
+        under `checkpoint_root` (lrctl-trainer's --checkpoint-root; None: refused) and needs the
+        model (`fit`'s, `model=`, or the Checkpointer's).
         """
         self.optimizer = optimizer
+        #: Where LoadCheckpoint may read (None: nowhere); the Checkpointer SaveCheckpoint and
+        #: StopTraining write with (None: no checkpoints; a Checkpointer sets itself here).
+        self.checkpoint_root = None if checkpoint_root is None else Path(checkpoint_root)
+        self.checkpointer: Checkpointer | None = None
+        self._model = model  # the model LoadCheckpoint loads into (fit's, once fit starts)
+        self._finished = False  # a StopTraining ended the run for good
         self.schedule = attach(optimizer)
         if initial_schedule is not None:
             self.schedule.load(ActiveSchedule(initial_schedule), version=0)
@@ -86,6 +107,11 @@ class TrainingControl:
         #: The exchange with the other workers of a multi-worker job; None for one worker.
         self.workers = WorkerSync(strategy, self.engine, self.controller, sync_every) \
             if worker_count(strategy) > 1 else None
+        #: The optimizer's hyperparameters and the registered variables (SetOptimizerParameters).
+        self.parameters = OptimizerParameters(optimizer, unsupported="" if self.workers is None else (
+            "SetOptimizerParameters is not supported in a multi-worker job yet: the exchange "
+            "carries the schedule only; start the job with the hyperparameters it needs"))
+        self.controller.attach_parameters(self.parameters)
         self.schedule.set_bounds(guardrails.min_learning_rate, guardrails.max_learning_rate)
         self.clock = StepClock(optimizer.iterations)
         # `self.resync` reaches `_boundary`, made below, only when called.
@@ -98,10 +124,24 @@ class TrainingControl:
             self.divergence, self.controller, self.clock, model, variables, self.resync, self._publisher.soon)
         self._boundary = Boundary(self.controller, self.engine, self.clock, self._publisher, self._watch)
         self.callback = ControlCallback(self)
+        self.controller.run_target = RunActions(self)
         if self.workers is not None:  # only exchanges are boundaries, every worker at the same steps
             self.controller.set_boundaries(Boundaries(0, self.workers.every))
         local_changes.route_learning_rate_assignments(self)
         self.publish(force=True)  # readers see the starting LR before the first step
+
+    def register(self, name: str, variable: keras.Variable | tf.Variable,
+                 bounds: tuple[float | None, float | None] = (None, None)) -> None:
+        """Make a scalar floating variable of the training script (a dropout rate, a loss
+        weight, label smoothing...) settable by SetOptimizerParameters as `name`, within
+        `bounds` (min, max; inclusive; None: open), with the same guarantees as the optimizer's
+        own: validated, versioned, in history, applied between steps. The variable is yours:
+        checkpoint it with your model (a resume restores it; GetState reads it). Training
+        thread, before or between steps; a variable read in the compiled step takes effect
+        at the next step with no retrace."""
+        self.parameters.register(name, variable, bounds)
+        self.controller.attach_parameters(self.parameters)
+        self.publish(force=True)
 
     @property
     def step(self) -> int:
@@ -163,6 +203,8 @@ class TrainingControl:
     def should_stop(self) -> bool:
         """Whether the loop should end after this step boundary: in a multi-worker job, on
         every worker after the same step (a worker that stopped alone would hang the rest)."""
+        if self._finished:
+            return True
         return self._stop_agreed if self.workers is not None else self._stop_asked
 
     @property
@@ -176,7 +218,8 @@ class TrainingControl:
 
     def _exchange(self, step: int) -> None:
         if self.workers is not None:
-            self._stop_agreed = self.workers.boundary(step, self._stop_asked) or self._stop_agreed
+            self._stop_agreed = self.workers.boundary(step, self._stop_asked or self._finished) \
+                or self._stop_agreed
 
     def assign_learning_rate(self, value: Any, *, source: str) -> Change | None:
         """A float assigned to the optimizer's `learning_rate` by `source` (Keras's
@@ -200,11 +243,44 @@ class TrainingControl:
         `logs_time` (default: the current step, now)."""
         self._publisher.publish(logs, force=force, logs_step=logs_step, logs_time=logs_time)
 
+    # -- run actions (RunActions, at a step boundary) ----------------------------------------
+    def finish_requested(self) -> None:
+        """A StopTraining applied: `should_stop` turns true and `fit` stops (Keras runs the batch
+        it has begun: it checks `stop_training` after it); the run ends FINISHED."""
+        self._finished = True
+        if self._model is not None:
+            self._model.stop_training = True
+
+    def model_for_load(self) -> keras.Model:
+        model = self._model or (self.checkpointer.model if self.checkpointer is not None else None)
+        if model is None:
+            raise FailedPreconditionError("LoadCheckpoint needs the model: train with fit, or pass "
+                                          "TrainingControl(..., model=model)")
+        return model
+
+    def kept_on_load(self, load_hyperparameters: bool) -> list[Any]:
+        """What a LoadCheckpoint leaves as it is: this run's step and lrctl's own schedule
+        variables (with `load_hyperparameters` the checkpoint's schedule comes in as a new
+        version through the controller, never by overwriting them), and, unless it loads
+        them, the hyperparameters (so that the orchestrator explores them next)."""
+        kept: list[Any] = exploit.run_variables(self.optimizer)
+        return kept if load_hyperparameters else [*kept, *self.parameters.variables()]
+
+    def weights_replaced(self) -> None:
+        """The weights were replaced at a boundary (a load): a revert_on_nan snapshot belongs
+        to the timeline before it, and is never put back."""
+        if self._watch is not None and self._watch.guard.watching:
+            self._watch.guard.close()
+
     # -- the run's lifecycle ---------------------------------------------------------------
     def begin(self) -> None:
         """Training starts (or resumes after a restore): sync with the engine's variables."""
         self.clock.settle()  # no batch announced yet: a read is exact
         self.resync()
+        if self.controller.stopped_step is not None:  # a StopTraining ended the run for good
+            self._finished = True
+            self.publish(force=True)
+            return
         self.controller.set_phase(Phase.TRAINING)
         self.publish(force=True)
 
@@ -215,7 +291,8 @@ class TrainingControl:
             self.divergence.close()  # the run is over: free the host copy
         self.publish(logs, force=True, logs_step=logs_step, logs_time=logs_time)
         # A shutdown (SIGTERM, a stop vote) is not a completion: what was accepted stays pending.
-        stopped = self.controller.shutting_down or self._stop_asked or self._stop_agreed
+        stopped = not self._finished and (self.controller.shutting_down or self._stop_asked
+                                          or self._stop_agreed)
         self.controller.set_phase(Phase.FAILED if failed else Phase.STOPPED if stopped else Phase.FINISHED)
 
     @contextlib.contextmanager
@@ -244,6 +321,9 @@ class TrainingControl:
     # -- fit's hooks (the callback's) ------------------------------------------------------
     def fit_begins(self, model: keras.Model) -> None:
         """fit starts: with revert_on_nan, its model and loss tracker are what is watched."""
+        self._model = model
+        if self._finished:
+            model.stop_training = True
         if self._watch is not None:
             self._watch.fit_begins(model)
 

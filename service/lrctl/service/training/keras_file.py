@@ -43,6 +43,10 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> keras.Model:
         layout = schedule.saved_optimizer_layout
         schedule.saved_optimizer_layout = None  # restored below, so attach may proceed
         attach(optimizer)
+        if layout is not None and layout.get("hyperparameters"):
+            # The live hyperparameters' variables, rebuilt around the built values in the config.
+            from lrctl.service.training.hyperparams import OptimizerParameters
+            OptimizerParameters(optimizer)
         if layout is not None:
             _restore_optimizer(optimizer, schedule, layout, path)
             restored = True
@@ -88,16 +92,22 @@ def _restore(optimizer: keras.optimizers.Optimizer, schedule: ControllableSchedu
     if len(values) != layout["count"]:
         raise _error(optimizer, path, f"the file holds {len(values)} of its variables, "
                                       f"its config {layout['count']}")
-    not_own = {*layout["schedule"], *layout["retired"]}
+    saved_parameters = layout.get("hyperparameters", {})
+    parameters = schedule.hyperparameters or {}
+    if set(saved_parameters) - set(parameters):
+        raise _error(optimizer, path, f"the file holds hyperparameters {sorted(saved_parameters)}, "
+                                      f"the optimizer {sorted(parameters)}")
+    not_own = {*layout["schedule"], *layout["retired"], *saved_parameters.values()}
     own_values = [value for i, value in enumerate(values) if i not in not_own]
-    ours = {id(v) for v in schedule.checkpointed}
+    ours = {id(v) for v in schedule.checkpointed} | {id(v) for v in parameters.values()}
     own = [v for v in optimizer.variables if id(v) not in ours]
     if len(own) != len(own_values):
         raise _error(optimizer, path, f"it has {len(own)} variables of its own, the file "
                      f"{len(own_values)}" + ("" if optimizer.built else " (is the model built?)"))
     _assign(optimizer, [*zip(own, own_values),
                         # A file from before the clamp holds `variables` only: the rest stay.
-                        *zip(schedule.checkpointed, (values[i] for i in layout["schedule"]))], path)
+                        *zip(schedule.checkpointed, (values[i] for i in layout["schedule"])),
+                        *((parameters[name], values[i]) for name, i in saved_parameters.items())], path)
 
 
 def _assign(optimizer: keras.optimizers.Optimizer, pairs: list[tuple[keras.Variable, np.ndarray]],
