@@ -49,6 +49,8 @@ def costs(outcome: pbt_live.Outcome, interval: int, rounds: int) -> dict[str, An
     """The cost split of one run (see the module's docstring)."""
     startup, trace, shutdown, step_s = [], [], [], []
     training: dict[int, float] = {}
+    timeline = []
+    origin = min(m.spawned for m in outcome.incarnations)
     for member in outcome.incarnations:
         begin = _event(member, "first_step_begin")
         first_end = _event(member, "first_step_end")
@@ -67,6 +69,12 @@ def costs(outcome: pbt_live.Outcome, interval: int, rounds: int) -> dict[str, An
             spans -= sum(outcome.resumed[(member.index, r)] - _event(member, "eval", step=r * interval)
                          for r in range(1, rounds))
         training[member.index] = training.get(member.index, 0.0) + spans
+        # Seconds from the run's first spawn: what the sums above are made of, for a reader to check.
+        timeline.append({"member": member.index, "spawned": round(member.spawned - origin, 2),
+                         **{e["event"] + (f"@{e['step']}" if e["event"] == "eval" else ""):
+                            round(e["time"] - origin, 2) for e in member.events
+                            if e["event"] in ("ready", "first_step_end", "eval", "last_step_end")},
+                         "exited": round(member.exited - origin, 2)})
     restarts = len(outcome.incarnations)
     return {
         "wall_s": round(outcome.wall_s, 2),
@@ -83,6 +91,7 @@ def costs(outcome: pbt_live.Outcome, interval: int, rounds: int) -> dict[str, An
         "best_loss": round(outcome.best_loss, 4),
         "final_losses": [round(x, 4) for x in outcome.final_losses],
         "exploits": [[[e.loser, e.donor] for e in plan] for plan in outcome.rounds],
+        "timeline": timeline,
     }
 
 
