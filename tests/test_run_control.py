@@ -5,9 +5,7 @@ custom loop; the CLI's verbs with --json. No timing assertions: every wait is on
 from __future__ import annotations
 
 import json
-import sys
 import threading
-import types
 from io import StringIO
 from pathlib import Path
 
@@ -33,27 +31,6 @@ from lrctl.service.errors import FailedPreconditionError, InvalidArgumentError
 from lrctl.service.training.checkpoints import Checkpointer
 
 SERVICE = "lrctl.v1.TrainingControlService"
-
-
-def _stub_checkpoint_paths() -> None:
-    """Helper EXP writes `lrctl.service.control.checkpoint_paths` on its own branch; until the
-    lead merges it, a stand-in with its contract for the one case tested here (no root)."""
-    try:
-        from lrctl.service.control import checkpoint_paths  # type: ignore[attr-defined] # noqa: F401
-    except ImportError:
-        module = types.ModuleType("lrctl.service.control.checkpoint_paths")
-
-        def resolve(path: str, root: Path | None) -> Path:
-            if root is None:
-                raise FailedPreconditionError("LoadCheckpoint needs a checkpoint root: start the "
-                                              "trainer with --checkpoint-root")
-            return (root / path).resolve()
-
-        module.resolve = resolve  # type: ignore[attr-defined]
-        sys.modules[module.__name__] = module
-
-
-_stub_checkpoint_paths()
 
 
 def _lrctl(target: str, *argv: str) -> tuple[int, dict]:
