@@ -34,6 +34,7 @@ class FakeRun:
 
     checkpoint_dir: str | None = "ckpts"
     checkpoint_root: Path | None = None
+    multi_worker = False
 
     def __init__(self) -> None:
         self.saves: list[int] = []
@@ -159,3 +160,18 @@ def test_pause_timeout_and_capabilities_are_checked_on_arrival() -> None:
     with pytest.raises(InvalidArgumentError) as e:
         controller.submit(ChangeRequest(LoadCheckpoint("")))
     assert e.value.field == "path"
+
+
+def test_a_multi_worker_job_refuses_pause_and_load_but_saves_and_stops() -> None:
+    """The chief alone applies changes: a pause would leave the followers in the exchange's
+    collective, a load would give the chief other weights. Refused on arrival, nothing queued."""
+    controller, run = _controller()
+    run.multi_worker = True
+    run.checkpoint_root = Path("/")
+    for action in (PauseTraining(60), LoadCheckpoint("a")):
+        with pytest.raises(FailedPreconditionError, match="not supported in a multi-worker job"):
+            controller.submit(ChangeRequest(action))
+    assert controller.snapshot().pending_count == 0
+    controller.submit(ChangeRequest(SaveCheckpoint()))
+    controller.submit(ChangeRequest(StopTraining()))
+    assert controller.snapshot().pending_count == 2

@@ -396,6 +396,8 @@ class RunTarget(Protocol):
     def checkpoint_dir(self) -> str | None: ...  #: where SaveCheckpoint writes (None: nowhere)
     @property
     def checkpoint_root(self) -> Path | None: ...  #: what LoadCheckpoint may read (None: nothing)
+    @property
+    def multi_worker(self) -> bool: ...  #: a multi-worker job: no pause, no load
     def save_checkpoint(self, step: int) -> RunResult: ...
     def load_checkpoint(self, action: LoadCheckpoint, step: int) -> RunResult: ...
     def stop(self, step: int) -> None:

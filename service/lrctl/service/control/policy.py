@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lrctl.service.control import guardrails, parameters
+from lrctl.service.control import checkpoint_paths, guardrails, parameters
 from lrctl.service.control.changes import (
     ENDED_PHASES,
     RUN_ACTIONS,
@@ -134,10 +134,14 @@ def check_capability(action: Action, target: RunTarget | None) -> None:
         raise FailedPreconditionError(
             "SaveCheckpoint needs a checkpoint folder: start the trainer with --checkpoint-dir "
             "(or, embedding lrctl, create a Checkpointer for the TrainingControl)")
+    if isinstance(action, (PauseTraining, LoadCheckpoint)) and target is not None and target.multi_worker:
+        # The chief alone applies changes; the followers would wait for it in the exchange's
+        # collective (a pause) or train on other weights (a load).
+        raise FailedPreconditionError(
+            f"{type(action).__name__} is not supported in a multi-worker job: the workers' "
+            "exchange carries the schedule only (use StopTraining and restart the job from a "
+            "checkpoint)", kind="MULTI_WORKER")
     if isinstance(action, LoadCheckpoint):
-        # Helper EXP's resolver (pure: no TensorFlow); imported where used.
-        from lrctl.service.control import checkpoint_paths  # type: ignore[attr-defined,unused-ignore]
-
         checkpoint_paths.resolve(action.path, target.checkpoint_root if target is not None else None)
 
 

@@ -38,6 +38,10 @@ class RunActions:
     def checkpoint_root(self) -> Path | None:
         return self._control.checkpoint_root
 
+    @property
+    def multi_worker(self) -> bool:
+        return self._control.workers is not None
+
     def save_checkpoint(self, step: int) -> RunResult:
         """A checkpoint now, as --checkpoint-every writes them (same files, same rotation)."""
         checkpointer = self._control.checkpointer
