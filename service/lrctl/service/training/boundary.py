@@ -54,7 +54,8 @@ class Boundary:
         before = self._controller.engine_state
         # The LR the run had at this step, not the last published one (which lags under decay).
         lr = forms.learning_rate(before[0], step)
-        finished = self._controller.apply_due(step)
+        with self._engine.unchanged():  # the stamp was just read: the load needs no second read
+            finished = self._controller.apply_due(step)
         _log_outcomes(finished, lr)
         if finished:
             self._publisher.published()
