@@ -324,9 +324,15 @@ class TrainingControlServicer:
                 "wait_until_applied and follow the change with WatchState or WaitChange")
         try:
             controller = self._slot.bound()
-            change = await asyncio.to_thread(controller.submit, change_request,
-                                             validate_only=request.validate_only,
-                                             preview_steps=request.preview_steps)
+            if controller.wal is None or request.validate_only:
+                # Nothing to write to disk: pure Python under locks held briefly, cheaper than
+                # the hop to an executor thread and back (issue 20: docs/benchmarks.md).
+                change = controller.submit(change_request, validate_only=request.validate_only,
+                                           preview_steps=request.preview_steps)
+            else:  # the write-ahead log's fsync: a disk stall must hold up this call only
+                change = await asyncio.to_thread(controller.submit, change_request,
+                                                 validate_only=request.validate_only,
+                                                 preview_steps=request.preview_steps)
             if waits and change.status is ChangeStatus.PENDING:
                 change = await self._wait(controller, change, context)
         finally:
