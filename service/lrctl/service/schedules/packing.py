@@ -14,6 +14,7 @@ which assigns every replica in cross-replica context.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ class Packer:
         starts = np.cumsum([0] + [size for _, _, size in self._layout])
         self._offset = {id(v): int(start) for v, start in zip(variables, starts, strict=False)}
         #: Each variable's (start, end) in the vector, in order.
-        self.spans = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        self.spans = [(int(a), int(b)) for a, b in itertools.pairwise(starts)]
 
     def offset_of(self, variable: keras.Variable) -> int:
         """Where a scalar variable's value sits in the vector."""
