@@ -324,7 +324,8 @@ class TrainingControlServicer:
                 "wait_until_applied and follow the change with WatchState or WaitChange")
         try:
             controller = self._slot.bound()
-            if controller.wal is None or request.validate_only:
+            if (controller.wal is None or request.validate_only) \
+                    and isinstance(change_request.action, _SUBMITTED_IN_MEMORY):
                 # Nothing to write to disk: pure Python under locks held briefly, cheaper than
                 # the hop to an executor thread and back (issue 20: docs/benchmarks.md).
                 change = controller.submit(change_request, validate_only=request.validate_only,
@@ -384,6 +385,12 @@ class TrainingControlServicer:
 
     SetOptimizerParameters = PauseTraining = ResumeTraining = _unimplemented
     SaveCheckpoint = StopTraining = LoadCheckpoint = ListMeasurements = _unimplemented
+
+
+#: Actions whose submit reads and writes no file but the write-ahead log: without one (or for
+#: validate_only) their submit runs on the loop. Any other action's may touch the disk (a
+#: checkpoint path to check), so it runs on an executor thread whatever the log.
+_SUBMITTED_IN_MEMORY = (PinLearningRate, ScaleLearningRate, SwapSchedule)
 
 
 def _view(view: int) -> int:
