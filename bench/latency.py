@@ -40,6 +40,7 @@ their CIs. The last line is JSON with `get_state_basic_over_echo` and `new_over_
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -247,6 +248,7 @@ def _round_medians(rounds: list[list[float]]) -> list[float]:
 
 def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
     samples: Samples = {}
+    step_s: dict[str, list[float]] = {"new": [], "baseline": []}  # seconds per step, per round
     late: dict[str, dict[str, int]] = {}
     result: dict[str, Any] = {"sides": {}}
     with open_sides(args.baseline, args.candidate) as sides:
@@ -262,7 +264,8 @@ def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
             result["sides"][side.name] = {
                 "source": side.source, "response_bytes": get_state(request, timeout=30).ByteSize(),
                 "echo_bytes": echo_bytes}
-            samples[side.name] = {name: [] for name in ("get_state", "echo", *_waits(side))}
+            samples[side.name] = {name: [] for name in ("get_state", "echo", "set_learning_rate", "echo_set",
+                                                        "set_wait", *_waits(side))}
             late[side.name] = dict.fromkeys(_waits(side), 0)
 
         per_round = max(1, args.calls // args.rounds)
@@ -277,6 +280,29 @@ def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
                     times[name].append(time.perf_counter() - begin)
             for name, values in times.items():
                 samples[side.name][name].append(values)
+
+        per_round = max(1, args.writes // args.rounds)
+        scale_1 = pb.SetLearningRateRequest(scale=1.0)
+        wait_1 = pb.SetLearningRateRequest(scale=1.0, wait_until_applied=True)
+        for r, side in sides.rounds(args.rounds):
+            stub = pb_grpc.TrainingControlServiceStub(side.channel)
+            _, echo, request = calls[side.name]
+            times: dict[str, list[float]] = {"set_learning_rate": [], "echo_set": [], "set_wait": []}
+            steps_before, at_before = side.trainer.steps()
+            pair = (("set_learning_rate", functools.partial(stub.SetLearningRate, scale_1, timeout=30)),
+                    ("echo_set", functools.partial(echo, request, timeout=30)))
+            for i in range(per_round):
+                for name, call in pair if (i + r) % 2 == 0 else pair[::-1]:
+                    begin = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - begin)
+                begin = time.perf_counter()
+                stub.SetLearningRate(wait_1, timeout=30)
+                times["set_wait"].append(time.perf_counter() - begin)
+            steps_after, at_after = side.trainer.steps()
+            for name, values in times.items():
+                samples[side.name][name].append(values)
+            step_s[side.name].append((at_after - at_before) / max(1, steps_after - steps_before))
 
         per_round = max(1, args.waits // args.rounds)
         for _, side in sides.rounds(args.rounds):
@@ -293,6 +319,13 @@ def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
         side_result.update({measure: _summary(rounds) for measure, rounds in measures.items()})
         side_result["get_state_over_echo"] = paired_ratios(medians[name]["get_state"], medians[name]["echo"])
         side_result["late"] = late[name]
+        # Issue 20: SetLearningRate (scale 1.0, no wait) against the echo in the same round, and
+        # the submit that waits (`wait_until_applied`) against one step plus the echo.
+        side_result["set_learning_rate_over_echo"] = paired_ratios(medians[name]["set_learning_rate"],
+                                                                   medians[name]["echo_set"])
+        side_result["step_ms"] = median_ci([t * 1e3 for t in step_s[name]], digits=3)
+        side_result["set_wait_over_step_plus_echo"] = paired_ratios(
+            medians[name]["set_wait"], [a + b for a, b in zip(step_s[name], medians[name]["echo_set"], strict=True)])
     new, old = medians["new"], medians["baseline"]
 
     def over_echo(side: dict[str, list[float]]) -> list[float]:
@@ -304,7 +337,12 @@ def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
         "wait_change_over_wait_until_applied": paired_ratios(new["wait_change"], old["wait_until_applied"]),
         "wait_change_over_poll_list_changes": paired_ratios(new["wait_change"], old["poll_list_changes"]),
         "wait_until_applied": paired_ratios(new["wait_until_applied"], old["wait_until_applied"]),
+        "set_learning_rate": paired_ratios(new["set_learning_rate"], old["set_learning_rate"]),
+        "set_wait": paired_ratios(new["set_wait"], old["set_wait"]),
     }
+    set_ratio = result["sides"]["new"]["set_learning_rate_over_echo"]["median"]
+    result["target_set_learning_rate_le_1_5_echo"] = set_ratio <= 1.5
+    result["target_set_wait_le_step_plus_echo"] = result["sides"]["new"]["set_wait_over_step_plus_echo"]["median"] <= 1.0
     basic = result["sides"]["new"]["get_state_over_echo"]["median"]
     result["get_state_basic_over_echo"] = basic
     result["target_get_state_basic_le_1_15"] = basic <= 1.15
@@ -314,7 +352,8 @@ def measure_sides(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000, help="GetState/echo pairs (with --baseline: per side)")
-    parser.add_argument("--writes", type=int, default=200, help="SetLearningRate pairs (no wait, wait)")
+    parser.add_argument("--writes", type=int, default=200,
+                        help="SetLearningRate pairs (no wait, wait; with --baseline: (set, echo) pairs and a wait)")
     parser.add_argument("--watches", type=int, default=100, help="changes timed through WatchState")
     parser.add_argument("--quick", action="store_true", help="a small run (CI)")
     parser.add_argument("--wal", action="store_true",

@@ -36,6 +36,7 @@ QUICK = (
     "test_client_import.py",
     "test_controller.py",
     "test_docs_limits.py",
+    "test_fast_paths.py",
     "test_measurements.py",
     "test_protos.py",
     "test_quick.py",

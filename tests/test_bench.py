@@ -75,6 +75,25 @@ def test_latency_quick_against_a_baseline() -> None:
     assert {"get_state", "get_state_over_echo", "wait_change_over_wait_until_applied",
             "wait_change_over_poll_list_changes"} <= result["new_over_baseline"].keys()
     assert "get_state_basic_over_echo" in result
+    # Issue 20: SetLearningRate against the echo, and the waiting submit against a step.
+    for side in (new, old):
+        assert side["set_learning_rate"]["n"] == side["echo_set"]["n"] == side["set_wait"]["n"] > 0
+        assert side["set_learning_rate_over_echo"]["median"] > 0
+        assert side["step_ms"]["median"] > 0 and side["set_wait_over_step_plus_echo"]["median"] > 0
+    assert {"set_learning_rate", "set_wait"} <= result["new_over_baseline"].keys()
+
+
+def test_swap_quick_against_a_baseline() -> None:
+    sha = _head_or_skip()
+    result = run_quick("swap.py", "--baseline", "HEAD")
+    new, old = result["sides"]["new"], result["sides"]["baseline"]
+    assert f"lrctl-bench/{sha}/service/lrctl/service/" in old["source"]["lrctl"]
+    assert "lrctl-bench" not in new["source"]["lrctl"]
+    for side in (new, old):  # every change applied at its boundary (the worker checks), no retrace
+        assert side["ms_per_change"]["n"] == 12 and side["retraces"] == 0
+        assert set(side["ms_per_change_by_kind"]) == {"set", "scale", "swap"}
+    assert result["new_over_baseline"]["ms_per_change"]["n"] == 2
+    assert {"target_median_lt_1_ms", "target_p90_lt_1_5_ms"} <= result.keys()
 
 
 def test_load_quick_against_a_baseline() -> None:

@@ -49,3 +49,46 @@ def test_the_engine_reads_and_loads_through_one_vector() -> None:
     control.schedule.load(ActiveSchedule(CosineDecay(0.2, 10)), 4)
     target.load_packed(vector)
     assert control.schedule.read() == (state, 3)
+
+
+def test_a_load_assigns_only_what_differs_yet_every_load_is_complete() -> None:
+    """A load writes only the variables whose bits differ from what the target last read or
+    loaded; a restore between two changes (a new stamp) must still be noticed, or the next
+    load would leave the restored values in the variables it skips."""
+    from lrctl.service.control.changes import ChangeRequest, PinLearningRate
+
+    mine, other = (TrainingControl(keras.optimizers.SGD(learning_rate=0.1)) for _ in range(2))
+    for control, lr in ((mine, 0.5), (other, 0.02)):
+        control.begin()
+        control.controller.submit(ChangeRequest(PinLearningRate(lr)))
+        control.step_boundary()
+    for into, value in zip(mine.schedule.variables, other.schedule.variables, strict=True):
+        into.assign(value.numpy())  # a restore of the other run's checkpoint, after the last load
+    # Pin 0.5 again: its vector differs from the last one loaded only in the version and the
+    # stamp, so a load that trusted what it loaded last would keep the restored 0.02.
+    mine.controller.submit(ChangeRequest(PinLearningRate(0.5)))
+    (change,) = mine.step_boundary()
+    assert change.learning_rate_after == 0.5
+    assert mine.engine.learning_rate(mine.step) == np.float32(0.5)
+    state, version = mine.schedule.read()
+    assert (state, version) == (change.schedule_after, change.version)
+    assert np.array_equal(mine.schedule.read_packed(), mine.engine.read_packed())
+
+
+def test_a_load_outside_a_boundary_reads_the_stamp_first() -> None:
+    """Outside `EngineTarget.unchanged()` (the exchange, a revert), a load checks the stamp:
+    a restore just before it makes it a load of every variable."""
+    control = TrainingControl(keras.optimizers.SGD(0.1))
+    target = control.engine
+    first = ActiveSchedule(CosineDecay(0.1, 1000, 0.01, 0.5, 100), Origin.RESTART, 12, 0.25)
+    target.load(first, 3)
+    vector = target.read_packed()
+    control.schedule.load(ActiveSchedule(CosineDecay(0.2, 10)), 4)  # behind the target's back
+    again = vector.copy()
+    again[control.schedule.offset_of(control.schedule.stamp_variable)] += 1  # a new stamp, same schedule
+    target.load_packed(again)
+    assert control.schedule.read() == (first, 3)
+    assert np.array_equal(control.schedule.read_packed(), again)
+    with target.unchanged():  # just read or loaded: the diff needs no stamp read
+        target.load(ActiveSchedule(CosineDecay(0.3, 10)), 5)
+    assert control.schedule.read() == (ActiveSchedule(CosineDecay(0.3, 10)), 5)

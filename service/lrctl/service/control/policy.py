@@ -354,7 +354,7 @@ class Policy:
             after = before
         else:
             after, lr_after = check_change(request.action, before, start, self.guardrails)
-            if not request.force:
+            if not request.force and self.guardrails.max_change_factor is not None:
                 self.guardrails.check_factor(forms.learning_rate(before, start), lr_after, start)
         missed = at is not None and (at < step or at <= boundary_step)
         if at is not None and missed and validate_only:

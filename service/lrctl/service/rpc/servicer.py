@@ -407,9 +407,16 @@ class TrainingControlServicer:
                 "wait_until_applied and follow the change with WatchState or WaitChange")
         try:
             controller = self._slot.bound()
-            change = await asyncio.to_thread(controller.submit, change_request,
-                                             validate_only=request.validate_only,
-                                             preview_steps=getattr(request, "preview_steps", 0))
+            if (controller.wal is None or request.validate_only) \
+                    and isinstance(change_request.action, _SUBMITTED_IN_MEMORY):
+                # Nothing to write to disk: pure Python under locks held briefly, cheaper than
+                # the hop to an executor thread and back (issue 20: docs/benchmarks.md).
+                change = controller.submit(change_request, validate_only=request.validate_only,
+                                           preview_steps=getattr(request, "preview_steps", 0))
+            else:  # the write-ahead log's fsync: a disk stall must hold up this call only
+                change = await asyncio.to_thread(controller.submit, change_request,
+                                                 validate_only=request.validate_only,
+                                                 preview_steps=getattr(request, "preview_steps", 0))
             if waits and change.status is ChangeStatus.PENDING:
                 change = await self._wait(controller, change, context)
         finally:
@@ -455,6 +462,12 @@ class TrainingControlServicer:
                 await self._wakeups.sleep(waiter, left)
             return waiter.record
 
+
+
+#: Actions whose submit reads and writes no file but the write-ahead log: without one (or for
+#: validate_only) their submit runs on the loop. Any other action's may touch the disk (a
+#: checkpoint path to check), so it runs on an executor thread whatever the log.
+_SUBMITTED_IN_MEMORY = (PinLearningRate, ScaleLearningRate, SwapSchedule)
 
 
 def _view(view: int) -> int:

@@ -85,7 +85,11 @@ class Wakeups:
             self._ended.extend(ended)
             if not self._scheduled:
                 self._scheduled = True
-                self._loop.call_soon_threadsafe(self._deliver)
+                if asyncio._get_running_loop() is self._loop:
+                    # A submit on the loop itself: no wake-up of the loop through its self-pipe.
+                    self._loop.call_soon(self._deliver)
+                else:
+                    self._loop.call_soon_threadsafe(self._deliver)
 
     # -- the loop -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -251,7 +251,7 @@ class ControllableSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def stamp(self) -> int:
         """The id of the last load (or set_version), as the variables hold it now."""
-        return int(self._stamp.numpy())
+        return int(self._packed.read_one(self._stamp))
 
     def read(self) -> tuple[ActiveSchedule, int]:
         """Decode the variables (e.g. after a checkpoint restore) into the active schedule."""

@@ -120,21 +120,31 @@ def extremes(state: ActiveSchedule, start: int, end: int) -> Extremes:
     lie among a few candidate steps, which each form names (the range's ends, boundaries and knots, period starts
     and ends, the end of a warmup, each with its neighbours); the host formula is evaluated
     there, in float32 as the engine computes. No sampling: a one-step spike is found.
+    It runs on every submit and at every boundary, on a few candidates: one vectorized
+    evaluation, the rest in plain Python (a numpy call on a few elements costs more than
+    its arithmetic).
     """
     if end < start:
         raise ValueError(f"end ({end}) < start ({start})")
     origin = state.origin_step
     a, b = max(start - origin, 0), max(end - origin, 0)  # the local steps the range covers
     derived = derive(state)
-    local = np.unique(np.clip(FORMS[derived.form].candidates(derived, a, b), a, b))
-    steps = np.clip(local + origin, start, end)  # local 0 covers every step up to the origin
-    lrs = learning_rates(state, steps)
-    bad = ~np.isfinite(lrs) | (np.abs(lrs) > specs.FLOAT32_MAX)
-    if bad.any():
-        i = int(np.argmax(bad))
-        return Extremes(int(steps[i]), float(lrs[i]), int(steps[i]), float(lrs[i]))
-    lo, hi = int(np.argmin(lrs)), int(np.argmax(lrs))
-    return Extremes(int(steps[lo]), float(lrs[lo]), int(steps[hi]), float(lrs[hi]))
+    form = FORMS[derived.form]
+    candidates = form.candidates(derived, a, b)
+    listed = candidates.tolist() if isinstance(candidates, np.ndarray) else candidates
+    local = sorted({min(max(int(x), a), b) for x in listed})  # ascending: the lowest step wins a tie
+    with np.errstate(all="ignore"):
+        lrs = np.asarray(form.compute(_StepsHostOps, derived.tables(), np.asarray(local, np.int64)), np.float32)
+    values = np.broadcast_to(lrs, (len(local),)).tolist()  # float32 to float: exact
+    # Each local step in [a, b] stands for the step min(max(local + origin, start), end) (local
+    # 0 covers every step up to the origin).
+    steps = [min(max(x + origin, start), end) for x in local]
+    for i, lr in enumerate(values):
+        if not math.isfinite(lr):  # float32: beyond FLOAT32_MAX is inf
+            return Extremes(steps[i], lr, steps[i], lr)
+    lo = min(range(len(values)), key=values.__getitem__)
+    hi = max(range(len(values)), key=values.__getitem__)
+    return Extremes(steps[lo], values[lo], steps[hi], values[hi])
 
 
 def is_finite_float32(value: float) -> bool:

@@ -5,6 +5,7 @@ open the divergence window. The fit callback, the custom-loop hook and local cha
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -25,6 +26,8 @@ def _log_outcomes(finished: list[Change], lr: float) -> None:
     for change in finished:
         reason = f" ({short(change.request.reason)})" if change.request.reason else ""
         if change.status is ChangeStatus.APPLIED:
+            if not logger.isEnabledFor(logging.INFO):
+                continue  # its arguments cost more than the rest of the line's work
             # As float32, the precision training uses, in its shortest exact form.
             logger.info("v%d step %d: lr %s -> %s  %s%s", change.version, change.applied_step,
                         np.float32(lr), np.float32(change.learning_rate_after),
@@ -61,9 +64,11 @@ class Boundary:
     def _apply_due(self, step: int) -> list[Change]:
         self.resync()
         before = self._controller.engine_state
-        # The LR the run had at this step, not the last published one (which lags under decay).
-        lr = forms.learning_rate(before[0], step)
-        finished = self._controller.apply_due(step)
+        # The LR the run had at this step, not the last published one (which lags under decay);
+        # only for the log lines, so only when they are written.
+        lr = forms.learning_rate(before[0], step) if logger.isEnabledFor(logging.INFO) else math.nan
+        with self._engine.unchanged():  # the stamp was just read: the load needs no second read
+            finished = self._controller.apply_due(step)
         _log_outcomes(finished, lr)
         if finished:
             self._publisher.published()
