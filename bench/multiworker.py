@@ -5,9 +5,10 @@ boundary against one with none after the first (--sync-every huge), alternated.
     python bench/multiworker.py [--baseline REF] [--quick] [--rounds N] [--steps N]
 
 Each job's figure is its steady state (bench/_mw_worker.py: the chief's mean time between
-step boundaries after the first 50, so start-up and tracing are left out), with the host time
-inside each exchange boundary and, where the exchange is pipelined, the time spent waiting
-for the collective in flight. `--baseline REF` also runs REF's implementation (`git archive`,
+step boundaries after the first 50, so start-up and tracing are left out), with the time
+inside each step boundary and each exchange boundary, the chief process's CPU time per step
+(its threads, the collectives' included) and, where the exchange is pipelined, the time spent
+waiting for the collective in flight. `--baseline REF` also runs REF's implementation (`git archive`,
 bench/_baseline.py) with an exchange at every boundary, in the same rounds; the arms take
 turns in an order that reverses each round (A B C, C B A, ...), so drift hits all alike.
 The last line is JSON: `ms_per_step` per arm and `added_ms_per_step` (each arm minus the
@@ -103,8 +104,8 @@ def main() -> None:
                               for name, values in per_step.items() if name != "no_exchange"},
         "added_fraction_of_step": {name: round(sum(values) / sum(none) - 1, 4)
                                    for name, values in per_step.items() if name != "no_exchange"},
-        "ms_in_exchange_boundary": {name: mean_ci([j["ms_in_exchange_boundary"] for j in done])
-                                    for name, done in jobs.items()},
+        **{figure: {name: mean_ci([j[figure] for j in done]) for name, done in jobs.items()}
+           for figure in ("ms_in_step_boundary", "ms_in_exchange_boundary", "cpu_ms_per_step")},
         "ms_waiting_for_collective": mean_ci([j["ms_waiting_for_collective"]
                                               for j in jobs["exchange_every_step"]]),
         "jobs": jobs,
