@@ -163,6 +163,7 @@ class WorkerSync:
         #: What this worker's engine holds, as of its last read or load: only exchanges load it
         #: between boundaries, so it is read once (a device read of ~1 ms a boundary saved).
         self._held: np.ndarray | None = None
+        self._launched_at: int | None = None  #: the step of the exchange in flight
         self._reported: tuple[WorkerState, ...] = ()
         self._reported_time = -math.inf
 
@@ -176,8 +177,8 @@ class WorkerSync:
         chief, decide for the next exchange boundary, and launch the exchange that carries it.
         Returns the changes the chief's controller ended here and whether the workers agreed
         to stop (then nothing more is decided or launched)."""
-        if not self.due(step):
-            return [], False
+        if not self.due(step) or step == self._launched_at:
+            return [], False  # a second call at the same step: the exchange in flight waits for a step
         ended: list[Change] = []
         if self._in_flight is None:
             # The first exchange: nothing was sent ahead of it. Decide for this boundary and
@@ -193,11 +194,9 @@ class WorkerSync:
         if outcome.stop:
             return ended, True
         if self.is_chief:
-            decided = decide(step + self.every)
-            if decided:  # a restore noticed there may have renumbered the engine: read it again
-                held = self._held = self._engine.read_packed()
-            ended += decided
+            ended += decide(step + self.every)
         self._in_flight = self._launcher.send(self._vector(step, stop, held))
+        self._launched_at = step
         return ended, False
 
     def drain(self) -> None:
@@ -205,7 +204,7 @@ class WorkerSync:
         all launched it) and load what it carries, so that the engine holds what the chief's
         controller applied. Call it on every worker, or the others wait forever."""
         if self._in_flight is not None:
-            arrived, self._in_flight = self._in_flight.result(), None
+            arrived, self._in_flight, self._launched_at = self._in_flight.result(), None, None
             self._take(self._unpack(arrived), None)
 
     def _all_reduce_now(self, vector: np.ndarray) -> np.ndarray:
@@ -217,6 +216,9 @@ class WorkerSync:
         vector = np.zeros(self._width + 2 * self.count + 1, np.int64)
         if self.is_chief:
             ahead = self._target.take()
+            if ahead is None and self._engine.version_in(held) != self._controller.engine_state[1]:
+                # A restore noticed at this boundary renumbered the engine: read it again.
+                held = self._held = self._engine.read_packed()
             if ahead is not None:  # decided: a checkpoint meanwhile must carry what is held
                 self._controller.set_engine_behind(self._engine.state_in(held))
             vector[: self._width] = held if ahead is None else ahead
