@@ -102,6 +102,7 @@ def main() -> None:
                                for name, done in jobs.items()},
         "added_ms_per_step": {name: mean_ci([a - b for a, b in zip(values, none, strict=True)])
                               for name, values in per_step.items() if name != "no_exchange"},
+        "ratio": round(sum(per_step["exchange_every_step"]) / sum(none), 3),
         "added_fraction_of_step": {name: round(sum(values) / sum(none) - 1, 4)
                                    for name, values in per_step.items() if name != "no_exchange"},
         **{figure: {name: mean_ci([j[figure] for j in done]) for name, done in jobs.items()}
