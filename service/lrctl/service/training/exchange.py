@@ -171,12 +171,13 @@ class WorkerSync:
         """Whether the boundary before step `step` is an exchange."""
         return step % self.every == 0
 
-    def boundary(self, step: int, stop: bool, decide: Decide) -> tuple[list[Change], bool]:
+    def boundary(self, step: int, stop: Callable[[], bool], decide: Decide) -> tuple[list[Change], bool]:
         """At the boundary before step `step` on every worker, if an exchange is due: load
         what the last exchange brought (the chief's decision for this boundary), then, on the
         chief, decide for the next exchange boundary, and launch the exchange that carries it.
-        Returns the changes the chief's controller ended here and whether the workers agreed
-        to stop (then nothing more is decided or launched)."""
+        `stop()`: this worker's vote, read after the decision (a change decided here may ask
+        the run to stop). Returns the changes the chief's controller ended here and whether
+        the workers agreed to stop (then nothing more is decided or launched)."""
         if not self.due(step) or step == self._launched_at:
             return [], False  # a second call at the same step: the exchange in flight waits for a step
         ended: list[Change] = []
@@ -186,7 +187,7 @@ class WorkerSync:
             # collective keys are allocated in the same order on every worker.
             if self.is_chief:
                 ended += decide(step)
-            arrived = self._all_reduce_now(self._vector(step, stop, self._engine.read_packed()))
+            arrived = self._all_reduce_now(self._vector(step, stop(), self._engine.read_packed()))
             self._held = None  # read it again below: the first exchange may follow a restore
         else:
             arrived, self._in_flight = self._in_flight.result(), None
@@ -195,7 +196,7 @@ class WorkerSync:
             return ended, True
         if self.is_chief:
             ended += decide(step + self.every)
-        self._in_flight = self._launcher.send(self._vector(step, stop, held))
+        self._in_flight = self._launcher.send(self._vector(step, stop(), held))
         self._launched_at = step
         return ended, False
 

@@ -182,7 +182,7 @@ class TrainingControl:
 
     def _exchange(self, step: int) -> list[Change]:
         assert self.workers is not None
-        ended, stop = self.workers.boundary(step, self._stop_asked, self._decide)
+        ended, stop = self.workers.boundary(step, lambda: self._stop_asked, self._decide)
         self._stop_agreed = stop or self._stop_agreed
         return ended
 
