@@ -35,6 +35,7 @@ QUICK = (
     "test_cli_parse.py",
     "test_client_import.py",
     "test_controller.py",
+    "test_decided_ahead.py",
     "test_docs_limits.py",
     "test_fast_paths.py",
     "test_measurements.py",

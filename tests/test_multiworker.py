@@ -10,6 +10,7 @@ actually used at every step, and the test compares the logs, whatever steps they
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,7 +49,7 @@ def _free_ports(n: int) -> list[int]:
 class Job:
     """Two workers of one MultiWorkerMirroredStrategy job; worker 0 is the chief."""
 
-    def __init__(self, folder: Path, checkpoints: Path, tag: str) -> None:
+    def __init__(self, folder: Path, checkpoints: Path, tag: str, steps: int = 0) -> None:
         self.folder, self.tag = folder, tag
         ports = _free_ports(2)
         self.port_file = folder / f"{tag}.port"
@@ -66,7 +67,7 @@ class Job:
                     [sys.executable, "-m", "lrctl.service.multi_worker", "--listen", "127.0.0.1:0",
                      "--port-file", str(self.port_file), "--log", str(self.logs[i]),
                      "--weights-out", str(self.weights[i]), "--checkpoint-dir", str(checkpoints),
-                     "--checkpoint-every", "20"],
+                     "--checkpoint-every", "20", "--steps", str(steps)],
                     env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=folder))
 
     def client(self) -> TrainingControlClient:
@@ -115,6 +116,21 @@ class Job:
         """Steps in worker i's log; a last line caught half-written does not count."""
         text = self.logs[i].read_text() if self.logs[i].exists() else ""
         return {json.loads(line)["step"] for line in text.splitlines(keepends=True) if line.endswith("\n")}
+
+    def finish(self) -> None:
+        """Wait for a job given `steps` to end by itself: every worker exits 0."""
+        for i, p in enumerate(self.processes):
+            assert p.wait(timeout=START_LIMIT) == 0, self.errors(i)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The follower frozen (SIGSTOP): the chief still answers, but no step can end (each
+        needs the follower's collectives), so the step read inside stays the step."""
+        self.processes[1].send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.processes[1].send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         for p in self.processes:
@@ -225,6 +241,51 @@ def test_a_restarted_job_resumes_alike_on_every_worker(tmp_path: Path, jobs: lis
     # the first job used at that step.
     assert log[0] == resumed_at and resumed_at["version"] == saved["version"]
     assert later[0].version == saved["version"] + 1  # versions go on from the checkpoint's
+
+
+def test_the_pipelined_exchange_switches_at_the_step_asked_across_a_restart(
+        tmp_path: Path, jobs: list[Job]) -> None:
+    """The chief decides one exchange ahead and every worker loads at the next: an
+    `apply_at_step` still switches both workers exactly there, and a change decided at a
+    checkpoint's boundary but loaded only after it (the first job ends at `end`: its last
+    boundary decides the change for `end + 1`) is loaded at `end + 1` on both workers of the
+    restarted job, and one asked there lands exactly too. (A job that finishes cancels what is
+    still pending: a change pending across a restart is `test_a_restarted_job...`'s case.)"""
+    checkpoints, end = tmp_path / "ckpts", 300
+    first = Job(tmp_path, checkpoints, "first", steps=end)
+    jobs.append(first)
+    with first.client() as client:
+        with first.held():  # the steps named below are still ahead when they are decided
+            at = client.get_state().step + 20
+            assert at + 10 < end, f"the first job reached step {at - 20} before its client connected"
+            exact = client.set_learning_rate(0.004, apply_at_step=at, reason="exact")
+            decided = client.set_learning_rate(0.002, apply_at_step=end + 1, reason="decided at the end")
+        exact = client.wait_change(exact.name, timeout=START_LIMIT)
+        decided = client.wait_change(decided.name, timeout=START_LIMIT)  # at boundary `end`
+        assert decided.status == pb.CHANGE_STATUS_APPLIED and decided.applied_step == end + 1
+    first.finish()
+    _assert_consistent(first, [exact])
+    assert first.log(0)[-1]["step"] == end - 1 and first.log(0)[-1]["version"] == exact.version
+    pointer = json.loads((checkpoints / "latest.json").read_text())
+    assert pointer["step"] == end
+    saved = json.loads((checkpoints / pointer["control"]).read_text())
+    # The checkpoint holds what ran at its step, and the decided change as one to re-apply.
+    assert saved["version"] == exact.version and len(saved["replay"]) == 1
+
+    second = Job(tmp_path, checkpoints, "second", steps=end + 80)
+    jobs.append(second)
+    with second.client() as client:
+        with second.held():
+            at = client.get_state().step + 20
+            assert at + 10 < end + 80, f"the second job reached step {at - 20} before its client connected"
+            later = client.set_learning_rate(0.003, apply_at_step=at, reason="after the restart")
+        later = client.wait_change(later.name, timeout=START_LIMIT)
+        decided = client.get_change(decided.name)
+    second.finish()
+    log = _assert_consistent(second, [decided, later])
+    assert log[0]["step"] == end and log[0]["version"] == exact.version
+    assert log[1]["step"] == end + 1 and log[1]["version"] == decided.version
+    assert later.applied_step == later.apply_at_step
 
 
 def test_one_worker_needs_no_exchange_and_stops_at_once() -> None:

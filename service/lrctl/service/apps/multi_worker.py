@@ -8,8 +8,9 @@ the learning rate controlled through the chief. Start one per worker with its TF
     lrctl --target 127.0.0.1:50051 set 0.01      # every worker switches at the same step
 
 Only the chief (worker 0, or the `chief` task) serves the API; every worker takes its schedule
-at each step boundary (lrctl.service.training.exchange). SIGINT or SIGTERM on any worker stops all of
-them after the same step. With --checkpoint-dir, the chief saves there every
+at each step boundary (lrctl.service.training.exchange: the chief decides one exchange ahead, the
+collective runs while the next step trains). SIGINT or SIGTERM on any worker stops all of them
+after the same step (one step after the exchange that carried the vote). With --checkpoint-dir, the chief saves there every
 --checkpoint-every steps and every worker resumes from it (a shared volume in a cluster), so
 a job restarted after a worker failure resumes with the same schedule, LR and version.
 
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _write_atomically(args.port_file, str(port))
         started, first_step = time.perf_counter(), control.step
         with control.training():
-            control.step_boundary()  # the first exchange: changes queued before step 0 land
+            control.step_boundary()  # the first exchange (blocking): changes queued before it land
             step = first_step  # one optimizer step per batch: counted here, not read each time
             while not control.should_stop and (args.steps == 0 or step < args.steps):
                 loss, lr = (strategy.experimental_local_results(t)[0] for t in train_step(next(batches)))

@@ -205,7 +205,9 @@ def publish(core: ControlCore, *, step: int, learning_rate: float, metrics: Mapp
     with core.cond:
         # An exact step tightens the bound left by `at_boundary` at this same boundary; it
         # does not open a new one (a change for this step may still apply at the next).
-        core.boundary_step = min(core.boundary_step, step)
+        # Decisions made ahead (`Boundaries.lead`) stay made: no reopening the step decided for.
+        grid = core.board.current.boundaries
+        core.boundary_step = min(core.boundary_step, step + (grid.lead if grid else 0))
         if metrics:
             measured = core.measurements.batch(
                 step=step if metrics_step is None else metrics_step,

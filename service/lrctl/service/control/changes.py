@@ -188,6 +188,11 @@ class Boundaries:
 
     origin: int = 0
     spacing: int = 1
+    #: How many steps before a boundary the changes landing there are decided: a pipelined
+    #: multi-worker exchange decides at one exchange what every worker loads at the next
+    #: (`spacing` steps on), so an `apply_at_step` at or before the step last decided for is
+    #: missed. 0: at the boundary itself.
+    lead: int = 0
 
     def reaches(self, step: int) -> bool:
         return step >= self.origin and (step - self.origin) % self.spacing == 0

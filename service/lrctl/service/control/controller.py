@@ -317,6 +317,13 @@ class Controller:
         """Epochs completed, counting those before a resume: `fit`'s `initial_epoch`."""
         return self._core.epochs_done
 
+    def set_engine_behind(self, held: tuple[ActiveSchedule, int] | None) -> None:
+        """Changes were decided ahead of their step (a pipelined multi-worker exchange) and
+        the engine still holds `held` until they load (None: they loaded). A checkpoint taken
+        meanwhile carries `held`, and those changes as replays at their step."""
+        with self._core.cond:
+            self._core.engine_behind = held
+
     def set_workers(self, workers: tuple[WorkerState, ...]) -> None:
         """Record what the last exchange said about each worker of a multi-worker job."""
         self._core.board.set_workers(workers)

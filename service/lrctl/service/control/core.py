@@ -78,6 +78,9 @@ class ControlCore:
         #: An upper bound on the step at the latest step boundary (exact when the training
         #: thread read it). An apply_at_step at or below it may have been passed already.
         self.boundary_step: float = -math.inf
+        #: What the engine still holds while changes decided ahead of their step wait to be
+        #: loaded (a pipelined multi-worker exchange); None: it holds `state` and `version`.
+        self.engine_behind: tuple[ActiveSchedule, int] | None = None
         self.shutting_down = False  # every new change gets UNAVAILABLE
         self.epochs_done = 0  # epochs `fit` ran to their end: where a resume starts (initial_epoch)
         #: The training layer's run actions (None: only pause, resume and stop, recorded).

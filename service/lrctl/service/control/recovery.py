@@ -25,11 +25,21 @@ def export_state(core: ControlCore, step: int | None = None) -> dict[str, Any]:
     """`Controller.export_state`, under both locks: no record half-committed."""
     with core.submit_lock, core.cond:
         snap = core.board.current
+        step = snap.step if step is None else step
+        (schedule, version), replay = (core.state, core.version), core.queue.replays
+        if core.engine_behind is not None:
+            # Decided ahead, not loaded: the checkpoint's engine holds what ran at `step`; the
+            # changes applied after it are re-applied at their step, like a restart's replays.
+            schedule, version = core.engine_behind
+            ahead = {c.id: c for c in core.ledger.history()
+                     if c.status is ChangeStatus.APPLIED and (c.applied_step or 0) > step}
+            replay = sorted({**ahead, **{c.id: c for c in replay}}.values(),
+                            key=lambda c: (c.applied_step or 0, c.version))
         return persistence.state_to_json(
-            run_id=snap.run_id, step=snap.step if step is None else step, epoch=core.epochs_done,
-            schedule=core.state, version=core.version, pending=core.queue.changes(),
+            run_id=snap.run_id, step=step, epoch=core.epochs_done,
+            schedule=schedule, version=version, pending=core.queue.changes(),
             finished=core.ledger.finished(), history=core.ledger.history(),
-            replay=core.queue.replays, wal_seq=core.wal.seq if core.wal is not None else 0,
+            replay=replay, wal_seq=core.wal.seq if core.wal is not None else 0,
             stopped_step=core.stopped_step,
             measurement_sequence=core.measurements.last_sequence)
 

@@ -30,7 +30,7 @@ from lrctl.service.training.attach import attach
 from lrctl.service.training.boundary import Boundary
 from lrctl.service.training.divergence import DivergenceGuard, DivergenceWatch
 from lrctl.service.training.engine_target import EngineTarget
-from lrctl.service.training.exchange import WorkerSync, worker_count
+from lrctl.service.training.exchange import DeferredLoads, WorkerSync, worker_count
 from lrctl.service.training.fit_callback import ControlCallback
 from lrctl.service.training.hyperparams import OptimizerParameters
 from lrctl.service.training.publishing import Publisher
@@ -72,8 +72,9 @@ class TrainingControl:
         Under a MultiWorkerMirroredStrategy spanning several workers, pass `strategy=`: the
         chief (`is_chief`) serves the API and applies changes; at every `sync_every`-th step
         boundary all workers exchange the schedule in one small all-reduce, so every worker
-        switches at the same step (`exchange`). Changes then land at those boundaries only.
-        Every worker must call `step_boundary` at every step.
+        switches at the same step (`exchange`). Changes then land at those boundaries only,
+        decided one exchange ahead (the all-reduce runs while the next steps train). Every
+        worker must call `step_boundary` at every step.
 
         `initial_schedule` replaces the optimizer's learning rate as version 0, the state the
         run starts from (lrctl-trainer's --learning-rate and --schedule). `incarnation`: the
@@ -97,16 +98,19 @@ class TrainingControl:
             self.schedule.load(ActiveSchedule(initial_schedule), version=0)
         #: The engine as the controller and the exchange drive it.
         self.engine = EngineTarget(self.schedule)
-        if worker_count(strategy) > 1 and revert_on_nan:
+        several = worker_count(strategy) > 1
+        # Several workers: the chief's changes load at the next exchange, on every worker at once.
+        deferred = DeferredLoads(self.engine) if several else None
+        if several and revert_on_nan:
             raise ValueError("revert_on_nan is not supported in a multi-worker job: a revert "
                              "restores one worker's weights; restore a checkpoint on all instead")
         guardrails = dataclasses.replace(guardrails, revert_on_nan_steps=revert_on_nan or 0)
-        self.controller = Controller(self.engine, run_id=run_id, optimizer=type(optimizer).__name__,
+        self.controller = Controller(deferred or self.engine, run_id=run_id, optimizer=type(optimizer).__name__,
                                      history_size=history_size, guardrails=guardrails,
                                      incarnation=incarnation)
         #: The exchange with the other workers of a multi-worker job; None for one worker.
-        self.workers = WorkerSync(strategy, self.engine, self.controller, sync_every) \
-            if worker_count(strategy) > 1 else None
+        self.workers = WorkerSync(strategy, self.engine, self.controller, deferred, sync_every) \
+            if deferred is not None else None
         #: The optimizer's hyperparameters and the registered variables (SetOptimizerParameters).
         self.parameters = OptimizerParameters(optimizer, unsupported="" if self.workers is None else (
             "SetOptimizerParameters is not supported in a multi-worker job yet: the exchange "
@@ -126,7 +130,8 @@ class TrainingControl:
         self.callback = ControlCallback(self)
         self.controller.run_target = RunActions(self)
         if self.workers is not None:  # only exchanges are boundaries, every worker at the same steps
-            self.controller.set_boundaries(Boundaries(0, self.workers.every))
+            # Decided one exchange ahead: what lands at a boundary is decided `every` steps before.
+            self.controller.set_boundaries(Boundaries(0, self.workers.every, lead=self.workers.every))
         local_changes.route_learning_rate_assignments(self)
         self.publish(force=True)  # readers see the starting LR before the first step
 
@@ -170,8 +175,10 @@ class TrainingControl:
             watch.boundary_logs = logs
             if watch.guard.watching:
                 watch.check(watch.logged_loss(logs))
-        applied = self._boundary.apply_due(step) if self._may_apply(step) and self.controller.at_boundary(step) else []
-        self._exchange(step)
+        if self.workers is not None:
+            applied = self._exchange(step)
+        else:
+            applied = self._decide(step)
         self.publish(logs)
         return applied
 
@@ -185,10 +192,7 @@ class TrainingControl:
         if self._watch is not None and self._watch.guard.watching:
             self._watch.check(self._watch.current_loss())
         if self.workers is not None:  # every worker reads the step: exchanges need it exactly
-            step = self.step
-            if self._may_apply(step) and self.controller.at_boundary(step):
-                self._boundary.apply_due(step)
-            self._exchange(step)
+            self._exchange(self.step)
         elif self.controller.at_boundary(self.clock.ceiling):
             self._boundary.apply_due(self.step)
         self.publish(logs, logs_step=logs_step, logs_time=logs_time)
@@ -203,9 +207,9 @@ class TrainingControl:
     def should_stop(self) -> bool:
         """Whether the loop should end after this step boundary: in a multi-worker job, on
         every worker after the same step (a worker that stopped alone would hang the rest)."""
-        if self._finished:
-            return True
-        return self._stop_agreed if self.workers is not None else self._stop_asked
+        if self.workers is not None:  # a StopTraining too: it rides in the chief's stop vote
+            return self._stop_agreed
+        return self._finished or self._stop_asked
 
     @property
     def is_chief(self) -> bool:
@@ -213,13 +217,16 @@ class TrainingControl:
         followers (they take the chief's schedule at each exchange)."""
         return self.workers is None or self.workers.is_chief
 
-    def _may_apply(self, step: int) -> bool:
-        return self.workers is None or self.workers.may_apply(step)
+    def _decide(self, step: int) -> list[Change]:
+        """Apply what is due at `step`: at this boundary, or, under a multi-worker exchange, at
+        the exchange boundary `step` that every worker will load it at."""
+        return self._boundary.apply_due(step) if self.controller.at_boundary(step) else []
 
-    def _exchange(self, step: int) -> None:
-        if self.workers is not None:
-            self._stop_agreed = self.workers.boundary(step, self._stop_asked or self._finished) \
-                or self._stop_agreed
+    def _exchange(self, step: int) -> list[Change]:
+        assert self.workers is not None
+        ended, stop = self.workers.boundary(step, lambda: self._stop_asked or self._finished, self._decide)
+        self._stop_agreed = stop or self._stop_agreed
+        return ended
 
     def assign_learning_rate(self, value: Any, *, source: str) -> Change | None:
         """A float assigned to the optimizer's `learning_rate` by `source` (Keras's
@@ -289,6 +296,11 @@ class TrainingControl:
         """The run is over: FAILED if `failed`, STOPPED after a shutdown, else FINISHED."""
         if self.divergence is not None:
             self.divergence.close()  # the run is over: free the host copy
+        if self.workers is not None and not failed:
+            # What the chief decided at the last boundary loads now, so that the engine holds
+            # what its controller applied. Every worker ends alike: each drains its own. A
+            # failed run does not wait: a collective with a dead worker never returns.
+            self.workers.drain()
         self.publish(logs, force=True, logs_step=logs_step, logs_time=logs_time)
         # A shutdown (SIGTERM, a stop vote) is not a completion: what was accepted stays pending.
         stopped = not self._finished and (self.controller.shutting_down or self._stop_asked
@@ -337,6 +349,8 @@ class TrainingControl:
         # Executions of steps_per_execution steps from the epoch's first step (Keras runs whole
         # executions, unless the data runs out: then the next epoch starts them again).
         boundaries = Boundaries(start, steps_per_batch) if steps_per_batch is not None else None
+        if self.workers is not None:  # the exchanges' grid holds across epochs
+            boundaries = Boundaries(0, self.workers.every, lead=self.workers.every)
         self.controller.set_boundaries(boundaries, epoch_start_step=start)
         if self.workers is None and self.controller.at_boundary(start):
             self._boundary.apply_due(start)
