@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -81,6 +82,18 @@ def _split_the_cpu() -> None:
             )
         except RuntimeError:  # devices were initialised already (e.g. by a plugin)
             pass
+
+
+@pytest.fixture(scope="session")
+def mirrored() -> Any:
+    """One MirroredStrategy over the two logical CPUs for every test of the session. Two
+    strategies over the same devices in one process draw the same collective keys, and
+    TensorFlow's runtime keeps the shapes the first one used with them: a later model of
+    another shape then fails ("different input shapes at different members of the
+    collective op"), depending on which tests ran before."""
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")][:2])
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -124,3 +124,9 @@ def test_the_trainer_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         trainer_args.parse(["--demo", "--checkpoint-root", str(tmp_path / "missing")])
     assert "--checkpoint-root must be an existing folder" in capsys.readouterr().err
+
+
+def test_a_path_longer_than_1_kib_is_refused_without_quoting_it(root: Path) -> None:
+    with pytest.raises(InvalidArgumentError) as refused:
+        resolve("a/" * 600, root)
+    assert refused.value.field == "path" and "1200 bytes" in str(refused.value) and "a/a/" not in str(refused.value)

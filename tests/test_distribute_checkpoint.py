@@ -23,10 +23,9 @@ def local_values(strategy, variable) -> list[np.ndarray]:
     return [np.asarray(v) for v in strategy.experimental_local_results(variable.value)]
 
 
-def test_mirrored_strategy_replicas_agree_and_apply_the_lr():
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-    assert len(devices) == 2, "conftest should have split the CPU into two logical devices"
-    strategy = tf.distribute.MirroredStrategy(devices)
+def test_mirrored_strategy_replicas_agree_and_apply_the_lr(mirrored):
+    assert mirrored.num_replicas_in_sync == 2, "conftest should have split the CPU into two logical devices"
+    strategy = mirrored
     with strategy.scope():
         model = keras.Sequential([keras.Input((1,)),
                                   keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])

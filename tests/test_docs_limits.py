@@ -45,6 +45,8 @@ QUOTES: list[tuple[str, str, str, tuple[float, ...]]] = [
     ("pending", OPS, rf"\| pending changes \| {N} \[", (limits.MAX_PENDING,)),
     ("reason-request-id", OPS, rf"\| `reason` / `request_id` \| {N} KiB / {N} bytes",
      (limits.MAX_REASON_BYTES / KIB, limits.MAX_REQUEST_ID_BYTES)),
+    ("parameters-path", OPS, rf"\| `SetOptimizerParameters` / `LoadCheckpoint.path` \| {N} names of at most {N} bytes / {N} KiB",
+     (limits.MAX_PARAMETERS, limits.MAX_PARAMETER_NAME_BYTES, limits.MAX_PATH_BYTES / KIB)),
     ("apply-horizon", OPS, rf"`apply_at_step` \| ≤ current step \+ {N} ", (limits.APPLY_HORIZON,)),
     ("dedup-window", OPS, rf"\| dedup window \| every pending id \+ the last {N} finished",
      (limits.DEDUP_WINDOW,)),

@@ -13,7 +13,6 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from tiny import BATCH, WeightRecorder, data, fit, make_model, prediction_loss
 
 from lrctl.client import TrainingControlClient, pb
@@ -129,7 +128,7 @@ def test_a_guardrail_refusal_is_a_warning_and_fit_goes_on(caplog):
 
 
 @pytest.mark.parametrize("wrapping", ["loss_scale", "mirrored"])
-def test_the_scheduler_works_under_loss_scaling_and_tf_distribute(wrapping):
+def test_the_scheduler_works_under_loss_scaling_and_tf_distribute(wrapping, request):
     if wrapping == "loss_scale":
         # What compile() makes under mixed precision: callbacks set the wrapper's
         # learning_rate, which forwards it to the inner optimizer, which holds the schedule.
@@ -137,7 +136,7 @@ def test_the_scheduler_works_under_loss_scaling_and_tf_distribute(wrapping):
         model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.125)),
                       loss=prediction_loss)
     else:
-        strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")][:2])
+        strategy = request.getfixturevalue("mirrored")
         with strategy.scope():
             model = make_model(0.125)
     control = TrainingControl(model.optimizer)

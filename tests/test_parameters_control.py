@@ -112,3 +112,16 @@ def test_a_restore_is_read_back_from_the_variables() -> None:
     params.values["momentum"] = 0.25  # a checkpoint brought back another value
     assert controller.refresh_parameters()["momentum"] == 0.25
     assert {h.name: h.value for h in controller.snapshot().hyperparameters}["momentum"] == 0.25
+
+
+def test_names_are_bounded_before_any_error_quotes_one() -> None:
+    """An error names the parameter (`parameters[NAME]`, in the message and the BadRequest):
+    a fuzzed 6 KiB name made a status larger than gRPC's 8 KiB of metadata. Refused first,
+    with only its size quoted; so is a map of more names than any optimizer has."""
+    controller, params = _controller()
+    with pytest.raises(InvalidArgumentError) as long_name:
+        controller.submit(ChangeRequest(SetParameters((("m" * 6000, 0.5),))))
+    assert long_name.value.field == "parameters" and len(str(long_name.value)) < 300
+    with pytest.raises(InvalidArgumentError, match="at most 64 parameters"):
+        controller.submit(ChangeRequest(SetParameters(tuple((f"p{i:03}", 0.5) for i in range(65)))))
+    assert controller.snapshot().pending_count == 0 and params.read()["momentum"] == 0.5

@@ -18,6 +18,7 @@ import pathlib
 import re
 from typing import Any
 
+from lrctl.service.control.limits import MAX_PATH_BYTES
 from lrctl.service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -71,6 +72,9 @@ def resolve(path: str, root: pathlib.Path | None) -> pathlib.Path:
     if not path:
         raise InvalidArgumentError("path", "must name a checkpoint folder or a ckpt-N.weights.h5 "
                                            "file under the trainer's --checkpoint-root", repr(path))
+    if len(path.encode()) > MAX_PATH_BYTES:
+        raise InvalidArgumentError("path", f"must be at most {MAX_PATH_BYTES} bytes",
+                                   f"{len(path.encode())} bytes")
     if "\0" in path:
         raise InvalidArgumentError("path", "must not contain NUL characters", repr(path)[:200])
     if root is None:

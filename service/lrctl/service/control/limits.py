@@ -15,6 +15,11 @@ MAX_PENDING = 1_000
 #: A change's (or a cancellation's) reason, in UTF-8 bytes.
 MAX_REASON_BYTES = 1024
 MAX_REQUEST_ID_BYTES = 128
+#: A SetOptimizerParameters name (at most this many in one request), and a LoadCheckpoint path:
+#: errors quote them, and an error's message and details must fit gRPC's 8 KiB of metadata.
+MAX_PARAMETER_NAME_BYTES = 128
+MAX_PARAMETERS = 64
+MAX_PATH_BYTES = 1024
 #: expected_run_id and expected_incarnation; longer ones cannot match any id this server hands out.
 MAX_RUN_ID_BYTES = 128
 #: How far ahead of the current step `apply_at_step` may lie, and the longest

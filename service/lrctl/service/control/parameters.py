@@ -19,6 +19,7 @@ from lrctl.service.control.changes import (
     SetParameters,
 )
 from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.control.limits import MAX_PARAMETER_NAME_BYTES, MAX_PARAMETERS
 from lrctl.service.errors import FailedPreconditionError, InvalidArgumentError
 
 NO_PARAMETERS = ParameterSpace()
@@ -62,6 +63,13 @@ def check(action: SetParameters, space: ParameterSpace, limits: Guardrails) -> N
     (FAILED_PRECONDITION, OPTIMIZER_STRUCTURE, saying how to start the job), a guardrail."""
     if not action.values:
         raise InvalidArgumentError("parameters", "must name at least one parameter", "{}")
+    if len(action.values) > MAX_PARAMETERS:
+        raise InvalidArgumentError("parameters", f"must name at most {MAX_PARAMETERS} parameters",
+                                   len(action.values))
+    for name, _ in action.values:  # before any error quotes a name
+        if len(name.encode()) > MAX_PARAMETER_NAME_BYTES:
+            raise InvalidArgumentError("parameters", f"names must be at most {MAX_PARAMETER_NAME_BYTES} "
+                                       "bytes", f"a name of {len(name.encode())} bytes")
     if space.unsupported:
         raise FailedPreconditionError(space.unsupported, field="parameters", kind="OPTIMIZER_STRUCTURE")
     for name, value in action.values:
