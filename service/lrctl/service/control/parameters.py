@@ -61,8 +61,6 @@ def check(action: SetParameters, space: ParameterSpace, limits: Guardrails) -> N
     cannot change any (FAILED_PRECONDITION), an unknown name (INVALID_ARGUMENT listing the
     known ones), a value out of range (INVALID_ARGUMENT), a parameter the traced step fixed
     (FAILED_PRECONDITION, OPTIMIZER_STRUCTURE, saying how to start the job), a guardrail."""
-    if not action.values:
-        raise InvalidArgumentError("parameters", "must name at least one parameter", "{}")
     if len(action.values) > MAX_PARAMETERS:
         raise InvalidArgumentError("parameters", f"must name at most {MAX_PARAMETERS} parameters",
                                    len(action.values))

@@ -179,9 +179,7 @@ class TrainingControlServicer:
 
     async def SetOptimizerParameters(self, request: pb.SetOptimizerParametersRequest,
                                      context: aio.ServicerContext) -> pb.SetOptimizerParametersResponse:
-        async def run() -> pb.Change:
-            if not request.parameters:
-                raise InvalidArgumentError("parameters", "must name at least one parameter", "{}")
+        async def run() -> pb.Change:  # an empty map is refused with the other stateless rules (policy)
             return await self._submit(parameters_request(request), request, context)
 
         return pb.SetOptimizerParametersResponse(
