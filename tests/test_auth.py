@@ -107,6 +107,33 @@ def test_the_auth_matrix(server, who) -> None:
     assert {e["role"] for e in entries} == {{"none": "", "wrong": ""}.get(who, who)}
 
 
+#: Issue 19's mutations (hyperparameters and run control, LoadCheckpoint above all): each needs
+#: the write role. What they answer with it depends on the trainer (no checkpoint folder or
+#: root here: FAILED_PRECONDITION), never a refusal of the caller.
+RUN_CONTROL: dict[str, Callable[[TrainingControlClient], object]] = {
+    "SetOptimizerParameters": lambda c: c.set_optimizer_parameters({"momentum": 0.5}, apply_at_step=10**6),
+    "PauseTraining": lambda c: c.pause_training(apply_at_step=10**6),
+    "ResumeTraining": lambda c: c.resume_training(apply_at_step=10**6),
+    "SaveCheckpoint": lambda c: c.save_checkpoint(apply_at_step=10**6),
+    "StopTraining": lambda c: c.stop_training(apply_at_step=10**6),
+    "LoadCheckpoint": lambda c: c.load_checkpoint("a", apply_at_step=10**6),
+}
+
+
+@pytest.mark.parametrize("server", ["plaintext"], indirect=True)
+def test_run_control_and_hyperparameters_need_the_write_role(server) -> None:
+    _, connect, _ = server
+    for token, refused in ((None, "UNAUTHENTICATED"), ("x" * 32, "UNAUTHENTICATED"),
+                           (READ, "PERMISSION_DENIED"), (WRITE, None)):
+        with connect(token) as client:
+            for name, call in RUN_CONTROL.items():
+                outcome = _outcome(call, client)
+                if refused is not None:
+                    assert outcome == refused, (token, name, outcome)
+                else:
+                    assert outcome not in ("UNAUTHENTICATED", "PERMISSION_DENIED"), (name, outcome)
+
+
 @pytest.mark.parametrize("server", ["mtls"], indirect=True)
 def test_mutual_tls_refuses_a_client_without_a_certificate(server) -> None:
     _, connect, _ = server
