@@ -51,10 +51,10 @@ def test_the_engine_reads_and_loads_through_one_vector() -> None:
     assert control.schedule.read() == (state, 3)
 
 
-def test_a_load_assigns_only_what_differs_yet_every_load_is_complete() -> None:
-    """A load writes only the variables whose bits differ from what the target last read or
-    loaded; a restore between two changes (a new stamp) must still be noticed, or the next
-    load would leave the restored values in the variables it skips."""
+def test_every_load_is_complete_after_a_restore_between_two_changes() -> None:
+    """A restore between two changes (a new stamp) must be noticed: a load that trusted what
+    it loaded last (to skip what looks unchanged, or to know what to put back) would keep
+    the restored values."""
     from lrctl.service.control.changes import ChangeRequest, PinLearningRate
 
     mine, other = (TrainingControl(keras.optimizers.SGD(learning_rate=0.1)) for _ in range(2))
@@ -89,6 +89,6 @@ def test_a_load_outside_a_boundary_reads_the_stamp_first() -> None:
     target.load_packed(again)
     assert control.schedule.read() == (first, 3)
     assert np.array_equal(control.schedule.read_packed(), again)
-    with target.unchanged():  # just read or loaded: the diff needs no stamp read
+    with target.unchanged():  # just read or loaded: the load needs no stamp read
         target.load(ActiveSchedule(CosineDecay(0.3, 10)), 5)
     assert control.schedule.read() == (ActiveSchedule(CosineDecay(0.3, 10)), 5)

@@ -5,22 +5,22 @@ One tensor instead of twelve: reading the engine is then one compiled call with 
 is one all-reduce. Floats travel as their bits, so nothing is rounded, and summing a vector
 with zeros (the all-reduce) leaves it unchanged.
 
-A load against what the variables hold assigns only the variables whose bits differ, each with
-one eager AssignVariableOp on its handle (~30 µs here): a compiled call costs ~0.5 ms on this
-2-core machine whatever it does (issue 20: `docs/benchmarks.md`), and a change touches about
-half of the thirteen variables. Variables of a `tf.distribute` strategy keep the compiled call,
-which assigns every replica in cross-replica context.
+Each read and load is one compiled call, run by name with its captured handles
+(`CompiledCall`): tf.function's Python dispatch costs ~0.3 ms here, more than the graph it
+runs (~0.1 ms of CPU for a whole load), and more than eager assigns of the variables that
+differ (~30 µs each, ~8 for a swap) right after a train step.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import context
 from tensorflow.python.ops import gen_resource_variable_ops, resource_variable_ops
 
 
@@ -71,64 +71,67 @@ class PackedVariables:
 
     def __init__(self, variables: Sequence[keras.Variable]) -> None:
         self.packer = packer = Packer(variables)
-        self._read = tf.function(lambda: packer.pack_tensors([v.value for v in variables]))
-        #: Each variable's resource handle, where every variable is one plain resource variable
-        #: (not a strategy's mirrored one): then a load is eager assigns of what differs.
-        self._handles = _plain_handles(variables)
-        self._dtypes = [tf.as_dtype(v.dtype) for v in variables]
-        self._index = {id(v): i for i, v in enumerate(variables)}
+
+        @tf.function(input_signature=[])
+        def read() -> tf.Tensor:
+            return packer.pack_tensors([v.value for v in variables])
 
         @tf.function(input_signature=[tf.TensorSpec([packer.size], tf.int64)])
         def assign(vector: tf.Tensor) -> None:
+            # Under a tf.distribute strategy: cross-replica context, so every replica is assigned.
             for variable, value in zip(variables, packer.unpack_tensor(vector), strict=True):
                 variable.assign(value)
 
-        self._assign = assign
+        self._read = CompiledCall(read)
+        self._assign = CompiledCall(assign)
+        self._read_one = {id(v): value_reader(v) for v in variables}
 
     def read(self) -> np.ndarray:
-        return np.asarray(self._read())
+        (vector,) = self._read()
+        return np.asarray(vector)
 
     def read_one(self, variable: keras.Variable) -> np.ndarray:
-        """One variable's value: one eager read of its handle (~40 µs; `.numpy()` costs ~110)."""
-        if self._handles is None:
-            return np.asarray(variable.numpy())
-        i = self._index[id(variable)]
-        return np.asarray(gen_resource_variable_ops.read_variable_op(self._handles[i], self._dtypes[i]).numpy())
+        """One variable's value (see `value_reader`)."""
+        return self._read_one[id(variable)]()
 
     def assign(self, vector: np.ndarray, previous: np.ndarray | None = None) -> None:
         """All or nothing: if the assignment fails, `previous` (what the variables hold, read
-        now if not given) is put back and the error raised. Given `previous`, only the
-        variables whose bits differ from it are assigned: it must be what they hold."""
+        now if not given) is put back and the error raised."""
         old = previous if previous is not None else self.read()
-        if self._handles is None:
-            try:
-                self._assign(tf.constant(vector))
-            except Exception:
-                self._assign(tf.constant(old))
-                raise
-            return
-        changed = [i for i, (start, end) in enumerate(self.packer.spans)
-                   if not np.array_equal(vector[start:end], old[start:end])]
         try:
-            self._assign_eagerly(vector, changed)
+            self._assign(tf.constant(vector))
         except Exception:
-            self._assign_eagerly(old, changed)
+            self._assign(tf.constant(old))
             raise
 
-    def _assign_eagerly(self, vector: np.ndarray, indices: Sequence[int]) -> None:
-        assert self._handles is not None
-        for i in indices:
-            # A numpy value of the variable's dtype: converted in C, no tf.constant (~15 µs).
-            gen_resource_variable_ops.assign_variable_op(self._handles[i], self.packer.unpack_one(vector, i))
+
+class CompiledCall:
+    """A tf.function with a fixed input signature, called as its one traced graph: by name,
+    with the variables' handles it captured, through the eager context (what the
+    ConcreteFunction's own call ends in). Returns the outputs as a list ([] for none)."""
+
+    def __init__(self, function: Any) -> None:
+        concrete = function.get_concrete_function()
+        self._context = context.context()
+        self._name = concrete.function_def.signature.name.encode()
+        self._captures = list(concrete.captured_inputs)
+        self._outputs = len(concrete.outputs)
+        self._concrete = concrete  # keeps the graph (and its registration) alive
+
+    def __call__(self, *inputs: tf.Tensor) -> list[tf.Tensor]:
+        return self._context.call_function(self._name, [*inputs, *self._captures], self._outputs) or []
 
 
-def _plain_handles(variables: Sequence[keras.Variable]) -> list[tf.Tensor] | None:
-    """The resource handles of `variables` if each is one plain resource variable; else None."""
-    inner = [v.value for v in variables]
-    if not all(isinstance(x, resource_variable_ops.BaseResourceVariable)
-               and not isinstance(x, tf.distribute.DistributedValues) for x in inner):
-        return None
-    return [x.handle for x in inner]
+def value_reader(variable: keras.Variable) -> Callable[[], np.ndarray]:
+    """A function that reads `variable`'s value now: one eager ReadVariableOp on its handle
+    (~20 µs) where it is one plain resource variable, else (a strategy's mirrored variable,
+    an autocast) `.numpy()`, which runs three ops with gradient bookkeeping (~80-150 µs)."""
+    inner = variable.value
+    if not isinstance(inner, resource_variable_ops.BaseResourceVariable) \
+            or isinstance(inner, tf.distribute.DistributedValues):
+        return lambda: np.asarray(variable.numpy())
+    handle, dtype = inner.handle, inner.dtype
+    return lambda: np.asarray(gen_resource_variable_ops.read_variable_op(handle, dtype).numpy())
 
 
 def _to_bits(value: np.ndarray) -> np.ndarray:

@@ -17,8 +17,8 @@ from lrctl.service.schedules.specs import ActiveSchedule
 
 class EngineTarget:
     """Reads and loads of one schedule as one int64 vector (`schedules.packing`). A load
-    assigns only the variables that differ from what they hold: known without a read when
-    nothing may have replaced them since the last read or load (`replaced`, `unchanged`)."""
+    that fails puts back what the variables held: known without a read when nothing may
+    have replaced them since the last read or load (`replaced`, `unchanged`)."""
 
     def __init__(self, schedule: ControllableSchedule) -> None:
         self.schedule = schedule
@@ -47,8 +47,8 @@ class EngineTarget:
         """A stretch of lrctl's own code on the training thread, entered right after
         `replaced()` said no or a read (`TrainingControl.resync`): nothing but this target
         changes the variables inside it (a restore is the trainer's code, which cannot run
-        there), so a load inside diffs against what the last read or load left, with no
-        second read of the stamp."""
+        there), so a load inside knows what to put back if it fails (what the last read or
+        load left), with no second read of the stamp."""
         if self._held is None:
             self.read_packed()
         self._trusted = True
@@ -63,8 +63,8 @@ class EngineTarget:
         self.load_packed(self.schedule.pack(state, version))
 
     def load_packed(self, vector: np.ndarray) -> None:
-        # Only the variables that differ from what they hold are assigned: outside
-        # `unchanged()`, the stamp says whether `_held` still is that (else it is read).
+        # What to put back if the load fails: outside `unchanged()`, the stamp says whether
+        # `_held` still is what the variables hold (else they are read).
         previous = self.read_packed() if self.replaced() else self._held
         self.schedule.load_packed(vector, previous)
         self._held = vector

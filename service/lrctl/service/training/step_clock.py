@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 
 import keras
-import numpy as np
+
+from lrctl.service.schedules.packing import value_reader
 
 
 class StepClock:
@@ -19,14 +20,14 @@ class StepClock:
     """
 
     def __init__(self, iterations: keras.Variable) -> None:
-        self._iterations = iterations
+        self._read_iterations = value_reader(iterations)
         #: At most this many steps will have completed at the next boundary.
         self.ceiling: float = 0
         self._in_flight: float = 0  # steps the announced batch may still run
 
     def read(self) -> int:
         """Completed optimizer steps. Reads a variable (a device sync)."""
-        step = int(np.asarray(self._iterations.numpy()))
+        step = int(self._read_iterations())
         self.ceiling = step + self._in_flight
         return step
 
