@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from lrctl.client import schedules
-from lrctl.client.calls import DEFAULT_TARGET
 from lrctl.client.changes import ChangeOptions, Swap
+from lrctl.client.channels import DEFAULT_TARGET
 from lrctl.client.cli_output import (
     EXIT_FAILED_PRECONDITION,
     EXIT_NOT_FOUND,
