@@ -22,7 +22,14 @@ from grpc_health.v1 import health_pb2
 from lrctl.client import errors
 from lrctl.client.changes import ChangeOptions, Decision, Parameters, Pin, Scale, Swap, View
 from lrctl.client.channels import SERVICE_NAME
-from lrctl.client.messages import change_request, check_one_of, duration, filter_naming, view_value
+from lrctl.client.messages import (
+    change_request,
+    check_one_of,
+    duration,
+    filter_naming,
+    rpc_of,
+    view_value,
+)
 from lrctl.client.run_actions import RUN_ACTIONS, run_action_request
 from lrctl.v1 import training_control_pb2 as pb
 
@@ -91,9 +98,7 @@ def send_change(change: Pin | Scale | Swap | Parameters, options: ChangeOptions,
     """One change: SetLearningRate for a pin or a scale, SwapSchedule for a swap,
     SetOptimizerParameters for parameters."""
     request = change_request(change, options)
-    method = ("SwapSchedule" if isinstance(change, Swap) else
-              "SetOptimizerParameters" if isinstance(change, Parameters) else "SetLearningRate")
-    response = yield Call(method, request, timeout)
+    response = yield Call(rpc_of(request), request, timeout)
     return response.change  # type: ignore[no-any-return]
 
 

@@ -16,7 +16,7 @@ from lrctl.v1 import training_control_pb2 as pb
 
 __all__ = [
     "apply_options", "change_request", "check_one_of", "duration", "filter_naming",
-    "origin_value", "view_value", "watch_request",
+    "origin_value", "rpc_of", "view_value", "watch_request",
 ]
 
 _ORIGINS = {"restart": pb.STEP_ORIGIN_RESTART, "global": pb.STEP_ORIGIN_GLOBAL}
@@ -94,6 +94,11 @@ def change_request(
         raise TypeError(f"A change is Scale, Pin, Swap or Parameters. Received: {change!r}")
     apply_options(request, options)
     return request
+
+
+def rpc_of(request: Message) -> str:
+    """The RPC that takes `request`: `SwapScheduleRequest` goes to SwapSchedule."""
+    return request.DESCRIPTOR.name.removesuffix("Request")
 
 
 def check_one_of(request_id: str | None, version: int | None) -> None:

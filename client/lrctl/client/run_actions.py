@@ -26,14 +26,17 @@ OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ChangeOptions)
 @dataclass(frozen=True)
 class RunAction:
     method: str  # the clients' method
-    rpc: str  # the RPC that carries it
-    request: type[Message]
+    request: type[Message]  # the RPC's request (its name is the RPC's and "Request")
     command: str  # `lrctl COMMAND`
     help: str  # one line: the command's help, and the start of the method's docs
     examples: tuple[str, ...]  # for the command's --help
     detail: str = ""  # the rest of the method's docs
     #: The request's own fields from the method's own arguments.
     fields: Callable[..., dict[str, Any]] = dict
+
+    @property
+    def rpc(self) -> str:
+        return self.request.DESCRIPTOR.name.removesuffix("Request")
 
     @property
     def doc(self) -> str:
@@ -55,7 +58,7 @@ def _pause_fields(timeout: float | None) -> dict[str, Any]:
 
 RUN_ACTIONS = {action.method: action for action in (
     RunAction(
-        "pause_training", "PauseTraining", pb.PauseTrainingRequest, "pause",
+        "pause_training", pb.PauseTrainingRequest, "pause",
         "pause training at the next step boundary, until resumed or for its timeout; changes "
         "still apply while paused",
         ("lrctl pause --timeout 30m --reason 'inspect the loss spike'", "lrctl resume",
@@ -65,22 +68,22 @@ RUN_ACTIONS = {action.method: action for action in (
         "Pausing a paused run restarts its timeout. Here the RPC deadline is `rpc_timeout`.",
         _pause_fields),
     RunAction(
-        "resume_training", "ResumeTraining", pb.ResumeTrainingRequest, "resume",
+        "resume_training", pb.ResumeTrainingRequest, "resume",
         "resume a paused run (no effect if it is not paused)", ("lrctl resume",)),
     RunAction(
-        "save_checkpoint", "SaveCheckpoint", pb.SaveCheckpointRequest, "checkpoint",
+        "save_checkpoint", pb.SaveCheckpointRequest, "checkpoint",
         "write a checkpoint at the next step boundary (the trainer needs --checkpoint-dir)",
         ("lrctl checkpoint --json", "lrctl checkpoint --at-step 5000"),
         "The applied change names it (`checkpoint_path`, `checkpoint_step`); "
         "`FailedPrecondition` if the trainer has no checkpoint folder."),
     RunAction(
-        "stop_training", "StopTraining", pb.StopTrainingRequest, "stop",
+        "stop_training", pb.StopTrainingRequest, "stop",
         "end the run for good at a step boundary: a final checkpoint, pending changes "
         "cancelled with its reason, the trainer exits 0",
         ("lrctl stop --reason 'ASHA: bottom half at rung 2'", "lrctl stop --at-step 10000"),
         "Its phase becomes FINISHED."),
     RunAction(
-        "load_checkpoint", "LoadCheckpoint", pb.LoadCheckpointRequest, "load",
+        "load_checkpoint", pb.LoadCheckpointRequest, "load",
         "load another checkpoint's weights and optimizer state at a step boundary, keeping "
         "this run's step (its path under the trainer's --checkpoint-root)",
         ("lrctl load member-3    (its newest checkpoint)",
