@@ -33,6 +33,7 @@ class RunAction:
     detail: str = ""  # the rest of the method's docs
     #: The request's own fields from the method's own arguments.
     fields: Callable[..., dict[str, Any]] = dict
+    deadline: str = "timeout"  # the method's argument for the RPC's deadline
 
     @property
     def rpc(self) -> str:
@@ -43,7 +44,7 @@ class RunAction:
         """The client method's docs."""
         first = self.help[0].upper() + self.help[1:] + "."
         options = ("The keyword arguments are `ChangeOptions` but `force` and `preview_steps`; "
-                   "`timeout` is the RPC deadline in seconds (None: the client's).")
+                   f"`{self.deadline}` is the RPC deadline in seconds (None: the client's).")
         return "\n\n".join(text for text in (first, self.detail, options) if text)
 
 
@@ -65,8 +66,8 @@ RUN_ACTIONS = {action.method: action for action in (
          "lrctl --timeout 5 pause    (the RPC deadline goes before the command)"),
         "It waits there until `resume_training`, `stop_training`, a shutdown, or `timeout` "
         "seconds (the pause's own; None: the server's default, 1 hour; at most 7 days). "
-        "Pausing a paused run restarts its timeout. Here the RPC deadline is `rpc_timeout`.",
-        _pause_fields),
+        "Pausing a paused run restarts its timeout.",
+        _pause_fields, "rpc_timeout"),
     RunAction(
         "resume_training", pb.ResumeTrainingRequest, "resume",
         "resume a paused run (no effect if it is not paused)", ("lrctl resume",)),
