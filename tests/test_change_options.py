@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lrctl.client import ChangeOptions, Swap, TrainingControlClient, aio, calls, pb, schedules
+from lrctl.client import ChangeOptions, Swap, TrainingControlClient, aio, messages, pb, schedules
 
 CLIENTS = [TrainingControlClient, aio.TrainingControlClient]
 #: Each method's arguments that are not options: what to change, and the RPC's deadline.
@@ -56,7 +56,7 @@ def test_every_option_reaches_the_request() -> None:
                             validate_only=True, preview_steps=5, force=True, wait=True,
                             request_id="rid")  # fmt: skip
     swap = Swap(schedules.Constant(0.1), origin="global", schedule_start_step=4, scale=0.5)
-    request = calls.change_request(swap, options)
+    request = messages.change_request(swap, options)
     assert isinstance(request, pb.SwapScheduleRequest)
     assert (request.apply_at_step, request.expected_version, request.expected_run_id,
             request.expected_incarnation, request.reason, request.validate_only,
@@ -65,7 +65,7 @@ def test_every_option_reaches_the_request() -> None:
     assert not request.HasField("apply_after_steps")  # unset stays unset
     assert (request.origin, request.schedule_start_step, request.scale) == (
         pb.STEP_ORIGIN_GLOBAL, 4, 0.5)
-    request = calls.change_request(Swap(schedules.Constant(0.1)), ChangeOptions())
+    request = messages.change_request(Swap(schedules.Constant(0.1)), ChangeOptions())
     assert not request.HasField("expected_version") and not request.HasField("scale")
     assert len(request.request_id) == 32  # a fresh UUID4 when none is given
 
@@ -75,3 +75,14 @@ def test_every_option_is_documented_once() -> None:
         for field in dataclasses.fields(cls):
             if field.name != "schedule":
                 assert field.metadata["help"] and field.name in (cls.__doc__ or "")
+
+
+def test_both_clients_have_the_same_methods_with_the_same_docs() -> None:
+    # Described once (`method_docs`): the asyncio client's methods are the sync client's, awaited.
+    def methods(cls: type) -> dict[str, str | None]:
+        return {name: member.__doc__ for name, member in vars(cls).items()
+                if not name.startswith("_") and callable(member)}
+
+    sync, async_ = (methods(c) for c in CLIENTS)
+    assert sync == async_
+    assert all(doc and doc.strip() for doc in sync.values())

@@ -25,8 +25,8 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2_grpc
 
-from lrctl.client import calls, errors
-from lrctl.client.calls import DEFAULT_TARGET, T
+from lrctl.client import calls, channels, errors
+from lrctl.client.calls import T
 from lrctl.client.changes import (
     ChangeOptions,
     Decision,
@@ -38,6 +38,9 @@ from lrctl.client.changes import (
     View,
     pick,
 )
+from lrctl.client.channels import DEFAULT_TARGET
+from lrctl.client.messages import watch_request
+from lrctl.client.method_docs import documented
 from lrctl.client.schedules import ScheduleLike
 from lrctl.v1 import training_control_pb2 as pb
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
@@ -95,6 +98,8 @@ class AsyncWatch:
         self.cancel()
 
 
+# The methods' docs are `method_docs.DOCS`, shared with the sync client.
+@documented
 class TrainingControlClient:
     """Async client for `lrctl.v1.TrainingControlService`; arguments as for the sync
     `lrctl.client.TrainingControlClient`. Create it inside a running event loop."""
@@ -110,12 +115,12 @@ class TrainingControlClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        options = calls.channel_options(channel_options)
+        options = channels.channel_options(channel_options)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._metadata = calls.call_metadata(token)
+        self._metadata = channels.call_metadata(token)
         self._stub = pb_grpc.TrainingControlServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -124,7 +129,6 @@ class TrainingControlClient:
         return self._channel
 
     async def close(self) -> None:
-        """Close the channel; cancels in-flight calls, including watches."""
         await self._channel.close(None)
 
     async def __aenter__(self) -> Self:
@@ -145,7 +149,7 @@ class TrainingControlClient:
             self._channel.get_state(try_to_connect=False)
             == grpc.ChannelConnectivity.TRANSIENT_FAILURE
         )
-        return calls.map_error(exc, self.target, transient)
+        return channels.map_error(exc, self.target, transient)
 
     async def _invoke(self, call: calls.Call) -> Any:
         stub: Any = self._health if call.health else self._stub
@@ -157,7 +161,6 @@ class TrainingControlClient:
             raise self._error(exc) from exc
 
     async def _run(self, plan: calls.Plan[T]) -> T:
-        """`calls.drive`, awaiting each call."""
         try:
             step = next(plan)
             while True:
@@ -174,10 +177,10 @@ class TrainingControlClient:
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
-    # --- RPCs: the sync client's methods, arguments and results (see its docs), awaited ---
+    # --- RPCs: the sync client's methods, arguments and results, awaited; each runs the plan
+    # of the same name in `calls` (or `run_action`) ---
 
     async def get_state(self, *, timeout: float | None = None, view: View = "full") -> pb.TrainingState:
-        """A snapshot of the training state (`view="basic"`: without the change lists)."""
         return await self._run(calls.get_state(timeout, view))
 
     async def set_learning_rate(
@@ -187,7 +190,6 @@ class TrainingControlClient:
         preview_steps: int = 0, timeout: float | None = None, expected_run_id: str = "",
         expected_incarnation: str = "", apply_after_steps: int | None = None,
     ) -> pb.Change:
-        """Pin the learning rate to `value` (resets the scale to 1); options: `ChangeOptions`."""
         return await self._run(calls.send_change(Pin(value), pick(ChangeOptions, locals()),
                                                  timeout))
 
@@ -198,7 +200,6 @@ class TrainingControlClient:
         preview_steps: int = 0, timeout: float | None = None, expected_run_id: str = "",
         expected_incarnation: str = "", apply_after_steps: int | None = None,
     ) -> pb.Change:
-        """Multiply the active schedule by `factor` (cumulative); options: `ChangeOptions`."""
         return await self._run(calls.send_change(Scale(factor), pick(ChangeOptions, locals()),
                                                  timeout))
 
@@ -209,13 +210,8 @@ class TrainingControlClient:
         expected_run_id: str = "", expected_incarnation: str = "",
         apply_after_steps: int | None = None,
     ) -> pb.Change:
-        """Set optimizer hyperparameters (`momentum`, `beta_1`, `beta_2`, `epsilon`,
-        `weight_decay`, `clipnorm`, `global_clipnorm`, `clipvalue`) or registered variables,
-        by name, as one change at a step boundary (SetOptimizerParameters); the options as for
-        `set_learning_rate` (`force` and `preview_steps` do not apply).
-        `TrainingState.hyperparameters` lists what the trainer can set."""
-        return await self._run(calls.send_change(Parameters(dict(parameters)), pick(ChangeOptions, locals()),
-                                       timeout))
+        return await self._run(calls.send_change(Parameters(dict(parameters)),
+                                                 pick(ChangeOptions, locals()), timeout))
 
     async def swap_schedule(
         self, schedule: ScheduleLike, *, origin: Origin = "restart",
@@ -226,64 +222,41 @@ class TrainingControlClient:
         apply_after_steps: int | None = None, schedule_start_step: int = 0,
         scale: float | None = None,
     ) -> pb.Change:
-        """Replace the active schedule (resets the scale to 1): `Swap` and `ChangeOptions`."""
         return await self._run(calls.send_change(
             pick(Swap, locals()), pick(ChangeOptions, locals()), timeout))
 
     def watch(self, min_interval: float = 1.0, *, timeout: float | None = None,
               every_steps: int = 0, on_epoch_end: bool = False, changes_only: bool = False,
               view: View = "full") -> AsyncWatch:
-        """An `AsyncWatch` of `TrainingState` updates (`async for`); `timeout` bounds the
-        whole stream (`None`: no deadline); `view="basic"`: without the change lists."""
-        request = calls.watch_request(min_interval, every_steps, on_epoch_end, changes_only, view)
+        request = watch_request(min_interval, every_steps, on_epoch_end, changes_only, view)
         call = self._stub.WatchState(request, timeout=timeout, metadata=self._metadata)
         return AsyncWatch(call, self._error)
 
-    # --- run control: each a change like the ones above (options: `ChangeOptions` but
-    # `force` and `preview_steps`) ---
+    # --- run control (`run_actions`) ---
 
-    async def pause_training(self, timeout: float | None = None, *, rpc_timeout: float | None = None,
-                       **options: Any) -> pb.Change:
-        """Pause training at a step boundary: it waits there until `resume_training`,
-        `stop_training`, a shutdown, or `timeout` seconds (the pause's own; None: the server's
-        default, 1 hour; at most 7 days). Pausing a paused run restarts its timeout. Changes
-        still apply while paused. `rpc_timeout` is the RPC deadline (None: the client's)."""
-        request = calls.pause_request(timeout, ChangeOptions(**options))
-        return await self._run(calls.send_run_action("PauseTraining", request, rpc_timeout))
+    async def pause_training(self, timeout: float | None = None, *,
+                             rpc_timeout: float | None = None, **options: Any) -> pb.Change:
+        return await self._run(calls.run_action("pause_training", rpc_timeout, options,
+                                                timeout=timeout))
 
     async def resume_training(self, *, timeout: float | None = None, **options: Any) -> pb.Change:
-        """Resume a paused run (applied, with no effect, if it is not paused)."""
-        return await self._run(calls.send_run_action(
-            "ResumeTraining", calls.run_action_request("ResumeTraining", ChangeOptions(**options)), timeout))
+        return await self._run(calls.run_action("resume_training", timeout, options))
 
     async def save_checkpoint(self, *, timeout: float | None = None, **options: Any) -> pb.Change:
-        """Write a checkpoint at a step boundary; the applied change names it
-        (`checkpoint_path`, `checkpoint_step`). `FailedPrecondition` without --checkpoint-dir."""
-        return await self._run(calls.send_run_action(
-            "SaveCheckpoint", calls.run_action_request("SaveCheckpoint", ChangeOptions(**options)), timeout))
+        return await self._run(calls.run_action("save_checkpoint", timeout, options))
 
     async def stop_training(self, *, timeout: float | None = None, **options: Any) -> pb.Change:
-        """End the run for good at a step boundary (or `apply_at_step`): a final checkpoint,
-        pending changes cancelled with `reason`, phase FINISHED, the trainer exits 0."""
-        return await self._run(calls.send_run_action(
-            "StopTraining", calls.run_action_request("StopTraining", ChangeOptions(**options)), timeout))
+        return await self._run(calls.run_action("stop_training", timeout, options))
 
     async def load_checkpoint(self, path: str, load_hyperparameters: bool = False, *,
-                        timeout: float | None = None, **options: Any) -> pb.Change:
-        """Load weights and optimizer state from the checkpoint at `path` (a folder written
-        with --checkpoint-dir, or one of its weights files, under the trainer's
-        --checkpoint-root) at a step boundary, keeping this run's step; with
-        `load_hyperparameters`, its schedule too. The applied change names the file, its step
-        and the run that wrote it."""
-        request = calls.run_action_request("LoadCheckpoint", ChangeOptions(**options), path=path,
-                                           load_hyperparameters=load_hyperparameters)
-        return await self._run(calls.send_run_action("LoadCheckpoint", request, timeout))
+                              timeout: float | None = None, **options: Any) -> pb.Change:
+        return await self._run(calls.run_action("load_checkpoint", timeout, options, path=path,
+                                                load_hyperparameters=load_hyperparameters))
 
     async def cancel_change(
         self, *, request_id: str | None = None, version: int | None = None, reason: str = "",
         timeout: float | None = None, expected_run_id: str = "", expected_incarnation: str = "",
     ) -> pb.Change:
-        """Cancel a pending change by `request_id` or `version`."""
         return await self._run(calls.cancel_change(
             request_id=request_id, version=version, reason=reason, timeout=timeout,
             expected_run_id=expected_run_id, expected_incarnation=expected_incarnation))
@@ -292,13 +265,11 @@ class TrainingControlClient:
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None,
         filter: str = "",
     ) -> pb.ListChangesResponse:
-        """One page of changes, newest first (those matching `filter`)."""
         return await self._run(calls.list_changes(page_size, page_token, timeout, filter))
 
     async def iter_changes(
         self, *, page_size: int = 0, timeout: float | None = None, filter: str = ""
     ) -> AsyncIterator[pb.Change]:
-        """Every change `list_changes` pages through, newest first (those matching `filter`)."""
         token: str | None = ""
         while token is not None:
             page = await self.list_changes(page_size=page_size, page_token=token, timeout=timeout,
@@ -311,7 +282,6 @@ class TrainingControlClient:
         self, *, start_step: int = 0, page_size: int = 0, page_token: str = "",
         timeout: float | None = None,
     ) -> pb.ListMeasurementsResponse:
-        """One page of the run's measurements, oldest first; see the sync client's."""
         return await self._run(calls.list_measurements(start_step, page_size, page_token, timeout))
 
     async def iter_measurements(
@@ -319,7 +289,6 @@ class TrainingControlClient:
         follow: bool = False, poll_interval: float = calls.FOLLOW_INTERVAL,
         timeout: float | None = None,
     ) -> AsyncIterator[pb.Measurement]:
-        """Every measurement, oldest first; with `follow`, keeps asking for new ones."""
         token = page_token
         while True:
             page = await self.list_measurements(start_step=start_step, page_size=page_size,
@@ -333,12 +302,10 @@ class TrainingControlClient:
                 await asyncio.sleep(poll_interval)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """The gRPC health status name, e.g. "SERVING"."""
         return await self._run(calls.health(service, timeout))
 
     async def wait_until_ready(self, timeout: float | None = 60.0, *,
                                poll_interval: float = calls.POLL_INTERVAL) -> None:
-        """Wait until the trainer is training (its service reports SERVING)."""
         await self._run(calls.wait_until_ready(timeout, poll_interval))
 
     async def update(
@@ -347,8 +314,6 @@ class TrainingControlClient:
         expected_run_id: str = "", expected_incarnation: str = "",
         expected_version: int | None = None,
     ) -> pb.Change | None:
-        """Read-modify-write: `decide(state)` returns Scale, Pin, Swap or None; sent fenced by
-        the state's version and waited for; on a conflict, decided again on the fresh state."""
         return await self._run(calls.update(
             decide, retries=retries, options=pick(ChangeOptions, locals()), timeout=timeout))
 
@@ -357,30 +322,21 @@ class TrainingControlClient:
         force: bool = False, timeout: float | None = None, expected_run_id: str = "",
         expected_incarnation: str = "", expected_version: int | None = None,
     ) -> pb.Change:
-        """`update` for the LR `fn(state)` wants now, as a scale of the active schedule."""
-        change = await self._run(calls.update(
-            calls.relative_scale(fn), retries=retries, options=pick(ChangeOptions, locals()),
-            timeout=timeout))
-        assert change is not None  # relative_scale always decides
-        return change
+        return await self._run(calls.update_learning_rate(
+            fn, retries=retries, options=pick(ChangeOptions, locals()), timeout=timeout))
 
     async def learning_rate_at(self, step: int, *, timeout: float | None = None,
                                expected_run_id: str = "") -> float:
-        """The learning rate the current state gives at a future `step` (see the sync client)."""
         return await self._run(calls.learning_rate_at(step, timeout, expected_run_id))
 
     async def get_change(
         self, name: str | None = None, *, request_id: str | None = None, version: int | None = None,
         timeout: float | None = None,
     ) -> pb.Change:
-        """The change named `name` ("changes/{id}"), or sent with `request_id`, or applied as
-        `version`; NotFound if gone."""
         return await self._run(calls.get_change(name, request_id=request_id, version=version, timeout=timeout))
 
     async def wait_change(
         self, name: str | None = None, *, request_id: str | None = None, version: int | None = None,
         timeout: float | None = 60.0, poll_interval: float | None = None,
     ) -> pb.Change:
-        """Wait (WaitChange: no polling; `poll_interval` is ignored) until the change is
-        terminal and return it; DeadlineExceeded after `timeout` seconds."""
         return await self._run(calls.wait_change(name, request_id=request_id, version=version, timeout=timeout))

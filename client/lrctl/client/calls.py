@@ -1,62 +1,37 @@
-"""What the sync and the asyncio clients share: channel options, retry policy, request
-building, validation, error mapping and the multi-call operations.
+"""The plans the sync and the asyncio clients share: one per client method, each a generator
+that yields `Call`s (one RPC each) or `Sleep`s and returns the method's result.
 
-Every client method is a *plan*: a generator that yields `Call`s (one RPC each) or
-`Sleep`s and returns the method's result. `drive` runs a plan over a blocking transport;
-`lrctl.client.aio` runs the same plans over `grpc.aio`. Only the transport call differs.
-Errors from a call are thrown into the plan as `LrctlError`s, so a plan can retry.
+`drive` runs a plan over a blocking transport; `lrctl.client.aio` runs the same plans over
+`grpc.aio`. Only the transport call differs. Errors from a call are thrown into the plan as
+`LrctlError`s, so a plan can retry. The requests are built and checked in `messages` (and
+`run_actions`); the channel's setup is `channels`'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from lrctl.client import errors
-from lrctl.client.changes import ChangeOptions, Decision, Origin, Parameters, Pin, Scale, Swap, View
-from lrctl.client.schedules import to_schedule
-from lrctl.v1 import training_control_pb2 as pb
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingControlService"].full_name
-
-# Retry only UNAVAILABLE (server not up yet, connection reset): the request never
-# reached the application, so a retry cannot apply a change twice. Changes also
-# carry a request_id, so even an ambiguous retry is deduplicated by the server.
-# Backoff: 0.1s, 0.2s, 0.4s, 0.8s (randomized, capped by the RPC deadline).
-SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": SERVICE_NAME}, {"service": "grpc.health.v1.Health"}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
+from lrctl.client.changes import ChangeOptions, Decision, Parameters, Pin, Scale, Swap, View
+from lrctl.client.channels import SERVICE_NAME
+from lrctl.client.messages import (
+    change_request,
+    check_one_of,
+    duration,
+    filter_naming,
+    rpc_of,
+    view_value,
 )
-
-_ORIGINS = {"restart": pb.STEP_ORIGIN_RESTART, "global": pb.STEP_ORIGIN_GLOBAL}
-_VIEWS = {"basic": pb.STATE_VIEW_BASIC, "full": pb.STATE_VIEW_FULL}
-
-#: The request field of each `ChangeOptions` field not named as it is.
-_PROTO_NAMES = {"wait": "wait_until_applied"}
+from lrctl.client.run_actions import RUN_ACTIONS, run_action_request
+from lrctl.v1 import training_control_pb2 as pb
 
 #: How often `wait_until_ready` polls.
 POLL_INTERVAL = 0.05
@@ -91,29 +66,6 @@ Step = Call | Sleep
 Plan = Generator[Step, Any, T]
 
 
-def channel_options(extra: Any) -> list[tuple[str, Any]]:
-    """The retry configuration, then the caller's options (which override it)."""
-    return [("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG), *(extra or ())]
-
-
-def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Per-call metadata: `authorization: Bearer <token>` (works on plaintext channels too,
-    where gRPC's call credentials would be refused)."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def map_error(exc: grpc.RpcError, target: str, transient_failure: bool) -> errors.LrctlError:
-    """`errors.from_rpc_error`, except that a deadline that ran out while the channel was
-    failing to connect (between UNAVAILABLE retries) is reported as Unavailable."""
-    error = errors.from_rpc_error(exc)
-    if isinstance(error, errors.DeadlineExceeded) and transient_failure:
-        return errors.Unavailable(
-            grpc.StatusCode.UNAVAILABLE,
-            f"cannot connect to {target}; the deadline passed while retrying",
-        )
-    return error
-
-
 def drive(plan: Plan[T], invoke: Callable[[Call], Any]) -> T:
     """Run `plan` over a blocking `invoke` (which raises `LrctlError`)."""
     try:
@@ -133,96 +85,6 @@ def drive(plan: Plan[T], invoke: Callable[[Call], Any]) -> T:
         return stop.value  # type: ignore[no-any-return]
 
 
-# --- validation and request building ---
-
-
-def origin_value(origin: Origin) -> pb.StepOrigin.ValueType:
-    if isinstance(origin, str):
-        try:
-            return _ORIGINS[origin.lower()]
-        except KeyError:
-            raise ValueError(
-                f"Argument `origin` must be one of {sorted(_ORIGINS)} or a StepOrigin. "
-                f"Received: origin={origin!r}"
-            ) from None
-    if origin not in pb.StepOrigin.values():
-        raise ValueError(f"Argument `origin` is not a StepOrigin value. Received: origin={origin!r}")
-    return pb.StepOrigin.ValueType(origin)
-
-
-def view_value(view: View) -> pb.StateView.ValueType:
-    """A state view: "basic" (no change lists), "full", or a `pb.StateView` value."""
-    if isinstance(view, str):
-        try:
-            return _VIEWS[view.lower()]
-        except KeyError:
-            raise ValueError(
-                f"Argument `view` must be one of {sorted(_VIEWS)} or a StateView. Received: view={view!r}"
-            ) from None
-    if view not in pb.StateView.values():
-        raise ValueError(f"Argument `view` is not a StateView value. Received: view={view!r}")
-    return pb.StateView.ValueType(view)
-
-
-def change_request(
-    change: Pin | Scale | Swap | Parameters, options: ChangeOptions
-) -> pb.SetLearningRateRequest | pb.SwapScheduleRequest | pb.SetOptimizerParametersRequest:
-    """The request that makes `change` with `options`. Unset options (None) stay unset."""
-    request: pb.SetLearningRateRequest | pb.SwapScheduleRequest | pb.SetOptimizerParametersRequest
-    if isinstance(change, Parameters):
-        request = pb.SetOptimizerParametersRequest(
-            parameters={str(name): float(value) for name, value in change.parameters.items()})
-    elif isinstance(change, Pin):
-        request = pb.SetLearningRateRequest(learning_rate=change.learning_rate)
-    elif isinstance(change, Scale):
-        request = pb.SetLearningRateRequest(scale=change.factor)
-    elif isinstance(change, Swap):
-        request = pb.SwapScheduleRequest(
-            schedule=to_schedule(change.schedule), origin=origin_value(change.origin),
-            schedule_start_step=change.schedule_start_step, scale=change.scale)
-    else:
-        raise TypeError(f"A change is Scale, Pin, Swap or Parameters. Received: {change!r}")
-    for field in dataclasses.fields(options):
-        value = getattr(options, field.name)
-        name = _PROTO_NAMES.get(field.name, field.name)
-        if name not in request.DESCRIPTOR.fields_by_name:  # force, preview_steps: LR changes only
-            if value:
-                raise ValueError(f"Argument `{field.name}` does not apply to this change. "
-                                 f"Received: {field.name}={value!r}")
-            continue
-        if value is not None:
-            setattr(request, name, value)
-    if options.request_id is None:
-        request.request_id = uuid.uuid4().hex
-    return request
-
-
-def _one_of(request_id: str | None, version: int | None) -> None:
-    if (request_id is None) == (version is None):
-        raise ValueError("Give exactly one of `request_id` and `version`.")
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration
-
-
-def watch_request(min_interval: float, every_steps: int = 0, on_epoch_end: bool = False,
-                  changes_only: bool = False, view: View = "full") -> pb.WatchStateRequest:
-    return pb.WatchStateRequest(min_interval=_duration(min_interval), every_steps=every_steps,
-                                on_epoch_end=on_epoch_end, changes_only=changes_only,
-                                view=view_value(view))
-
-
-def _filter_naming(request_id: str | None, version: int | None) -> str:
-    """The ListChanges filter that finds the change sent with `request_id` (or applied as
-    `version`)."""
-    if request_id is not None:
-        return 'request_id = "{}"'.format(request_id.replace("\\", "\\\\").replace('"', '\\"'))
-    return f"version = {version}"
-
-
 # --- plans: one per client method ---
 
 
@@ -236,58 +98,31 @@ def send_change(change: Pin | Scale | Swap | Parameters, options: ChangeOptions,
     """One change: SetLearningRate for a pin or a scale, SwapSchedule for a swap,
     SetOptimizerParameters for parameters."""
     request = change_request(change, options)
-    method = ("SwapSchedule" if isinstance(change, Swap) else
-              "SetOptimizerParameters" if isinstance(change, Parameters) else "SetLearningRate")
-    response = yield Call(method, request, timeout)
+    response = yield Call(rpc_of(request), request, timeout)
     return response.change  # type: ignore[no-any-return]
 
 
-#: The run-control RPCs and their requests (`send_run_action`).
-RUN_ACTIONS: dict[str, type[Message]] = {
-    "PauseTraining": pb.PauseTrainingRequest, "ResumeTraining": pb.ResumeTrainingRequest,
-    "SaveCheckpoint": pb.SaveCheckpointRequest, "StopTraining": pb.StopTrainingRequest,
-    "LoadCheckpoint": pb.LoadCheckpointRequest,
-}
-
-
-def run_action_request(method: str, options: ChangeOptions, **fields: Any) -> Message:
-    """The request of run-control RPC `method` with its own `fields` and `options` (an option
-    these requests lack, `force` or `preview_steps`, must keep its default)."""
-    request = RUN_ACTIONS[method](**fields)
-    for field in dataclasses.fields(options):
-        value = getattr(options, field.name)
-        name = _PROTO_NAMES.get(field.name, field.name)
-        if name not in request.DESCRIPTOR.fields_by_name:
-            if value != field.default:
-                raise ValueError(f"Argument `{field.name}` does not apply to {method}. "
-                                 f"Received: {field.name}={value!r}")
-            continue
-        if value is not None:
-            setattr(request, name, value)
-    if options.request_id is None:
-        request.request_id = uuid.uuid4().hex  # type: ignore[attr-defined]
-    return request
-
-
-def pause_request(timeout: float | None, options: ChangeOptions) -> Message:
-    """PauseTraining's request: `timeout` seconds (None: the server's default, 1 hour)."""
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"Argument `timeout` must be > 0 seconds. Received: timeout={timeout!r}")
-    fields = {} if timeout is None else {"timeout": _duration(timeout)}
-    return run_action_request("PauseTraining", options, **fields)
-
-
-def send_run_action(method: str, request: Message, timeout: float | None) -> Plan[pb.Change]:
-    """One run-control change (PauseTraining ... LoadCheckpoint)."""
-    response = yield Call(method, request, timeout)
+def send_run_action(rpc: str, request: Message, timeout: float | None) -> Plan[pb.Change]:
+    """One run-control change (PauseTraining ... LoadCheckpoint) with its request as it is."""
+    response = yield Call(rpc, request, timeout)
     return response.change  # type: ignore[no-any-return]
+
+
+def run_action(method: str, deadline: float | None, options: Mapping[str, Any], /,
+               **arguments: Any) -> Plan[pb.Change]:
+    """The run-control client method `method` (`run_actions.RUN_ACTIONS`) with its own
+    `arguments` (a pause's `timeout` among them), the change `options`, and the RPC's
+    `deadline`."""
+    action = RUN_ACTIONS[method]
+    request = run_action_request(action, options, **arguments)
+    return (yield from send_run_action(action.rpc, request, deadline))
 
 
 def cancel_change(
     *, request_id: str | None, version: int | None, reason: str, timeout: float | None,
     expected_run_id: str = "", expected_incarnation: str = "",
 ) -> Plan[pb.Change]:
-    _one_of(request_id, version)
+    check_one_of(request_id, version)
     request = pb.CancelChangeRequest(reason=reason, expected_run_id=expected_run_id,
                                      expected_incarnation=expected_incarnation)
     if request_id is not None:
@@ -327,11 +162,11 @@ def find_change(*, request_id: str | None, version: int | None, timeout: float |
     """The change sent with `request_id` (or applied as `version`): ListChanges with a filter
     that names it, which the server answers from an index in one page (the pages are followed
     if not, and each change is checked here too). NotFound if the server does not have it."""
-    _one_of(request_id, version)
+    check_one_of(request_id, version)
     what = f"request_id={request_id!r}" if request_id is not None else f"version={version}"
     if version is not None and version <= 0:  # no change produces version 0
         raise errors.NotFound(grpc.StatusCode.NOT_FOUND, f"no change with {what}")
-    token, filter = "", _filter_naming(request_id, version)
+    token, filter = "", filter_naming(request_id, version)
     while True:
         page = yield from list_changes(100, token, timeout, filter)
         for change in page.changes:
@@ -376,7 +211,7 @@ def wait_change(
         # At least a millisecond: a zero timeout is the server's default (60 s), not "now".
         wait = WAIT_SLICE if deadline is None else min(max(deadline - time.monotonic(), 1e-3), WAIT_SLICE)
         try:
-            response = yield Call("WaitChange", pb.WaitChangeRequest(name=name, timeout=_duration(wait)),
+            response = yield Call("WaitChange", pb.WaitChangeRequest(name=name, timeout=duration(wait)),
                                   wait + WAIT_MARGIN)
         except (errors.Unavailable, errors.DeadlineExceeded):
             if deadline is not None and time.monotonic() + pause >= deadline:
@@ -467,6 +302,16 @@ def relative_scale(fn: Callable[[pb.TrainingState], float]) -> Callable[[pb.Trai
         return Scale(target / state.learning_rate)
 
     return decide
+
+
+def update_learning_rate(
+    fn: Callable[[pb.TrainingState], float], *, retries: int, options: ChangeOptions,
+    timeout: float | None,
+) -> Plan[pb.Change]:
+    """`update` deciding `relative_scale(fn)`, which always decides."""
+    change = yield from update(relative_scale(fn), retries=retries, options=options, timeout=timeout)
+    assert change is not None
+    return change
 
 
 def learning_rate_at(step: int, timeout: float | None, expected_run_id: str = "") -> Plan[float]:

@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 
 from lrctl.client import errors
 from lrctl.client.changes import ChangeOptions, Swap, View
+from lrctl.client.cli_flags import DEFAULT_PREVIEW_STEPS
 from lrctl.client.cli_output import (
     EXIT_FAILED_PRECONDITION,
     EXIT_NOT_SERVING,
@@ -29,13 +30,8 @@ from lrctl.client.cli_output import (
     render_preview,
     to_json,
 )
-from lrctl.client.cli_parser import (
-    DEFAULT_PREVIEW_STEPS,
-    RUN_COMMANDS,
-    RUN_OPTION_NAMES,
-    UsageError,
-    schedule_from_args,
-)
+from lrctl.client.cli_parser import UsageError, schedule_from_args
+from lrctl.client.cli_run_control import RUN_COMMANDS, run_call
 from lrctl.client.client import TrainingControlClient, tls_credentials
 from lrctl.v1 import training_control_pb2 as pb
 
@@ -82,13 +78,8 @@ def build_change_call(
         swap = {f.name: getattr(args, f.name) for f in dataclasses.fields(Swap)
                 if f.name != "schedule"}
         return "swap_schedule", (schedule_from_args(args),), {**kwargs, **swap}
-    if args.command in RUN_COMMANDS:  # their requests have no force or preview
-        kwargs = {k: v for k, v in kwargs.items() if k in RUN_OPTION_NAMES}
-        if args.command == "pause":
-            return "pause_training", (args.pause_timeout,), kwargs
-        if args.command == "load":
-            return "load_checkpoint", (args.path, args.load_hyperparameters), kwargs
-        return RUN_COMMANDS[args.command], (), kwargs
+    if args.command in RUN_COMMANDS:
+        return run_call(args, kwargs)
     raise AssertionError(args.command)
 
 
