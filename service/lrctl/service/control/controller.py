@@ -21,13 +21,9 @@ from lrctl.service.control import boundary, recovery, run_control, submission
 from lrctl.service.control.changes import (
     Boundaries,
     Change,
-    ChangeLog,
     ChangeRequest,
     ChangeStatus,
-    ParameterTarget,
     Phase,
-    RunTarget,
-    ScheduleTarget,
     Snapshot,
     WorkerState,
 )
@@ -36,6 +32,7 @@ from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.control.limits import DEDUP_WINDOW
 from lrctl.service.control.measurements import Page
+from lrctl.service.control.targets import ChangeLog, ParameterTarget, RunTarget, ScheduleTarget
 from lrctl.service.errors import NotFoundError
 from lrctl.service.schedules.specs import ActiveSchedule
 

@@ -22,14 +22,10 @@ from lrctl.service.control import parameters, persistence
 from lrctl.service.control.broadcast import Board
 from lrctl.service.control.changes import (
     Change,
-    ChangeLog,
     ChangeRequest,
     ChangeStatus,
-    ParameterTarget,
     Phase,
     RevertSchedule,
-    RunTarget,
-    ScheduleTarget,
     Snapshot,
 )
 from lrctl.service.control.filters import ChangeFilter
@@ -39,6 +35,7 @@ from lrctl.service.control.limits import LIST_SCAN_LIMIT, SNAPSHOT_PENDING
 from lrctl.service.control.measurements import Measurements
 from lrctl.service.control.policy import Policy
 from lrctl.service.control.queue import ChangeQueue
+from lrctl.service.control.targets import ChangeLog, ParameterTarget, RunTarget, ScheduleTarget
 from lrctl.service.errors import InvalidArgumentError, UnavailableError
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.specs import ActiveSchedule

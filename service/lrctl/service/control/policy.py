@@ -24,13 +24,11 @@ from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
     LoadCheckpoint,
-    ParameterSpace,
     ParameterUpdate,
     PauseTraining,
     Phase,
     PinLearningRate,
     RevertSchedule,
-    RunTarget,
     SaveCheckpoint,
     ScaleLearningRate,
     SetParameters,
@@ -46,6 +44,7 @@ from lrctl.service.control.limits import (
     MAX_REQUEST_ID_BYTES,
     MAX_RUN_ID_BYTES,
 )
+from lrctl.service.control.targets import ParameterSpace, RunTarget
 from lrctl.service.errors import (
     ApplyError,
     FailedPreconditionError,

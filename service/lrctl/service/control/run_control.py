@@ -30,11 +30,11 @@ from lrctl.service.control.changes import (
     PauseTraining,
     Phase,
     ResumeTraining,
-    RunResult,
     SaveCheckpoint,
     StopTraining,
 )
 from lrctl.service.control.core import ControlCore
+from lrctl.service.control.targets import RunResult
 from lrctl.service.errors import ApplyError, FailedPreconditionError
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.specs import ActiveSchedule
