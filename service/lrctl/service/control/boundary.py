@@ -2,7 +2,7 @@
 run's phase, restores noticed, and lrctl's own changes (the divergence guard's revert).
 
 No lock is held across engine work or an fsync: a device sync never blocks an RPC. The outcome
-of each due change is decided in pure Python (`policy`), written to the write-ahead log, and
+of each due change is decided in pure Python (`outcomes`), written to the write-ahead log, and
 only then loaded and made visible.
 """
 
@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from lrctl.service.control import policy, run_control
+from lrctl.service.control import outcomes, run_control
 from lrctl.service.control.changes import Change, ChangeStatus, Phase, SetParameters
 from lrctl.service.control.core import ControlCore
 from lrctl.service.schedules.specs import ActiveSchedule
@@ -47,7 +47,8 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
         run_control.replay(core, replays, step)
         finals, state, version = run_control.decide(core, due, *replayed, step, core.clock(), meets)
     else:
-        finals, state, version = core.policy.outcomes(due, *replayed, step, core.clock(), meets)
+        finals, state, version = outcomes.decide(due, *replayed, step, core.clock(), core.guardrails,
+                                                  core.policy.parameters, meets)
     try:  # each ending durable before the engine makes it true and anyone is told
         core.log(finals)
     except OSError as e:
@@ -62,7 +63,7 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
         try:
             _load(core, state, version, loads, held)
         except Exception as e:  # noqa: BLE001 -- any engine failure fails the changes, not training
-            finals, corrected = policy.failed_load(finals, e)
+            finals, corrected = outcomes.failed_load(finals, e)
             state, version = base
             if replays:
                 logger.error("step %d: the replays of v%s could not be loaded: %r", step,
