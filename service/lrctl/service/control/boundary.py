@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from lrctl.service.control import outcomes, run_control
 from lrctl.service.control.changes import Change, ChangeStatus, Phase, SetParameters
 from lrctl.service.control.core import ControlCore
+from lrctl.service.control.targets import ParameterTarget
 from lrctl.service.schedules.specs import ActiveSchedule
 
 logger = logging.getLogger("lrctl.controller")
@@ -126,6 +127,14 @@ def _load(core: ControlCore, state: ActiveSchedule, version: int, loads: dict[st
         raise
 
 
+def attach_parameters(core: ControlCore, target: ParameterTarget) -> None:
+    """`Controller.attach_parameters`: their space judges requests, their values are reported."""
+    with core.cond:
+        core.parameters = target
+        core.policy.parameters = target.space()
+    refresh_parameters(core)
+
+
 def refresh_parameters(core: ControlCore) -> dict[str, float]:
     """`Controller.refresh_parameters`: read the variables (training thread) and report them."""
     values = core.parameters.read() if core.parameters is not None else {}
@@ -220,6 +229,14 @@ def publish(core: ControlCore, *, step: int, learning_rate: float, metrics: Mapp
         core.board.record_step(step=step, learning_rate=learning_rate, metrics=metrics, epoch=epoch,
                                metrics_step=metrics_step, metrics_time=metrics_time,
                                lr_clamp_count=lr_clamp_count)
+
+
+def publish_epoch(core: ControlCore, *, epoch: int, metrics: Mapping[str, float], step: int) -> None:
+    """`Controller.publish_epoch`: a measurement, and the snapshot's epoch logs."""
+    with core.cond:
+        measured = core.measurements.epoch_end(step=step, epoch=epoch, metrics=metrics, time=core.clock())
+        core.board.update(measurement_sequence=measured.sequence)
+        core.board.record_epoch(epoch=epoch, metrics=metrics, step=step)
 
 
 def follow(core: ControlCore, state: ActiveSchedule, version: int) -> None:
