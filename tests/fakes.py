@@ -27,7 +27,7 @@ class MemoryParameters:
         self.loads: list[dict[str, float]] = []
 
     def space(self) -> Any:
-        from lrctl.service.control.changes import ParameterSpace
+        from lrctl.service.control.targets import ParameterSpace
         return ParameterSpace(self.specs)
 
     def read(self) -> dict[str, float]:

@@ -13,12 +13,12 @@ from fakes import MemoryParameters, MemoryTarget
 from lrctl.service.control.changes import (
     ChangeRequest,
     ChangeStatus,
-    ParameterSpec,
     PinLearningRate,
     SetParameters,
 )
 from lrctl.service.control.controller import Controller
 from lrctl.service.control.guardrails import Guardrails
+from lrctl.service.control.targets import ParameterSpec
 from lrctl.service.control.wal import WriteAheadLog, after
 from lrctl.service.errors import FailedPreconditionError, InvalidArgumentError
 from lrctl.service.schedules import specs

@@ -19,11 +19,11 @@ from lrctl.service.control.changes import (
     Phase,
     PinLearningRate,
     ResumeTraining,
-    RunResult,
     SaveCheckpoint,
     StopTraining,
 )
 from lrctl.service.control.controller import Controller
+from lrctl.service.control.targets import RunResult
 from lrctl.service.errors import FailedPreconditionError, InvalidArgumentError
 from lrctl.service.schedules.kinds import Constant
 from lrctl.service.schedules.specs import ActiveSchedule

@@ -2,7 +2,7 @@
 run's phase, restores noticed, and lrctl's own changes (the divergence guard's revert).
 
 No lock is held across engine work or an fsync: a device sync never blocks an RPC. The outcome
-of each due change is decided in pure Python (`policy`), written to the write-ahead log, and
+of each due change is decided in pure Python (`outcomes`), written to the write-ahead log, and
 only then loaded and made visible.
 """
 
@@ -13,9 +13,10 @@ import logging
 import time
 from collections.abc import Mapping
 
-from lrctl.service.control import policy, run_control
+from lrctl.service.control import outcomes, run_control
 from lrctl.service.control.changes import Change, ChangeStatus, Phase, SetParameters
 from lrctl.service.control.core import ControlCore
+from lrctl.service.control.targets import ParameterTarget
 from lrctl.service.schedules.specs import ActiveSchedule
 
 logger = logging.getLogger("lrctl.controller")
@@ -47,7 +48,8 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
         run_control.replay(core, replays, step)
         finals, state, version = run_control.decide(core, due, *replayed, step, core.clock(), meets)
     else:
-        finals, state, version = core.policy.outcomes(due, *replayed, step, core.clock(), meets)
+        finals, state, version = outcomes.decide(due, *replayed, step, core.clock(), core.guardrails,
+                                                  core.policy.parameters, meets)
     try:  # each ending durable before the engine makes it true and anyone is told
         core.log(finals)
     except OSError as e:
@@ -62,7 +64,7 @@ def apply_due(core: ControlCore, step: int) -> list[Change]:
         try:
             _load(core, state, version, loads, held)
         except Exception as e:  # noqa: BLE001 -- any engine failure fails the changes, not training
-            finals, corrected = policy.failed_load(finals, e)
+            finals, corrected = outcomes.failed_load(finals, e)
             state, version = base
             if replays:
                 logger.error("step %d: the replays of v%s could not be loaded: %r", step,
@@ -123,6 +125,14 @@ def _load(core: ControlCore, state: ActiveSchedule, version: int, loads: dict[st
         if loads and core.parameters is not None:
             core.parameters.load({name: held[name] for name in loads if name in held})
         raise
+
+
+def attach_parameters(core: ControlCore, target: ParameterTarget) -> None:
+    """`Controller.attach_parameters`: their space judges requests, their values are reported."""
+    with core.cond:
+        core.parameters = target
+        core.policy.parameters = target.space()
+    refresh_parameters(core)
 
 
 def refresh_parameters(core: ControlCore) -> dict[str, float]:
@@ -219,6 +229,14 @@ def publish(core: ControlCore, *, step: int, learning_rate: float, metrics: Mapp
         core.board.record_step(step=step, learning_rate=learning_rate, metrics=metrics, epoch=epoch,
                                metrics_step=metrics_step, metrics_time=metrics_time,
                                lr_clamp_count=lr_clamp_count)
+
+
+def publish_epoch(core: ControlCore, *, epoch: int, metrics: Mapping[str, float], step: int) -> None:
+    """`Controller.publish_epoch`: a measurement, and the snapshot's epoch logs."""
+    with core.cond:
+        measured = core.measurements.epoch_end(step=step, epoch=epoch, metrics=metrics, time=core.clock())
+        core.board.update(measurement_sequence=measured.sequence)
+        core.board.record_epoch(epoch=epoch, metrics=metrics, step=step)
 
 
 def follow(core: ControlCore, state: ActiveSchedule, version: int) -> None:

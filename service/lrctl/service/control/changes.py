@@ -1,5 +1,5 @@
-"""The vocabulary of the control domain: what a change is, asks for and became, what a
-snapshot shows, and the two small protocols the controller drives (the engine, the log).
+"""The vocabulary of the control domain: what a change is, asks for and became, and what a
+snapshot shows (what the controller drives, and how it sees it: targets.py).
 
 Plain frozen dataclasses and enums with no behaviour beyond describing themselves, so that the
 servicer, the Keras layer, metrics and checkpoints can all speak of changes without importing
@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
 
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.schedules.specs import ActiveSchedule, Origin, ScheduleSpec
@@ -330,96 +328,6 @@ class Snapshot:
     measurement_sequence: int = 0
 
 
-@dataclass(frozen=True)
-class ParameterSpec:
-    """One settable scalar as the training layer describes it to the controller: its range
-    (each side inclusive or not; None: unbounded), whether the traced step lets it change,
-    and the dtype its variable holds it in (a value must be finite there; it is rounded to it)."""
-
-    name: str
-    live: bool = True
-    fixed_reason: str = ""  #: why not live, and how to start the job so that it is
-    registered: bool = False  #: TrainingControl.register'ed, not the optimizer's own
-    minimum: float | None = None
-    minimum_inclusive: bool = True
-    maximum: float | None = None
-    maximum_inclusive: bool = True
-    dtype: str = "float32"
-
-
-@dataclass(frozen=True)
-class ParameterSpace:
-    """What SetParameters may name in this trainer. `unsupported`: why no change can be made
-    at all (a multi-worker job), "" otherwise."""
-
-    specs: tuple[ParameterSpec, ...] = ()
-    unsupported: str = ""
-
-    def get(self, name: str) -> ParameterSpec | None:
-        return next((spec for spec in self.specs if spec.name == name), None)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(spec.name for spec in self.specs)
-
-
-class ParameterTarget(Protocol):
-    """The training layer's hyperparameter variables as the controller sees them. `read` and
-    `load` are called from the training thread only, between steps; `load` is all or nothing."""
-
-    def space(self) -> ParameterSpace: ...
-    def read(self) -> dict[str, float]: ...
-    def load(self, values: Mapping[str, float]) -> None: ...
-
-
-class ScheduleTarget(Protocol):
-    """The engine as the controller sees it. Called from the training thread only."""
-
-    def load(self, state: ActiveSchedule, version: int) -> None: ...
-    def read(self) -> tuple[ActiveSchedule, int]: ...
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What the training layer did for a run action at the boundary: the change's result fields."""
-
-    checkpoint_path: str = ""  #: the weights file written (save) or loaded (load)
-    checkpoint_step: int | None = None
-    checkpoint_run_id: str = ""  #: for a load: the run that wrote the checkpoint
-    #: For a load with its hyperparameters: the checkpoint's schedule, put in force as the
-    #: change's new state (None: the schedule in force stays).
-    schedule: ActiveSchedule | None = None
-
-
-class RunTarget(Protocol):
-    """The training layer as the controller sees it for run actions (`RUN_ACTIONS`): what it
-    can do (checked when a change arrives, any thread) and doing it (at a step boundary, on
-    the training thread, no lock held). A method that raises fails its change (a domain
-    error keeps its code; anything else is INTERNAL) and training goes on."""
-
-    @property
-    def checkpoint_dir(self) -> str | None: ...  #: where SaveCheckpoint writes (None: nowhere)
-    @property
-    def checkpoint_root(self) -> Path | None: ...  #: what LoadCheckpoint may read (None: nothing)
-    @property
-    def multi_worker(self) -> bool: ...  #: a multi-worker job: no pause, no load
-    def save_checkpoint(self, step: int) -> RunResult: ...
-    def load_checkpoint(self, action: LoadCheckpoint, step: int) -> RunResult: ...
-    def stop(self, step: int) -> None:
-        """After a StopTraining is recorded (pending changes cancelled): the final checkpoint
-        (when the trainer checkpoints; a failure is only logged), and the loop ends."""
-
-
-class ChangeLog(Protocol):
-    """Where the controller writes each change's transitions before it answers: the
-    write-ahead log (`wal.WriteAheadLog`). `append` returns once the records are durable, or
-    raises OSError; `seq` is the last record's sequence number."""
-
-    @property
-    def seq(self) -> int: ...
-    def append(self, records: Sequence[Mapping[str, Any]]) -> int: ...
-
-
 
 __all__ = [
     "ENDED_PHASES",
@@ -427,14 +335,10 @@ __all__ = [
     "Action",
     "Boundaries",
     "Change",
-    "ChangeLog",
     "ChangeRequest",
     "ChangeStatus",
     "Hyperparameter",
     "LoadCheckpoint",
-    "ParameterSpace",
-    "ParameterSpec",
-    "ParameterTarget",
     "ParameterUpdate",
     "PauseTraining",
     "Phase",
@@ -442,11 +346,8 @@ __all__ = [
     "ResumeTraining",
     "RevertSchedule",
     "RunAction",
-    "RunResult",
-    "RunTarget",
     "SaveCheckpoint",
     "ScaleLearningRate",
-    "ScheduleTarget",
     "SetParameters",
     "Snapshot",
     "StopTraining",

@@ -21,22 +21,17 @@ from lrctl.service.control import boundary, recovery, run_control, submission
 from lrctl.service.control.changes import (
     Boundaries,
     Change,
-    ChangeLog,
     ChangeRequest,
     ChangeStatus,
-    ParameterTarget,
     Phase,
-    RunTarget,
-    ScheduleTarget,
     Snapshot,
     WorkerState,
 )
 from lrctl.service.control.core import ControlCore
 from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
-from lrctl.service.control.limits import DEDUP_WINDOW
 from lrctl.service.control.measurements import Page
-from lrctl.service.errors import NotFoundError
+from lrctl.service.control.targets import ChangeLog, ParameterTarget, RunTarget, ScheduleTarget
 from lrctl.service.schedules.specs import ActiveSchedule
 
 T = TypeVar("T")
@@ -176,12 +171,7 @@ class Controller:
     def get_change(self, change_id: int) -> Change:
         """The change `change_id` as it is now: pending, or finished and remembered (the last
         `limits.DEDUP_WINDOW`). Raises NotFoundError for any other id."""
-        with self._core.cond:
-            record = self._core.lookup(change_id)
-        if record is None:
-            raise NotFoundError(f"no change {change_id} is known (every pending change and the "
-                                f"last {DEDUP_WINDOW} finished ones are)")
-        return record
+        return self._core.get_change(change_id)
 
     def wait(self, change: Change, timeout: float | None) -> Change:
         """Block until `change` leaves PENDING; return its final record.
@@ -243,22 +233,15 @@ class Controller:
 
     def publish_epoch(self, *, epoch: int, metrics: Mapping[str, float], step: int) -> None:
         """Record an epoch's end-of-epoch logs (`val_*` included), taken at `step`."""
-        with self._core.cond:
-            measured = self._core.measurements.epoch_end(step=step, epoch=epoch, metrics=metrics,
-                                                         time=self._core.clock())
-            self._core.board.update(measurement_sequence=measured.sequence)
-            self._core.board.record_epoch(epoch=epoch, metrics=metrics, step=step)
+        boundary.publish_epoch(self._core, epoch=epoch, metrics=metrics, step=step)
 
     def list_measurements(self, *, after_sequence: int | None, same_process: bool, start_step: int,
                           page_size: int) -> Page:
         """A page of the measurements numbered after `after_sequence` (a page token's; None:
         the first page; `same_process`: issued by this process) with step >= `start_step`,
         oldest first (any thread; O(page_size) under the lock)."""
-        with self._core.cond:
-            measurements = self._core.measurements
-            if after_sequence is not None:
-                after_sequence = measurements.position(after_sequence, same_process=same_process)
-            return measurements.page(after_sequence, start_step, page_size)
+        return self._core.measurement_page(after_sequence=after_sequence, same_process=same_process,
+                                           start_step=start_step, page_size=page_size)
 
     def ended_counts(self) -> dict[ChangeStatus, int]:
         """How many changes ended with each status since this controller started (exact)."""
@@ -285,10 +268,7 @@ class Controller:
         """The hyperparameter variables SetParameters loads (training thread, before training,
         or again when their space changes, e.g. a variable was registered): their space
         judges requests from now on, and their values are read and reported."""
-        with self._core.cond:
-            self._core.parameters = target
-            self._core.policy.parameters = target.space()
-        boundary.refresh_parameters(self._core)
+        boundary.attach_parameters(self._core, target)
 
     def refresh_parameters(self) -> dict[str, float]:
         """Read the hyperparameter variables again (training thread: a restore may have

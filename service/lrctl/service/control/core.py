@@ -22,24 +22,21 @@ from lrctl.service.control import parameters, persistence
 from lrctl.service.control.broadcast import Board
 from lrctl.service.control.changes import (
     Change,
-    ChangeLog,
     ChangeRequest,
     ChangeStatus,
-    ParameterTarget,
     Phase,
     RevertSchedule,
-    RunTarget,
-    ScheduleTarget,
     Snapshot,
 )
 from lrctl.service.control.filters import ChangeFilter
 from lrctl.service.control.guardrails import Guardrails
 from lrctl.service.control.ledger import Ledger
-from lrctl.service.control.limits import LIST_SCAN_LIMIT, SNAPSHOT_PENDING
-from lrctl.service.control.measurements import Measurements
+from lrctl.service.control.limits import DEDUP_WINDOW, LIST_SCAN_LIMIT, SNAPSHOT_PENDING
+from lrctl.service.control.measurements import Measurements, Page
 from lrctl.service.control.policy import Policy
 from lrctl.service.control.queue import ChangeQueue
-from lrctl.service.errors import InvalidArgumentError, UnavailableError
+from lrctl.service.control.targets import ChangeLog, ParameterTarget, RunTarget, ScheduleTarget
+from lrctl.service.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.specs import ActiveSchedule
 
@@ -104,6 +101,24 @@ class ControlCore:
     @guardrails.setter
     def guardrails(self, limits: Guardrails) -> None:
         self.policy.guardrails = limits
+
+    # -- any thread: each takes `cond` ------------------------------------------------------------
+    def get_change(self, change_id: int) -> Change:
+        """`Controller.get_change`."""
+        with self.cond:
+            record = self.lookup(change_id)
+        if record is None:
+            raise NotFoundError(f"no change {change_id} is known (every pending change and the "
+                                f"last {DEDUP_WINDOW} finished ones are)")
+        return record
+
+    def measurement_page(self, *, after_sequence: int | None, same_process: bool, start_step: int,
+                         page_size: int) -> Page:
+        """`Controller.list_measurements`: O(page_size) under the lock."""
+        with self.cond:
+            if after_sequence is not None:
+                after_sequence = self.measurements.position(after_sequence, same_process=same_process)
+            return self.measurements.page(after_sequence, start_step, page_size)
 
     # -- under `cond` ----------------------------------------------------------------------------
     def top_version(self) -> int:

@@ -12,14 +12,10 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from lrctl.service.control.changes import (
-    Hyperparameter,
-    ParameterSpace,
-    ParameterSpec,
-    SetParameters,
-)
+from lrctl.service.control.changes import Hyperparameter, SetParameters
 from lrctl.service.control.guardrails import Guardrails
 from lrctl.service.control.limits import MAX_PARAMETER_NAME_BYTES, MAX_PARAMETERS
+from lrctl.service.control.targets import ParameterSpace, ParameterSpec
 from lrctl.service.errors import FailedPreconditionError, InvalidArgumentError
 
 NO_PARAMETERS = ParameterSpace()

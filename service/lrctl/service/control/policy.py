@@ -1,17 +1,16 @@
-"""The policy: whether a change may be accepted, and what it does when its boundary comes.
+"""The policy: whether a change may be accepted, and the state it makes.
 
 On arrival: the request's own rules (values, sizes, step ranges), the fences, the phase, the
 expected version, where the step boundaries fall, the guardrails over the whole horizon from
-the state the change will meet, the pending bound and the rate limit. At the boundary: each
-due change's outcome (applied, aborted on a version conflict, failed when its step was missed
-or the guardrails now refuse it), in pure Python, so the engine is loaded once for all of them.
-Pure numpy (`forms`), no TensorFlow; holds no lock and no state beyond the rate limiter.
+the state the change will meet, the pending bound and the rate limit. What a change makes of
+the schedule (`next_state`, `check_change`) is also what decides it at its boundary
+(`outcomes`). Pure numpy (`forms`), no TensorFlow; holds no lock and no state beyond the rate
+limiter.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,15 +21,11 @@ from lrctl.service.control.changes import (
     Action,
     Change,
     ChangeRequest,
-    ChangeStatus,
     LoadCheckpoint,
-    ParameterSpace,
-    ParameterUpdate,
     PauseTraining,
     Phase,
     PinLearningRate,
     RevertSchedule,
-    RunTarget,
     SaveCheckpoint,
     ScaleLearningRate,
     SetParameters,
@@ -46,8 +41,8 @@ from lrctl.service.control.limits import (
     MAX_REQUEST_ID_BYTES,
     MAX_RUN_ID_BYTES,
 )
+from lrctl.service.control.targets import ParameterSpace, RunTarget
 from lrctl.service.errors import (
-    ApplyError,
     FailedPreconditionError,
     IncarnationMismatchError,
     InvalidArgumentError,
@@ -207,71 +202,6 @@ def check_change(action: Action, state: ActiveSchedule, step: int,
     return after, forms.learning_rate(after, step)
 
 
-def late_error(due: int, step: int) -> FailedPreconditionError:
-    return FailedPreconditionError(
-        f"apply_at_step={due}: no step boundary fell on that step (the next one came at step "
-        f"{step}: an epoch ended early, or the boundaries moved); the change was not applied late",
-        field="apply_at_step")
-
-
-def outcomes(due: list[Change], state: ActiveSchedule, version: int, step: int,
-             now: float, limits: Guardrails, space: ParameterSpace = parameters.NO_PARAMETERS,
-             values: dict[str, float] | None = None) -> tuple[list[Change], ActiveSchedule, int]:
-    """Each due change's final record, applied one after the other from (`state`, `version`).
-    `values`: the hyperparameters as the variables hold them (read at this boundary); each
-    applied SetParameters updates it in place, so the next one's `before` is right."""
-    finals = []
-    values = {} if values is None else values
-    for change in due:
-        if change.due_key and change.due_key < step:  # its boundary never came: never apply late
-            finals.append(dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=now,
-                                              error=late_error(change.due_key, step)))
-            continue
-        expected = change.request.expected_version
-        if expected is not None and expected != version:
-            finals.append(dataclasses.replace(change, status=ChangeStatus.ABORTED, current_version=version,
-                                              applied_time=now,
-                                              error=VersionConflictError(expected, version, step=step)))
-            continue
-        action = change.request.action
-        if isinstance(action, SetParameters):
-            try:  # as on arrival: the space and the guardrails may have moved since
-                parameters.check(action, space, limits)
-            except (InvalidArgumentError, FailedPreconditionError) as e:
-                error = e if isinstance(e, FailedPreconditionError) else FailedPreconditionError(str(e))
-                finals.append(dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=now,
-                                                  error=error))
-                continue
-            updates = []
-            for name, value in action.values:
-                spec = space.get(name)
-                assert spec is not None
-                after_value = parameters.held(spec, value)
-                updates.append(ParameterUpdate(name, values.get(name, math.nan), after_value))
-                values[name] = after_value
-            version += 1
-            finals.append(dataclasses.replace(
-                change, status=ChangeStatus.APPLIED, version=version, applied_step=step,
-                learning_rate_after=forms.learning_rate(state, step), schedule_after=state,
-                applied_time=now, parameter_updates=tuple(updates)))
-            continue
-        try:  # over the whole horizon from here, as on arrival, from the state it meets now
-            after, lr = check_change(change.request.action, state, step, limits)
-        except (InvalidArgumentError, FailedPreconditionError) as e:  # fine on arrival, not now
-            error = e if isinstance(e, FailedPreconditionError) else FailedPreconditionError(str(e))
-            finals.append(dataclasses.replace(change, status=ChangeStatus.FAILED, applied_time=now,
-                                              error=error))
-            continue
-        state = after
-        version += 1
-        finals.append(dataclasses.replace(
-            change, status=ChangeStatus.APPLIED, version=version, applied_step=step,
-            learning_rate_after=lr, schedule_after=state, applied_time=now,
-        ))
-    return finals, state, version
-
-
-
 def check_fences(snapshot: Snapshot, expected_run_id: str, expected_incarnation: str) -> None:
     """Refuse a request fenced to another run or another process of this one."""
     if expected_run_id and expected_run_id != snapshot.run_id:
@@ -386,19 +316,3 @@ class Policy:
         return dataclasses.replace(
             change, preview=tuple(guardrails.sample(arrival.after, arrival.start, steps)),
             preview_current=tuple(guardrails.sample(arrival.before, arrival.start, steps)))
-
-    def outcomes(self, due: list[Change], state: ActiveSchedule, version: int, step: int,
-                 now: float, values: dict[str, float] | None = None) -> tuple[list[Change], ActiveSchedule, int]:
-        return outcomes(due, state, version, step, now, self.guardrails, self.parameters, values)
-
-
-def failed_load(finals: list[Change], error: Exception) -> tuple[list[Change], list[Change]]:
-    """The engine could not load the outcome of `finals`: each APPLIED one becomes FAILED.
-    Returns every final record and the ones that changed."""
-    failure = ApplyError(f"the engine could not load the new schedule: {error!r}; nothing changed")
-    corrected = [dataclasses.replace(f, status=ChangeStatus.FAILED, version=0, applied_step=None,
-                                     learning_rate_after=None, schedule_after=None, error=failure,
-                                     parameter_updates=())
-                 for f in finals if f.status is ChangeStatus.APPLIED]
-    failed = {f.id: f for f in corrected}
-    return [failed.get(f.id, f) for f in finals], corrected

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
+from lrctl.service.control import outcomes
 from lrctl.service.control.changes import (
     RUN_ACTIONS,
     Change,
@@ -30,11 +31,11 @@ from lrctl.service.control.changes import (
     PauseTraining,
     Phase,
     ResumeTraining,
-    RunResult,
     SaveCheckpoint,
     StopTraining,
 )
 from lrctl.service.control.core import ControlCore
+from lrctl.service.control.targets import RunResult
 from lrctl.service.errors import ApplyError, FailedPreconditionError
 from lrctl.service.schedules import forms
 from lrctl.service.schedules.specs import ActiveSchedule
@@ -52,7 +53,7 @@ def is_run_action(change: Change) -> bool:
 
 def decide(core: ControlCore, due: Sequence[Change], state: ActiveSchedule, version: int, step: int,
            now: float, values: dict[str, float] | None = None) -> tuple[list[Change], ActiveSchedule, int]:
-    """Like `policy.outcomes`, in submission order, with each run action performed where it
+    """Like `outcomes.decide`, in submission order, with each run action performed where it
     stands (no lock held): a load with its hyperparameters changes the state the changes after
     it build on, and a failed action takes no version. After an applied stop, the rest are
     cancelled with its reason."""
@@ -63,7 +64,8 @@ def decide(core: ControlCore, due: Sequence[Change], state: ActiveSchedule, vers
         if stop is not None:
             finals.append(cancelled_by_stop(change, stop, now))
             continue
-        [final], after, next_version = core.policy.outcomes([change], state, version, step, now, values)
+        [final], after, next_version = outcomes.decide([change], state, version, step, now, core.guardrails,
+                                                        core.policy.parameters, values)
         if is_run_action(change) and final.status is ChangeStatus.APPLIED:
             final = _perform(core, final, state, step)
             if final.status is not ChangeStatus.APPLIED:

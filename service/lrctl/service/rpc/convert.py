@@ -1,5 +1,6 @@
 """Protobuf <-> domain: specs from the descriptor, changes, states and guardrails to protobuf,
-change names, and the ListChanges page tokens. Every conversion of lrctl's messages lives here."""
+change names, and the ListChanges and ListMeasurements page tokens. Every conversion of lrctl's
+messages lives here, but the mutation requests' (change_requests.py: each as the change it asks for)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lrctl.service.control.changes import (
-    Action,
     Change,
-    ChangeRequest,
     ChangeStatus,
     Hyperparameter,
     LoadCheckpoint,
@@ -37,7 +36,6 @@ from lrctl.service.control.changes import (
     SwapSchedule,
 )
 from lrctl.service.control.guardrails import Guardrails
-from lrctl.service.control.limits import DEFAULT_PAUSE_TIMEOUT
 from lrctl.service.control.measurements import Measurement
 from lrctl.service.errors import InvalidArgumentError
 from lrctl.service.schedules import specs
@@ -51,11 +49,6 @@ _FIELD_BY_TYPE: dict[type[specs.ScheduleSpec], str] = {
     if field.message_type is not None and field.message_type.name == spec_type.keras_name
 }
 _TYPE_BY_FIELD = {name: t for t, name in _FIELD_BY_TYPE.items()}
-ORIGIN_FROM_PB = {
-    pb.STEP_ORIGIN_UNSPECIFIED: specs.Origin.RESTART,
-    pb.STEP_ORIGIN_RESTART: specs.Origin.RESTART,
-    pb.STEP_ORIGIN_GLOBAL: specs.Origin.GLOBAL,
-}
 _ORIGIN_TO_PB = {specs.Origin.RESTART: pb.STEP_ORIGIN_RESTART, specs.Origin.GLOBAL: pb.STEP_ORIGIN_GLOBAL}
 _PHASE_TO_PB = {phase: pb.Phase.Value(f"PHASE_{phase.name}") for phase in Phase}
 _STATUS_TO_PB = {status: pb.ChangeStatus.Value(f"CHANGE_STATUS_{status.name}") for status in ChangeStatus}
@@ -103,57 +96,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Message):
         return tuple(getattr(value, f.name) for f in value.DESCRIPTOR.fields)
     return value
-
-
-def change_request(request: pb.SetLearningRateRequest | pb.SwapScheduleRequest,
-                    action: Action) -> ChangeRequest:
-    return ChangeRequest(
-        action=action,
-        request_id=request.request_id,
-        expected_version=request.expected_version if request.HasField("expected_version") else None,
-        apply_at_step=request.apply_at_step if request.HasField("apply_at_step") else None,
-        reason=request.reason,
-        force=request.force,
-        expected_run_id=request.expected_run_id,
-        expected_incarnation=request.expected_incarnation,
-        apply_after_steps=request.apply_after_steps if request.HasField("apply_after_steps") else None,
-    )
-
-
-#: The requests of the run actions (PauseTraining ... LoadCheckpoint) and SetOptimizerParameters:
-#: the options every change takes, but no `force` and no preview.
-RunActionRequest = (pb.PauseTrainingRequest | pb.ResumeTrainingRequest | pb.SaveCheckpointRequest
-                    | pb.StopTrainingRequest | pb.LoadCheckpointRequest | pb.SetOptimizerParametersRequest)
-
-
-def run_request(request: RunActionRequest, action: Action) -> ChangeRequest:
-    """A run action's request: the options every change takes (as `change_request`)."""
-    return ChangeRequest(
-        action=action, request_id=request.request_id,
-        expected_version=request.expected_version if request.HasField("expected_version") else None,
-        apply_at_step=request.apply_at_step if request.HasField("apply_at_step") else None,
-        reason=request.reason, expected_run_id=request.expected_run_id,
-        expected_incarnation=request.expected_incarnation,
-        apply_after_steps=request.apply_after_steps if request.HasField("apply_after_steps") else None,
-    )
-
-
-def parameters_request(request: pb.SetOptimizerParametersRequest) -> ChangeRequest:
-    """A SetOptimizerParameters request as a change (names sorted: one payload per request,
-    whatever the map's order on the wire)."""
-    return run_request(request, SetParameters(tuple(sorted(
-        (name, float(value)) for name, value in request.parameters.items()))))
-
-
-def pause_timeout(duration: Duration) -> float:
-    """PauseTrainingRequest.timeout in seconds: unset or zero is the default (1 hour); a
-    malformed Duration (nanos out of range, mixed signs) is INVALID_ARGUMENT naming `timeout`;
-    the range is the policy's (it names `timeout` too)."""
-    if not -999_999_999 <= duration.nanos <= 999_999_999 or (duration.seconds * duration.nanos < 0):
-        raise InvalidArgumentError("timeout", "must be a valid Duration",
-                                   f"{duration.seconds}s {duration.nanos}ns")
-    seconds = duration.seconds + duration.nanos / 1e9
-    return seconds or DEFAULT_PAUSE_TIMEOUT
 
 
 def _duration(seconds: float) -> Duration:

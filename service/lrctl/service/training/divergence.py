@@ -195,6 +195,14 @@ class DivergenceWatch:
     def fit_ends(self) -> None:
         self._fit_loss = None
 
+    def weights_replaced(self) -> bool:
+        """The weights were replaced (a restore, a load): a snapshot held belongs to the
+        timeline before, and is never put back. Returns whether one was held (the watch ends)."""
+        if not self.guard.watching:
+            return False
+        self.guard.close()
+        return True
+
     def current_loss(self) -> float | None:
         if self._fit_loss is not None:
             return self._fit_loss()

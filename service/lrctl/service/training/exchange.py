@@ -36,7 +36,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.eager import executor as tf_executor
 
-from lrctl.service.control.changes import Change, WorkerState
+from lrctl.service.control.changes import Boundaries, Change, WorkerState
 from lrctl.service.control.controller import Controller
 from lrctl.service.observability.logs import short
 from lrctl.service.schedules.specs import ActiveSchedule
@@ -170,6 +170,12 @@ class WorkerSync:
     def due(self, step: int) -> bool:
         """Whether the boundary before step `step` is an exchange."""
         return step % self.every == 0
+
+    @property
+    def boundaries(self) -> Boundaries:
+        """Where changes land: only exchanges are boundaries, every worker at the same steps,
+        across epochs, and what lands at one is decided one exchange (`every` steps) before."""
+        return Boundaries(0, self.every, lead=self.every)
 
     def boundary(self, step: int, stop: Callable[[], bool], decide: Decide) -> tuple[list[Change], bool]:
         """At the boundary before step `step` on every worker, if an exchange is due: load

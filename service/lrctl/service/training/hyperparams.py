@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lrctl.service.control.changes import ParameterSpace, ParameterSpec
+from lrctl.service.control.targets import ParameterSpace, ParameterSpec
 from lrctl.service.training.attach import lr_owner
 
 Number = float | int

@@ -2,9 +2,10 @@
 step boundary, from `model.fit` (its callback) or a custom loop (`step_boundary`).
 
 A façade over one module per job: `attach` (the schedule on the optimizer), `engine_target`
-(engine I/O), `step_clock`, `boundary` (applying due changes, noticing restores),
-`publishing`, `divergence` (revert_on_nan), `exchange` (several workers), `local_changes`
-(Keras's LR callbacks) and `fit_callback`. Training thread only, except `request_stop`.
+(engine I/O), `step_clock`, `boundary` (what a step boundary does in fit or a custom loop:
+applying due changes, noticing restores), `lifecycle` (begin, stop, end), `publishing`,
+`divergence` (revert_on_nan), `exchange` (several workers), `local_changes` (Keras's LR
+callbacks) and `fit_callback`. Training thread only, except `request_stop`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 import tensorflow as tf
 
-from lrctl.service.control.changes import Boundaries, Change, Phase
+from lrctl.service.control.changes import Change
 from lrctl.service.control.controller import Controller
 from lrctl.service.control.guardrails import NO_GUARDRAILS, Guardrails
 from lrctl.service.errors import FailedPreconditionError
@@ -33,6 +34,7 @@ from lrctl.service.training.engine_target import EngineTarget
 from lrctl.service.training.exchange import DeferredLoads, WorkerSync, worker_count
 from lrctl.service.training.fit_callback import ControlCallback
 from lrctl.service.training.hyperparams import OptimizerParameters
+from lrctl.service.training.lifecycle import Lifecycle
 from lrctl.service.training.publishing import Publisher
 from lrctl.service.training.run_actions import RunActions
 from lrctl.service.training.step_clock import StepClock
@@ -91,8 +93,6 @@ class TrainingControl:
         #: StopTraining write with (None: no checkpoints; a Checkpointer sets itself here).
         self.checkpoint_root = None if checkpoint_root is None else Path(checkpoint_root)
         self.checkpointer: Checkpointer | None = None
-        self._model = model  # the model LoadCheckpoint loads into (fit's, once fit starts)
-        self._finished = False  # a StopTraining ended the run for good
         self.schedule = attach(optimizer)
         if initial_schedule is not None:
             self.schedule.load(ActiveSchedule(initial_schedule), version=0)
@@ -120,18 +120,18 @@ class TrainingControl:
         self.clock = StepClock(optimizer.iterations)
         # `self.resync` reaches `_boundary`, made below, only when called.
         self._publisher = Publisher(self.controller, self.engine, self.clock, self.resync, publish_interval)
-        self._stop_asked = self._stop_agreed = False
-        self._inside_training = False
         #: The divergence guard, None when off: then nothing is ever snapshotted.
         self.divergence = DivergenceGuard(revert_on_nan, optimizer, self.schedule) if revert_on_nan else None
         self._watch = None if self.divergence is None else DivergenceWatch(
             self.divergence, self.controller, self.clock, model, variables, self.resync, self._publisher.soon)
-        self._boundary = Boundary(self.controller, self.engine, self.clock, self._publisher, self._watch)
+        self._run = Lifecycle(self.controller, self.clock, self._publisher, self.resync, self.divergence,
+                              self.workers, model)
+        self._boundary = Boundary(self.controller, self.engine, self.clock, self._publisher, self._watch,
+                                  self.workers, self._run)
         self.callback = ControlCallback(self)
         self.controller.run_target = RunActions(self)
-        if self.workers is not None:  # only exchanges are boundaries, every worker at the same steps
-            # Decided one exchange ahead: what lands at a boundary is decided `every` steps before.
-            self.controller.set_boundaries(Boundaries(0, self.workers.every, lead=self.workers.every))
+        if self.workers is not None:
+            self.controller.set_boundaries(self.workers.boundaries)
         local_changes.route_learning_rate_assignments(self)
         self.publish(force=True)  # readers see the starting LR before the first step
 
@@ -166,21 +166,7 @@ class TrainingControl:
 
         With `revert_on_nan`, pass the last step's loss as `logs["loss"]`: inside the K steps
         after a change it is read (a device sync if it is a tensor) and a NaN or Inf reverts."""
-        watch = self._watch
-        if watch is not None and not watch.knows_weights:
-            raise ValueError("revert_on_nan in a custom loop needs the weights to snapshot: "
-                             "pass TrainingControl(..., model=model) or variables=[...]")
-        step = self.step
-        if watch is not None:
-            watch.boundary_logs = logs
-            if watch.guard.watching:
-                watch.check(watch.logged_loss(logs))
-        if self.workers is not None:
-            applied = self._exchange(step)
-        else:
-            applied = self._decide(step)
-        self.publish(logs)
-        return applied
+        return self._boundary.custom_loop_step(logs)
 
     def before_batch(self, steps: int | None, logs: Mapping[str, Any] | None = None, *,
                      logs_step: int | None = None, logs_time: float | None = None) -> None:
@@ -188,45 +174,24 @@ class TrainingControl:
         `steps` bounds how many steps the coming batch runs (steps_per_execution); None if
         unknown. The step is read only when the step clock says a change may be due, so an
         idle boundary costs one lock and no device sync."""
-        self.clock.settle()
-        if self._watch is not None and self._watch.guard.watching:
-            self._watch.check(self._watch.current_loss())
-        if self.workers is not None:  # every worker reads the step: exchanges need it exactly
-            self._exchange(self.step)
-        elif self.controller.at_boundary(self.clock.ceiling):
-            self._boundary.apply_due(self.step)
-        self.publish(logs, logs_step=logs_step, logs_time=logs_time)
-        self.clock.announce(steps)
+        self._boundary.before_batch(steps, logs, logs_step=logs_step, logs_time=logs_time)
 
     def request_stop(self) -> None:
         """Ask the run to stop (any thread; a signal handler too). `should_stop` turns true
         at once, or, in a multi-worker job, at the next exchange, on every worker together."""
-        self._stop_asked = True
+        self._run.asked = True
 
     @property
     def should_stop(self) -> bool:
         """Whether the loop should end after this step boundary: in a multi-worker job, on
         every worker after the same step (a worker that stopped alone would hang the rest)."""
-        if self.workers is not None:  # a StopTraining too: it rides in the chief's stop vote
-            return self._stop_agreed
-        return self._finished or self._stop_asked
+        return self._run.should_stop
 
     @property
     def is_chief(self) -> bool:
         """Whether this process serves the API: always, except on a multi-worker job's
         followers (they take the chief's schedule at each exchange)."""
         return self.workers is None or self.workers.is_chief
-
-    def _decide(self, step: int) -> list[Change]:
-        """Apply what is due at `step`: at this boundary, or, under a multi-worker exchange, at
-        the exchange boundary `step` that every worker will load it at."""
-        return self._boundary.apply_due(step) if self.controller.at_boundary(step) else []
-
-    def _exchange(self, step: int) -> list[Change]:
-        assert self.workers is not None
-        ended, stop = self.workers.boundary(step, lambda: self._stop_asked or self._finished, self._decide)
-        self._stop_agreed = stop or self._stop_agreed
-        return ended
 
     def assign_learning_rate(self, value: Any, *, source: str) -> Change | None:
         """A float assigned to the optimizer's `learning_rate` by `source` (Keras's
@@ -254,12 +219,10 @@ class TrainingControl:
     def finish_requested(self) -> None:
         """A StopTraining applied: `should_stop` turns true and `fit` stops (Keras runs the batch
         it has begun: it checks `stop_training` after it); the run ends FINISHED."""
-        self._finished = True
-        if self._model is not None:
-            self._model.stop_training = True
+        self._run.finish()
 
     def model_for_load(self) -> keras.Model:
-        model = self._model or (self.checkpointer.model if self.checkpointer is not None else None)
+        model = self._run.model or (self.checkpointer.model if self.checkpointer is not None else None)
         if model is None:
             raise FailedPreconditionError("LoadCheckpoint needs the model: train with fit, or pass "
                                           "TrainingControl(..., model=model)")
@@ -276,36 +239,18 @@ class TrainingControl:
     def weights_replaced(self) -> None:
         """The weights were replaced at a boundary (a load): a revert_on_nan snapshot belongs
         to the timeline before it, and is never put back."""
-        if self._watch is not None and self._watch.guard.watching:
-            self._watch.guard.close()
+        if self._watch is not None:
+            self._watch.weights_replaced()
 
     # -- the run's lifecycle ---------------------------------------------------------------
     def begin(self) -> None:
         """Training starts (or resumes after a restore): sync with the engine's variables."""
-        self.clock.settle()  # no batch announced yet: a read is exact
-        self.resync()
-        if self.controller.stopped_step is not None:  # a StopTraining ended the run for good
-            self._finished = True
-            self.publish(force=True)
-            return
-        self.controller.set_phase(Phase.TRAINING)
-        self.publish(force=True)
+        self._run.begin()
 
     def end(self, failed: bool = False, logs: Mapping[str, Any] | None = None, *,
             logs_step: int | None = None, logs_time: float | None = None) -> None:
         """The run is over: FAILED if `failed`, STOPPED after a shutdown, else FINISHED."""
-        if self.divergence is not None:
-            self.divergence.close()  # the run is over: free the host copy
-        if self.workers is not None and not failed:
-            # What the chief decided at the last boundary loads now, so that the engine holds
-            # what its controller applied. Every worker ends alike: each drains its own. A
-            # failed run does not wait: a collective with a dead worker never returns.
-            self.workers.drain()
-        self.publish(logs, force=True, logs_step=logs_step, logs_time=logs_time)
-        # A shutdown (SIGTERM, a stop vote) is not a completion: what was accepted stays pending.
-        stopped = not self._finished and (self.controller.shutting_down or self._stop_asked
-                                          or self._stop_agreed)
-        self.controller.set_phase(Phase.FAILED if failed else Phase.STOPPED if stopped else Phase.FINISHED)
+        self._run.end(failed, logs, logs_step=logs_step, logs_time=logs_time)
 
     @contextlib.contextmanager
     def training(self) -> Iterator[TrainingControl]:
@@ -314,28 +259,18 @@ class TrainingControl:
         Use it around a custom loop, or around several `fit` calls: inside it, the end of
         one `fit` does not end the run, so pending changes carry over to the next `fit`.
         """
-        self._inside_training = True
-        self.begin()
-        try:
+        with self._run.bracket():
             yield self
-        except BaseException:
-            self.end(failed=True)
-            raise
-        finally:
-            self._inside_training = False
-        self.end()
 
     @property
     def inside_training(self) -> bool:
         """Whether `training()` brackets the run: then the end of one `fit` does not end it."""
-        return self._inside_training
+        return self._run.inside_training
 
     # -- fit's hooks (the callback's) ------------------------------------------------------
     def fit_begins(self, model: keras.Model) -> None:
         """fit starts: with revert_on_nan, its model and loss tracker are what is watched."""
-        self._model = model
-        if self._finished:
-            model.stop_training = True
+        self._run.fit_begins(model)
         if self._watch is not None:
             self._watch.fit_begins(model)
 
@@ -343,37 +278,19 @@ class TrainingControl:
         """fit starts an epoch: returns its first step. An epoch start is a step boundary: what
         is due applies before the callbacks listed after lrctl's run, so a
         LearningRateScheduler reads the LR a client set between epochs."""
-        self._publisher.epoch = epoch
-        self.clock.settle()  # the last epoch's batches have run: the read is exact
-        start = self.step  # one scalar read an epoch
-        # Executions of steps_per_execution steps from the epoch's first step (Keras runs whole
-        # executions, unless the data runs out: then the next epoch starts them again).
-        boundaries = Boundaries(start, steps_per_batch) if steps_per_batch is not None else None
-        if self.workers is not None:  # the exchanges' grid holds across epochs
-            boundaries = Boundaries(0, self.workers.every, lead=self.workers.every)
-        self.controller.set_boundaries(boundaries, epoch_start_step=start)
-        if self.workers is None and self.controller.at_boundary(start):
-            self._boundary.apply_due(start)
-        return start
+        return self._boundary.epoch_begins(epoch, steps_per_batch)
 
     def epoch_ends(self, epoch: int, logs: Mapping[str, Any] | None, *, complete: bool) -> None:
         """fit ended an epoch (`complete`: all its steps ran): publish its logs (`val_*`
         included) with the step and LR they were taken at; revert_on_nan checks its last steps."""
-        if complete:
-            self.controller.complete_epoch(epoch)
-        if self._watch is not None:
-            self._watch.epoch_end(logs)
-        self._publisher.publish_epoch(epoch, logs)
+        self._boundary.epoch_ends(epoch, logs, complete=complete)
 
     def fit_ends(self, logs: Mapping[str, Any] | None, *, logs_step: int | None,
                  logs_time: float | None) -> None:
         """fit returned: the run ends with it, unless `training()` brackets several."""
         if self._watch is not None:
             self._watch.fit_ends()
-        if self._inside_training:
-            self.publish(logs, force=True, logs_step=logs_step, logs_time=logs_time)
-        else:
-            self.end(logs=logs, logs_step=logs_step, logs_time=logs_time)
+        self._run.fit_ends(logs, logs_step=logs_step, logs_time=logs_time)
 
 
 __all__ = ["TrainingControl"]

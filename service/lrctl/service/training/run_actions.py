@@ -1,4 +1,4 @@
-"""The training layer's side of the run actions (`control.changes.RunTarget`): writing a
+"""The training layer's side of the run actions (`control.targets.RunTarget`): writing a
 checkpoint through the run's Checkpointer, loading another one's weights and optimizer state
 (`exploit`), and ending the run for good. Training thread, at a step boundary,
 no controller lock held; the controller decides each change's record from what these return
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lrctl.service.control import checkpoint_paths, persistence
-from lrctl.service.control.changes import LoadCheckpoint, RunResult
+from lrctl.service.control.changes import LoadCheckpoint
+from lrctl.service.control.targets import RunResult
 from lrctl.service.errors import ApplyError, FailedPreconditionError
 from lrctl.service.training import exploit
 
