@@ -146,7 +146,10 @@ def refresh_parameters(core: ControlCore) -> dict[str, float]:
 
 
 def restored(core: ControlCore, state: ActiveSchedule, version: int, *, step: int) -> int:
-    """`Controller.restored`: a record of the restored state, as a new version if need be."""
+    """`Controller.restored`: a record of the restored state, as a new version if need be.
+    The version never decreases: a restore to an older version becomes a new one. The version
+    in force gets a record (an APPLIED change, action RevertSchedule, reason "restored"), so
+    every version the state reports is in the ledger."""
     with core.cond:
         if (state, version) == (core.state, core.version):
             return core.version
@@ -175,7 +178,10 @@ def set_phase(core: ControlCore, phase: Phase) -> None:
 
 
 def apply_automatic(core: ControlCore, state: ActiveSchedule, *, step: int, reason: str) -> Change:
-    """`Controller.apply_automatic`: durable first, then loaded, then in force."""
+    """`Controller.apply_automatic`: durable first, then loaded, then in force. An APPLIED
+    change, a swap to `state`'s schedule with `reason`, so history, ListChanges, waiters and
+    watchers see it like a client's change; `state` is loaded exactly, origin step and scale
+    included. No guardrail or rate limit applies: it restores a schedule that was in force."""
     with core.cond:  # only the training thread moves the version: no race below
         change = core.automatic(state, step, reason, core.top_version() + 1)
     core.log([change])  # durable first, like every applied change

@@ -97,7 +97,12 @@ class Board:
             self._ended.append(change)
 
     def listen(self, listener: Listener) -> Callable[[], None]:
-        """`Controller.listen`: call `listener` after every publish; returns the unsubscribe."""
+        """`Controller.listen`: call `listener(snapshot, ended)` after every publish, with the
+        snapshot just published and the changes that left PENDING since the previous one (their
+        final records). It runs on the publishing thread (often the training thread, up to
+        hundreds of times a second) under `cond`, so it must be cheap and must not block or
+        call back into the controller: hand the news to another thread or event loop. Returns
+        the call that unsubscribes it."""
         with self.cond:
             self._listeners = (*self._listeners, listener)
 

@@ -134,12 +134,8 @@ class Controller:
 
     def replay(self, records: Iterable[Mapping[str, Any]]) -> int:
         """Put back what the write-ahead log recorded after the state `import_state` restored
-        (training thread, before training): the records with a higher seq than its `wal_seq`,
-        in seq order; a change's last record wins. Accepted: pending again. Applied: kept in
-        the ledger as it was answered, and loaded again with its version at the first boundary
-        at or after its step (training repeats those steps); pending changes and new ones wait
-        until then. Cancelled, aborted, failed: in the ledger. Ids and versions continue above
-        every one in the log. Returns how many changes were put back."""
+        (training thread, before training; `recovery.replay` says where each record goes).
+        Returns how many changes were put back."""
         return recovery.replay(self._core, records)
 
     def cancel(self, *, request_id: str = "", version: int | None = None,
@@ -159,13 +155,9 @@ class Controller:
     def list_changes(self, page_size: int, before_id: int | None = None, *,
                      where: ChangeFilter | None = None) -> tuple[list[Change], int | None]:
         """Pending and remembered finished changes, newest (by submission) first, those that
-        match `where` if given (`filters.parse_filter`).
-
-        Returns one page and the id to continue before, or None on the last page. A page costs
-        what it holds: with a selective filter it may be short, even empty, after examining
-        `limits.LIST_SCAN_LIMIT` changes, and still name where to continue. Raises
-        InvalidArgumentError for a `page_size` < 1.
-        """
+        match `where` if given (`filters.parse_filter`): one page (short, even empty, with a
+        selective filter: `ControlCore.page`) and the id to continue before, or None on the
+        last page. Raises InvalidArgumentError for a `page_size` < 1."""
         return self._core.page(page_size, before_id, where)
 
     def get_change(self, change_id: int) -> Change:
@@ -174,18 +166,13 @@ class Controller:
         return self._core.get_change(change_id)
 
     def wait(self, change: Change, timeout: float | None) -> Change:
-        """Block until `change` leaves PENDING; return its final record.
-
-        Raises WaitTimeoutError when `timeout` (seconds; None waits forever) runs out first.
-        """
+        """Block until `change` leaves PENDING; return its final record. Raises
+        WaitTimeoutError when `timeout` (seconds; None waits forever) runs out first."""
         return self._core.board.wait(change, timeout, self._core.lookup)
 
     def listen(self, listener: Callable[[Snapshot, tuple[Change, ...]], None]) -> Callable[[], None]:
-        """Call `listener(snapshot, ended)` after every publish: the snapshot just published and
-        the changes that left PENDING since the previous one (their final records). It runs on
-        the publishing thread (often the training thread, up to hundreds of times a second)
-        under the controller's lock, so it must be cheap and must not block or call back into
-        the controller: hand the news to another thread or event loop. Returns the call that
+        """Call `listener(snapshot, ended)` after every publish, under the controller's lock on
+        the publishing thread (`Broadcast.listen` says what it may do). Returns the call that
         unsubscribes it. For a server without a thread per waiter (rpc/wakeups.py)."""
         return self._core.board.listen(listener)
 
@@ -212,12 +199,9 @@ class Controller:
         return boundary.at_boundary(self._core, step_bound)
 
     def apply_due(self, step: int) -> list[Change]:
-        """Apply, in submission order, every pending change whose `apply_at_step` <= `step`.
-
-        Called by the training thread at a step boundary: `step` steps have completed and
-        none is running, so the engine's variables can be assigned safely. The outcome of
-        each change is computed in pure Python; the engine is loaded once, outside the lock.
-        """
+        """Apply, in submission order, every pending change due at `step` (training thread, at
+        a step boundary: `step` steps have completed and none is running). The outcomes are
+        decided in pure Python; the engine is loaded once, outside the lock."""
         return boundary.apply_due(self._core, step)
 
     def publish(self, *, step: int, learning_rate: float, metrics: Mapping[str, float] | None = None,
@@ -245,8 +229,7 @@ class Controller:
 
     def ended_counts(self) -> dict[ChangeStatus, int]:
         """How many changes ended with each status since this controller started (exact)."""
-        with self._core.cond:
-            return self._core.ledger.ended_counts()
+        return self._core.ended_counts()
 
     @property
     def engine_state(self) -> tuple[ActiveSchedule, int]:
@@ -255,13 +238,9 @@ class Controller:
 
     def restored(self, state: ActiveSchedule, version: int, *, step: int) -> int:
         """The engine's variables were restored (from a checkpoint) to `state` at `version`,
-        at step boundary `step`.
-
-        Later changes build on `state`. The version never decreases: a restore to an older
-        version becomes a new version, which the caller writes back to the engine. The version
-        in force gets a record (an APPLIED change, action RevertSchedule, reason "restored"),
-        so every version the state reports is in the ledger. Returns the version now in force.
-        """
+        at step boundary `step`: later changes build on `state`, under a version that never
+        decreases (`boundary.restored`), which the caller writes back to the engine. Returns
+        the version now in force."""
         return boundary.restored(self._core, state, version, step=step)
 
     def attach_parameters(self, target: ParameterTarget) -> None:
@@ -289,8 +268,7 @@ class Controller:
     def complete_epoch(self, epoch: int) -> None:
         """Epoch `epoch` (0-based) ran all its steps (training thread): a resume from a
         checkpoint taken from now on starts at the next one."""
-        with self._core.cond:
-            self._core.epochs_done = epoch + 1
+        self._core.complete_epoch(epoch)
 
     @property
     def epochs_done(self) -> int:
@@ -301,8 +279,7 @@ class Controller:
         """Changes were decided ahead of their step (a pipelined multi-worker exchange) and
         the engine still holds `held` until they load (None: they loaded). A checkpoint taken
         meanwhile carries `held`, and those changes as replays at their step."""
-        with self._core.cond:
-            self._core.engine_behind = held
+        self._core.set_engine_behind(held)
 
     def set_workers(self, workers: tuple[WorkerState, ...]) -> None:
         """Record what the last exchange said about each worker of a multi-worker job."""
@@ -315,18 +292,14 @@ class Controller:
 
     def apply_automatic(self, state: ActiveSchedule, *, step: int, reason: str) -> Change:
         """lrctl itself puts `state` in force at this step boundary (the divergence guard
-        undoing a change). It becomes a new version (never a lower one) and an APPLIED change,
-        a swap to `state`'s schedule with `reason`, so history, ListChanges, waiters and
-        watchers see it like a client's change. `state` is loaded exactly, origin step and
-        scale included. No guardrail or rate limit applies: it restores a schedule that was
-        in force. Raises what the engine or the write-ahead log raises; then nothing is in force."""
+        undoing a change), as a new version and an APPLIED change (`boundary.apply_automatic`).
+        Raises what the engine or the write-ahead log raises; then nothing is in force."""
         return boundary.apply_automatic(self._core, state, step=step, reason=reason)
 
     def checkpointed(self, step: int | None, error: str = "") -> None:
         """Record a checkpoint attempt: `step` of a complete one (written or resumed from), or
         None and the `error` of a write that failed (counted)."""
         self._core.board.checkpointed(step, error)
-
 
 
 __all__ = ["Controller"]

@@ -178,6 +178,18 @@ class ControlCore:
         self.board.update(hyperparameters=parameters.report(
             self.policy.parameters, self.parameter_values, self.guardrails))
 
+    def ended_counts(self) -> dict[ChangeStatus, int]:
+        with self.cond:
+            return self.ledger.ended_counts()
+
+    def complete_epoch(self, epoch: int) -> None:
+        with self.cond:
+            self.epochs_done = epoch + 1
+
+    def set_engine_behind(self, held: tuple[ActiveSchedule, int] | None) -> None:
+        with self.cond:
+            self.engine_behind = held
+
     def republish(self, *, pending: bool = False, history: bool = False) -> None:
         changes: dict[str, Any] = {}
         if pending:

@@ -67,7 +67,12 @@ def import_state(core: ControlCore, data: Mapping[str, Any]) -> None:
 
 
 def replay(core: ControlCore, records: Iterable[Mapping[str, Any]]) -> int:
-    """`Controller.replay`: each change's last record put back where it belongs."""
+    """`Controller.replay`: each change's last record put back where it belongs. The records
+    with a higher seq than the imported state's `wal_seq` count, in seq order; a change's last
+    record wins. Accepted: pending again. Applied: kept in the ledger as it was answered, and
+    loaded again with its version at the first boundary at or after its step (training
+    repeats those steps); pending changes and new ones wait until then. Cancelled, aborted,
+    failed: in the ledger. Ids and versions continue above every one in the log."""
     last, run_id = persistence.last_records(records)
     if not last:
         return 0
