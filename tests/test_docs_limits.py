@@ -1,5 +1,5 @@
 """The limits and defaults the docs quote are the code's: each is stated once in the code, and
-README.md, docs/operations.md and docs/design.md may only quote it.
+README.md, docs/operations.md, docs/design.md and docs/internals.md may only quote it.
 
 No TensorFlow: every constant checked here lives in a pure module. A reworded sentence fails
 with the pattern that no longer matches; fix the pattern or the doc, never the number alone.
@@ -14,7 +14,7 @@ import pytest
 
 import lrctl.client
 from lrctl.service.apps import trainer_args
-from lrctl.service.control import disk, guardrails, limits
+from lrctl.service.control import disk, guardrails, limits, run_control
 from lrctl.service.observability import logs
 from lrctl.service.rpc import auth, budgets, journal, servicer, watch
 from lrctl.service.schedules import forms, specs
@@ -40,6 +40,7 @@ KIB, MIB = 1024, 2**20
 # (name, file, pattern with one group per number, the code's values in the same order, each value
 # divided by the unit the doc quotes it in).
 OPS, README, DESIGN = "docs/operations.md", "README.md", "docs/design.md"
+INTERNALS = "docs/internals.md"
 QUOTES: list[tuple[str, str, str, tuple[float, ...]]] = [
     # docs/operations.md, the limits table
     ("pending", OPS, rf"\| pending changes \| {N} \[", (limits.MAX_PENDING,)),
@@ -86,6 +87,12 @@ QUOTES: list[tuple[str, str, str, tuple[float, ...]]] = [
     # docs/design.md
     ("design-engine", DESIGN, rf"form, {N} float32\s+coefficients, {N} boundary/knot steps with {N} rates",
      (forms.NUM_COEFFICIENTS, specs.CAPACITY, specs.CAPACITY + 1)),
+    # docs/internals.md (the details behind design.md)
+    ("internals-engine", INTERNALS, rf"form, {N} float32\s+coefficients, {N} boundary/knot steps with {N} rates",
+     (forms.NUM_COEFFICIENTS, specs.CAPACITY, specs.CAPACITY + 1)),
+    ("internals-measurements", INTERNALS, rf"go into a\s+ring of the last {N}, numbered", (limits.MAX_MEASUREMENTS,)),
+    ("internals-scan", INTERNALS, rf"on at most {N} records\s+per call", (limits.LIST_SCAN_LIMIT,)),
+    ("internals-pause-poll", INTERNALS, rf"slices of `PAUSE_POLL` \({N} s\)", (run_control.PAUSE_POLL,)),
 ]
 
 
@@ -106,5 +113,5 @@ def test_docs_quote_the_default_address_log_rate_and_journal_name() -> None:
     assert "| gRPC's own log records | at most one per call site per minute |" in (
         DOCS / OPS).read_text(encoding="utf-8")
     assert logs.LOG_INTERVAL == 60
-    for doc in (OPS, DESIGN):
+    for doc in (OPS, DESIGN, INTERNALS):
         assert f"`DIR/{journal.JOURNAL_NAME}`" in (DOCS / doc).read_text(encoding="utf-8"), doc
