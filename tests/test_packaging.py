@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
+from import_probe import probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,3 +43,12 @@ def test_the_wheel_installs_only_under_the_lrctl_namespace(tmp_path: Path) -> No
                    "lrctl/client/py.typed", "lrctl/service/py.typed"):
         assert module in names
     assert "lrctl/__init__.py" not in names  # a namespace package: client and service merge
+
+
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
+def test_the_import_probe_detects_keras(subprocess_env: dict[str, str]) -> None:
+    # Proves test_client_import's check can fail: the same probe sees Keras once it is imported.
+    result = probe("import keras", subprocess_env)
+    heavy = result["heavy"]
+    assert isinstance(heavy, list)
+    assert "keras" in heavy
