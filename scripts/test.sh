@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Set up everything from the repo, then run every check CI runs: stubs are fresh, buf lint,
-# ruff, mypy, and the test suite (real TensorFlow, real gRPC servers on 127.0.0.1); about
-# 15 minutes on 2 cores.
+# ruff, mypy, and the test suite (real TensorFlow, real gRPC servers on 127.0.0.1); 20 to
+# 25 minutes on 2 cores.
 #
 # --quick: the same setup (less npm), then only the TensorFlow-free unit tests
-# (tests/conftest.py's QUICK), for the edit-test loop: well under a minute once installed.
+# (tests/conftest.py's QUICK), for the edit-test loop: 10 to 15 s of tests once installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL=2 PIP_DISABLE_PIP_VERSION_CHECK=1
