@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
@@ -27,31 +29,27 @@ _PROTO_NAMES = {"wait": "wait_until_applied"}
 
 
 def origin_value(origin: Origin) -> pb.StepOrigin.ValueType:
-    if isinstance(origin, str):
-        try:
-            return _ORIGINS[origin.lower()]
-        except KeyError:
-            raise ValueError(
-                f"Argument `origin` must be one of {sorted(_ORIGINS)} or a StepOrigin. "
-                f"Received: origin={origin!r}"
-            ) from None
-    if origin not in pb.StepOrigin.values():
-        raise ValueError(f"Argument `origin` is not a StepOrigin value. Received: origin={origin!r}")
-    return pb.StepOrigin.ValueType(origin)
+    """A step origin: "restart", "global", or a `pb.StepOrigin` value."""
+    return pb.StepOrigin.ValueType(_enum_value("origin", origin, _ORIGINS, pb.StepOrigin))
 
 
 def view_value(view: View) -> pb.StateView.ValueType:
     """A state view: "basic" (no change lists), "full", or a `pb.StateView` value."""
-    if isinstance(view, str):
+    return pb.StateView.ValueType(_enum_value("view", view, _VIEWS, pb.StateView))
+
+
+def _enum_value(argument: str, value: str | int, names: Mapping[str, int], enum: Any) -> int:
+    """`value` as a number of the proto enum `enum`: one of `names` (any case) or a value of it."""
+    if isinstance(value, str):
         try:
-            return _VIEWS[view.lower()]
+            return names[value.lower()]
         except KeyError:
-            raise ValueError(
-                f"Argument `view` must be one of {sorted(_VIEWS)} or a StateView. Received: view={view!r}"
-            ) from None
-    if view not in pb.StateView.values():
-        raise ValueError(f"Argument `view` is not a StateView value. Received: view={view!r}")
-    return pb.StateView.ValueType(view)
+            raise ValueError(f"Argument `{argument}` must be one of {sorted(names)} or a "
+                             f"{enum.DESCRIPTOR.name}. Received: {argument}={value!r}") from None
+    if value not in enum.values():
+        raise ValueError(f"Argument `{argument}` is not a {enum.DESCRIPTOR.name} value. "
+                         f"Received: {argument}={value!r}")
+    return value
 
 
 def apply_options(request: Message, options: ChangeOptions) -> Message:
