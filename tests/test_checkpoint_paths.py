@@ -130,3 +130,11 @@ def test_a_path_longer_than_1_kib_is_refused_without_quoting_it(root: Path) -> N
     with pytest.raises(InvalidArgumentError) as refused:
         resolve("a/" * 600, root)
     assert refused.value.field == "path" and "1200 bytes" in str(refused.value) and "a/a/" not in str(refused.value)
+
+
+def test_the_path_bound_is_exact(root: Path) -> None:
+    """1,024 bytes pass the bound (and are then judged as a path: nothing there); 1,025 do not."""
+    with pytest.raises(NotFoundError):
+        resolve("a/" * 511 + "bc", root)  # 1,024 bytes
+    with pytest.raises(InvalidArgumentError, match="at most 1024 bytes"):
+        resolve("a/" * 511 + "bcd", root)  # 1,025 bytes

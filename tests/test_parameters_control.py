@@ -125,3 +125,22 @@ def test_names_are_bounded_before_any_error_quotes_one() -> None:
     with pytest.raises(InvalidArgumentError, match="at most 64 parameters"):
         controller.submit(ChangeRequest(SetParameters(tuple((f"p{i:03}", 0.5) for i in range(65)))))
     assert controller.snapshot().pending_count == 0 and params.read()["momentum"] == 0.5
+
+
+def test_the_name_and_count_bounds_are_exact() -> None:
+    """At the edge of each bound: 64 names and 128-byte names pass the bounds (and are then
+    judged as names: unknown here, named in the error); 65 names or a 129-byte name do not."""
+    controller, params = _controller()
+    name_128 = "é" * 63 + "mm"  # 128 bytes of UTF-8 in 65 characters: bytes are counted
+    with pytest.raises(InvalidArgumentError) as at_edge:
+        controller.submit(ChangeRequest(SetParameters(((name_128, 0.5),))))
+    assert at_edge.value.field == f"parameters[{name_128}]"
+    with pytest.raises(InvalidArgumentError, match="at most 128 bytes") as over:
+        controller.submit(ChangeRequest(SetParameters((("é" * 64 + "m", 0.5),))))
+    assert over.value.field == "parameters"
+    with pytest.raises(InvalidArgumentError) as sixty_four:
+        controller.submit(ChangeRequest(SetParameters(tuple((f"p{i:03}", 0.5) for i in range(64)))))
+    assert sixty_four.value.field == "parameters[p000]"
+    with pytest.raises(InvalidArgumentError, match="at most 64 parameters"):
+        controller.submit(ChangeRequest(SetParameters(tuple((f"p{i:03}", 0.5) for i in range(65)))))
+    assert controller.snapshot().pending_count == 0 and params.read()["momentum"] == 0.5
