@@ -31,7 +31,10 @@ from lrctl.service.rpc.journal import Journal, read
 from lrctl.service.rpc.server import SERVICE_NAME, AddressInUseError, serve
 from lrctl.v1 import training_control_pb2_grpc as pb_grpc
 
-DEADLINE = 10.0  # for unary calls: generous, so only a starved call runs out
+# For unary calls. A starved call is never answered while the streams stay open (the test holds
+# them until it ends); a loaded machine answers late. A bound this far above any answer catches
+# the first and never the second (10 s ran out twice with two test suites on 2 cores).
+DEADLINE = 60.0
 SAFETY = 120.0  # where speed is not what is tested: a hung call, never a slow one
 STREAM_DEADLINE = 300.0  # streams are cancelled by the test long before this
 TOKEN = "t" * 32
@@ -173,9 +176,7 @@ def test_a_hundred_streams_cannot_starve_unary_calls_health_or_training() -> Non
             assert client.health() == "SERVING"
             assert client.health(SERVICE_NAME) == "SERVING"
             version = client.get_state().version
-            # It waits for the training thread's next boundary, which 100 streams and a busy
-            # machine may slow: a bound far above any boundary's wait, not a timing check.
-            change = client.set_learning_rate(0.02, wait=True, reason="under load", timeout=SAFETY)
+            change = client.set_learning_rate(0.02, wait=True, reason="under load")
             assert change.version == version + 1
             assert live.lr_at(change.applied_step) == pytest.approx(0.02, rel=1e-4)
             # Watchers that read see the change; the unread ones held up nobody.
