@@ -25,6 +25,7 @@ transport (gRPC or NCCL), already set up and authenticated by the job.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.eager import executor as tf_executor
+from tensorflow.python.ops import collective_ops
 
 from lrctl.service.control.changes import Boundaries, Change, WorkerState
 from lrctl.service.control.controller import Controller
@@ -92,22 +94,39 @@ class Exchanged:
     stop: bool  #: whether any worker voted to stop
 
 
+#: The collective group of lrctl's exchanges: its own, apart from the strategy's groups (which
+#: TensorFlow numbers from 1), so its instance keys are lrctl's to draw.
+EXCHANGE_GROUP_KEY = 0x6C7263  # "lrc"
+#: The process's exchanges in order: the n-th of every worker is instance n, however many
+#: WorkerSyncs the process makes in turn (every worker makes the same ones).
+_INSTANCE_KEYS = itertools.count(1)
+
+
 class _Launcher:
-    """Launches each exchange's collective without waiting for it: the call runs on an
+    """Launches each exchange's all-reduce without waiting for it: one CollectiveReduceV2 op
+    on this worker's CPU, in lrctl's own group (one member per worker), run on an
     asynchronous executor of its own, so it returns at once and the collective runs in the
     runtime while the training thread dispatches and runs the next step; `Launched.result`
-    waits for it. The call itself stays on the training thread, in program order: under
-    MultiWorkerMirroredStrategy a function's collective instance keys are drawn when it is
-    called, so every worker must call its collectives in the same order (a second Python
-    thread calling them would race the step's gradient all-reduce for keys)."""
+    waits for it.
 
-    def __init__(self, run: Callable[[tf.Tensor], tf.Tensor]) -> None:
-        self._run = run
+    Not through the strategy (`strategy.reduce` in a tf.function): that costs ~0.3 ms more
+    per exchange on the training thread (the function call, the strategy's Python, a key
+    drawn from the strategy's counter), and each worker's ops in the strategy's group must
+    be called in the same order as the step's gradient all-reduce. In a group of its own,
+    the n-th exchange of every worker is instance n (`_INSTANCE_KEYS`): every worker launches
+    the same sequence (all of them call `boundary` at the same steps), and a restarted job
+    restarts them all."""
+
+    def __init__(self, device: str, group_size: int) -> None:
+        self._device = device
+        self._group_size = group_size
         self._executor = tf_executor.new_executor(enable_async=True)
 
     def send(self, vector: np.ndarray) -> Launched:
-        with context.executor_scope(self._executor):
-            return Launched(self._run(tf.constant(vector)), self._executor)
+        with context.executor_scope(self._executor), tf.device(self._device):
+            total = collective_ops.all_reduce_v2(
+                tf.constant(vector), self._group_size, EXCHANGE_GROUP_KEY, next(_INSTANCE_KEYS))
+        return Launched(total, self._executor)
 
 
 @dataclass(frozen=True)
@@ -141,23 +160,9 @@ class WorkerSync:
         self._controller = controller
         self._target = target
         self._width = len(engine.read_packed())
-        size = self._width + 2 * self.count + 1  # engine, (version, step) per worker, stop votes
-        # Only this worker's first replica contributes: with several local replicas (GPUs),
-        # the sum must count each worker once.
-        first = self.index * (strategy.num_replicas_in_sync // self.count)
-
-        def contribute(x: tf.Tensor) -> tf.Tensor:
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            return tf.where(tf.equal(replica, first), x, tf.zeros_like(x))
-
-        @tf.function(input_signature=[tf.TensorSpec([size], tf.int64)])
-        def all_reduce(x: tf.Tensor) -> tf.Tensor:
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(contribute, args=(x,)),
-                                   axis=None)
-
-        self._all_reduce = all_reduce
-        # The concrete function: a call skips matching its arguments (~0.2 ms a boundary).
-        self._launcher = _Launcher(all_reduce.get_concrete_function())
+        # One member per worker, whatever its replicas (GPUs): each worker's vector counts once.
+        self._launcher = _Launcher(
+            f"/job:{resolver.task_type}/replica:0/task:{resolver.task_id}/device:CPU:0", self.count)
         #: The exchange launched at the last exchange boundary, consumed at the next one.
         self._in_flight: Launched | None = None
         #: What this worker's engine holds, as of its last read or load: only exchanges load it
@@ -189,11 +194,10 @@ class WorkerSync:
         ended: list[Change] = []
         if self._in_flight is None:
             # The first exchange: nothing was sent ahead of it. Decide for this boundary and
-            # trace and run the collective here, on the training thread, so that its
-            # collective keys are allocated in the same order on every worker.
+            # wait for the collective here.
             if self.is_chief:
                 ended += decide(step)
-            arrived = self._all_reduce_now(self._vector(step, stop(), self._engine.read_packed()))
+            arrived = self._launcher.send(self._vector(step, stop(), self._engine.read_packed())).result()
             self._held = None  # read it again below: the first exchange may follow a restore
         else:
             arrived, self._in_flight = self._in_flight.result(), None
@@ -213,9 +217,6 @@ class WorkerSync:
         if self._in_flight is not None:
             arrived, self._in_flight, self._launched_at = self._in_flight.result(), None, None
             self._take(self._unpack(arrived), None)
-
-    def _all_reduce_now(self, vector: np.ndarray) -> np.ndarray:
-        return np.asarray(self._all_reduce(tf.constant(vector)))
 
     def _vector(self, step: int, stop: bool, held: np.ndarray) -> np.ndarray:
         """What this worker sends: the chief its decision for the next exchange boundary (or
