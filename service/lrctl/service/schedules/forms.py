@@ -64,11 +64,13 @@ def _padded(values: tuple[float, ...], size: int, pad: float, dtype: type) -> np
 
 
 def learning_rate(state: ActiveSchedule, step: int) -> float:
-    """`scale * spec(max(step - origin_step, 0))` in float32, as the engine computes it."""
-    derived = derive(state)
-    local = np.int64(max(step - state.origin_step, 0))
-    with np.errstate(all="ignore"):  # overflow to inf is reported by the caller, not warned
-        return float(FORMS[derived.form].compute(HostOps, derived.tables(), local))
+    """`scale * spec(max(step - origin_step, 0))` in float32, as the engine computes it.
+
+    Computed as a one-step vector, by the same numpy code as `learning_rates` and `extremes`:
+    on some CPUs (AVX-512) numpy's array loops for float32 power, cos and log round differently
+    (by an ulp) from its scalar code, and the LR at a step must be the same whoever asks.
+    """
+    return float(learning_rates(state, np.array([step], np.int64))[0])
 
 
 class _StepsHostOps:
