@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from lrctl.service import TrainingControl
 from lrctl.service.schedules.kinds import CosineDecay
-from lrctl.service.schedules.packing import Packer
+from lrctl.service.schedules.packing import Packer, value_reader
 from lrctl.service.schedules.specs import ActiveSchedule, Origin
 
 
@@ -92,3 +92,21 @@ def test_a_load_outside_a_boundary_reads_the_stamp_first() -> None:
     with target.unchanged():  # just read or loaded: the load needs no stamp read
         target.load(ActiveSchedule(CosineDecay(0.3, 10)), 5)
     assert control.schedule.read() == (ActiveSchedule(CosineDecay(0.3, 10)), 5)
+
+
+def test_a_mirrored_variable_is_read_from_its_first_copy_and_a_sync_on_read_one_aggregated(
+        mirrored: tf.distribute.MirroredStrategy) -> None:
+    """`value_reader` reads a strategy's mirrored variable (the step counter of a
+    tf.distribute job) with one op on its first copy: every write reaches every copy, so that
+    is its value. A sync-on-read variable's copies differ: it is read as the strategy
+    aggregates it."""
+    with mirrored.scope():
+        mirrored_variable = keras.Variable(0, dtype="int64", trainable=False, aggregation="only_first_replica")
+        summed = tf.Variable(0.0, synchronization=tf.VariableSynchronization.ON_READ,
+                             aggregation=tf.VariableAggregation.SUM)
+    read_mirrored, read_summed = value_reader(mirrored_variable), value_reader(summed)
+    for value in (7, 2**40 + 3, -1):
+        mirrored_variable.assign(value)
+        assert read_mirrored() == value == mirrored_variable.numpy()
+    mirrored.run(lambda: summed.assign(1.5))  # each replica's copy holds 1.5
+    assert read_summed() == 3.0 == summed.numpy()  # aggregated over the two replicas
