@@ -41,6 +41,7 @@ from tensorflow.python.ops import collective_ops
 from lrctl.service.control.changes import Boundaries, Change, WorkerState
 from lrctl.service.control.controller import Controller
 from lrctl.service.observability.logs import short
+from lrctl.service.schedules.packing import CompiledCall
 from lrctl.service.schedules.specs import ActiveSchedule
 from lrctl.service.training.engine_target import EngineTarget
 
@@ -99,33 +100,39 @@ class Exchanged:
 EXCHANGE_GROUP_KEY = 0x6C7263  # "lrc"
 #: The process's exchanges in order: the n-th of every worker is instance n, however many
 #: WorkerSyncs the process makes in turn (every worker makes the same ones).
-_INSTANCE_KEYS = itertools.count(1)
+_INSTANCE_KEYS = itertools.count()
 
 
 class _Launcher:
     """Launches each exchange's all-reduce without waiting for it: one CollectiveReduceV2 op
-    on this worker's CPU, in lrctl's own group (one member per worker), run on an
-    asynchronous executor of its own, so it returns at once and the collective runs in the
-    runtime while the training thread dispatches and runs the next step; `Launched.result`
-    waits for it.
+    on this worker's CPU, in lrctl's own group (one member per worker), called as one
+    compiled graph (`CompiledCall`) on an asynchronous executor of its own, so it returns at
+    once and the collective runs in the runtime while the training thread dispatches and runs
+    the next step; `Launched.result` waits for it.
 
-    Not through the strategy (`strategy.reduce` in a tf.function): that costs ~0.3 ms more
-    per exchange on the training thread (the function call, the strategy's Python, a key
-    drawn from the strategy's counter), and each worker's ops in the strategy's group must
-    be called in the same order as the step's gradient all-reduce. In a group of its own,
-    the n-th exchange of every worker is instance n (`_INSTANCE_KEYS`): every worker launches
-    the same sequence (all of them call `boundary` at the same steps), and a restarted job
-    restarts them all."""
+    Not through the strategy (`strategy.reduce` in a tf.function): that costs ~0.6 ms more
+    per exchange on the training thread (the function's Python dispatch, the strategy's
+    Python, a key drawn from the strategy's counter), and each worker's calls in the
+    strategy's group must keep their order with the step's gradient all-reduce. In a group
+    of its own, the n-th exchange of every worker is instance n (`_INSTANCE_KEYS`): every
+    worker launches the same sequence (all of them call `boundary` at the same steps), and a
+    restarted job restarts them all."""
 
-    def __init__(self, device: str, group_size: int) -> None:
-        self._device = device
-        self._group_size = group_size
+    def __init__(self, device: str, group_size: int, width: int) -> None:
+        with tf.device(device):
+            @tf.function(input_signature=[tf.TensorSpec([width], tf.int64), tf.TensorSpec([], tf.int32)])
+            def all_reduce(vector: tf.Tensor, instance_key: tf.Tensor) -> tf.Tensor:
+                return collective_ops.all_reduce_v2(vector, group_size, EXCHANGE_GROUP_KEY, instance_key)
+
+            self._all_reduce = CompiledCall(all_reduce)
         self._executor = tf_executor.new_executor(enable_async=True)
 
     def send(self, vector: np.ndarray) -> Launched:
-        with context.executor_scope(self._executor), tf.device(self._device):
-            total = collective_ops.all_reduce_v2(
-                tf.constant(vector), self._group_size, EXCHANGE_GROUP_KEY, next(_INSTANCE_KEYS))
+        # Instance keys are int32, as the strategy's own: after 2**31 - 1 exchanges they wrap
+        # (an instance that old ended long ago on every worker).
+        key = next(_INSTANCE_KEYS) % (2**31 - 1) + 1
+        with context.executor_scope(self._executor):
+            (total,) = self._all_reduce(tf.constant(vector), tf.constant(key, tf.int32))
         return Launched(total, self._executor)
 
 
@@ -161,8 +168,8 @@ class WorkerSync:
         self._target = target
         self._width = len(engine.read_packed())
         # One member per worker, whatever its replicas (GPUs): each worker's vector counts once.
-        self._launcher = _Launcher(
-            f"/job:{resolver.task_type}/replica:0/task:{resolver.task_id}/device:CPU:0", self.count)
+        self._launcher = _Launcher(f"/job:{resolver.task_type}/replica:0/task:{resolver.task_id}/device:CPU:0",
+                                   self.count, self._width + 2 * self.count + 1)
         #: The exchange launched at the last exchange boundary, consumed at the next one.
         self._in_flight: Launched | None = None
         #: What this worker's engine holds, as of its last read or load: only exchanges load it
