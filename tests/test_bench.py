@@ -132,3 +132,13 @@ def test_multiworker_quick() -> None:
     result = run_quick("multiworker.py")
     assert {"ms_per_step", "added_ms_per_step", "ratio"} <= result.keys()
     assert result["workers"] == 2 and result["rounds"] == 1
+
+
+def test_collective_floor_quick() -> None:
+    """Two processes run lrctl's exchange launcher back to back; each checks every sum."""
+    result = json.loads(subprocess.run(
+        [sys.executable, str(BENCH / "collective_floor.py"), "--exchanges", "60"],
+        check=True, capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1])
+    assert result["exchanges"] == 10 and len(result["workers"]) == 2
+    for worker in result["workers"]:
+        assert worker["launch_ms"] > 0 and worker["cpu_ms_per_exchange"] > 0
