@@ -2,7 +2,7 @@
 one the exchange uses) run back to back between two worker processes on 127.0.0.1 with no
 training, so what one exchange costs by itself is known apart from a job.
 
-    python bench/collective_floor.py [--exchanges 400]
+    python bench/collective_floor.py [--exchanges 400] [--quick]
 
 Each worker launches an exchange of the size a two-worker job sends, waits for it, checks the
 sum, and launches the next. The last line is JSON, per worker: `launch_ms` (median time of
@@ -58,8 +58,11 @@ def _worker(index: int, ports: list[int], exchanges: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exchanges", type=int, default=400)
+    parser.add_argument("--quick", action="store_true", help=f"{WARMUP + 10} exchanges")
     parser.add_argument("--worker", nargs=2, metavar=("INDEX", "PORTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.exchanges = WARMUP + 10
     if args.exchanges <= WARMUP:
         parser.error(f"--exchanges must be more than the {WARMUP} of warm-up")
     if args.worker:

@@ -136,9 +136,7 @@ def test_multiworker_quick() -> None:
 
 def test_collective_floor_quick() -> None:
     """Two processes run lrctl's exchange launcher back to back; each checks every sum."""
-    result = json.loads(subprocess.run(
-        [sys.executable, str(BENCH / "collective_floor.py"), "--exchanges", "60"],
-        check=True, capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1])
+    result = run_quick("collective_floor.py")
     assert result["exchanges"] == 10 and len(result["workers"]) == 2
     for worker in result["workers"]:
         assert worker["launch_ms"] > 0 and worker["cpu_ms_per_exchange"] > 0
